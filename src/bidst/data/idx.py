@@ -73,8 +73,8 @@ def read_pair(folder: Path, train: bool, num_classes: int) -> tuple[Tensor, Tens
     return images.unsqueeze(1), labels
 
 
-def register_idx(name: str, mean: float, std: float, url: str, system: str, how_to: str) -> None:
-    """Register an IDX dataset looked for in the usual places (and `system`), downloaded from `url` into the cache if absent."""
+def register_idx(name: str, mean: float, std: float, url: str, how_to: str) -> None:
+    """Register an IDX dataset looked for in the usual places and downloaded from `url` into the cache if absent."""
 
     def present(folder: Path) -> bool:
         return all(find_file(folder, stem) is not None for stems in FILES.values() for stem in stems)
@@ -86,7 +86,7 @@ def register_idx(name: str, mean: float, std: float, url: str, system: str, how_
 
     @register(name, INFO)
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:
-        folder = roots.locate(name, root, present, how_to, system=[system], fetch=fetch)
+        folder = roots.locate(name, root, present, how_to, fetch=fetch)
         images, labels = read_pair(folder, train, INFO.num_classes)
         return TensorImageDataset(images, labels, [mean], [std], crop_padding=CROP_PADDING if augment else 0)
 
@@ -96,7 +96,6 @@ register_idx(
     mean=0.2860,
     std=0.3530,
     url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    system="/usr/share/datasets/fashion-mnist",
     how_to="install it with `apt-get install dataset-fashion-mnist`, put the four IDX files in $BIDST_DATA/fashion-mnist, or pass root=",
 )
 register_idx(
@@ -104,6 +103,5 @@ register_idx(
     mean=0.1307,
     std=0.3081,
     url="https://ossci-datasets.s3.amazonaws.com/mnist/",
-    system="/usr/share/datasets/mnist",
     how_to="download the four IDX files from https://ossci-datasets.s3.amazonaws.com/mnist/ into $BIDST_DATA/mnist, or pass root=",
 )

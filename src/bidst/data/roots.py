@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import urllib.request
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from ..errors import BidstError
 
 DOWNLOAD_TIMEOUT_S = 15  # per connection attempt: a blocked network should fail fast, not hang a run
+SYSTEM_DIRS = {  # where distribution packages install datasets (Debian: dataset-fashion-mnist)
+    "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
+    "mnist": ["/usr/share/datasets/mnist"],
+}
 
 
 def cache_dir(name: str) -> Path:
@@ -18,13 +22,13 @@ def cache_dir(name: str) -> Path:
     return Path(base) / "bidst" / name
 
 
-def candidates(name: str, root: str | None, system: Sequence[str] = ()) -> list[Path]:
+def candidates(name: str, root: str | None) -> list[Path]:
     """The folders to look in, in order; an explicit root is the only candidate."""
     if root is not None:
         return [Path(root).expanduser()]
     env = os.environ.get("BIDST_DATA")
     found = [Path(env).expanduser() / name] if env else []
-    return found + [Path(p) for p in system] + [cache_dir(name)]
+    return found + [Path(p) for p in SYSTEM_DIRS.get(name, [])] + [cache_dir(name)]
 
 
 def download(url: str, dest: Path) -> None:
@@ -45,11 +49,10 @@ def locate(
     root: str | None,
     present: Callable[[Path], bool],
     how_to: str,
-    system: Sequence[str] = (),
     fetch: Callable[[Path], None] | None = None,
 ) -> Path:
     """The first candidate folder where `present` holds; else, without an explicit root, `fetch` into the cache; else BidstError."""
-    folders = candidates(name, root, system)
+    folders = candidates(name, root)
     for folder in folders:
         if present(folder):
             return folder
