@@ -1,4 +1,4 @@
-"""Dataset sources on tiny files written in the exact on-disk formats, the train/val carve-out, and the resumable loader."""
+"""Dataset sources on tiny files in the exact on-disk formats, the train/val split, and the resumable loader."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from bidst.data import (
     list_datasets,
     make_loader,
     num_batches,
+    roots,
 )
-from bidst.data import roots
 from bidst.data.imagenet import random_resized_crop_box
 from bidst.data.loader import epoch_order
 from bidst.data.tensor import TensorImageDataset, random_crop, random_hflip
@@ -297,7 +297,8 @@ def test_imagenet_folders(tmp_path: Path) -> None:
     train = create_dataset("imagenet", "train", root=str(tmp_path), val_size=2, augment=True)
     val = create_dataset("imagenet", "val", root=str(tmp_path), val_size=2)
     assert len(train) == 4 and len(val) == 2 and not val.augment
-    assert sorted(train.samples + val.samples) == sorted(create_dataset("imagenet", "train", root=str(tmp_path), val_size=0).samples)
+    full = create_dataset("imagenet", "train", root=str(tmp_path), val_size=0)
+    assert sorted(train.samples + val.samples) == sorted(full.samples)
     first = list(make_loader(train, batch_size=3, shuffle=True, seed=1, epoch=0))
     again = list(make_loader(train, batch_size=3, shuffle=True, seed=1, epoch=0, start_batch=1))
     assert first[0][0].shape == (3, 3, 224, 224) and len(first) == 2
@@ -368,7 +369,7 @@ def test_synthetic_is_deterministic_and_learnable() -> None:
 
 def test_missing_data_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(roots.SYSTEM_DIRS, "fashion-mnist", [str(tmp_path / "nowhere")])
-    with pytest.raises(BidstError, match="downloading it failed .*network disabled.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(BidstError, match="downloading it failed .*network disabled.*apt-get install dataset-fashion"):
         create_dataset("fashion-mnist", "train")
     with pytest.raises(BidstError, match="no data in .*cifar10.*cifar-10-python.tar.gz"):
         create_dataset("cifar10", "test")

@@ -1,11 +1,11 @@
-"""Where dataset files are looked for: explicit root, then $BIDST_DATA/<name>, then system folders, then ~/.cache/bidst/<name>."""
+"""Where dataset files are looked for: root=, else $BIDST_DATA/<name>, system folders, ~/.cache/bidst/<name>."""
 
 from __future__ import annotations
 
 import os
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import BidstError
 
@@ -51,7 +51,7 @@ def locate(
     how_to: str,
     fetch: Callable[[Path], None] | None = None,
 ) -> Path:
-    """The first candidate folder where `present` holds; else, without an explicit root, `fetch` into the cache; else BidstError."""
+    """The first candidate where `present` holds, else (no explicit root) `fetch` into the cache, else BidstError."""
     folders = candidates(name, root)
     for folder in folders:
         if present(folder):

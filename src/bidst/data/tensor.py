@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from .base import BatchDataset
 
 
 def random_crop(images: Tensor, pad: int, generator: torch.Generator | None) -> Tensor:
@@ -39,8 +40,8 @@ class Normalize:
         return images.float() * self._scale - self._shift
 
 
-class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
-    """uint8 N x C x H x W images and int64 labels; items are normalised float32 images, optionally crop/flip-augmented."""
+class TensorImageDataset(BatchDataset):
+    """uint8 N x C x H x W images and int64 labels, served normalised to float32 and optionally crop/flip-augmented."""
 
     def __init__(
         self,
@@ -60,10 +61,6 @@ class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.get_batch(torch.tensor([index]), None)
-        return x[0], y[0]
-
     def get_batch(self, indices: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Gather, augment (randomness from `generator`, or torch's global one if None) and normalise a batch."""
         images = self.images[indices]
@@ -75,6 +72,5 @@ class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
 
     def subset(self, indices: Tensor) -> TensorImageDataset:
         """The items at `indices`, with the same normalisation and augmentation."""
-        return TensorImageDataset(
-            self.images[indices], self.labels[indices], self.normalize.mean, self.normalize.std, self.crop_padding, self.hflip
-        )
+        mean, std = self.normalize.mean, self.normalize.std
+        return TensorImageDataset(self.images[indices], self.labels[indices], mean, std, self.crop_padding, self.hflip)
