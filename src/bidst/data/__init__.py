@@ -37,7 +37,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 def create_dataset(
     name: str, split: str, *, root: str | None = None, val_size: int = 5000, augment: bool = False
-) -> Dataset:
+) -> BatchDataset:
     """The train, val or test split; val: a fixed `val_size`-item part of the official training set; train: the rest."""
     if split not in SPLITS:
         raise BidstError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
