@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
 
 from ..errors import BidstError
 from . import cifar, idx, imagenet, synthetic  # noqa: F401  (modules register their datasets on import)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import urllib.request
 from collections.abc import Callable
@@ -61,7 +62,7 @@ def locate(
         target = cache_dir(name)
         try:
             fetch(target)
-        except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, disk errors; cut-off responses
             raise BidstError(f"{name}: no data in {tried} and downloading it failed ({e}); {how_to}") from None
         return target
     raise BidstError(f"{name}: no data in {tried}; {how_to}")
