@@ -1,9 +1,8 @@
-"""Dataset registry (`list_datasets`, `dataset_info`, `create_dataset`) with a fixed train/val carve-out, and the resumable loader."""
+"""Dataset registry (`list_datasets`, `dataset_info`, `create_dataset`) with a fixed train/val split, and the loader."""
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
 
 from ..errors import BidstError
 from . import cifar, idx, imagenet, synthetic  # noqa: F401  (modules register their datasets on import)
@@ -11,8 +10,15 @@ from .base import DATASETS, BatchDataset, DatasetInfo
 from .loader import EpochLoader, make_loader, num_batches
 
 __all__ = [
-    "BatchDataset", "DatasetInfo", "EpochLoader", "create_dataset", "dataset_info", "list_datasets", "make_loader", "num_batches",
-]  # fmt: skip
+    "BatchDataset",
+    "DatasetInfo",
+    "EpochLoader",
+    "create_dataset",
+    "dataset_info",
+    "list_datasets",
+    "make_loader",
+    "num_batches",
+]
 
 SPLITS = ("train", "val", "test")
 VAL_SPLIT_SEED = 20240601  # fixed, independent of any run seed: every run sees the same validation items
@@ -30,8 +36,8 @@ def dataset_info(name: str) -> DatasetInfo:
 
 def create_dataset(
     name: str, split: str, *, root: str | None = None, val_size: int = 5000, augment: bool = False
-) -> Dataset:
-    """The train, val or test split; val is a fixed `val_size`-item subset of the official training set and train is the rest."""
+) -> BatchDataset:
+    """The train, val or test split; val: a fixed `val_size`-item part of the official training set; train: the rest."""
     if split not in SPLITS:
         raise BidstError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     source = DATASETS.get(name)()
@@ -41,7 +47,7 @@ def create_dataset(
         raise BidstError(f"{name}: no 'val' split with val_size=0")
     full = source.load(root, True, augment)
     if not 0 <= val_size < len(full):
-        raise BidstError(f"{name}: val_size={val_size} must be in 0..{len(full) - 1} (the training set has {len(full)} items)")
+        raise BidstError(f"{name}: val_size={val_size} must be in 0..{len(full) - 1} (the training set's size - 1)")
     if val_size == 0:
         return full
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))

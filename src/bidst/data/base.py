@@ -1,12 +1,14 @@
-"""What every dataset module shares: the info record, the name registry, and the batched-access protocol the loader uses."""
+"""What every dataset module shares: the info record, the name registry and the batched-access base class."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from ..registry import Registry
 
@@ -20,15 +22,23 @@ class DatasetInfo:
     image_size: int
 
 
-@runtime_checkable
-class BatchDataset(Protocol):
-    """A dataset that hands out whole batches, with all randomness (augmentation) drawn from the given generator."""
+class BatchDataset(Dataset[tuple[Tensor, Tensor]], ABC):
+    """A dataset that hands out whole batches (no per-item Python in memory), randomness from a given generator."""
 
+    @abstractmethod
     def __len__(self) -> int: ...
 
-    def get_batch(self, indices: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]: ...
+    @abstractmethod
+    def get_batch(self, indices: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Normalised float32 B x C x H x W images and int64 labels at `indices` (generator None: torch's)."""
 
-    def subset(self, indices: Tensor) -> BatchDataset: ...
+    @abstractmethod
+    def subset(self, indices: Tensor) -> BatchDataset:
+        """The items at `indices`, with the same transforms."""
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.get_batch(torch.tensor([index]), None)
+        return x[0], y[0]
 
 
 # load(root, train, augment): the official training (train=True) or test set

@@ -20,7 +20,7 @@ CROP_PADDING = 4  # augment=True: random 32x32 crop of the image zero-padded by 
 # the only globals a batch pickle (numpy arrays, bytes) may reference: nothing else gets executed while unpickling
 ALLOWED_GLOBALS = {
     (module, name)
-    for module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
+    for module in ("numpy", *(f"numpy.{core}.{sub}" for core in ("core", "_core") for sub in ("multiarray", "numeric")))
     for name in ("_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer")
 } | {("_codecs", "encode")}
 

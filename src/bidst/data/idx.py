@@ -23,7 +23,7 @@ FILES = {
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 INFO = DatasetInfo(num_classes=10, in_channels=1, image_size=28)
-CROP_PADDING = 2  # augment=True: random 28x28 crop of the image zero-padded by 2 (no flip: digits and clothes have a handedness)
+CROP_PADDING = 2  # augment=True: random 28x28 crop of the image zero-padded by 2 (no flip: digits have a handedness)
 
 
 def find_file(folder: Path, stem: str) -> Path | None:
@@ -43,7 +43,7 @@ def read_idx(path: Path, magic: int) -> Tensor:
         raise BidstError(f"{path}: cannot read ({e})") from None
     found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
     if found != magic:
-        raise BidstError(f"{path}: bad IDX magic number {found} (expected {magic}); the file is not an IDX file of this kind")
+        raise BidstError(f"{path}: bad IDX magic number {found} (expected {magic}): not an IDX file of this kind")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -57,7 +57,7 @@ def read_idx(path: Path, magic: int) -> Tensor:
 
 
 def read_pair(folder: Path, train: bool, num_classes: int) -> tuple[Tensor, Tensor]:
-    """uint8 N x 1 x H x W images and int64 labels of the training or test IDX pair in `folder`, checked for consistency."""
+    """uint8 N x 1 x H x W images and int64 labels of the train or test IDX pair in `folder`, cross-checked."""
     paths = []
     for stem in FILES[train]:
         path = find_file(folder, stem)
@@ -73,8 +73,8 @@ def read_pair(folder: Path, train: bool, num_classes: int) -> tuple[Tensor, Tens
     return images.unsqueeze(1), labels
 
 
-def register_idx(name: str, mean: float, std: float, url: str, system: str, how_to: str) -> None:
-    """Register an IDX dataset looked for in the usual places (and `system`), downloaded from `url` into the cache if absent."""
+def register_idx(name: str, mean: float, std: float, url: str, how_to: str) -> None:
+    """Register an IDX dataset looked for in the usual places and downloaded from `url` into the cache if absent."""
 
     def present(folder: Path) -> bool:
         return all(find_file(folder, stem) is not None for stems in FILES.values() for stem in stems)
@@ -86,7 +86,7 @@ def register_idx(name: str, mean: float, std: float, url: str, system: str, how_
 
     @register(name, INFO)
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:
-        folder = roots.locate(name, root, present, how_to, system=[system], fetch=fetch)
+        folder = roots.locate(name, root, present, how_to, fetch=fetch)
         images, labels = read_pair(folder, train, INFO.num_classes)
         return TensorImageDataset(images, labels, [mean], [std], crop_padding=CROP_PADDING if augment else 0)
 
@@ -96,14 +96,14 @@ register_idx(
     mean=0.2860,
     std=0.3530,
     url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    system="/usr/share/datasets/fashion-mnist",
-    how_to="install it with `apt-get install dataset-fashion-mnist`, put the four IDX files in $BIDST_DATA/fashion-mnist, or pass root=",
+    how_to="install it with `apt-get install dataset-fashion-mnist`, put the four IDX files in "
+    "$BIDST_DATA/fashion-mnist, or pass root=",
 )
 register_idx(
     "mnist",
     mean=0.1307,
     std=0.3081,
     url="https://ossci-datasets.s3.amazonaws.com/mnist/",
-    system="/usr/share/datasets/mnist",
-    how_to="download the four IDX files from https://ossci-datasets.s3.amazonaws.com/mnist/ into $BIDST_DATA/mnist, or pass root=",
+    how_to="download the four IDX files from https://ossci-datasets.s3.amazonaws.com/mnist/ into $BIDST_DATA/mnist, "
+    "or pass root=",
 )

@@ -1,4 +1,4 @@
-"""ImageNet from class folders (root/train/<class>/*, root/val/<class>/*), decoded per item with Pillow, torchvision-style transforms."""
+"""ImageNet from class folders (root/{train,val}/<class>/*), decoded per item with Pillow, torchvision's transforms."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from ..errors import BidstError
 from . import roots
-from .base import DatasetInfo, register
+from .base import BatchDataset, DatasetInfo, register
 from .tensor import Normalize
 
 EXTENSIONS = {".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -55,7 +54,7 @@ def scan(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 
 def random_resized_crop_box(width: int, height: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (left, top, right, bottom): 10 tries at a random area and aspect, else a center crop."""
+    """torchvision's RandomResizedCrop box (left, top, right, bottom): 10 random tries, else a center crop."""
 
     def uniform(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand(1, generator=generator))
@@ -80,7 +79,7 @@ def random_resized_crop_box(width: int, height: int, generator: torch.Generator 
 
 
 def center_crop_box(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """The size for Resize(256) (shorter side to 256) and the CenterCrop(224) box within it, as torchvision computes them."""
+    """The size for Resize(256) (short side to 256) and the CenterCrop(224) box in it, as torchvision has them."""
     short, long = min(width, height), max(width, height)
     long = int(RESIZE * long / short)
     size = (RESIZE, long) if width <= height else (long, RESIZE)
@@ -88,8 +87,8 @@ def center_crop_box(width: int, height: int) -> tuple[tuple[int, int], tuple[int
     return size, (left, top, left + CROP, top + CROP)
 
 
-class ImageFolderDataset(Dataset[tuple[Tensor, Tensor]]):
-    """Image files with labels, decoded to RGB and transformed (train: random crop + flip; eval: resize + center crop)."""
+class ImageFolderDataset(BatchDataset):
+    """Labelled image files, decoded to RGB and transformed (augment: random crop + flip; else resize + center crop)."""
 
     def __init__(self, samples: list[tuple[str, int]], augment: bool) -> None:
         self.samples = samples
@@ -98,10 +97,6 @@ class ImageFolderDataset(Dataset[tuple[Tensor, Tensor]]):
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.get_batch(torch.tensor([index]), None)
-        return x[0], y[0]
 
     def load(self, index: int, generator: torch.Generator | None) -> Tensor:
         """The transformed uint8 3 x 224 x 224 image of item `index`."""
@@ -113,7 +108,8 @@ class ImageFolderDataset(Dataset[tuple[Tensor, Tensor]]):
         except OSError as e:  # includes PIL.UnidentifiedImageError
             raise BidstError(f"{path}: cannot decode image ({e})") from None
         if self.augment:
-            box = random_resized_crop_box(*image.size, generator)
+            width, height = image.size
+            box = random_resized_crop_box(width, height, generator)
             image = image.resize((CROP, CROP), image_mod.Resampling.BILINEAR, box=box)
             if float(torch.rand(1, generator=generator)) < 0.5:
                 image = image.transpose(image_mod.Transpose.FLIP_LEFT_RIGHT)
@@ -136,7 +132,10 @@ class ImageFolderDataset(Dataset[tuple[Tensor, Tensor]]):
 @register("imagenet", INFO)
 def load_imagenet(root: str | None, train: bool, augment: bool) -> ImageFolderDataset:
     """The official training images (train=True) or validation images, labelled by the sorted training class folders."""
-    how_to = f"put the ILSVRC-2012 class folders under $BIDST_DATA/imagenet/{{train,val}} or {roots.cache_dir('imagenet')}, or pass root="
+    how_to = (
+        "put the ILSVRC-2012 class folders under $BIDST_DATA/imagenet/{train,val} or "
+        f"{roots.cache_dir('imagenet')}/{{train,val}}, or pass root="
+    )
     folder = roots.locate("imagenet", root, lambda p: (p / "train").is_dir(), how_to)
     classes = class_names(folder / "train")
     split = folder / ("train" if train else "val")

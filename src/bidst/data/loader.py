@@ -1,10 +1,10 @@
-"""Deterministic, resumable, rank-sharded batch iteration: batch b of epoch e is a pure function of (seed, epoch, rank, b)."""
+"""Deterministic, resumable, rank-sharded batches: batch b of an epoch is a pure function of (seed, epoch, rank, b)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -23,7 +23,8 @@ def derive_seed(*parts: int) -> int:
 
 
 def epoch_order(num_items: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
-    """This rank's item indices for the epoch: every world_size-th of a (seed, epoch) permutation, padded to equal length like DistributedSampler."""
+    """This rank's item indices: every world_size-th of a (seed, epoch) permutation, padded like DistributedSampler
+    so that all ranks get the same number."""
     if shuffle:
         generator = torch.Generator().manual_seed(derive_seed(PERMUTATION, seed, epoch))
         order = torch.randperm(num_items, generator=generator)
@@ -42,7 +43,7 @@ def num_batches(num_items: int, *, batch_size: int, world_size: int = 1, drop_la
 
 
 class EpochLoader(Dataset[tuple[Tensor, Tensor]]):
-    """One epoch's batches of `order` from `start_batch` on; `len()` counts them and `loader[k]` is batch start_batch + k."""
+    """One epoch's batches of `order` from `start_batch` on; `len()` counts them; `loader[k]` is start_batch + k."""
 
     def __init__(
         self, dataset: Dataset, order: Tensor, *, batch_size: int, num_batches: int, start_batch: int,
@@ -87,7 +88,7 @@ def make_loader(
     drop_last: bool = False,
     num_workers: int = 0,
 ) -> EpochLoader:
-    """The batches of one epoch from `start_batch` on, identical to those of an uninterrupted epoch (for bit-exact resume)."""
+    """The batches of one epoch from `start_batch` on, the same as an uninterrupted epoch's (for bit-exact resume)."""
     if batch_size < 1 or not 0 <= rank < world_size or start_batch < 0 or num_workers < 0:
         raise BidstError(
             f"bad loader settings: batch_size={batch_size}, rank={rank} of world_size={world_size}, "

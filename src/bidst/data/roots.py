@@ -1,15 +1,20 @@
-"""Where dataset files are looked for: explicit root, then $BIDST_DATA/<name>, then system folders, then ~/.cache/bidst/<name>."""
+"""Where dataset files are looked for: root=, else $BIDST_DATA/<name>, system folders, ~/.cache/bidst/<name>."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..errors import BidstError
 
 DOWNLOAD_TIMEOUT_S = 15  # per connection attempt: a blocked network should fail fast, not hang a run
+SYSTEM_DIRS = {  # where distribution packages install datasets (Debian: dataset-fashion-mnist)
+    "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
+    "mnist": ["/usr/share/datasets/mnist"],
+}
 
 
 def cache_dir(name: str) -> Path:
@@ -18,13 +23,13 @@ def cache_dir(name: str) -> Path:
     return Path(base) / "bidst" / name
 
 
-def candidates(name: str, root: str | None, system: Sequence[str] = ()) -> list[Path]:
+def candidates(name: str, root: str | None) -> list[Path]:
     """The folders to look in, in order; an explicit root is the only candidate."""
     if root is not None:
         return [Path(root).expanduser()]
     env = os.environ.get("BIDST_DATA")
     found = [Path(env).expanduser() / name] if env else []
-    return found + [Path(p) for p in system] + [cache_dir(name)]
+    return found + [Path(p) for p in SYSTEM_DIRS.get(name, [])] + [cache_dir(name)]
 
 
 def download(url: str, dest: Path) -> None:
@@ -45,11 +50,10 @@ def locate(
     root: str | None,
     present: Callable[[Path], bool],
     how_to: str,
-    system: Sequence[str] = (),
     fetch: Callable[[Path], None] | None = None,
 ) -> Path:
-    """The first candidate folder where `present` holds; else, without an explicit root, `fetch` into the cache; else BidstError."""
-    folders = candidates(name, root, system)
+    """The first candidate where `present` holds, else (no explicit root) `fetch` into the cache, else BidstError."""
+    folders = candidates(name, root)
     for folder in folders:
         if present(folder):
             return folder
@@ -58,7 +62,7 @@ def locate(
         target = cache_dir(name)
         try:
             fetch(target)
-        except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, disk errors; cut-off responses
             raise BidstError(f"{name}: no data in {tried} and downloading it failed ({e}); {how_to}") from None
         return target
     raise BidstError(f"{name}: no data in {tried}; {how_to}")

@@ -16,7 +16,7 @@ MEAN, STD = 0.51, 0.215  # measured pixel statistics of the generated images
 
 
 def synthetic_images(n: int, info: DatasetInfo, seed: int) -> tuple[Tensor, Tensor]:
-    """`n` uint8 images (class pattern + noise around grey 128) with balanced int64 labels, a pure function of `seed`."""
+    """`n` uint8 images (class pattern + noise around grey 128), balanced int64 labels: a pure function of `seed`."""
     c, s = info.in_channels, info.image_size
     coarse = torch.randn(info.num_classes, c, 7, 7, generator=torch.Generator().manual_seed(PATTERN_SEED))
     patterns = F.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)

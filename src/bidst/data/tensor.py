@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from .base import BatchDataset
 
 
-def random_crop(images: Tensor, pad: int, generator: torch.Generator | None) -> Tensor:
-    """Zero-pad a N x C x H x W batch by `pad` and cut an H x W window at a random offset per image."""
+def random_crop_flip(images: Tensor, pad: int, hflip: bool, generator: torch.Generator | None) -> Tensor:
+    """Per image of a N x C x H x W batch: an H x W window of the image zero-padded by `pad` at a random offset,
+    mirrored left-right with probability 1/2 if `hflip`; done as one gather, as per-item Python would be too slow."""
     n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    top, left = torch.randint(0, 2 * pad + 1, (2, n, 1), generator=generator)
-    rows = (top + torch.arange(h))[:, None, :, None]
-    cols = (left + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-
-
-def random_hflip(images: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Mirror each image of a N x C x H x W batch left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+    hp, wp = h + 2 * pad, w + 2 * pad
+    padded = images.new_zeros(n, c, hp, wp)
+    padded[:, :, pad : pad + h, pad : pad + w] = images
+    top, left = torch.randint(0, 2 * pad + 1, (2, n, 1, 1, 1), generator=generator)
+    cols = torch.arange(w).expand(n, 1, 1, w)
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        cols = torch.where(flip.view(n, 1, 1, 1), w - 1 - cols, cols)
+    rows = top + torch.arange(h).view(1, 1, h, 1)
+    index = (torch.arange(c).view(1, c, 1, 1) * hp + rows) * wp + left + cols
+    return padded.view(n, -1).gather(1, index.view(n, -1)).view(n, c, h, w)
 
 
 class Normalize:
@@ -39,8 +40,8 @@ class Normalize:
         return images.float() * self._scale - self._shift
 
 
-class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
-    """uint8 N x C x H x W images and int64 labels; items are normalised float32 images, optionally crop/flip-augmented."""
+class TensorImageDataset(BatchDataset):
+    """uint8 N x C x H x W images and int64 labels, served normalised to float32 and optionally crop/flip-augmented."""
 
     def __init__(
         self,
@@ -60,21 +61,14 @@ class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.get_batch(torch.tensor([index]), None)
-        return x[0], y[0]
-
     def get_batch(self, indices: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Gather, augment (randomness from `generator`, or torch's global one if None) and normalise a batch."""
         images = self.images[indices]
-        if self.crop_padding:
-            images = random_crop(images, self.crop_padding, generator)
-        if self.hflip:
-            images = random_hflip(images, generator)
+        if self.crop_padding or self.hflip:
+            images = random_crop_flip(images, self.crop_padding, self.hflip, generator)
         return self.normalize(images), self.labels[indices]
 
     def subset(self, indices: Tensor) -> TensorImageDataset:
         """The items at `indices`, with the same normalisation and augmentation."""
-        return TensorImageDataset(
-            self.images[indices], self.labels[indices], self.normalize.mean, self.normalize.std, self.crop_padding, self.hflip
-        )
+        mean, std = self.normalize.mean, self.normalize.std
+        return TensorImageDataset(self.images[indices], self.labels[indices], mean, std, self.crop_padding, self.hflip)

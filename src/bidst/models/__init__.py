@@ -16,5 +16,5 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Build the named model for inputs of shape in_channels x image_size x image_size; an unknown name raises BidstError."""
+    """The named model for in_channels x image_size x image_size inputs; an unknown name raises BidstError."""
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, image_size=image_size)

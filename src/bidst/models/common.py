@@ -16,7 +16,8 @@ def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int =
 
 
 def kaiming_init(model: nn.Module) -> nn.Module:
-    """Initialise as He et al. (2015/2016): kaiming-normal conv (fan-out) and linear (fan-in) weights, unit BN scales, zero biases."""
+    """He et al. (2015) init as in the ResNet papers: kaiming-normal conv (fan-out) and linear (fan-in) weights,
+    unit BN scales, zero biases."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

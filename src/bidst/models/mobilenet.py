@@ -9,7 +9,9 @@ from torch import Tensor, nn
 from .common import MODELS, conv_bn, kaiming_init
 
 # (expansion t, output channels c, blocks n, first stride s); the ImageNet net has s=2 in the stem and the c=24 stage
-CIFAR_STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+CIFAR_STAGES = [
+    (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+]  # fmt: skip
 
 
 class InvertedResidual(nn.Module):

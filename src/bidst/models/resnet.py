@@ -1,9 +1,9 @@
-"""ResNets of He et al. (2016): the CIFAR family (resnet20/32/56) and the ImageNet family (resnet34/50), torchvision-equivalent."""
+"""ResNets of He et al. (2016): CIFAR resnet20/32/56 and ImageNet resnet34/50 (torchvision-equivalent)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -11,7 +11,7 @@ from .common import MODELS, conv_bn, kaiming_init
 
 
 class Residual(nn.Module):
-    """relu(body(x) + shortcut(x)), the shortcut being the identity or a 1x1 projection + BN (option B) when the shape changes."""
+    """relu(body(x) + shortcut(x)); the shortcut is the identity, or 1x1 conv + BN (option B) if the shape changes."""
 
     def __init__(self, body: list[nn.Module], in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
@@ -49,7 +49,7 @@ def resnet(
     depths: list[int],
     num_classes: int,
 ) -> nn.Module:
-    """Stem, stages of blocks doubling the width (stride 2 from the second stage on), global average pool, linear classifier."""
+    """Stem, stages of blocks doubling the width (stride 2 from stage 2 on), global average pool, linear classifier."""
     parts: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Sequential(*stem))
     in_ch = stem_ch
     for stage, depth in enumerate(depths):
@@ -69,8 +69,10 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int) -> nn.Module:
     return resnet(stem, 16, basic_block, 1, [(depth - 2) // 6] * 3, num_classes)
 
 
-def imagenet_resnet(block: Callable[[int, int, int], Residual], expansion: int, num_classes: int, in_channels: int) -> nn.Module:
-    """The ImageNet ResNet with [3, 4, 6, 3] blocks: a 7x7 stride-2 stem with max-pooling and four stages of widths 64..512."""
+def imagenet_resnet(
+    block: Callable[[int, int, int], Residual], expansion: int, num_classes: int, in_channels: int
+) -> nn.Module:
+    """The ImageNet ResNet with [3, 4, 6, 3] blocks: a 7x7 stride-2 stem with max-pooling, widths 64..512."""
     stem = [*conv_bn(in_channels, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, padding=1)]
     return resnet(stem, 64, block, expansion, [3, 4, 6, 3], num_classes)
 

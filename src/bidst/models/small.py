@@ -30,31 +30,22 @@ def mlp(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return kaiming_init(nn.Sequential(classifier([in_channels * image_size**2, 300, 100, num_classes])))
 
 
+def conv_net(convs: list[nn.Sequential], features: int, widths: list[int]) -> nn.Module:
+    """conv1..convN, then the classifier from `features` flattened values through `widths`."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict((f"conv{i}", conv) for i, conv in enumerate(convs, start=1))
+    layers.update(classifier([features, *widths]))
+    return kaiming_init(nn.Sequential(layers))
+
+
 @MODELS.register("cnn")
 def cnn(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """The cheap default CNN: two 3x3 conv + max-pool stages (32, 64 channels) and a 256-unit hidden layer."""
-    side = image_size // 4
-    return kaiming_init(
-        nn.Sequential(
-            OrderedDict(
-                conv1=conv_pool(in_channels, 32, 3, padding=1),
-                conv2=conv_pool(32, 64, 3, padding=1),
-                **classifier([64 * side * side, 256, num_classes]),
-            )
-        )
-    )
+    convs = [conv_pool(in_channels, 32, 3, padding=1), conv_pool(32, 64, 3, padding=1)]
+    return conv_net(convs, 64 * (image_size // 4) ** 2, [256, num_classes])
 
 
 @MODELS.register("lenet5")
 def lenet5(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """LeNet-5 (6 and 16 5x5 conv channels, 120-84 hidden units) with ReLU and max-pooling."""
-    side = (image_size // 2 - 4) // 2
-    return kaiming_init(
-        nn.Sequential(
-            OrderedDict(
-                conv1=conv_pool(in_channels, 6, 5, padding=2),
-                conv2=conv_pool(6, 16, 5, padding=0),
-                **classifier([16 * side * side, 120, 84, num_classes]),
-            )
-        )
-    )
+    convs = [conv_pool(in_channels, 6, 5, padding=2), conv_pool(6, 16, 5, padding=0)]
+    return conv_net(convs, 16 * ((image_size // 2 - 4) // 2) ** 2, [120, 84, num_classes])
