@@ -42,6 +42,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | step | constant, a function of the step
     warmup_epochs: float = 0.0  # linear warm-up
     label_smoothing: float = 0.0
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (the last checkpoint stays intact) | skip the step
     # where and how to run
     seed: int = 0  # model init, data order and mask decisions
     device: str = "auto"  # auto | cpu | cuda
@@ -63,6 +64,7 @@ CHOICES = {
     "lr_schedule": ("cosine", "step", "constant"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
+    "on_nonfinite": ("stop", "skip"),
 }
 
 

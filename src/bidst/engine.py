@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from . import distributed
 from .density import check_sparsity, layer_budgets, layer_densities
 from .errors import BidstError
 from .methods.base import Method, create_method
@@ -124,6 +124,7 @@ class Sparsifier:
         method.setup(self)
         self.apply_masks()
         self.check_invariants()
+        self.check_ranks_agree("after the initial masks")
 
     # -- helpers for methods -------------------------------------------------------------
     def sparse_names(self) -> list[str]:
@@ -168,10 +169,11 @@ class Sparsifier:
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average `tensor` over DDP ranks in place (a no-op in a single process), so decisions agree."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(tensor)
-            tensor.div_(dist.get_world_size())
-        return tensor
+        return distributed.all_reduce_mean(tensor)
+
+    def check_ranks_agree(self, when: str) -> None:
+        """Under DDP, raise on every rank unless all ranks hold the same masks and mask generator state."""
+        distributed.check_in_sync({**self.masks, "the mask generator": self.rng.get_state()}, when)
 
     @torch.no_grad()
     def change(
@@ -261,6 +263,7 @@ class Sparsifier:
         if changed:
             self.topology_changes += 1
             self.check_invariants()
+            self.check_ranks_agree(f"after the topology change at step {step}")
         return changed
 
     # -- inspection ---------------------------------------------------------------------
