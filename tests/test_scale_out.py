@@ -15,15 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _runs import (assert_same_run, cached_datasets, change_steps, checkpoints, final_state, reuse_datasets, scratch,
-                   stop_steps, stopped_copy, tiny_args, tiny_config)
+from _runs import (LOAD_DATA, assert_same_run, cached_datasets, change_steps, checkpoints, final_state,
+                   reuse_datasets, scratch, stop_steps, stopped_copy, tiny_args, tiny_config)
 from torch import nn
 
 import bidst
 from bidst.data.tensor import TensorImageDataset
 from bidst.engine import Sparsifier
 from bidst.errors import BidstError
-from bidst.recipe import train
+from bidst.recipe import evaluate, train
 from bidst.signals import RunInterrupted
 
 METHODS = bidst.list_methods()
@@ -134,6 +134,7 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     get_batch = TensorImageDataset.get_batch
     TensorImageDataset.get_batch = lambda self, i, g: _nan_at(get_batch(self, i, g), i, 100, len(self) == 512)
     seen["errors"].append(_error(lambda: train(tiny_config("rigl"), out / "nan")))
+    seen["odd-eval"] = _sharded_eval()
     seen["nan-skip"] = [train(tiny_config("rigl", "on_nonfinite=skip"), out / "nan", resume=True)["skipped_steps"]]
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
@@ -144,6 +145,17 @@ def _error(fn: Callable[[], object]) -> str:
     with pytest.raises(BidstError) as info:
         fn()
     return str(info.value)
+
+
+def _sharded_eval() -> list[float]:
+    """Accuracy on 1001 items (an odd split) by sharded `evaluate`, and by one plain pass over all of them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    test_set = TensorImageDataset.subset(LOAD_DATA(tiny_config("dense"))[2], torch.arange(1001))
+    x, y = test_set.get_batch(torch.arange(1001), None)
+    with torch.no_grad():
+        plain = 100.0 * int((net(x).argmax(1) == y).sum()) / 1001
+    return [evaluate(net, test_set, torch.device("cpu"), tiny_config("dense")), plain]
 
 
 def _sparsify_seeded(seed: int) -> Sparsifier:
@@ -228,6 +240,8 @@ def test_ddp_only_rank0_writes_and_faults_stop_every_rank(ddp):
     assert "DDP ranks disagree on weight" in seeded_apart and "after the initial masks" in seeded_apart
     assert "non-finite loss (nan) at step" in nan_loss
     assert _seen(ddp, 0)["nan-skip"] == _seen(ddp, 1)["nan-skip"] == [2]
+    sharded, plain = _seen(ddp, 0)["odd-eval"]
+    assert sharded == plain and _seen(ddp, 1)["odd-eval"] == [sharded, plain]  # no padded item counted twice
 
 
 def test_torchrun_cli_equals_spawned_ddp(ddp, tmp_path):

@@ -84,34 +84,44 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def _rank0_then(fn: Callable[[], T], others: bool) -> T | None:
-    """Run `fn` on rank 0, tell the others whether it failed, then run it on them too if `others`."""
-    if world_size() == 1:
-        return fn()
-    message: list[str | None] = [None]
-    if rank() == 0:
+def _local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; the global rank when that is unset)."""
+    return int(os.environ.get("LOCAL_RANK", rank()))
+
+
+def _run_and_agree(fn: Callable[[], T], here: bool) -> T | None:
+    """Run `fn` on the ranks where `here`; if it failed on any rank, raise on every rank (SharedError elsewhere)."""
+    result, message, failure = None, None, None
+    if here:
         try:
             result = fn()
         except Exception as exc:
-            message[0] = str(exc) or type(exc).__name__
-            dist.broadcast_object_list(message, src=0)
-            raise
-        dist.broadcast_object_list(message, src=0)
-        return result
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise SharedError(message[0])
-    return fn() if others else None
+            message, failure = str(exc) or type(exc).__name__, exc
+    messages: list[str | None] = [None] * world_size()
+    dist.all_gather_object(messages, message)
+    if failure is not None:
+        raise failure
+    first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise SharedError(first)
+    return result
 
 
-def rank0_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 first (a download, say), then on the others; a failure on rank 0 stops every rank."""
-    return _rank0_then(fn, others=True)  # type: ignore[return-value]
+def each_node_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on each node's first process, then on the others (a download happens once per node)."""
+    if world_size() == 1:
+        return fn()
+    first = _local_rank() == 0
+    result = _run_and_agree(fn, first)
+    return result if first else fn()  # type: ignore[return-value]
 
 
 def on_rank0(fn: Callable[[], object]) -> None:
     """Run `fn` on rank 0 only (writing run files); the other ranks wait and stop too if it fails."""
-    _rank0_then(fn, others=False)
+    if world_size() == 1:
+        fn()
+    else:
+        _run_and_agree(fn, rank() == 0)
 
 
 def _checksum(tensor: torch.Tensor) -> torch.Tensor:

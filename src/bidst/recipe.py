@@ -86,6 +86,8 @@ def evaluate(model: nn.Module, dataset: Any, device: torch.device, cfg: TrainCon
     model.eval()
     correct = seen = 0
     for x, y in loader:
+        if seen == own:
+            break
         x, y = x[: own - seen].to(device, non_blocking=True), y[: own - seen].to(device, non_blocking=True)
         with autocast(cfg, device):
             correct += int((model(x).argmax(1) == y).sum())
@@ -134,7 +136,8 @@ def _write_text(path: Path, text: str) -> None:
 
 def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """The keys in which `cfg` differs from a saved run's config, other than those a resumed run may change."""
-    return [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS and saved.get(k) != v]
+    defaults = TrainConfig().to_dict()  # keys added since the run was saved hold their defaults there
+    return [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
@@ -206,7 +209,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
 
     # data: each rank reads its DistributedSampler-style shard of every global batch
     info = dataset_info(cfg.dataset)
-    train_set, val_set, test_set = distributed.rank0_first(lambda: load_data(cfg))
+    train_set, val_set, test_set = distributed.each_node_first(lambda: load_data(cfg))
 
     def train_loader(epoch: int, start_batch: int = 0) -> Any:
         return make_loader(train_set, batch_size=cfg.batch_size // world, shuffle=True, seed=cfg.seed, epoch=epoch,
