@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 import bidst
@@ -19,18 +16,6 @@ from bidst.config import TrainConfig, load_config
 # 512 items in global batches of 64: 8 steps an epoch, 16 in all; topology changes every 5 steps until step 12
 TINY = ["model=mlp", "dataset=synthetic", "train_subset=512", "batch_size=64", "epochs=2", "val_size=0",
         "progress=false", "log_every=1", "threads=1", "checkpoint_every=1", "keep_checkpoints=100"]
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A folder for many checkpoint-every-step runs: in RAM (/dev/shm) when it has room, as fsync there is free."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 4 << 30:
-        folder = Path(tempfile.mkdtemp(prefix="bidst-test-", dir=shm))
-        yield folder
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        yield tmp_path_factory.mktemp("runs")
 
 
 LOAD_DATA = recipe.load_data
@@ -47,14 +32,6 @@ def _load_data_once(cfg: TrainConfig) -> tuple[Any, Any, Any]:
 def reuse_datasets() -> None:
     """Make the recipe build each dataset once per process (the synthetic set's 10,000 images take a while)."""
     recipe.load_data = _load_data_once
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cached_datasets() -> Iterator[None]:
-    """`reuse_datasets` for one test module."""
-    reuse_datasets()
-    yield
-    recipe.load_data = LOAD_DATA
 
 
 def method_args(method: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Crash safety and bad input: SIGKILL at random moments, SIGTERM/SIGINT, NaN losses, a full disk, foreign checkpoints."""
+"""Crash safety and bad input: SIGKILL at random moments, SIGTERM/SIGINT, NaN loss, full disk, foreign checkpoints."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import assert_same_run, cached_datasets, checkpoints, scratch, tiny_args
+from _runs import assert_same_run, checkpoints, tiny_args
 
 from bidst.checkpoint import DELAY_ENV, load_checkpoint
 from bidst.cli import main
 from bidst.data.tensor import TensorImageDataset
+
+pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
 
 # 4 epochs of 8 steps, a checkpoint every 2 steps, only the newest 2 kept (the deletion path is exercised too)
 LONG = tiny_args("rigl", "epochs=4", "checkpoint_every=2", "keep_checkpoints=2")
@@ -27,21 +29,19 @@ LONG = tiny_args("rigl", "epochs=4", "checkpoint_every=2", "keep_checkpoints=2")
 @pytest.fixture(scope="module")
 def reference(scratch: Path) -> Path:
     """The uninterrupted run every interrupted one must reproduce (made in this process with threads=1, as theirs)."""
-    threads = torch.get_num_threads()
     run = scratch / "reference"
     assert main(["train", *LONG, "--run-dir", str(run)]) == 0
-    torch.set_num_threads(threads)
     return run
 
 
 def _cli(argv: list[str], env: dict[str, str], output: Path) -> None:
     """The body of a training process: `bidst train argv` with its stdout and stderr in `output`."""
     os.environ.update(env)
-    log = open(output, "w", buffering=1)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
-    sys.exit(main(argv))
+    with open(output, "w", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        sys.exit(main(argv))
 
 
 class Training:

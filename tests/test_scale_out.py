@@ -15,8 +15,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _runs import (LOAD_DATA, assert_same_run, cached_datasets, change_steps, checkpoints, final_state,
-                   reuse_datasets, scratch, stop_steps, stopped_copy, tiny_args, tiny_config)
+from _runs import (
+    LOAD_DATA,
+    assert_same_run,
+    change_steps,
+    checkpoints,
+    final_state,
+    reuse_datasets,
+    stop_steps,
+    stopped_copy,
+    tiny_args,
+    tiny_config,
+)
 from torch import nn
 
 import bidst
@@ -26,6 +36,7 @@ from bidst.errors import BidstError
 from bidst.recipe import evaluate, train
 from bidst.signals import RunInterrupted
 
+pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
 METHODS = bidst.list_methods()
 DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}  # these must change topology in a tiny run
 

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for user errors, printed as one line; 128 + signal after SIGINT/SIGTERM)."""
+    """Entry point; returns the exit code: 2 for user errors (one line), 128 + signal after SIGINT/SIGTERM."""
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:

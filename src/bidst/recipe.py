@@ -16,7 +16,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import (
+    atomic_write,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
 from .config import TrainConfig, build_config
 from .data import create_dataset, dataset_info, make_loader
 from .engine import Sparsifier, sparsify
@@ -114,7 +120,8 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as exc:
-            raise BidstError(f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact") from None
+            message = f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact"
+            raise BidstError(message) from None
 
     def offset(self) -> int:
         return 0 if self.file is None else self.file.tell()

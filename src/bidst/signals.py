@@ -14,9 +14,8 @@ class RunInterrupted(Exception):
 
     def __init__(self, signum: int, step: int) -> None:
         self.exit_code = 128 + signum
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint was saved, continue with --resume"
-        )
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; a checkpoint was saved, continue with --resume")
 
 
 class StopSignals:
