@@ -92,7 +92,7 @@ def test_sigkill_at_10_random_moments_then_resume_equals_uninterrupted(reference
         kinds.append("in write" if inside_write else "after")
         for ckpt in checkpoints(run):  # what is left is complete: every named checkpoint loads
             load_checkpoint(ckpt)
-    assert kinds.count("in write") >= 3 and kinds.count("after") >= 3
+    assert kinds.count("in write") == kinds.count("after") == 5
     code, output = Training(run, resume=True).finish()
     assert code == 0, output
     assert not list((run / "checkpoints").glob("*.tmp"))
@@ -233,3 +233,13 @@ def test_invalid_reliability_settings(override, message, tmp_path, capsys):
     assert main(["train", *tiny_args("rigl"), override, "--run-dir", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_that_failed_before_training_can_be_started_again(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *tiny_args("rigl", "epochs=1"), "method=rigel", "--run-dir", str(run)]) == 2
+    assert "unknown method 'rigel'" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    assert main(["train", *tiny_args("rigl", "epochs=1"), "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_args("rigl", "epochs=1"), "--run-dir", str(run)]) == 2  # a real run is never reused
+    assert "already exists" in capsys.readouterr().err

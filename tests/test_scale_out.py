@@ -248,6 +248,7 @@ def test_ddp_only_rank0_writes_and_faults_stop_every_rank(ddp):
     assert errors == _seen(ddp, 1)["errors"]  # every rank stops, with the same message
     odd_batch, seeded_apart, nan_loss = errors
     assert "batch_size 63 (the global batch) must be divisible by the 2 processes" in odd_batch
+    assert not (ddp / "odd-batch").exists()
     assert "DDP ranks disagree on weight" in seeded_apart and "after the initial masks" in seeded_apart
     assert "non-finite loss (nan) at step" in nan_loss
     assert _seen(ddp, 0)["nan-skip"] == _seen(ddp, 1)["nan-skip"] == [2]

@@ -158,7 +158,8 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfi
             raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
         remove_partial(run_dir / "checkpoints")
         return cfg
-    if run_dir.exists() and any(run_dir.iterdir()):
+    # a folder holding only config.yaml is from a run that failed before training (bad data, say): reuse it
+    if run_dir.exists() and any(p.name != "config.yaml" for p in run_dir.iterdir()):
         raise BidstError(f"run folder {run_dir} already exists and is not empty; use --resume or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
