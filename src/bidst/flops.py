@@ -79,7 +79,7 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
                 in_size = tuple(x.shape[2:])
                 out_size = tuple(output.shape[2:])
             batch = x.shape[0] if x.dim() > 1 else 1
-            key = f"{name}.weight"
+            key = f"{name}.weight" if name else "weight"
             previous = shapes.get(key)
             shapes[key] = LayerShape(
                 kind=kind,
@@ -129,8 +129,15 @@ def backward_flops(shape: LayerShape, active: int, batch: int | None = None) -> 
 
 
 def active_counts(shapes: Mapping[str, LayerShape], masks: Masks | None = None) -> dict[str, int]:
-    """Active weights per layer: the mask's count, or all weights for a layer without a mask."""
+    """Active weights per layer: the mask's count, or all weights for a layer without a mask.
+
+    A mask for a weight that `shapes` does not know (not Conv/Linear) raises BidstError, so a
+    naming mismatch never silently counts a sparse model as dense.
+    """
     masks = masks or {}
+    unknown = sorted(set(masks) - set(shapes))
+    if unknown:
+        raise BidstError(f"no FLOPs shape for masked weight(s) {', '.join(unknown)}: only Conv/Linear are counted")
     counts = {}
     for name, shape in shapes.items():
         mask = masks.get(name)
