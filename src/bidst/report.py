@@ -18,7 +18,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -169,6 +168,15 @@ def _relative(run: Run, kind: str, dense: dict[str, float]) -> float | None:
     return recorded.get("relative_to_dense")
 
 
+def _sortable(value: Any) -> tuple:
+    """A total order over config values: missing first, then numbers by value, then the rest."""
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, _canon(value))
+
+
 def summarize(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     """The group key names and one row of statistics per group (sorted by sparsity, method)."""
     extra = varying_keys(runs)
@@ -176,12 +184,13 @@ def summarize(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         flat = flatten(run.config)
-        key = (run.sparsity, run.method, *(_canon(flat.get(k)) for k in extra))
+        key = (run.sparsity, run.method, *(_sortable(flat.get(k)) for k in extra))
         groups.setdefault(key, []).append(run)
     rows = []
     for key in sorted(groups):
         members = groups[key]
-        row: dict[str, Any] = {"method": key[1], "sparsity": key[0], **dict(zip(extra, key[2:]))}
+        flat = flatten(members[0].config)
+        row: dict[str, Any] = {"method": key[1], "sparsity": key[0], **{k: flat.get(k) for k in extra}}
         row["n"] = len(members)
         row["seeds"] = sorted({_canon(r.summary.get("seed", r.config.get("seed"))) for r in members})
         columns: dict[str, Callable[[Run], Any]] = {
@@ -211,7 +220,8 @@ def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
               "train FLOPs (× dense)", "time (× dense)", "topology changes", "epochs"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
-        cells = [row["method"], f"{row['sparsity']:g}", *(row[k] for k in extra), str(row["n"])]
+        cells = [row["method"], f"{row['sparsity']:g}", *("–" if row[k] is None else _canon(row[k]) for k in extra)]
+        cells.append(str(row["n"]))
         cells += [_fmt(row[f"{c}_mean"], row[f"{c}_std"]) for c in ("test_acc", "best_val_acc")]
         cells += [_fmt(row[f"{c}_mean"]) for c in ("flops_rel", "time_rel", "topology_changes")]
         cells.append(row["epochs"])
@@ -225,8 +235,7 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ";".join(v) if isinstance(v, list) else ("" if v is None else v)
-                         for k, v in row.items()})
+        writer.writerow({k: ";".join(v) if k == "seeds" else ("" if v is None else v) for k, v in row.items()})
     return buffer.getvalue()
 
 
@@ -243,7 +252,7 @@ def _figure_class() -> Any:
 
 def _series(run: Run, extra: Sequence[str]) -> str:
     flat = flatten(run.config)
-    return " ".join([run.method, *(f"{k}={_canon(flat.get(k))}" for k in extra)])
+    return " ".join([run.method, *(f"{k}={_canon(flat[k])}" for k in extra if flat.get(k) is not None)])
 
 
 def _curve(runs: Sequence[Run], points: Callable[[Run], dict[int, float]]):
@@ -270,6 +279,8 @@ def _grid(Figure: Any, n: int, title: str):
 
 def _per_sparsity_curves(Figure, runs, extra, colors, points, title, ylabel):
     """One panel per sparsity, one mean line with a ±std band per series; None if no data."""
+    from matplotlib.ticker import MaxNLocator
+
     levels = sorted({r.sparsity for r in runs if points(r)})
     if not levels:
         return None
@@ -285,6 +296,7 @@ def _per_sparsity_curves(Figure, runs, extra, colors, points, title, ylabel):
             ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=colors[name], alpha=0.2)
         ax.set_title(f"sparsity {level:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize="small")
@@ -312,7 +324,7 @@ def _accuracy_vs_sparsity(Figure, runs, extra, colors):
 
 def _final_density(run: Run) -> dict[str, float]:
     masks = run.records("mask")
-    if not masks:
+    if not masks or run.method == "dense":
         return {}
     return {k: v for k, v in masks[max(masks)].get("density", {}).items() if k != "__all__"}
 
@@ -384,8 +396,7 @@ def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True
     staged: dict[str, str] = {}
     try:
         for name, write in writers.items():
-            fd, staged[name] = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
+            staged[name] = str(out / f".{name}.{os.getpid()}.tmp")
             write(staged[name])
         for name, tmp in staged.items():
             os.replace(tmp, out / name)
