@@ -1,0 +1,98 @@
+"""The `bidst` command line: train, list registries, sweep and report; user errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import BidstError
+
+# flags for the most common config keys; each becomes a `key=value` override
+COMMON_FLAGS = {
+    "method": str, "sparsity": float, "epochs": int, "seed": int, "model": str, "dataset": str,
+    "device": str, "precision": str, "lr": float, "batch_size": int, "data_root": str,
+}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipe import train
+
+    overrides = list(args.overrides)
+    for key in COMMON_FLAGS:
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    config_path = args.config
+    if args.resume and args.run_dir and config_path is None and (Path(args.run_dir) / "config.yaml").exists():
+        config_path = str(Path(args.run_dir) / "config.yaml")
+    cfg = load_config(config_path, overrides)
+    if args.resume and not args.run_dir:
+        raise BidstError("--resume needs --run-dir, the folder of the run to continue")
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
+        f"{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.sparsity:g}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    summary = train(cfg, run_dir, resume=args.resume)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"final test accuracy: {summary['final_test_acc']:.2f}%")
+        print(f"measured sparsity:   {100 * summary['measured_sparsity']:.1f}%")
+        print(f"run folder:          {run_dir}")
+    return 0
+
+
+def _listing(kind: str, as_json: bool) -> int:
+    if kind == "methods":
+        from .methods import list_methods as names
+    elif kind == "models":
+        from .models import list_models as names
+    else:
+        from .data import list_datasets as names
+    items = names()
+    print(json.dumps(items) if as_json else "\n".join(items))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `bidst`."""
+    parser = argparse.ArgumentParser(prog="bidst", description="Dynamic sparse training for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one run from a YAML recipe")
+    train.add_argument("--config", help="recipe YAML (configs/...); defaults apply to missing keys")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sparsity=0.95")
+    train.add_argument("--run-dir", help="run folder (default: runs/<dataset>-<model>-<method>-...)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    train.add_argument("--json", action="store_true", help="print the summary as JSON")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for key, kind in COMMON_FLAGS.items():
+        train.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=f"same as {key}=VALUE")
+    for kind in ("methods", "models", "datasets"):
+        p = sub.add_parser(kind, help=f"list the registered {kind}")
+        p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for user errors, printed as one line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _listing(args.command, args.json)
+    except BidstError as exc:
+        print(f"bidst: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bidst: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Training configs: a typed dataclass read from YAML recipes plus dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BidstError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; every field is a recipe key."""
+
+    # what to train
+    model: str = "cnn"  # see `bidst models`
+    dataset: str = "fashion-mnist"  # see `bidst datasets`
+    data_root: str | None = None  # None: the dataset's default places (BIDST_DATA, system, cache)
+    val_size: int = 5000  # validation images carved out of the training set (for choosing defaults)
+    augment: bool = False  # the dataset's standard augmentation
+    # how to sparsify it
+    method: str = "rigl"  # see `bidst methods`
+    sparsity: float = 0.9  # fraction of zero weights over the sparsified layers
+    distribution: str | None = None  # uniform | er | erk; None: the method's default
+    dense_first: bool = False  # keep the first Conv/Linear layer dense
+    dense_last: bool = False  # keep the classifier dense
+    method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options
+    # how to optimise
+    epochs: int = 3
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.05
+    momentum: float = 0.9  # SGD momentum (Adam's beta1 stays at its default)
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine | step | constant, a function of the step
+    warmup_epochs: float = 0.0  # linear warm-up
+    label_smoothing: float = 0.0
+    # where and how to run
+    seed: int = 0  # model init, data order and mask decisions
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.amp)
+    threads: int = 0  # torch CPU threads; 0: PyTorch's default
+    num_workers: int = 0  # data-loading worker processes
+    log_every: int = 50  # steps between step lines in metrics.jsonl
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    progress: bool = True  # tqdm bars on stderr
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (YAML/JSON ready)."""
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "optimizer": ("sgd", "adam", "adamw"),
+    "lr_schedule": ("cosine", "step", "constant"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _fields() -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check `value` against the type of field `key`, converting ints to floats where a float is due."""
+    default = _fields()[key].default
+    kind = type(default) if default is not dataclasses.MISSING else dict
+    if key in ("data_root", "distribution"):
+        if value is None or isinstance(value, str):
+            return value
+        raise BidstError(f"config key {key!r} must be a string or null, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise BidstError(f"config key {key!r} must be a {kind.__name__}, got {value!r}")
+
+
+def _check_key(key: str) -> None:
+    if key not in _fields():
+        close = difflib.get_close_matches(key, list(_fields()), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise BidstError(f"unknown config key {key!r}{hint}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `key=value` and parse the value as YAML (so 0.9, true, null and [1, 2] work)."""
+    if "=" not in text:
+        raise BidstError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Apply dotted overrides (`method_args.drop_fraction=0.5`) to a nested dict, returning a copy."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key, value in overrides:
+        head, _, rest = key.partition(".")
+        if rest:
+            if head != "method_args":
+                raise BidstError(f"config key {key!r}: only method_args has sub-keys")
+            out.setdefault("method_args", {})
+            out["method_args"][rest] = value
+        else:
+            out[head] = value
+    return out
+
+
+def build_config(data: dict[str, Any]) -> TrainConfig:
+    """Validate a dict of recipe keys into a TrainConfig; a misspelled key or bad value is a BidstError."""
+    if not isinstance(data, dict):
+        raise BidstError("a recipe must be a YAML mapping of config keys")
+    values = {}
+    for key, value in data.items():
+        _check_key(str(key))
+        values[key] = _coerce(key, value)
+    for key, choices in CHOICES.items():
+        if key in values and values[key] not in choices:
+            raise BidstError(f"config key {key!r} must be one of {', '.join(choices)}, got {values[key]!r}")
+    for key in ("epochs", "batch_size"):
+        if key in values and values[key] <= 0:
+            raise BidstError(f"config key {key!r} must be positive, got {values[key]}")
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read recipe `path` (or the defaults when None) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise BidstError(f"recipe {path} does not exist") from None
+        except (OSError, yaml.YAMLError) as exc:
+            raise BidstError(f"cannot read recipe {path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise BidstError(f"recipe {path} must be a YAML mapping of config keys")
+    return build_config(apply_overrides(data, [parse_override(o) for o in overrides]))

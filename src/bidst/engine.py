@@ -1,0 +1,349 @@
+"""The Sparsifier: owns masks, budgets and the masking invariants; methods only choose positions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .density import check_sparsity, layer_budgets, layer_densities
+from .errors import BidstError
+from .methods.base import Method, create_method
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Sparsify the weights of every Conv and Linear layer."""
+    del name
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Target and actual density of one sparsified weight."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    target_density: float
+    active: int
+
+    @property
+    def density(self) -> float:
+        return self.active / self.numel
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP/DataParallel wrapper, so parameter names do not depend on the wrapper."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+class Sparsifier:
+    """Keeps a model sparse during training; call `step()` in place of `optimizer.step()`.
+
+    After every step the inactive weights are exactly zero, their optimizer state is zero, and
+    each layer holds exactly its budget of active weights; the method decides topology changes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: Method,
+        *,
+        sparsity: float,
+        total_steps: int,
+        distribution: str | None = None,
+        steps_per_epoch: int | None = None,
+        filter_fn: FilterFn | None = None,
+        dense_first: bool = False,
+        dense_last: bool = False,
+        seed: int = 0,
+        init_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.sparsity = check_sparsity(sparsity)
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise BidstError(f"total_steps must be a positive integer, got {total_steps!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.method = method
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.distribution = distribution or method.default_distribution
+        self.init_batch = init_batch
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.step_count = 0
+        self.topology_changes = 0
+        self.last_swaps = 0
+        self.rng = torch.Generator().manual_seed(seed)
+
+        self.params: dict[str, nn.Parameter] = {}
+        self.modules: dict[str, nn.Module] = {}
+        fn = filter_fn or default_filter
+        for mod_name, module in _unwrap(model).named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and fn(module, mod_name):
+                name = f"{mod_name}.weight" if mod_name else "weight"
+                self.params[name] = weight
+                self.modules[name] = module
+        if not self.params:
+            raise BidstError("no layer to sparsify: the filter selected no weight (Conv/Linear by default)")
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in self.params.items() if id(p) not in in_optimizer]
+        if missing:
+            raise BidstError(f"the optimizer does not hold the sparsified weights {missing[:3]}")
+
+        names = list(self.params)
+        self.dense_names: set[str] = set()
+        if dense_first:
+            self.dense_names.add(names[0])
+        if dense_last:
+            self.dense_names.add(names[-1])
+        self.numel = {n: p.numel() for n, p in self.params.items()}
+        self.target_densities = layer_densities(
+            {n: tuple(p.shape) for n, p in self.params.items()},
+            1.0 - self.sparsity,
+            self.distribution,
+            self.dense_names,
+        )
+        self.masks: dict[str, torch.Tensor] = {
+            n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
+        }
+        self.budgets: dict[str, int] = dict(self.numel)
+        method.setup(self)
+        self.apply_masks()
+        self.check_invariants()
+
+    # -- helpers for methods -------------------------------------------------------------
+    def sparse_names(self) -> list[str]:
+        """Layers the method may change (all but those kept dense)."""
+        return [n for n in self.params if n not in self.dense_names]
+
+    def target_budgets(self) -> dict[str, int]:
+        """Final active counts per layer at the target densities."""
+        return layer_budgets(self.numel, self.target_densities)
+
+    def steps(self, value: float, unit: str) -> int:
+        """An interval given in 'steps', 'epochs' or 'fraction' of training, in optimizer steps."""
+        if unit == "steps":
+            return int(value)
+        if unit == "fraction":
+            return int(round(value * self.total_steps))
+        if unit == "epochs":
+            if not self.steps_per_epoch:
+                raise BidstError("an interval in epochs needs steps_per_epoch (pass it to sparsify)")
+            return max(1, int(round(value * self.steps_per_epoch)))
+        raise BidstError(f"unknown interval unit {unit!r}; known: steps, epochs, fraction")
+
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Replace the masks wholesale (initialisation only) and set budgets from them."""
+        for name, mask in masks.items():
+            self.masks[name].copy_(mask.to(self.masks[name].device).view_as(self.masks[name]))
+            self.budgets[name] = int(self.masks[name].sum())
+
+    def random_masks(self, budgets: dict[str, int] | None = None) -> None:
+        """Uniformly random masks holding `budgets` (default: the target budgets) active weights."""
+        budgets = budgets or self.target_budgets()
+        masks = {}
+        for name in self.params:
+            flat = torch.zeros(self.numel[name], dtype=torch.bool)
+            flat[torch.randperm(self.numel[name], generator=self.rng)[: budgets[name]]] = True
+            masks[name] = flat
+        self.set_masks(masks)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average `tensor` over DDP ranks in place (a no-op in a single process), so decisions agree."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(tensor)
+            tensor.div_(dist.get_world_size())
+        return tensor
+
+    @torch.no_grad()
+    def change(
+        self,
+        name: str,
+        drop: torch.Tensor,
+        grow: torch.Tensor,
+        grow_values: torch.Tensor | None = None,
+    ) -> None:
+        """Deactivate flat positions `drop`, activate `grow`; clear their weights and optimizer state.
+
+        Dropping an inactive position or growing an active one is a bug in the method and raises.
+        New weights start at zero unless `grow_values` is given.
+        """
+        mask = self.masks[name].view(-1)
+        drop = drop.to(mask.device, torch.long)
+        grow = grow.to(mask.device, torch.long)
+        if drop.numel() and not bool(mask[drop].all()):
+            raise RuntimeError(f"{name}: drop picked an inactive position")
+        if grow.numel() and bool(mask[grow].any()):
+            raise RuntimeError(f"{name}: growth picked an active position")
+        if torch.unique(torch.cat([drop, grow])).numel() != drop.numel() + grow.numel():
+            raise RuntimeError(f"{name}: repeated positions in a topology change")
+        mask[drop] = False
+        mask[grow] = True
+        weight = self.params[name].data.view(-1)
+        weight[drop] = 0.0
+        weight[grow] = 0.0 if grow_values is None else grow_values.to(weight)
+        changed = torch.cat([drop, grow])
+        for value in self.optimizer.state.get(self.params[name], {}).values():
+            if torch.is_tensor(value) and value.shape == self.params[name].shape:
+                value.view(-1)[changed] = 0
+        self.budgets[name] += grow.numel() - drop.numel()
+        self.last_swaps += grow.numel()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every inactive weight and its optimizer state."""
+        for name, param in self.params.items():
+            mask = self.masks[name]
+            param.data.mul_(mask)
+            for value in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.mul_(mask)
+
+    def check_invariants(self) -> None:
+        """Raise if a layer's active count differs from its budget (a bug, never user error)."""
+        for name, mask in self.masks.items():
+            active = int(mask.sum())
+            if active != self.budgets[name]:
+                raise RuntimeError(f"{name}: {active} active weights, budget {self.budgets[name]}")
+
+    # -- the training-loop API -----------------------------------------------------------
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> bool:
+        """Optimizer step plus the method's work; returns True if the topology changed.
+
+        Gradients of inactive weights are zeroed before the optimizer sees them, so momentum and
+        Adam moments never accumulate there; weights are re-masked afterwards so no optimizer
+        feature (weight decay, AdamW's decoupled decay) can revive an inactive weight.
+        """
+        step = self.step_count + 1
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        dense_grads: dict[str, torch.Tensor] | None = None
+        finite = True
+        if self.method.wants_dense_grad(step, self):
+            dense_grads = {}
+            for name, param in self.params.items():
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                dense_grads[name] = grad.detach().clone()
+                finite = finite and bool(torch.isfinite(dense_grads[name]).all())
+        with torch.no_grad():
+            for name, param in self.params.items():
+                if param.grad is not None:
+                    param.grad.mul_(self.masks[name])
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.apply_masks()
+        self.step_count = step
+        self.last_swaps = 0
+        changed = False
+        if finite:
+            changed = bool(self.method.update(self, step, dense_grads))
+        if changed:
+            self.topology_changes += 1
+            self.check_invariants()
+        return changed
+
+    # -- inspection ---------------------------------------------------------------------
+    def report(self) -> list[LayerReport]:
+        """Per-layer target density and actual active count."""
+        return [
+            LayerReport(n, tuple(p.shape), self.numel[n], self.target_densities[n], int(self.masks[n].sum()))
+            for n, p in self.params.items()
+        ]
+
+    def measured_sparsity(self) -> float:
+        """Fraction of zero entries over all sparsified weights, read off the weights' masks."""
+        total = sum(self.numel.values())
+        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, budgets, step, counters, the mask RNG and the method state (tensors and numbers only)."""
+        return {
+            "method": self.method.name,
+            "step": self.step_count,
+            "topology_changes": self.topology_changes,
+            "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
+            "budgets": dict(self.budgets),
+            "rng": self.rng.get_state(),
+            "method_state": self.method.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; a state from another method or model is refused with a clear error."""
+        if state.get("method") != self.method.name:
+            raise BidstError(f"checkpoint is for method {state.get('method')!r}, not {self.method.name!r}")
+        masks = state["masks"]
+        if set(masks) != set(self.masks):
+            extra, missing = sorted(set(masks) - set(self.masks)), sorted(set(self.masks) - set(masks))
+            raise BidstError(f"checkpoint masks do not match this model (unexpected {extra[:3]}, missing {missing[:3]})")
+        for name, mask in masks.items():
+            if tuple(mask.shape) != tuple(self.masks[name].shape):
+                raise BidstError(
+                    f"checkpoint mask {name} has shape {tuple(mask.shape)}, the model's weight {tuple(self.masks[name].shape)}"
+                )
+        for name, mask in masks.items():
+            self.masks[name].copy_(mask)
+        self.budgets = {n: int(v) for n, v in state["budgets"].items()}
+        self.step_count = int(state["step"])
+        self.topology_changes = int(state["topology_changes"])
+        self.rng.set_state(state["rng"])
+        self.method.load_state_dict(state["method_state"])
+        self.apply_masks()
+        self.check_invariants()
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: str = "rigl",
+    sparsity: float = 0.9,
+    *,
+    total_steps: int,
+    distribution: str | None = None,
+    steps_per_epoch: int | None = None,
+    filter_fn: FilterFn | None = None,
+    dense_first: bool = False,
+    dense_last: bool = False,
+    seed: int = 0,
+    init_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    **method_options: Any,
+) -> Sparsifier:
+    """Make `model` sparse with DST `method`; call the returned object's `step()` instead of `optimizer.step()`.
+
+    `method_options` are the method's own options (see `bidst.method_options(name)`).
+    """
+    if method == "dense":
+        sparsity = 0.0
+    return Sparsifier(
+        model,
+        optimizer,
+        create_method(method, **method_options),
+        sparsity=sparsity,
+        total_steps=total_steps,
+        distribution=distribution,
+        steps_per_epoch=steps_per_epoch,
+        filter_fn=filter_fn,
+        dense_first=dense_first,
+        dense_last=dense_last,
+        seed=seed,
+        init_batch=init_batch,
+        loss_fn=loss_fn,
+    )
+

@@ -1,0 +1,102 @@
+"""The protocol every DST method implements, its registry, and the option handling they share."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import BidstError
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..engine import Sparsifier
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A DST method: it creates the initial masks and decides every topology change.
+
+    The engine owns masks, weights and optimizer state; a method only chooses positions and
+    calls `Sparsifier.change`, so the masking invariants hold for every method by construction.
+    """
+
+    name: ClassVar[str]
+    default_distribution: ClassVar[str]
+
+    def setup(self, sp: Sparsifier) -> None:
+        """Create the initial masks and budgets (called once, before training)."""
+
+    def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
+        """Whether optimizer step `step` (1-based) needs the dense gradient of inactive weights."""
+
+    def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
+        """Run the method's work after optimizer step `step`; return True if the topology changed."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and numbers the method needs to resume exactly."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def list_methods() -> list[str]:
+    """Names of every registered DST method."""
+    return METHODS.names()
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The options of method `name` with their defaults."""
+    cls = METHODS.get(name)
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+
+
+def create_method(name: str, **options: Any) -> Method:
+    """Build method `name` with `options`; unknown options raise BidstError listing the valid ones."""
+    cls = METHODS.get(name)
+    valid = method_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise BidstError(
+            f"unknown option(s) {', '.join(unknown)} for method {name!r}; "
+            f"options: {', '.join(sorted(valid)) or '(none)'}"
+        )
+    for key, value in options.items():
+        default = valid[key]
+        if isinstance(default, bool) != isinstance(value, bool) or (
+            isinstance(default, (int, float)) and not isinstance(value, (int, float))
+        ) or (isinstance(default, str) and not isinstance(value, str)):
+            raise BidstError(
+                f"option {key!r} of method {name!r} must be like {default!r}, got {value!r}"
+            )
+    method = cls(**options)
+    check = getattr(method, "validate", None)
+    if check is not None:
+        check()
+    return method
+
+
+class Stateless:
+    """Mixin for methods whose only state is their (config) fields and the engine's."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def require_choice(method: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise BidstError unless option `key` of `method` is one of `choices`."""
+    if value not in choices:
+        raise BidstError(f"option {key!r} of method {method!r} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def require_range(method: str, key: str, value: float, lo: float, hi: float) -> None:
+    """Raise BidstError unless lo <= value <= hi."""
+    if not lo <= value <= hi:
+        raise BidstError(f"option {key!r} of method {method!r} must be in [{lo}, {hi}], got {value}")

@@ -1,0 +1,83 @@
+"""MEST (Yuan et al. 2021): drop by |w| + lambda |g| on active weights, regrow at random, every few epochs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..scores import drop_lowest
+from .base import METHODS, Stateless, require_choice, require_range
+from .common import random_grow, scheduled_budgets
+from .schedule import UpdateSchedule
+
+if TYPE_CHECKING:
+    from ..engine import Sparsifier
+
+
+@METHODS.register("mest")
+@dataclass
+class MEST(Stateless, UpdateSchedule):
+    """Memory-economic sparse training with elastic mutation (EM) and the soft memory bound (EM&S).
+
+    The drop score uses only the gradients of active weights (no dense gradient). Under `ems`
+    the run starts `ems_gap` below the target sparsity and mutation grows fewer weights than
+    it drops until the target is reached at `ems_end_fraction` of training.
+    """
+
+    name: ClassVar[str] = "mest"
+    default_distribution: ClassVar[str] = "erk"
+    drop_fraction: float = 0.1  # mutation ratio, decayed linearly
+    interval: float = 5  # every 5 epochs
+    interval_unit: str = "epochs"
+    decay: str = "linear"
+    grad_weight: float = 1.0  # lambda in |w| + lambda |g|
+    variant: str = "em"  # "em" (elastic mutation) or "ems" (EM with the soft memory bound)
+    ems_gap: float = 0.1  # EM&S starts at target sparsity minus this gap
+    ems_end_fraction: float = 0.5  # EM&S reaches the target sparsity here
+
+    def validate(self) -> None:
+        super().validate()
+        require_choice(self.name, "variant", self.variant, ("em", "ems"))
+        require_range(self.name, "ems_gap", self.ems_gap, 0.0, 1.0)
+        require_range(self.name, "ems_end_fraction", self.ems_end_fraction, 0.0, 1.0)
+
+    def _start_density(self, sp: Sparsifier) -> float:
+        return min(1.0, 1.0 - sp.sparsity + self.ems_gap) if self.variant == "ems" else 1.0 - sp.sparsity
+
+    def setup(self, sp: Sparsifier) -> None:
+        if self.variant == "ems":
+            sp.random_masks(scheduled_budgets(sp, self._start_density(sp), 0, 0, 1))
+        else:
+            sp.random_masks()
+
+    def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
+        return False
+
+    def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
+        if not self.is_update(step, sp):
+            return False
+        if self.variant == "ems":
+            end = int(self.ems_end_fraction * sp.total_steps)
+            budgets = scheduled_budgets(sp, self._start_density(sp), step, 0, end)
+        else:
+            budgets = dict(sp.budgets)
+        fraction = self.fraction(step, sp)
+        changed = False
+        for n in sp.sparse_names():
+            grad = sp.params[n].grad
+            score = sp.params[n].detach().abs()
+            if grad is not None:
+                score = score + self.grad_weight * grad.detach().abs()
+            shrink = max(0, sp.budgets[n] - budgets[n])
+            k = min(int(round(fraction * budgets[n])), sp.numel[n] - sp.budgets[n])
+            k = max(0, min(k, sp.budgets[n] - shrink - 1))
+            if k + shrink == 0:
+                continue
+            eligible = ~sp.masks[n]
+            drop = drop_lowest(score, sp.masks[n], k + shrink)
+            grow = random_grow(sp)(n, eligible, k)
+            sp.change(n, drop, grow)
+            changed = True
+        return changed

@@ -1,0 +1,51 @@
+"""Drop and grow selection shared by the DST methods: pure functions over flat tensors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _top(scores: torch.Tensor, eligible: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Flat indices of the k eligible entries with the largest (or smallest) score; ties by index."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    n_eligible = int(eligible.sum())
+    if k > n_eligible:
+        raise ValueError(f"asked for {k} positions but only {n_eligible} are eligible")
+    fill = float("-inf") if largest else float("inf")
+    s = torch.where(eligible.flatten(), scores.flatten().float(), torch.full_like(scores.flatten().float(), fill))
+    order = torch.sort(s, descending=largest, stable=True).indices
+    return order[:k]
+
+
+def drop_lowest(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The k active positions (mask True) with the lowest score, as flat indices."""
+    return _top(scores, mask, k, largest=False)
+
+
+def grow_highest(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """The k eligible positions with the highest score, as flat indices."""
+    return _top(scores, eligible, k, largest=True)
+
+
+def random_scores(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Uniform random scores drawn on the CPU from `generator` (same on every device and rank)."""
+    return torch.rand(shape, generator=generator).to(device)
+
+
+def magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """|w|: the drop score of SET, RigL and most DST methods."""
+    return weight.detach().abs()
+
+
+def set_drop(weight: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """SET's drop: the smallest positive and the largest negative weights, in proportion to their counts."""
+    w = weight.detach().flatten()
+    m = mask.flatten()
+    pos, neg = m & (w > 0), m & (w <= 0)
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    k_pos = min(n_pos, round(k * n_pos / max(1, n_pos + n_neg)))
+    k_neg = k - k_pos
+    if k_neg > n_neg:
+        k_pos, k_neg = k - n_neg, n_neg
+    return torch.cat([_top(w, pos, k_pos, largest=False), _top(w, neg, k_neg, largest=True)])
