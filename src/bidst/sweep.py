@@ -9,8 +9,9 @@ A sweep file is YAML::
     method_overrides: {bidst: {epochs: 158}}   # optional, per method
 
 Each run gets its own folder, ``method=rigl/sparsity=0.9/seed=0`` (method, sparsity, the other
-grid keys sorted, seed). Finished runs (``summary.json``) are skipped, unfinished ones with a
-checkpoint are resumed, so rerunning an interrupted sweep only does the missing work. Overrides
+grid keys sorted, seed) and its output in ``seed=0.log`` beside it. Finished runs
+(``summary.json``) are skipped and started ones (``config.yaml`` or a checkpoint) are resumed
+with ``--resume``, so rerunning an interrupted sweep only does the missing work. Overrides
 apply in the order ``overrides`` < ``method_overrides`` < ``grid``; each key is passed once.
 """
 
@@ -22,14 +23,16 @@ import json
 import math
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 import yaml
 from tqdm import tqdm
@@ -52,12 +55,18 @@ class SweepRun:
     run_dir: Path
     overrides: tuple[str, ...]
 
+    @property
+    def log_path(self) -> Path:
+        """The run's stdout/stderr, beside its folder (`bidst train` wants a new run's folder empty)."""
+        return self.run_dir.with_name(self.run_dir.name + ".log")
+
     def status(self) -> str:
-        """"done" (summary.json), "resume" (a checkpoint exists) or "new"."""
+        """"done" (summary.json), "resume" (the run was started: config or checkpoints) or "new"."""
         if (self.run_dir / "summary.json").exists():
             return "done"
         checkpoints = self.run_dir / "checkpoints"
-        return "resume" if checkpoints.is_dir() and any(checkpoints.iterdir()) else "new"
+        started = (self.run_dir / "config.yaml").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        return "resume" if started else "new"
 
 
 @dataclass(frozen=True)
@@ -158,9 +167,11 @@ def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list
 
 
 def _start(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> tuple[subprocess.Popen, IO[bytes]]:
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.status() == "new" and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)  # killed before it saved a config: nothing to resume, and `train` wants it empty
+    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = train_command(sweep, run, train_cmd)
-    log = open(run.run_dir / "train.log", "ab")
+    log = open(run.log_path, "ab")
     log.write(f"$ {shlex.join(cmd)}\n".encode())
     log.flush()
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log
@@ -178,12 +189,36 @@ def _stop(children: Sequence[subprocess.Popen]) -> None:
             child.wait()
 
 
+class _Interrupts:
+    """SIGINT/SIGTERM as KeyboardInterrupt, held back while a child starts so none is orphaned."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.holding:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
 def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = None) -> int:
     """Train every unfinished run, `jobs` at a time; 0 when all finished, 1 when some failed.
 
-    Each run's output goes to ``train.log`` in its folder. A KeyboardInterrupt terminates the
-    running children and raises a one-line BidstError; finished runs are kept, so rerunning the
-    sweep continues where it stopped.
+    Each run's output is appended to ``<run folder>.log`` beside its folder. Ctrl-C or SIGTERM
+    (handled when called from the main thread) terminates the running children and raises a
+    one-line BidstError; finished runs are kept, so rerunning the sweep continues where it stopped.
     """
     if jobs < 1:
         raise BidstError(f"--jobs must be at least 1, got {jobs}")
@@ -191,13 +226,17 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
     pending = [r for r in sweep.runs if r.status() != "done"]
     total, failed = len(sweep.runs), []
     active: dict[subprocess.Popen, tuple[SweepRun, IO[bytes]]] = {}
+    interrupts = _Interrupts()
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, interrupts) for sig in handled}
     bar = tqdm(total=total, initial=total - len(pending), desc="sweep", unit="run", file=sys.stderr)
     try:
         while pending or active:
             while pending and len(active) < jobs:
                 run = pending.pop(0)
-                child, log = _start(sweep, run, cmd)
-                active[child] = (run, log)
+                with interrupts.hold():
+                    child, log = _start(sweep, run, cmd)
+                    active[child] = (run, log)
             time.sleep(_POLL_S)
             for child in [c for c in active if c.poll() is not None]:
                 run, log = active.pop(child)
@@ -206,8 +245,9 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
                     bar.update(1)
                 else:
                     failed.append(run)
-                    bar.write(f"sweep: {run.name} failed (exit {child.returncode}), see {run.run_dir / 'train.log'}")
+                    bar.write(f"sweep: {run.name} failed (exit {child.returncode}), see {run.log_path}")
     except KeyboardInterrupt:
+        interrupts.holding = True  # a second Ctrl-C must not cut the clean-up short
         _stop(list(active))
         done = sum(r.status() == "done" for r in sweep.runs)
         raise BidstError(
@@ -217,15 +257,13 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
         for _, log in active.values():
             log.close()
         bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if failed:
         print(f"sweep: {len(failed)} of {total} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
         return 1
     print(f"sweep: all {total} runs finished in {sweep.out}", file=sys.stderr)
     return 0
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None, train_cmd: Sequence[str] | None = None) -> int:
@@ -236,8 +274,6 @@ def main(argv: Sequence[str] | None = None, train_cmd: Sequence[str] | None = No
     parser.add_argument("--dry-run", action="store_true", help="print each run's status and command only")
     args = parser.parse_args(argv)
     cmd = list(train_cmd or TRAIN_CMD)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         sweep = load_sweep(args.sweep_file)
         if args.dry_run:
@@ -248,9 +284,6 @@ def main(argv: Sequence[str] | None = None, train_cmd: Sequence[str] | None = No
     except BidstError as e:
         print(f"bidst sweep: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
