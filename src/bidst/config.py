@@ -23,6 +23,7 @@ class TrainConfig:
     data_root: str | None = None  # None: the dataset's default places (BIDST_DATA, system, cache)
     val_size: int = 5000  # validation images carved out of the training set (for choosing defaults)
     augment: bool = False  # the dataset's standard augmentation
+    train_subset: int = 0  # train on the first N training items only (quick runs); 0: all
     # how to sparsify it
     method: str = "rigl"  # see `bidst methods`
     sparsity: float = 0.9  # fraction of zero weights over the sparsified layers
@@ -136,6 +137,8 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
     for key, choices in CHOICES.items():
         if key in values and values[key] not in choices:
             raise BidstError(f"config key {key!r} must be one of {', '.join(choices)}, got {values[key]!r}")
+    if values.get("train_subset", 0) < 0:
+        raise BidstError(f"config key 'train_subset' must be >= 0, got {values['train_subset']}")
     for key in ("epochs", "batch_size"):
         if key in values and values[key] <= 0:
             raise BidstError(f"config key {key!r} must be positive, got {values[key]}")

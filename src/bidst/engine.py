@@ -86,6 +86,7 @@ class Sparsifier:
         self.topology_changes = 0
         self.last_swaps = 0
         self.rng = torch.Generator().manual_seed(seed)
+        self.costs: dict[str, float] = {}  # FLOPs of the methods' own work, by phase (2 per multiply-add)
 
         self.params: dict[str, nn.Parameter] = {}
         self.modules: dict[str, nn.Module] = {}
@@ -160,6 +161,10 @@ class Sparsifier:
             flat[torch.randperm(self.numel[name], generator=self.rng)[: budgets[name]]] = True
             masks[name] = flat
         self.set_masks(masks)
+
+    def add_cost(self, phase: str, flops: float) -> None:
+        """Record `flops` of a method's own work (e.g. 'mask_learning', 'dense_grad') under `phase`."""
+        self.costs[phase] = self.costs.get(phase, 0.0) + float(flops)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average `tensor` over DDP ranks in place (a no-op in a single process), so decisions agree."""
@@ -281,6 +286,7 @@ class Sparsifier:
             "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
             "budgets": dict(self.budgets),
             "rng": self.rng.get_state(),
+            "costs": dict(self.costs),
             "method_state": self.method.state_dict(),
         }
 
@@ -303,6 +309,7 @@ class Sparsifier:
         self.step_count = int(state["step"])
         self.topology_changes = int(state["topology_changes"])
         self.rng.set_state(state["rng"])
+        self.costs = {k: float(v) for k, v in state.get("costs", {}).items()}
         self.method.load_state_dict(state["method_state"])
         self.apply_masks()
         self.check_invariants()

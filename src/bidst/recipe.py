@@ -147,6 +147,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     # data
     info = dataset_info(cfg.dataset)
     train_set = create_dataset(cfg.dataset, "train", root=cfg.data_root, val_size=cfg.val_size, augment=cfg.augment)
+    if cfg.train_subset:
+        train_set = train_set.subset(torch.arange(min(cfg.train_subset, len(train_set))))
     val_set = create_dataset(cfg.dataset, "val", root=cfg.data_root, val_size=cfg.val_size) if cfg.val_size else None
     test_set = create_dataset(cfg.dataset, "test", root=cfg.data_root, val_size=cfg.val_size)
 
@@ -214,7 +216,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     while epoch < cfg.epochs:
         loader = train_loader(epoch, start_batch)
         bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, file=sys.stderr, leave=False, dynamic_ncols=True)
+                   disable=not cfg.progress, file=sys.stderr, leave=False, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for batch_index, (x, y) in enumerate(bar, start=start_batch):
             step = sparsifier.step_count
             lr = lr_at(cfg, step, steps_per_epoch)
@@ -224,18 +227,19 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             with autocast(cfg, device):
                 logits = model(x)
                 loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss.detach()):
                 raise BidstError(f"non-finite loss {loss.item()} at step {step + 1}; the last checkpoint is intact")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             sparsifier.step(scaler if scaler.is_enabled() else None)
-            running["loss"] += float(loss) * y.numel()
+            loss_value = float(loss.detach())
+            running["loss"] += loss_value * y.numel()
             running["correct"] += int((logits.argmax(1) == y).sum())
             running["seen"] += y.numel()
             if (step + 1) % cfg.log_every == 0:
-                metrics.write({"kind": "step", "step": step + 1, "epoch": epoch, "loss": float(loss), "lr": lr,
+                metrics.write({"kind": "step", "step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
                                "topology_changes": sparsifier.topology_changes})
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and batch_index + 1 < steps_per_epoch:
                 checkpoint(batch_index + 1)
         bar.close()

@@ -55,6 +55,12 @@ def _keep_top(sp: Sparsifier, scores: dict[str, torch.Tensor], scope: str, densi
     return masks
 
 
+def _commit(sp: Sparsifier, masks: dict[str, torch.Tensor]) -> None:
+    """Install the chosen masks; their per-layer densities become the layers' targets."""
+    sp.set_masks(masks)
+    sp.target_densities = {n: sp.budgets[n] / sp.numel[n] for n in sp.params}
+
+
 @dataclass
 class PruneAtInit(Dense):
     """Shared options: masks chosen once at initialisation and never changed."""
@@ -70,7 +76,7 @@ class PruneAtInit(Dense):
 
     def setup(self, sp: Sparsifier) -> None:
         scores = {n: sp.all_reduce_mean(s.detach().clone()) for n, s in self.scores(sp).items()}
-        sp.set_masks(_keep_top(sp, scores, self.scope, 1.0 - sp.sparsity))
+        _commit(sp, _keep_top(sp, scores, self.scope, 1.0 - sp.sparsity))
 
 
 @METHODS.register("snip")
@@ -139,4 +145,4 @@ class SynFlow(PruneAtInit):
             model(ones).sum().backward()
             scores = {n: sp.all_reduce_mean((p.grad * p).abs().detach().clone()) for n, p in params.items()}
             masks = _keep_top(sp, scores, self.scope, final ** (i / self.iterations))
-        sp.set_masks(masks)
+        _commit(sp, masks)

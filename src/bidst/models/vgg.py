@@ -1,0 +1,34 @@
+"""CIFAR VGG-19 with batch norm (as in the DST papers): conv stack, global pooling, one linear classifier."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from .common import MODELS, conv_bn, kaiming_init
+
+# channels per 3x3 conv, "M" = 2x2 max-pool (ceil mode, so 28x28 inputs survive all five pools)
+VGG19: list[int | str] = [
+    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
+]  # fmt: skip
+
+
+@MODELS.register("vgg19")
+def vgg19(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """CIFAR VGG-19-BN (20.0M parameters at 10 classes)."""
+    layers: list[nn.Module] = []
+    in_ch = in_channels
+    for item in VGG19:
+        if isinstance(item, str):
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        else:
+            layers += [*conv_bn(in_ch, item, 3), nn.ReLU(inplace=True)]
+            in_ch = item
+    parts = OrderedDict(
+        features=nn.Sequential(*layers),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+        fc=nn.Linear(in_ch, num_classes),
+    )
+    return kaiming_init(nn.Sequential(parts))

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny Conv + Linear network and learnable random data, fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bidst
+
+
+class TinyNet(nn.Module):
+    """Two convolutions and two linear layers on 1x8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def make_data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random 1x8x8 images whose label is the quadrant with the largest mean."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    quads = torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 0, :4, 4:].mean((1, 2)),
+                         x[:, 0, 4:, :4].mean((1, 2)), x[:, 0, 4:, 4:].mean((1, 2))], 1)
+    return x, quads.argmax(1)
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-4),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+def fast_options(method: str) -> dict:
+    """Method options that make topology changes happen within a few dozen steps."""
+    opts = bidst.method_options(method)
+    out = {}
+    if "interval" in opts:
+        out["interval"] = 5
+    if "interval_unit" in opts:
+        out["interval_unit"] = "steps"
+    if "iterations" in opts:
+        out["iterations"] = 5
+    return out
+
+
+@pytest.fixture
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    return make_data()

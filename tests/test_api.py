@@ -1,0 +1,68 @@
+"""The three-line API in a training loop and on a model that bidst has never seen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import bidst
+
+
+class NeverSeen(nn.Module):
+    """A net of Conv1d, Conv2d and Linear layers with a skip connection, unknown to bidst."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.mix = nn.Conv1d(12, 12, 1)
+        self.head = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x)).flatten(2)  # (B, 12, H*W)
+        h = h + self.mix(h)
+        return self.head(h.mean(2))
+
+
+def test_user_loop_three_lines():
+    torch.manual_seed(0)
+    x = torch.randn(192, 3, 6, 6)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+    model = NeverSeen()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sparsifier = bidst.sparsify(model, optimizer, method="rigl", sparsity=0.7, total_steps=150,
+                                distribution="erk", interval=10)
+    first = None
+    for step in range(150):
+        idx = torch.randint(0, 192, (32,))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        first = first if first is not None else float(loss.detach())
+        optimizer.zero_grad()
+        loss.backward()
+        sparsifier.step()
+    assert set(sparsifier.masks) == {"stem.weight", "mix.weight", "head.0.weight", "head.2.weight"}
+    assert sparsifier.topology_changes > 0
+    assert abs(sparsifier.measured_sparsity() - 0.7) < 0.01
+    with torch.no_grad():
+        final = nn.functional.cross_entropy(model(x), y)
+    assert float(final) < first * 0.7
+    for r in sparsifier.report():
+        assert int(torch.count_nonzero(dict(model.named_parameters())[r.name])) <= r.active
+
+
+def test_filter_fn_chooses_layers():
+    model = NeverSeen()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "static", 0.5, total_steps=10,
+                        filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    assert set(sp.masks) == {"head.0.weight", "head.2.weight"}
+
+
+def test_filter_selecting_nothing_is_an_error():
+    model = NeverSeen()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        bidst.sparsify(model, opt, "static", 0.5, total_steps=10, filter_fn=lambda m, n: False)
+    except bidst.BidstError as exc:
+        assert "no layer to sparsify" in str(exc)
+    else:
+        raise AssertionError("expected a BidstError")

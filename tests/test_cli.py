@@ -1,0 +1,131 @@
+"""The command line: listings, a tiny training run, resume, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bidst.cli import main
+
+TINY = ["model=mlp", "dataset=synthetic", "epochs=2", "batch_size=256", "val_size=200", "progress=false",
+        "train_subset=3000", "log_every=5",
+        "lr=0.05", "method_args.interval=5"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bidst", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kind,expected", [("methods", "rigl"), ("models", "resnet32"), ("datasets", "fashion-mnist")])
+def test_listings(kind, expected, capsys):
+    assert main([kind]) == 0
+    assert expected in capsys.readouterr().out.split()
+
+
+def test_train_writes_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
+    assert summary["topology_changes"] > 0
+    assert summary["final_test_acc"] > 50  # 10 learnable classes; chance is 10%
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert {"train_acc", "test_acc", "val_acc", "sparsity", "topology_changes"} <= set(epochs[0])
+    assert any(r["kind"] == "step" and "lr" in r and "loss" in r for r in lines)
+    assert (run / "config.yaml").exists() and list((run / "checkpoints").glob("step-*.pt"))
+    # an existing run folder is never overwritten
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def _final_state(run: Path) -> dict:
+    last = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(last, weights_only=True)
+
+
+@pytest.mark.parametrize("stop_step", [9, 10, 15])  # just before and after topology changes at 10 and 15
+def test_resume_reproduces_uninterrupted_run(tmp_path, stop_step):
+    args = [*TINY, "checkpoint_every=1", "keep_checkpoints=100"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", *args, "--run-dir", str(full)]) == 0
+    assert main(["train", *args, "--run-dir", str(part)]) == 0
+    # simulate a stop right after `stop_step`: later checkpoints and the summary never happened
+    (part / "summary.json").unlink()
+    for ckpt in (part / "checkpoints").glob("step-*.pt"):
+        if int(ckpt.stem.split("-")[1]) > stop_step:
+            ckpt.unlink()
+    assert main(["train", "--run-dir", str(part), "--resume"]) == 0
+    a, b = _final_state(full), _final_state(part)
+    assert a["sparsifier"]["step"] == b["sparsifier"]["step"] > stop_step
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["sparsifier"]["masks"]:
+        assert torch.equal(a["sparsifier"]["masks"][key], b["sparsifier"]["masks"][key])
+    assert (full / "metrics.jsonl").read_text() == (part / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sparsity=1.5"], "sparsity must be in [0, 1)"),
+        (["method=rigel"], "unknown method 'rigel'; known:"),
+        (["model=resnet33"], "unknown model 'resnet33'"),
+        (["dataset=cifar11"], "unknown dataset 'cifar11'"),
+        (["epohcs=3"], "unknown config key 'epohcs'; did you mean 'epochs'?"),
+        (["lr=fast"], "config key 'lr' must be a float"),
+        (["method_args.drop_frac=0.1"], "unknown option(s) drop_frac for method 'rigl'"),
+        (["dataset=fashion-mnist", "data_root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
+    code = main(["train", *TINY, *args, "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_input_from_a_real_process(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sparsity: [oops\n")
+    proc = run_cli("train", "--config", str(bad))
+    assert proc.returncode == 2 and "cannot read recipe" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("train", "--config", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_corrupt_data_file_is_a_clear_error(tmp_path, capsys):
+    root = tmp_path / "fm"
+    root.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (root / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    code = main(["train", *TINY, "dataset=fashion-mnist", f"data_root={root}", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "idx" in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "epochs=1", "--run-dir", str(run)]) == 0
+    other = tmp_path / "other"
+    assert main(["train", *TINY, "epochs=1", "model=cnn", "--run-dir", str(other)]) == 0
+    # put the CNN's checkpoint into the MLP run and resume: refused, the user's files untouched
+    (run / "summary.json").unlink()
+    ckpt = sorted((other / "checkpoints").glob("*.pt"))[-1]
+    target = run / "checkpoints" / "step-99999999.pt"
+    target.write_bytes(ckpt.read_bytes())
+    before = target.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert target.read_bytes() == before
+    # a config that differs from the saved run is refused too
+    assert main(["train", *TINY, "epochs=1", "sparsity=0.5", "--run-dir", str(run), "--resume"]) == 2
+    assert "config differs" in capsys.readouterr().err

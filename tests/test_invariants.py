@@ -1,0 +1,145 @@
+"""The masking invariants of design.md, for every registered method and several optimizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bidst
+from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
+
+METHODS = bidst.list_methods()
+DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}
+CONSTANT_BUDGET = {"static", "set", "rigl", "mest", "snip", "grasp", "synflow"}
+STEPS = 40
+
+
+def run(method: str, opt_name: str, seed: int = 0, steps: int = STEPS, check=None):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    x, y = make_data()
+    sp = bidst.sparsify(model, opt, method, 0.8, total_steps=steps, seed=seed, init_batch=(x[:32], y[:32]),
+                        **fast_options(method))
+    sp.initial_budgets = dict(sp.budgets)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        before = {n: m.clone() for n, m in sp.masks.items()}
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        sp.step()
+        if check:
+            check(sp, opt, before)
+    return sp, model
+
+
+def _state_tensors(opt, param):
+    return [v for v in opt.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("method", METHODS)
+def test_invariants_after_every_step(method, opt_name):
+    def check(sp, opt, before):
+        for name, param in sp.params.items():
+            mask = sp.masks[name]
+            assert mask.dtype == torch.bool and mask.device == param.device
+            # inactive weights are exactly zero (weight decay, AdamW decay and momentum revive nothing)
+            assert torch.count_nonzero(param.detach()[~mask]) == 0, name
+            # every layer holds exactly its budget
+            assert int(mask.sum()) == sp.budgets[name], name
+            grown = mask & ~before[name]
+            for state in _state_tensors(opt, param):
+                # optimizer state is zero at inactive positions and starts at zero for regrown ones
+                assert torch.count_nonzero(state[~mask]) == 0, name
+                assert torch.count_nonzero(state[grown]) == 0, name
+            # regrown weights start at zero
+            assert torch.count_nonzero(param.detach()[grown]) == 0, name
+
+    sp, _ = run(method, opt_name, check=check)
+    if method in CONSTANT_BUDGET:
+        assert sp.budgets == sp.initial_budgets == sp.target_budgets()
+    if method == "snfs":
+        assert sum(sp.budgets.values()) == sum(sp.target_budgets().values())
+    if method in ("gmp", "granet"):
+        assert sp.budgets == sp.target_budgets()  # the schedule has reached its target
+    assert sp.measured_sparsity() == pytest.approx(0.0 if method == "dense" else 0.8, abs=0.01)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dst_methods_change_masks_static_ones_do_not(method):
+    changes = []
+
+    def check(sp, opt, before):
+        changes.append(any(bool((sp.masks[n] != before[n]).any()) for n in sp.masks))
+
+    sp, _ = run(method, "sgd", check=check)
+    if method in DYNAMIC:
+        assert any(changes) and sp.topology_changes == sum(changes)
+    else:
+        assert not any(changes) and sp.topology_changes == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_masks_other_seed_other_masks(method):
+    a, _ = run(method, "sgd", seed=1, steps=20)
+    b, _ = run(method, "sgd", seed=1, steps=20)
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    if method != "dense":
+        c, _ = run(method, "sgd", seed=2, steps=20)
+        assert any(not torch.equal(a.masks[n], c.masks[n]) for n in a.masks)
+
+
+def test_nesterov_and_dense_first_last():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = OPTIMIZERS["sgd_nesterov"](model.parameters())
+    sp = bidst.sparsify(model, opt, "rigl", 0.5, total_steps=10, dense_first=True, dense_last=True, interval=2)
+    assert bool(sp.masks["conv1.weight"].all()) and bool(sp.masks["fc2.weight"].all())
+    x, y = make_data(64)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    assert bool(sp.masks["conv1.weight"].all()) and bool(sp.masks["fc2.weight"].all())
+    assert sp.topology_changes > 0
+
+
+def test_unknown_method_and_option_errors():
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(bidst.BidstError, match="unknown method 'rigel'; known: .*rigl"):
+        bidst.sparsify(model, opt, "rigel", 0.9, total_steps=10)
+    with pytest.raises(bidst.BidstError, match="unknown option.*drop_frac.*drop_fraction"):
+        bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, drop_frac=0.3)
+    with pytest.raises(bidst.BidstError, match="sparsity must be in"):
+        bidst.sparsify(model, opt, "rigl", 1.0, total_steps=10)
+    with pytest.raises(bidst.BidstError, match="init_batch"):
+        bidst.sparsify(model, opt, "snip", 0.9, total_steps=10)
+
+
+def test_state_dict_roundtrip_and_mismatch():
+    sp, model = run("snfs", "sgd", steps=12)
+    state = sp.state_dict()
+    other_model = TinyNet()
+    other = bidst.sparsify(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), "snfs", 0.8,
+                           total_steps=12, seed=5, interval=5)
+    other_model.load_state_dict(model.state_dict())
+    other.load_state_dict(state)
+    assert all(torch.equal(other.masks[n], sp.masks[n]) for n in sp.masks)
+    assert other.step_count == sp.step_count and other.budgets == sp.budgets
+    wrong = nn.Sequential(nn.Linear(3, 3))
+    wrong_sp = bidst.sparsify(wrong, torch.optim.SGD(wrong.parameters(), lr=0.1), "snfs", 0.5, total_steps=5)
+    with pytest.raises(bidst.BidstError, match="do not match"):
+        wrong_sp.load_state_dict(state)
+
+
+def test_report_lists_target_and_actual():
+    sp, _ = run("rigl", "sgd", steps=10)
+    rows = sp.report()
+    assert [r.name for r in rows] == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+    for r in rows:
+        assert r.active == int(sp.masks[r.name].sum())
+        assert r.density == pytest.approx(r.target_density, abs=1.0 / r.numel + 1e-9)

@@ -1,0 +1,79 @@
+"""Schedules and drop/grow selection: pure functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bidst.methods.common import allocate
+from bidst.schedules import cosine_decay, cubic_sparsity, is_update_step, linear_decay
+from bidst.scores import drop_lowest, grow_highest, set_drop
+
+
+def test_cosine_decay_endpoints_and_midpoint():
+    assert cosine_decay(0, 0.3, 100) == pytest.approx(0.3)
+    assert cosine_decay(50, 0.3, 100) == pytest.approx(0.15)
+    assert cosine_decay(100, 0.3, 100) == pytest.approx(0.0)
+    assert cosine_decay(150, 0.3, 100) == pytest.approx(0.0)
+
+
+def test_linear_decay():
+    assert linear_decay(25, 0.2, 100) == pytest.approx(0.15)
+    assert linear_decay(200, 0.2, 100) == 0.0
+
+
+def test_update_steps_every_interval_until_stop():
+    steps = [s for s in range(1, 1001) if is_update_step(s, 100, 750)]
+    assert steps == [100, 200, 300, 400, 500, 600, 700]
+
+
+def test_cubic_sparsity():
+    assert cubic_sparsity(0, 0.0, 0.9, 0, 100) == 0.0
+    assert cubic_sparsity(100, 0.0, 0.9, 0, 100) == 0.9
+    assert cubic_sparsity(50, 0.0, 0.9, 0, 100) == pytest.approx(0.9 - 0.9 * 0.125)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(2, 200), data=st.data())
+def test_drop_only_active_grow_only_eligible(n, data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    mask = torch.rand(n, generator=g) < 0.5
+    scores = torch.randn(n, generator=g)
+    k_drop = data.draw(st.integers(0, int(mask.sum())))
+    k_grow = data.draw(st.integers(0, int((~mask).sum())))
+    drop = drop_lowest(scores, mask, k_drop)
+    grow = grow_highest(scores, ~mask, k_grow)
+    assert bool(mask[drop].all()) and not bool(mask[grow].any())
+    assert len(set(drop.tolist())) == k_drop and len(set(grow.tolist())) == k_grow
+    if k_drop:
+        assert scores[drop].max() <= scores[mask].sort().values[k_drop - 1]
+
+
+def test_ties_are_broken_by_index():
+    scores = torch.zeros(10)
+    eligible = torch.ones(10, dtype=torch.bool)
+    assert grow_highest(scores, eligible, 3).tolist() == [0, 1, 2]
+
+
+def test_too_many_positions_raises():
+    with pytest.raises(ValueError):
+        grow_highest(torch.zeros(4), torch.tensor([True, False, False, False]), 2)
+
+
+def test_set_drop_splits_by_sign():
+    w = torch.tensor([0.1, 0.5, -0.05, -0.9, 0.2, -0.3])
+    mask = torch.ones(6, dtype=torch.bool)
+    dropped = set(set_drop(w, mask, 2).tolist())
+    assert dropped == {0, 2}  # the smallest positive and the negative closest to zero
+
+
+@settings(max_examples=50, deadline=None)
+@given(total=st.integers(0, 500), shares=st.lists(st.floats(0, 10), min_size=1, max_size=6),
+       caps=st.lists(st.integers(0, 200), min_size=6, max_size=6))
+def test_allocate_respects_caps_and_total(total, shares, caps):
+    names = [f"l{i}" for i in range(len(shares))]
+    alloc = allocate(total, dict(zip(names, shares)), dict(zip(names, caps)))
+    assert all(0 <= alloc[n] <= c for n, c in zip(names, caps))
+    assert sum(alloc.values()) == min(total, sum(caps[: len(names)]))
