@@ -111,6 +111,10 @@ def test_meter_accumulates_and_relates_to_dense():
     assert summary["flops"]["relative_to_dense"] == pytest.approx(0.5)
     assert summary["flops"]["dense_reference"] == 720.0
     assert summary["peak_memory_bytes"] > 0
+    with_method = meter.summary(extra_flops={"mask_learning": 36.0, "dense_grad": 120.0})
+    assert with_method["flops"]["dense_grad"] == 240.0 and with_method["flops"]["mask_learning"] == 36.0
+    assert with_method["flops"]["relative_to_dense"] == pytest.approx(516 / 720)
+    assert meter.totals()["flops"]["total"] == 360.0  # the meter itself is unchanged
     with pytest.raises(BidstError):
         flops.CostMeter().relative_to()
 

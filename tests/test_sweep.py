@@ -83,6 +83,7 @@ def test_expansion_names_and_override_precedence(env):
     assert [r.name for r in spec.runs][:2] == ["method=set/sparsity=0.5/seed=0", "method=set/sparsity=0.5/seed=1"]
     rigl = next(r for r in spec.runs if r.name == "method=rigl/sparsity=0.9/seed=1")
     assert rigl.overrides == ("epochs=8", "method_args.alpha=0.3", "method=rigl", "sparsity=0.9", "seed=1")
+    assert len(spec.runs) == 8
     assert rigl.run_dir == folder / "out" / rigl.name
     cmd = sweep.train_command(spec, rigl, ["train"])
     assert cmd == ["train", "--config", str(folder / "recipe.yaml"), *rigl.overrides, "--run-dir", str(rigl.run_dir)]
@@ -102,7 +103,7 @@ def test_override_values_read_back_as_yaml(value):
         ({"base": "nowhere.yaml", "out": "o", "grid": GRID}, "does not exist"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "gird": 1}, "unknown key"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "method_overrides": {"snfs": {}}}, "not in grid.method"),
-        ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "same run folder twice"),
+        ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "grid.seed repeats a value"),
     ],
 )
 def test_invalid_sweep_files_are_one_line_errors(env, capsys, spec, message):
@@ -114,6 +115,15 @@ def test_invalid_sweep_files_are_one_line_errors(env, capsys, spec, message):
     assert sweep.main([str(path)], train_cmd=train_cmd) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_method_override_of_a_grid_key_collapses_its_runs(env):
+    folder, _, _ = env
+    spec = sweep.load_sweep(write_sweep(folder, "s.yaml", "out", grid={**GRID, "method": ["dense", "rigl"]},
+                                        method_overrides={"dense": {"sparsity": 0.0}}))
+    names = [r.name for r in spec.runs]
+    assert names[:2] == ["method=dense/sparsity=0.0/seed=0", "method=dense/sparsity=0.0/seed=1"]
+    assert len(names) == 2 + 4 and spec.runs[0].overrides == ("method=dense", "sparsity=0.0", "seed=0")
 
 
 def test_failed_runs_are_reported_and_others_finish(env, capsys):

@@ -4,7 +4,7 @@ Runs are grouped by method and sparsity, plus every config key that takes more t
 among runs sharing a method and sparsity (an ablation axis such as ``method_args.mask_lr``);
 keys naming a seed, ``run_dir`` and ``resume`` never split groups. FLOPs and time are given
 relative to a dense run of the same model and dataset when the set holds one, else as the run
-recorded them (FLOPs only). Outputs are written to temporary names and renamed at the end, so a
+recorded them (FLOPs only); time is the summary's ``time.total``, else its ``wall_time_s``. Outputs are written to temporary names and renamed at the end, so a
 failed report never leaves half-written files.
 """
 
@@ -150,22 +150,29 @@ def _reference_key(run: Run) -> str:
     return _canon([run.config.get("model"), run.config.get("dataset")])
 
 
+def _total(run: Run, kind: str) -> float | None:
+    """A run's recorded `kind` ("flops" or "time") total; time falls back to ``wall_time_s``."""
+    total = (run.summary.get(kind) or {}).get("total")
+    if total is None and kind == "time":
+        total = run.summary.get("wall_time_s")
+    return None if total is None else float(total)
+
+
 def _dense_totals(runs: Sequence[Run], kind: str) -> dict[str, float]:
-    """Mean recorded `kind` ("flops" or "time") total of the dense runs, per model and dataset."""
+    """Mean `kind` total of the dense runs, per model and dataset."""
     totals: dict[str, list[float]] = {}
     for run in runs:
-        total = (run.summary.get(kind) or {}).get("total")
+        total = _total(run, kind)
         if run.method == "dense" and total:
-            totals.setdefault(_reference_key(run), []).append(float(total))
+            totals.setdefault(_reference_key(run), []).append(total)
     return {k: statistics.fmean(v) for k, v in totals.items()}
 
 
 def _relative(run: Run, kind: str, dense: dict[str, float]) -> float | None:
-    recorded = run.summary.get(kind) or {}
-    reference = dense.get(_reference_key(run))
-    if reference and recorded.get("total") is not None:
-        return float(recorded["total"]) / reference
-    return recorded.get("relative_to_dense")
+    reference, total = dense.get(_reference_key(run)), _total(run, kind)
+    if reference and total is not None:
+        return total / reference
+    return (run.summary.get(kind) or {}).get("relative_to_dense")
 
 
 def _sortable(value: Any) -> tuple:
@@ -323,10 +330,13 @@ def _accuracy_vs_sparsity(Figure, runs, extra, colors):
 
 
 def _final_density(run: Run) -> dict[str, float]:
+    """Per-layer density from the last mask record, else from the summary's ``layers``."""
     masks = run.records("mask")
-    if not masks or run.method == "dense":
+    if run.method == "dense":
         return {}
-    return {k: v for k, v in masks[max(masks)].get("density", {}).items() if k != "__all__"}
+    if masks:
+        return {k: v for k, v in masks[max(masks)].get("density", {}).items() if k != "__all__"}
+    return {layer["name"]: layer["density"] for layer in run.summary.get("layers", []) if "density" in layer}
 
 
 def _layer_densities(Figure, runs, extra, colors):

@@ -6,13 +6,15 @@ A sweep file is YAML::
     out: runs/sparsity-sweep          # where run folders go, relative to the sweep file
     grid: {method: [rigl, set], sparsity: [0.9, 0.95], seed: [0, 1, 2]}
     overrides: {epochs: 160}          # optional, for every run
-    method_overrides: {bidst: {epochs: 158}}   # optional, per method
+    method_overrides: {bidst: {epochs: 158}, dense: {sparsity: 0.0}}   # optional, per method
 
 Each run gets its own folder, ``method=rigl/sparsity=0.9/seed=0`` (method, sparsity, the other
 grid keys sorted, seed) and its output in ``seed=0.log`` beside it. Finished runs
 (``summary.json``) are skipped and started ones (``config.yaml`` or a checkpoint) are resumed
-with ``--resume``, so rerunning an interrupted sweep only does the missing work. Overrides
-apply in the order ``overrides`` < ``method_overrides`` < ``grid``; each key is passed once.
+with ``--resume``, so rerunning an interrupted sweep only does the missing work. Settings apply
+in the order ``overrides`` < ``grid`` < ``method_overrides`` (the most specific wins; each key is
+passed once), and points that a method override makes identical run once: above, one dense run
+per seed instead of one per sparsity.
 """
 
 from __future__ import annotations
@@ -144,20 +146,21 @@ def load_sweep(path: str | Path) -> Sweep:
     stray = sorted(set(per_method) - set(map(str, grid.get("method", []))))
     if stray:
         raise BidstError(f"method_overrides names methods not in grid.method: {', '.join(stray)}")
+    for key, values in grid.items():
+        parts = [_folder_part(key, v) for v in values]
+        if len(set(parts)) != len(parts):
+            raise BidstError(f"grid.{key} repeats a value (or two values give the same folder name)")
     out = path.parent / str(spec["out"])
     order = _name_order(list(grid))
-    runs = []
+    runs: dict[str, SweepRun] = {}
     for values in itertools.product(*(grid[k] for k in order)):
         point = dict(zip(order, values))
         settings = dict(overrides)
-        settings.update(flatten(_mapping(per_method.get(str(point.get("method")), {}), "method_overrides entry")))
         settings.update(point)
-        name = "/".join(_folder_part(k, v) for k, v in point.items())
-        runs.append(SweepRun(name, out / name, tuple(f"{k}={yaml_value(v)}" for k, v in settings.items())))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise BidstError("grid values give the same run folder twice (repeated or look-alike values)")
-    return Sweep(base, out, tuple(runs))
+        settings.update(flatten(_mapping(per_method.get(str(point.get("method")), {}), "method_overrides entry")))
+        name = "/".join(_folder_part(k, settings[k]) for k in order)
+        runs[name] = SweepRun(name, out / name, tuple(f"{k}={yaml_value(v)}" for k, v in settings.items()))
+    return Sweep(base, out, tuple(runs.values()))
 
 
 def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:
