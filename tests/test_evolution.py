@@ -109,3 +109,42 @@ def test_mask_evolution_resume_equals_uninterrupted(tmp_path):
 def test_interval_must_be_positive():
     with pytest.raises(BidstError):
         evolution.MaskEvolution(interval=0)
+
+
+def test_training_loop_wiring_with_the_engine():
+    """The calls the recipe makes: shapes once, cost per step, swaps per commit, a record per epoch."""
+    from torch import nn
+
+    import bidst
+    from bidst import flops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    sp = bidst.sparsify(model, optimizer, "rigl", 0.75, total_steps=12, distribution="uniform", interval=2)
+    shapes = flops.layer_shapes(model, x)
+    assert set(sp.masks) <= set(shapes)  # mask keys and FLOPs keys are the same qualified names
+    meter, evo = flops.CostMeter(), evolution.MaskEvolution(interval=2)
+    records = [evo.update(sp.masks, 0)]
+    for step in range(12):
+        with meter.time("forward"):
+            loss = nn.functional.cross_entropy(model(x), y)
+        with meter.time("backward"):
+            optimizer.zero_grad()
+            loss.backward()
+        old = {n: m.clone() for n, m in sp.masks.items()}
+        with meter.time("update"):
+            changed = sp.step()
+        meter.add_train_step(shapes, old, batch=len(y))
+        if changed:
+            assert evo.topology_change(old, sp.masks)["__all__"] > 0
+        if step % 3 == 2:
+            records.append(evo.update(sp.masks, (step + 1) // 3))
+    summary = meter.summary(extra_flops=sp.costs)
+    own_work = sum(sp.costs.values()) / summary["flops"]["dense_reference"]  # the methods' own FLOPs
+    assert summary["flops"]["relative_to_dense"] == pytest.approx(0.25 + own_work, abs=0.01)  # 75% sparse
+    assert records[-1]["itop"]["__all__"] > records[0]["itop"]["__all__"] == pytest.approx(0.25, abs=0.01)
+    assert [r.get("iou_interval") for r in records] == [None, None, [0, 2], None, [2, 4]]
+    json.dumps(records)
+    json.dumps(summary)
