@@ -84,7 +84,7 @@ def test_groups_means_and_relative_costs(runs_dir, capsys):
     ablation = row_of(rows, "bidst", **{"method_args.mask_lr": 0.01})
     assert ablation["test_acc_mean"] == pytest.approx(0.92) and ablation["n"] == 2
     assert row_of(rows, "bidst", **{"method_args.mask_lr": 0.0})["test_acc_mean"] == pytest.approx(0.90)
-    assert [r["method"] for r in rows][0] == "dense"  # sorted by sparsity first
+    assert rows[0]["method"] == "dense"  # sorted by sparsity first
 
 
 def test_without_a_dense_run_flops_are_as_recorded(runs_dir):

@@ -1,6 +1,5 @@
 """bidst sweep driven by a fake trainer: expansion, validation, failure, and kill-then-rerun resume."""
 
-import json
 import os
 import signal
 import subprocess
@@ -127,7 +126,7 @@ def test_a_method_override_of_a_grid_key_collapses_its_runs(env):
 
 
 def test_failed_runs_are_reported_and_others_finish(env, capsys):
-    folder, train_cmd, counter = env
+    folder, train_cmd, _ = env
     path = folder / "s.yaml"
     path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
                                     "grid": {"method": ["broken", "set"], "sparsity": [0.5], "seed": [0]}}))

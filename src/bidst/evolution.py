@@ -8,7 +8,8 @@ show how a method explores. Every result is a JSON-able dict keyed by layer name
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import math
 import sys
 import time as _time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,19 +66,19 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
     shapes: dict[str, LayerShape] = {}
     handles = []
 
-    def hook_for(name: str):
+    def hook_for(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
+            kernel: tuple[int, ...] = ()
             if isinstance(module, nn.Linear):
-                kind, kernel, groups = "linear", (), 1
+                kind, groups = "linear", 1
                 in_f, out_f = module.in_features, module.out_features
-                in_size = tuple(x.shape[1:-1])
-                out_size = tuple(output.shape[1:-1])
+                in_size, out_size = tuple(x.shape[1:-1]), tuple(output.shape[1:-1])
             else:
+                assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
                 kind, kernel, groups = "conv", tuple(module.kernel_size), module.groups
                 in_f, out_f = module.in_channels, module.out_channels
-                in_size = tuple(x.shape[2:])
-                out_size = tuple(output.shape[2:])
+                in_size, out_size = tuple(x.shape[2:]), tuple(output.shape[2:])
             batch = x.shape[0] if x.dim() > 1 else 1
             key = f"{name}.weight" if name else "weight"
             previous = shapes.get(key)

@@ -18,9 +18,10 @@ import math
 import os
 import statistics
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -86,16 +87,17 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 def _load_run(folder: Path) -> Run | None:
     try:
         summary = json.loads((folder / "summary.json").read_text())
-        if not isinstance(summary, dict) or "final_test_acc" not in summary:
-            raise ValueError("no final_test_acc")
         config_file = folder / "config.yaml"
         config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
-        if not isinstance(config, dict):
-            raise ValueError("config.yaml is not a mapping")
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        if not isinstance(summary, dict) or not isinstance(config, dict) or "final_test_acc" not in summary:
+            raise TypeError("summary.json without final_test_acc, or config.yaml not a mapping")
+        run = Run(folder, summary, config)
+        _ = run.sparsity  # a sparsity that is not a number is corrupt too
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
         _warn(f"{folder}: skipped, corrupt run folder ({e})")
         return None
-    return Run(folder, summary, config, _read_metrics(folder / "metrics.jsonl"))
+    run.metrics = _read_metrics(folder / "metrics.jsonl")
+    return run
 
 
 def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
@@ -398,16 +400,16 @@ def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True
     extra, rows = summarize(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    writers: dict[str, Callable[[str], None]] = {}
-    for name, text in (("report.md", markdown(extra, rows)), ("report.csv", to_csv(rows))):
-        writers[name] = lambda path, text=text: Path(path).write_text(text)
-    for name, fig in (figures(runs, extra) if plots else {}).items():
-        writers[name] = lambda path, fig=fig: fig.savefig(path, format="png", dpi=110)
+    texts = {"report.md": markdown(extra, rows), "report.csv": to_csv(rows)}
+    figs = figures(runs, extra) if plots else {}
     staged: dict[str, str] = {}
     try:
-        for name, write in writers.items():
+        for name in [*texts, *figs]:
             staged[name] = str(out / f".{name}.{os.getpid()}.tmp")
-            write(staged[name])
+            if name in texts:
+                Path(staged[name]).write_text(texts[name])
+            else:
+                figs[name].savefig(staged[name], format="png", dpi=110)
         for name, tmp in staged.items():
             os.replace(tmp, out / name)
     finally:
@@ -415,7 +417,7 @@ def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return {"group_keys": ["method", "sparsity", *extra], "groups": rows,
-            "runs": len(runs), "files": sorted(writers)}
+            "runs": len(runs), "files": sorted([*texts, *figs])}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,10 +31,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any
 
 import yaml
 from tqdm import tqdm
@@ -174,7 +175,7 @@ def _start(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> tuple[subpr
         shutil.rmtree(run.run_dir)  # killed before it saved a config: nothing to resume, and `train` wants it empty
     run.run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = train_command(sweep, run, train_cmd)
-    log = open(run.log_path, "ab")
+    log = open(run.log_path, "ab")  # noqa: SIM115  (stays open for the child's whole life)
     log.write(f"$ {shlex.join(cmd)}\n".encode())
     log.flush()
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log
