@@ -148,3 +148,19 @@ def test_training_loop_wiring_with_the_engine():
     assert [r.get("iou_interval") for r in records] == [None, None, [0, 2], None, [2, 4]]
     json.dumps(records)
     json.dumps(summary)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_masks_and_meter():
+    from bidst import flops
+
+    tracker = evolution.MaskEvolution(interval=1)
+    cpu = rolling_masks(0)
+    tracker.update({n: m.cuda() for n, m in cpu.items()}, 0)
+    record = tracker.update({n: m.cuda() for n, m in rolling_masks(1).items()}, 1)
+    assert record["iou"]["b"] == 1.0 and record["itop"]["a"] == 2 / 8
+    assert evolution.model_iou(cpu, {n: m.cuda() for n, m in cpu.items()})["__all__"] == 1.0
+    meter = flops.CostMeter("cuda")
+    with meter.time("forward"):
+        torch.ones(1024, 1024, device="cuda").sum()
+    assert meter.totals()["time"]["forward"] > 0 and meter.peak_memory() >= 4 * 1024 * 1024

@@ -4,8 +4,9 @@ Runs are grouped by method and sparsity, plus every config key that takes more t
 among runs sharing a method and sparsity (an ablation axis such as ``method_args.mask_lr``);
 keys naming a seed, ``run_dir`` and ``resume`` never split groups. FLOPs and time are given
 relative to a dense run of the same model and dataset when the set holds one, else as the run
-recorded them (FLOPs only); time is the summary's ``time.total``, else its ``wall_time_s``. Outputs are written to temporary names and renamed at the end, so a
-failed report never leaves half-written files.
+recorded them (FLOPs only); time is the summary's ``time.total``, else its ``wall_time_s``.
+Outputs are written to temporary names and renamed at the end, so a failed report never leaves
+half-written files.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ class Run:
 
     @property
     def method(self) -> str:
+        """The method name, from the summary (else the config)."""
         return str(self.summary.get("method", self.config.get("method", "?")))
 
     @property
     def sparsity(self) -> float:
+        """The target sparsity, rounded so that 0.9 and 0.9000000001 group together."""
         return round(float(self.summary.get("sparsity", self.config.get("sparsity", 0.0))), 6)
 
     def records(self, kind: str) -> dict[int, dict[str, Any]]:
