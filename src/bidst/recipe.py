@@ -138,7 +138,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     run_dir = Path(run_dir)
     if resume and (run_dir / "summary.json").exists():
         return json.loads((run_dir / "summary.json").read_text())
-    prepare_run_dir(cfg, run_dir, resume)
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        prepare_run_dir(cfg, run_dir, resume)  # refuses before any work is done
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -177,6 +178,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
+    prepare_run_dir(cfg, run_dir, resume)  # only now: bad input never leaves a half-made run folder
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     epoch, start_batch, best_val = 0, 0, -1.0
     running = {"loss": 0.0, "correct": 0, "seen": 0}
