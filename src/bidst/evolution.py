@@ -128,7 +128,12 @@ class MaskEvolution:
 
     def topology_change(self, old: Masks, new: Masks) -> dict[str, int]:
         """Count the swaps of one topology change, update the ITOP rate, and return the swaps."""
-        counted = swaps(old, new)
+        return self.commit(swaps(old, new), new)
+
+    def commit(self, grown: Mapping[str, int], new: Masks) -> dict[str, int]:
+        """Record a topology change whose grown positions per layer are already known."""
+        counted = {n: int(k) for n, k in grown.items() if n != ALL}
+        counted[ALL] = sum(counted.values())
         for name, n in counted.items():
             self._swaps[name] = self._swaps.get(name, 0) + n
         self._changes += 1

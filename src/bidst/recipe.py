@@ -21,6 +21,8 @@ from .config import TrainConfig, build_config
 from .data import create_dataset, dataset_info, make_loader
 from .engine import Sparsifier, sparsify
 from .errors import BidstError
+from .evolution import MaskEvolution
+from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
 from .models import create_model
 
 # config keys that may differ between a run and its resumption (they do not change the result)
@@ -176,6 +178,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         init_batch=(init_x.to(device), init_y.to(device)), **cfg.method_args,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
+    shapes = layer_shapes(model, init_x.to(device))
+    step_flops = train_step_flops(shapes, sparsifier.masks)
+    dense_step_flops = dense_train_step_flops(shapes)
+    shapes_batch = init_x.shape[0]  # the batch the per-layer shapes were measured with
+    meter = CostMeter(device)
+    evolution = MaskEvolution(cfg.iou_interval)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     prepare_run_dir(cfg, run_dir, resume)  # only now: bad input never leaves a half-made run folder
@@ -198,9 +207,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             torch.cuda.set_rng_state(state["rng_cuda"])
         epoch, start_batch, best_val = state["epoch"], state["batch"], state["best_val"]
         running = dict(state["running"])
+        meter.load_state_dict(state["meter"])
+        evolution.load_state_dict(state["evolution"])
+        step_flops = train_step_flops(shapes, sparsifier.masks)
         metrics.truncate(state["metrics_offset"])
-    elif resume:
+    else:
         metrics.truncate(0)
+        metrics.write(evolution.update(sparsifier.masks, 0))
 
     def checkpoint(next_batch: int) -> None:
         state = {
@@ -208,6 +221,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             "sparsifier": sparsifier.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
             "batch": next_batch, "best_val": best_val, "running": dict(running),
             "metrics_offset": metrics.offset(), "rng_cpu": torch.get_rng_state(),
+            "meter": meter.state_dict(), "evolution": evolution.state_dict(),
             "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
         }
         save_checkpoint(state, ckpt_dir, sparsifier.step_count, cfg.keep_checkpoints)
@@ -226,14 +240,25 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(cfg, device):
+            with meter.time("forward"), autocast(cfg, device):
                 logits = model(x)
                 loss = loss_fn(logits, y)
             if not torch.isfinite(loss.detach()):
                 raise BidstError(f"non-finite loss {loss.item()} at step {step + 1}; the last checkpoint is intact")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            sparsifier.step(scaler if scaler.is_enabled() else None)
+            with meter.time("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            with meter.time("update"):
+                changed = sparsifier.step(scaler if scaler.is_enabled() else None)
+            scale = y.numel() / shapes_batch
+            for phase, flops in step_flops.items():
+                meter.add(phase, flops * scale)
+            meter.add_dense_reference(dense_step_flops * scale)
+            if sparsifier.captured_dense_grad:
+                meter.add("dense_grad", dense_grad_flops(shapes) * scale)
+            if changed:
+                evolution.commit(sparsifier.last_swaps, sparsifier.masks)
+                step_flops = train_step_flops(shapes, sparsifier.masks)
             loss_value = float(loss.detach())
             running["loss"] += loss_value * y.numel()
             running["correct"] += int((logits.argmax(1) == y).sum())
@@ -255,6 +280,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             "val_acc": None if val_set is None else val_acc, "test_acc": test_acc,
             "sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
         })
+        metrics.write(evolution.update(sparsifier.masks, epoch + 1))
         if cfg.progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}: test {test_acc:.2f}%"
                   + ("" if val_set is None else f", val {val_acc:.2f}%")
@@ -275,6 +301,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             for r in sparsifier.report()
         ],
         "wall_time_s": time.perf_counter() - started,
+        "inference_flops": inference_flops(shapes, sparsifier.masks),
+        "dense_inference_flops": inference_flops(shapes),
+        **meter.summary(extra_flops=sparsifier.costs),
     }
     _write_json(run_dir / "summary.json", summary)
     return summary
