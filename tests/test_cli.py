@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bidst.cli import main
 
@@ -54,6 +55,8 @@ def test_train_writes_run_folder(tmp_path, capsys):
         (["lr=fast"], "config key 'lr' must be a float"),
         (["method_args.drop_frac=0.1"], "unknown option(s) drop_frac for method 'rigl'"),
         (["dataset=fashion-mnist", "data_root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+        (["device=cuda"] if not torch.cuda.is_available() else ["device=tpu"], "device"),
+        (["precision=fp8"], "config key 'precision' must be one of fp32, bf16, fp16"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
@@ -61,6 +64,14 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing is left behind by a run that could not start
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(precision, tmp_path, capsys):
+    assert main(["train", *TINY, "epochs=1", f"precision={precision}", "--run-dir", str(tmp_path / "r"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002) and summary["final_test_acc"] > 30
 
 
 def test_bad_input_from_a_real_process(tmp_path):

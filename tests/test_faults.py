@@ -234,12 +234,3 @@ def test_invalid_reliability_settings(override, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
-
-def test_a_run_that_failed_before_training_can_be_started_again(tmp_path, capsys):
-    run = tmp_path / "r"
-    assert main(["train", *tiny_args("rigl", "epochs=1"), "method=rigel", "--run-dir", str(run)]) == 2
-    assert "unknown method 'rigel'" in capsys.readouterr().err
-    assert [p.name for p in run.iterdir()] == ["config.yaml"]
-    assert main(["train", *tiny_args("rigl", "epochs=1"), "--run-dir", str(run)]) == 0
-    assert main(["train", *tiny_args("rigl", "epochs=1"), "--run-dir", str(run)]) == 2  # a real run is never reused
-    assert "already exists" in capsys.readouterr().err

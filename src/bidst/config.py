@@ -50,6 +50,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0: PyTorch's default
     num_workers: int = 0  # data-loading worker processes
     log_every: int = 50  # steps between step lines in metrics.jsonl
+    iou_interval: int = 5  # epochs between the mask snapshots whose IoU is logged (BiDST's Figure 4)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     progress: bool = True  # tqdm bars on stderr

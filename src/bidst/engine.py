@@ -84,7 +84,8 @@ class Sparsifier:
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.step_count = 0
         self.topology_changes = 0
-        self.last_swaps = 0
+        self.last_swaps: dict[str, int] = {}  # positions grown per layer in the latest step
+        self.captured_dense_grad = False  # whether the latest step captured dense gradients
         self.rng = torch.Generator().manual_seed(seed)
         self.costs: dict[str, float] = {}  # FLOPs of the methods' own work, by phase (2 per multiply-add)
 
@@ -207,7 +208,7 @@ class Sparsifier:
             if torch.is_tensor(value) and value.shape == self.params[name].shape:
                 value.view(-1)[changed] = 0
         self.budgets[name] += grow.numel() - drop.numel()
-        self.last_swaps += grow.numel()
+        self.last_swaps[name] = self.last_swaps.get(name, 0) + grow.numel()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -256,7 +257,8 @@ class Sparsifier:
             self.optimizer.step()
         self.apply_masks()
         self.step_count = step
-        self.last_swaps = 0
+        self.last_swaps = {}
+        self.captured_dense_grad = dense_grads is not None
         changed = False
         if finite:
             changed = bool(self.method.update(self, step, dense_grads))

@@ -16,17 +16,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import (
-    atomic_write,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_partial,
-    save_checkpoint,
-)
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig, build_config
 from .data import create_dataset, dataset_info, make_loader
 from .engine import Sparsifier, sparsify
 from .errors import BidstError, SharedError
+from .evolution import MaskEvolution
+from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
 from .models import create_model
 from .signals import RunInterrupted, StopSignals, requested
 
@@ -36,7 +32,7 @@ RESUMABLE_KEYS = {"progress", "threads", "num_workers", "log_every", "checkpoint
                   "on_nonfinite"}
 # what every training checkpoint holds
 CHECKPOINT_KEYS = {"config", "model", "optimizer", "sparsifier", "scaler", "epoch", "batch", "best_val", "running",
-                   "skipped", "val_acc", "test_acc", "metrics_offset", "rng_cpu", "rng_cuda"}
+                   "skipped", "val_acc", "test_acc", "metrics_offset", "rng_cpu", "rng_cuda", "meter", "evolution"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,8 +154,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfi
             raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
         remove_partial(run_dir / "checkpoints")
         return cfg
-    # a folder holding only config.yaml is from a run that failed before training (bad data, say): reuse it
-    if run_dir.exists() and any(p.name != "config.yaml" for p in run_dir.iterdir()):
+    if run_dir.exists() and any(run_dir.iterdir()):
         raise BidstError(f"run folder {run_dir} already exists and is not empty; use --resume or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -210,7 +205,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.batch_size % world:
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
-    distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))  # refuses before any work is done
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams
@@ -241,8 +237,17 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         init_batch=(init_x.to(device), init_y.to(device)), **cfg.method_args,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
+    shapes = layer_shapes(net, init_x.to(device))
+    step_flops = train_step_flops(shapes, sparsifier.masks)
+    dense_step_flops = dense_train_step_flops(shapes)
+    shapes_batch = init_x.shape[0]  # the (per-rank) batch the per-layer shapes were measured with
+    meter = CostMeter(device)
+    evolution = MaskEvolution(cfg.iou_interval)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
+    # only now: bad input never leaves a half-made run folder
+    distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))
     metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None)
     epoch, start_batch, best_val, skipped = 0, 0, -1.0, 0
     val_acc = test_acc = float("nan")
@@ -265,9 +270,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         epoch, start_batch, best_val, skipped = state["epoch"], state["batch"], state["best_val"], state["skipped"]
         val_acc, test_acc = state["val_acc"], state["test_acc"]
         running = dict(state["running"])
+        meter.load_state_dict(state["meter"])
+        evolution.load_state_dict(state["evolution"])
+        step_flops = train_step_flops(shapes, sparsifier.masks)
         metrics.truncate(state["metrics_offset"])
-    elif resume:
+    else:
         metrics.truncate(0)
+        metrics.write(evolution.update(sparsifier.masks, 0))
 
     def checkpoint(next_batch: int) -> None:
         def save() -> None:
@@ -277,6 +286,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 "batch": next_batch, "best_val": best_val, "running": dict(running), "skipped": skipped,
                 "val_acc": val_acc, "test_acc": test_acc,
                 "metrics_offset": metrics.offset(), "rng_cpu": torch.get_rng_state(),
+                "meter": meter.state_dict(), "evolution": evolution.state_dict(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
             }
             save_checkpoint(state, ckpt_dir, sparsifier.step_count, cfg.keep_checkpoints)
@@ -296,7 +306,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(cfg, device):
+            with meter.time("forward"), autocast(cfg, device):
                 logits = model(x)
                 loss = loss_fn(logits, y)
             loss_value, correct, stop_signal = step_stats(loss, logits, y, stop)
@@ -307,9 +317,20 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 skipped += 1
                 metrics.write({"kind": "skipped", "step": step, "epoch": epoch, "batch": batch_index})
                 continue  # a stop signal is honoured after the next step
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            sparsifier.step(scaler if scaler.is_enabled() else None)
+            with meter.time("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            with meter.time("update"):
+                changed = sparsifier.step(scaler if scaler.is_enabled() else None)
+            scale = y.numel() * world / shapes_batch  # FLOPs of the global batch, summed over ranks
+            for phase, flops in step_flops.items():
+                meter.add(phase, flops * scale)
+            meter.add_dense_reference(dense_step_flops * scale)
+            if sparsifier.captured_dense_grad:
+                meter.add("dense_grad", dense_grad_flops(shapes) * scale)
+            if changed:
+                evolution.commit(sparsifier.last_swaps, sparsifier.masks)
+                step_flops = train_step_flops(shapes, sparsifier.masks)
             running["loss"] += loss_value * y.numel() * world
             running["correct"] += correct
             running["seen"] += y.numel() * world
@@ -334,6 +355,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             "val_acc": None if val_set is None else val_acc, "test_acc": test_acc,
             "sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
         })
+        metrics.write(evolution.update(sparsifier.masks, epoch + 1))
         if cfg.progress and rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: test {test_acc:.2f}%"
                   + ("" if val_set is None else f", val {val_acc:.2f}%")
@@ -355,6 +377,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             for r in sparsifier.report()
         ],
         "wall_time_s": time.perf_counter() - started,
+        "inference_flops": inference_flops(shapes, sparsifier.masks),
+        "dense_inference_flops": inference_flops(shapes),
+        **meter.summary(extra_flops=sparsifier.costs),
     }
     distributed.on_rank0(lambda: _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n"))
     return summary

@@ -47,6 +47,7 @@ class SNFS(UpdateSchedule):
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         if dense_grads is None:
             return False
+        sp.add_cost("momentum", 2.0 * sum(sp.numel[n] for n in sp.sparse_names()))
         for name in sp.sparse_names():
             grad = dense_grads[name]
             buf = self._buffers.get(name)
