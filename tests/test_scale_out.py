@@ -226,6 +226,14 @@ def test_ddp_matches_single_process_with_the_same_global_batch(method, ddp, sing
                 assert y[key] == pytest.approx(x[key], rel=1e-5)
         if "test_acc" in x:
             assert abs(x["test_acc"] - y["test_acc"]) <= 0.1  # at most 2 of 2000 predictions flip
+    # the meter counts the FLOPs of the global batch, as one process does (a method's own work, as SNFS's
+    # momentum, is done on every rank and counted once per rank)
+    one, two = (json.loads((run / "summary.json").read_text()) for run in (single[method], ddp / f"{method}-full"))
+    assert two["inference_flops"] == one["inference_flops"]
+    meter_phases = set(one["flops"]) - set(a["sparsifier"]["costs"]) - {"total", "relative_to_dense"}
+    assert {"forward", "backward", "dense_reference"} <= meter_phases
+    for phase in meter_phases:
+        assert two["flops"][phase] == pytest.approx(one["flops"][phase], rel=1e-9), phase
 
 
 @pytest.mark.parametrize("method", METHODS)
