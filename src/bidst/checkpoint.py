@@ -30,7 +30,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write `path` through a temporary file that is flushed, fsynced and renamed, so readers see old or new.
 
     An OSError (a full disk, say) removes the temporary file, leaves `path` as it was and becomes a BidstError.

@@ -91,7 +91,8 @@ class SNIP(PruneAtInit):
         model, params = _scoring_copy(sp)
         sp.loss_fn(model(x), y).backward()
         # under DDP, the gradient of the global batch (the mean of the ranks'), as a single process would see it
-        return {n: (sp.all_reduce_mean(p.grad) * p).abs() for n, p in params.items()}
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in params.items()}
+        return {n: (sp.all_reduce_mean(grads[n]) * p).abs() for n, p in params.items()}
 
 
 @METHODS.register("grasp")
