@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -264,17 +265,21 @@ def test_ddp_only_rank0_writes_and_faults_stop_every_rank(ddp):
     assert sharded == plain and _seen(ddp, 1)["odd-eval"] == [sharded, plain]  # no padded item counted twice
 
 
-def test_torchrun_cli_equals_spawned_ddp(ddp, tmp_path):
-    """`torchrun --nproc-per-node=2 -m bidst train` runs the same code path: the same run bit for bit."""
+def test_torchrun_two_nodes_equals_spawned_ddp(ddp, tmp_path):
+    """The README's multi-node `torchrun -m bidst train`, as two 1-process "nodes" on this machine: the same run."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bidst.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bidst", "train",
-         *tiny_args("rigl"), "--run-dir", str(run), "--json"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summaries = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
+               "-m", "bidst", "train", *tiny_args("rigl"), "--run-dir", str(run), "--json"]
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    summaries = [line for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # rank 0 alone reports
     assert_same_run(ddp / "rigl-full", run)
