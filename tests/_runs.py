@@ -23,6 +23,7 @@ _DATASETS: dict[tuple, tuple[Any, Any, Any]] = {}
 
 
 def _load_data_once(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """`recipe.load_data`, remembered per dataset settings."""
     key = (cfg.dataset, cfg.data_root, cfg.train_subset, cfg.val_size, cfg.augment)
     if key not in _DATASETS:
         _DATASETS[key] = LOAD_DATA(cfg)

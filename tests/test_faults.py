@@ -63,6 +63,7 @@ class Training:
         return True
 
     def signal(self, signum: int) -> None:
+        """Send `signum` to the training process."""
         os.kill(self.process.pid, signum)
 
     def finish(self, timeout: float = 300.0) -> tuple[int | None, str]:

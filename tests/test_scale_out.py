@@ -73,6 +73,7 @@ def test_resume_single_process_matches_uninterrupted(method, single, scratch):
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of named tensors' bytes, to compare what two ranks hold."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
@@ -193,6 +194,7 @@ def ddp(scratch: Path) -> Path:
 
 
 def _seen(ddp: Path, rank: int) -> dict[str, list]:
+    """What rank `rank` recorded in the DDP fixture."""
     return json.loads((ddp / f"rank{rank}.json").read_text())
 
 

@@ -53,6 +53,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def _write_state(state: dict[str, Any], f: BinaryIO) -> None:
+    """torch.save `state` into `f`, then wait BIDST_TEST_CHECKPOINT_DELAY seconds if the crash tests ask for it."""
     torch.save(state, f)
     delay = float(os.environ.get(DELAY_ENV, "0"))
     if delay > 0:  # crash tests widen the window in which a kill lands mid-write
