@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bidst.sparse import SparseStructure, sparse_conv2d, sparse_linear, uses_kernels
+from bidst.sparse import SparseStructure, functional, sparse_conv2d, sparse_linear, uses_kernels
 
 RTOL, ATOL = 1e-4, 1e-5
 DENSITY = st.sampled_from([0.0, 0.1, 0.3, 0.7, 1.0])
@@ -98,16 +98,18 @@ def conv_cases(draw):
     return dict(cin=cin_g * groups, cout=cout, groups=groups, k=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=(h, w))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     case=conv_cases(),
+    wide=st.booleans(),
     batch=st.integers(1, 5),
     density=DENSITY,
     empty_rows=st.booleans(),
     has_bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias, seed):
+def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias, seed, wide):
+    """Both kernel families: "wide" (stride 1 only, forced here for any width) and CHWN."""
     gen = torch.Generator().manual_seed(seed)
     shape = (case["cout"], case["cin"] // case["groups"], *case["k"])
     mask = random_mask(shape, density, gen, empty_rows)
@@ -121,9 +123,14 @@ def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias,
     def ref(x_, w_, b_):
         return F.conv2d(x_, w_, b_, groups=case["groups"], **geo)
 
-    check_against_reference(
-        lambda x_, v, b_: sparse_conv2d(x_, v, structure, b_, **geo), ref, x, w, b, mask, structure, gen, extra
-    )
+    saved = functional.WIDE_MIN_WIDTH
+    functional.WIDE_MIN_WIDTH = 1 if wide else 10**9
+    try:
+        check_against_reference(
+            lambda x_, v, b_: sparse_conv2d(x_, v, structure, b_, **geo), ref, x, w, b, mask, structure, gen, extra
+        )
+    finally:
+        functional.WIDE_MIN_WIDTH = saved
 
 
 def test_realistic_shapes_and_dense_sampled_grad():
@@ -131,6 +138,7 @@ def test_realistic_shapes_and_dense_sampled_grad():
     gen = torch.Generator().manual_seed(0)
     for shape, geo, x_shape in [
         ((32, 16, 3, 3), dict(stride=2, padding=1), (16, 16, 16, 16)),
+        ((16, 16, 3, 3), dict(stride=1, padding=1), (8, 16, 16, 16)),
         ((64, 128), None, (32, 128)),
     ]:
         mask = torch.rand(shape, generator=gen) < 0.1

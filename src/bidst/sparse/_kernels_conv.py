@@ -26,16 +26,16 @@ def _x_range(kx: int, pw: int, sw: int, w: int, wo: int) -> tuple[int, int]:
 
 @njit(parallel=True, cache=True)
 def nchw_to_chwn(x: np.ndarray, out: np.ndarray) -> None:
-    """out[c, h, w, n] = x[n, c, h, w], one (c, h) row per task."""
+    """out[c, h, w, n] = x[n, c, h, w]; per (c, h) task, contiguous reads and an L1-resident (w, n) block."""
     nn, cc, hh, ww = x.shape
-    n = uint64(nn)
-    xf = x.ravel()
-    of = out.ravel()
     for task in prange(cc * hh):
-        dst = uint64(task) * uint64(ww) * n
-        for w in range(uint64(ww)):
-            for b in range(n):
-                of[dst + w * n + b] = xf[(b * uint64(cc) * uint64(hh) + uint64(task)) * uint64(ww) + w]
+        c = task // hh
+        h = task - c * hh
+        block = out[c, h]
+        for b in range(nn):
+            src = x[b, c, h]
+            for w in range(ww):
+                block[w, b] = src[w]
 
 
 @njit(inline="always")
@@ -222,5 +222,150 @@ def conv_sampled_grad(
                     xo = xsrc + uint64(x * sw + kx - pw) * n
                     for b in range(n):
                         s += df[do + b] * xf[xo + b]
+            total += s
+        out[k] = total
+
+
+# Stride-1 kernels over zero-padded NCHW planes ("wide rows"): with a padded input of width Wp, the
+# output pixel (oy, x) reads padded input (oy + ky, x + kx), i.e. flat offset ky * Wp + kx from
+# k = oy * Wp + x. Computing outputs on a Ho x Wp grid (Wp - Wo columns are discarded) turns every
+# active weight into ONE contiguous axpy/dot of length (Ho - 1) * Wp + Wo per image: long vectors
+# for large maps, and the only layout work is padding (row copies, not transposes).
+
+
+@njit(inline="always")
+def _wide_offset(col: int, kk: int, kw: int, plane: int, wp: int) -> int:
+    """Flat offset in the padded input of the (channel-in-group, ky, kx) encoded by `col`."""
+    ci = col // kk
+    r = col - ci * kk
+    ky = r // kw
+    return ci * plane + ky * wp + (r - ky * kw)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv_forward_wide(
+    indptr: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    bias: np.ndarray,
+    xp: np.ndarray,
+    y: np.ndarray,
+    kh: int,
+    kw: int,
+    cout_g: int,
+    cin_g: int,
+) -> None:
+    """y (NCHW) = stride-1 sparse conv of the zero-padded NCHW xp; one task per (image, output channel)."""
+    nn, cc, hp, wp = xp.shape
+    oo, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    kk = kh * kw
+    plane = hp * wp
+    span = uint64((ho - 1) * wp + wo)
+    xf = xp.ravel()
+    yf = y.ravel()
+    for task in prange(nn * oo):
+        n = task // oo
+        o = task - n * oo
+        acc = np.empty(ho * wp, np.float32)
+        acc[:] = bias[o]
+        base = (n * cc + (o // cout_g) * cin_g) * plane
+        p = indptr[o]
+        end = indptr[o + 1]
+        # two slots per pass halve the stores to the accumulator, the bottleneck of this loop
+        while p + 2 <= end:
+            s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
+            s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
+            v0 = values[p]
+            v1 = values[p + 1]
+            for k in range(span):
+                acc[k] += v0 * xf[s0 + k] + v1 * xf[s1 + k]
+            p += 2
+        if p < end:
+            s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
+            v0 = values[p]
+            for k in range(span):
+                acc[k] += v0 * xf[s0 + k]
+        dst = uint64(task) * uint64(ho * wo)
+        for oy in range(uint64(ho)):
+            for x in range(uint64(wo)):
+                yf[dst + oy * uint64(wo) + x] = acc[oy * uint64(wp) + x]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv_input_grad_wide(
+    in_ptr: np.ndarray,
+    in_rows: np.ndarray,
+    in_cols: np.ndarray,
+    in_values: np.ndarray,
+    dyw: np.ndarray,
+    dx: np.ndarray,
+    kh: int,
+    kw: int,
+    ph: int,
+    pw: int,
+) -> None:
+    """dx (NCHW) of a stride-1 sparse conv from dyw, the output gradient right-padded to width Wp with zeros.
+
+    One task per (image, input channel) scatters into its own padded plane: no atomics.
+    """
+    nn, oo, ho, wp = dyw.shape
+    cc, hh, ww = dx.shape[1], dx.shape[2], dx.shape[3]
+    kk = kh * kw
+    hp = hh + 2 * ph
+    oplane = ho * wp
+    wo = wp - kw + 1
+    span = uint64((ho - 1) * wp + wo)
+    df = dyw.ravel()
+    xf = dx.ravel()
+    for task in prange(nn * cc):
+        n = task // cc
+        c = task - n * cc
+        acc = np.zeros(hp * wp, np.float32)
+        for q in range(in_ptr[c], in_ptr[c + 1]):
+            r = in_cols[q] % kk
+            ky = r // kw
+            a0 = uint64(ky * wp + r - ky * kw)
+            s0 = uint64((n * oo + in_rows[q]) * oplane)
+            v = in_values[q]
+            for k in range(span):
+                acc[a0 + k] += v * df[s0 + k]
+        dst = uint64(task) * uint64(hh * ww)
+        for iy in range(uint64(hh)):
+            src = (iy + uint64(ph)) * uint64(wp) + uint64(pw)
+            for x in range(uint64(ww)):
+                xf[dst + iy * uint64(ww) + x] = acc[src + x]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv_sampled_grad_wide(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    dyw: np.ndarray,
+    xp: np.ndarray,
+    out: np.ndarray,
+    kh: int,
+    kw: int,
+    cout_g: int,
+    cin_g: int,
+) -> None:
+    """out[k] = dL/dW at (rows[k], cols[k]) of a stride-1 conv, from the zero-right-padded dyw and padded xp."""
+    nn, oo, ho, wp = dyw.shape
+    cc, hp = xp.shape[1], xp.shape[2]
+    kk = kh * kw
+    plane = hp * wp
+    oplane = ho * wp
+    span = uint64((ho - 1) * wp + wp - kw + 1)
+    df = dyw.ravel()
+    xf = xp.ravel()
+    for k in prange(rows.shape[0]):
+        o = rows[k]
+        off = (o // cout_g) * cin_g * plane + _wide_offset(cols[k], kk, kw, plane, wp)
+        total = 0.0  # float64 across images; float32 (vectorized) within one
+        for n in range(nn):
+            d0 = uint64((n * oo + o) * oplane)
+            x0 = uint64(n * cc * plane + off)
+            s = np.float32(0.0)
+            for j in range(span):
+                s += df[d0 + j] * xf[x0 + j]
             total += s
         out[k] = total

@@ -141,8 +141,14 @@ def _to_chwn(x: Tensor) -> Tensor:
     return out
 
 
+# Stride-1 convolutions whose output is at least this wide run on padded NCHW planes ("wide" kernels:
+# no transposes, long vectors); the others on the batch-innermost CHWN layout, which vectorizes
+# over the batch and so stays efficient for small maps and strides.
+WIDE_MIN_WIDTH = 12
+
+
 class _SparseConv2dFn(torch.autograd.Function):
-    """Direct sparse Conv2d over the batch-innermost CHWN layout (see _kernels_conv)."""
+    """Direct sparse Conv2d: "wide" padded-NCHW kernels or CHWN kernels (see _kernels_conv)."""
 
     @staticmethod
     def forward(
@@ -152,48 +158,75 @@ class _SparseConv2dFn(torch.autograd.Function):
         o, cin_g, kh, kw = structure.shape
         (sh, sw), (ph, pw) = geom
         ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        xt = _to_chwn(x)
+        cout_g = o // structure.groups
         y = torch.empty(n, o, ho, wo, dtype=torch.float32)
-        KC.conv_forward(
-            structure.indptr, structure.cols, _np(values), _bias_np(bias, o), _np(xt), _np(y),
-            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g,
-        )
-        ctx.save_for_backward(xt, values)
-        ctx.structure, ctx.geom = structure, geom
+        ctx.wide = (sh, sw) == (1, 1) and wo >= WIDE_MIN_WIDTH
+        if ctx.wide:
+            xs = F.pad(x, (pw, pw, ph, ph)).contiguous()
+            KC.conv_forward_wide(
+                structure.indptr, structure.cols, _np(values), _bias_np(bias, o), _np(xs), _np(y), kh, kw, cout_g, cin_g
+            )
+        else:
+            xs = _to_chwn(x)
+            KC.conv_forward(
+                structure.indptr, structure.cols, _np(values), _bias_np(bias, o), _np(xs), _np(y),
+                sh, sw, ph, pw, kh, kw, cout_g, cin_g,
+            )  # fmt: skip
+        ctx.save_for_backward(xs, values)
+        ctx.structure, ctx.geom, ctx.in_hw = structure, geom, (h, w)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xt, values = ctx.saved_tensors
+        xs, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
         (sh, sw), (ph, pw) = ctx.geom
         o, cin_g, kh, kw = s.shape
         cout_g = o // s.groups
-        dyt = _to_chwn(dy)
+        n, (h, w) = dy.shape[0], ctx.in_hw
+        if ctx.wide:
+            ds = F.pad(dy, (0, w + 2 * pw - dy.shape[3])).contiguous()
+        else:
+            ds = _to_chwn(dy)
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             idx = s.by_input()
-            c, h, w, n = xt.shape
-            dx = torch.empty(n, c, h, w, dtype=torch.float32)
-            KC.conv_input_grad(
-                idx.ptr, idx.rows, idx.cols, _np(values)[idx.perm], _np(dyt), _np(dx), sh, sw, ph, pw, kh, kw
-            )
+            dx = torch.empty(n, s.in_channels, h, w, dtype=torch.float32)
+            vin = _np(values)[idx.perm]
+            if ctx.wide:
+                KC.conv_input_grad_wide(idx.ptr, idx.rows, idx.cols, vin, _np(ds), _np(dx), kh, kw, ph, pw)
+            else:
+                KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, _np(ds), _np(dx), sh, sw, ph, pw, kh, kw)
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            KC.conv_sampled_grad(s.rows, s.cols, _np(dyt), _np(xt), _np(dv), sh, sw, ph, pw, kh, kw, cout_g, cin_g)
+            _conv_weight_grad(ctx, s.rows, s.cols, ds, xs, dv)
         if ctx.needs_input_grad[2]:
-            db = dyt.sum((1, 2, 3))
+            db = dy.sum((0, 2, 3))
         if s.samples_all:
-            g = torch.nn.grad.conv2d_weight(
-                xt.permute(3, 0, 1, 2), s.shape, dy, stride=(sh, sw), padding=(ph, pw), groups=s.groups
-            )
+            if ctx.wide:
+                x_nchw, pad = xs, (0, 0)
+            else:
+                x_nchw, pad = xs.permute(3, 0, 1, 2), (ph, pw)
+            g = torch.nn.grad.conv2d_weight(x_nchw, s.shape, dy, stride=(sh, sw), padding=pad, groups=s.groups)
             s.add_sampled_grad(g.reshape(-1))
         elif s.sampled_positions is not None:
             rows, cols = _sampled_rows_cols(s)
             g = torch.empty(rows.size, dtype=torch.float32)
-            KC.conv_sampled_grad(rows, cols, _np(dyt), _np(xt), _np(g), sh, sw, ph, pw, kh, kw, cout_g, cin_g)
+            _conv_weight_grad(ctx, rows, cols, ds, xs, g)
             s.add_sampled_grad(g)
         return dx, dv, db, None, None
+
+
+def _conv_weight_grad(ctx: Any, rows: np.ndarray, cols: np.ndarray, ds: Tensor, xs: Tensor, out: Tensor) -> None:
+    """Weight gradient at positions (rows, cols) into `out`, with the layouts the forward chose."""
+    s: SparseStructure = ctx.structure
+    (sh, sw), (ph, pw) = ctx.geom
+    o, cin_g, kh, kw = s.shape
+    cout_g = o // s.groups
+    if ctx.wide:
+        KC.conv_sampled_grad_wide(rows, cols, _np(ds), _np(xs), _np(out), kh, kw, cout_g, cin_g)
+    else:
+        KC.conv_sampled_grad(rows, cols, _np(ds), _np(xs), _np(out), sh, sw, ph, pw, kh, kw, cout_g, cin_g)
 
 
 def sparse_conv2d(
