@@ -107,8 +107,11 @@ def make_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Call
     return step(dense_fwd), step(sparse_fwd)
 
 
+STAT: Callable[[list[float]], float] = statistics.median
+
+
 def interleaved(dense: Callable[[], None], sparse: Callable[[], None], reps: int) -> tuple[float, float]:
-    """Median seconds of dense and sparse, measured alternately after one warm-up each."""
+    """STAT (median by default) seconds of dense and sparse, measured alternately after one warm-up each."""
     dense()
     sparse()
     td, ts = [], []
@@ -120,7 +123,7 @@ def interleaved(dense: Callable[[], None], sparse: Callable[[], None], reps: int
         t2 = time.perf_counter()
         td.append(t1 - t0)
         ts.append(t2 - t1)
-    return statistics.median(td), statistics.median(ts)
+    return STAT(td), STAT(ts)
 
 
 def topology_update_times(density: float, swap: float, gen: torch.Generator) -> dict[str, float]:
@@ -157,13 +160,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch and numba threads")
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     ap.add_argument("--quick", action="store_true", help="skip the ResNet-32 layer set")
+    ap.add_argument("--stat", choices=["median", "min"], default="median", help="min resists a busy machine")
+    ap.add_argument("--only", help="run only layers whose name contains this text")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     gen = torch.Generator().manual_seed(0)
-    layers = LAYERS + ([] if args.quick else RESNET32)
+    layers = [la for la in LAYERS + ([] if args.quick else RESNET32) if not args.only or args.only in la.name]
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     for layer in layers:
@@ -171,7 +178,7 @@ def main() -> None:
         for sp in sparsities:
             td, ts = interleaved(*make_steps(layer, 1.0 - sp, gen), args.reps)
             results[layer.name][str(sp)] = {"dense_ms": td * 1e3, "sparse_ms": ts * 1e3, "ratio": ts / td}
-    if not args.quick:
+    if not args.quick and not args.only:
         total = {}
         for sp in sparsities:
             d = sum(r.count * results[r.name][str(sp)]["dense_ms"] for r in RESNET32)
@@ -181,7 +188,10 @@ def main() -> None:
     updates = {str(sp): topology_update_times(1.0 - sp, 0.3, gen) for sp in sparsities}
 
     head = "| layer | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
-    print(f"sparse/dense time, forward + input grad + weight grad; {args.threads} threads; {platform.processor() or platform.machine()}")
+    print(
+        f"sparse/dense time ({args.stat} of {args.reps} interleaved runs), forward + input grad + weight grad; "
+        f"{args.threads} threads; {platform.processor() or platform.machine()}"
+    )
     print(head)
     print("|" + " --- |" * (len(sparsities) + 1))
     for name, row in results.items():

@@ -122,9 +122,10 @@ def conv_input_grad(
     kh: int,
     kw: int,
 ) -> None:
-    """dx (NCHW) = input gradient from dyt (CHWN); slots listed by input channel (CSC-like).
+    """dx (NCHW) of a strided conv from dyt (CHWN); slots listed by input channel (CSC-like).
 
     One task per (input channel, input row) gathers every contribution to that row: no atomics.
+    (Stride-1 input gradients run as a forward conv with the transposed, flipped weight.)
     """
     oo, ho, wo, nn = dyt.shape
     cc, hh, ww = dx.shape[1], dx.shape[2], dx.shape[3]
@@ -230,7 +231,8 @@ def conv_sampled_grad(
 # output pixel (oy, x) reads padded input (oy + ky, x + kx), i.e. flat offset ky * Wp + kx from
 # k = oy * Wp + x. Computing outputs on a Ho x Wp grid (Wp - Wo columns are discarded) turns every
 # active weight into ONE contiguous axpy/dot of length (Ho - 1) * Wp + Wo per image: long vectors
-# for large maps, and the only layout work is padding (row copies, not transposes).
+# for large maps, and the only layout work is padding (row copies, not transposes). The input
+# gradient is conv_forward_wide of the padded output gradient with the transposed, flipped weight.
 
 
 @njit(inline="always")
@@ -271,20 +273,22 @@ def conv_forward_wide(
         base = (n * cc + (o // cout_g) * cin_g) * plane
         p = indptr[o]
         end = indptr[o + 1]
-        # two slots per pass halve the stores to the accumulator, the bottleneck of this loop
-        while p + 2 <= end:
+        # four slots per pass cut the loads and stores of the accumulator, the bottleneck of this loop
+        while p + 4 <= end:
             s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
             s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
-            v0 = values[p]
-            v1 = values[p + 1]
+            s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
+            s3 = uint64(base + _wide_offset(cols[p + 3], kk, kw, plane, wp))
+            v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
             for k in range(span):
-                acc[k] += v0 * xf[s0 + k] + v1 * xf[s1 + k]
-            p += 2
-        if p < end:
+                acc[k] += (v0 * xf[s0 + k] + v1 * xf[s1 + k]) + (v2 * xf[s2 + k] + v3 * xf[s3 + k])
+            p += 4
+        while p < end:
             s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
             v0 = values[p]
             for k in range(span):
                 acc[k] += v0 * xf[s0 + k]
+            p += 1
         dst = uint64(task) * uint64(ho * wo)
         for oy in range(uint64(ho)):
             for x in range(uint64(wo)):
@@ -292,55 +296,11 @@ def conv_forward_wide(
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def conv_input_grad_wide(
-    in_ptr: np.ndarray,
-    in_rows: np.ndarray,
-    in_cols: np.ndarray,
-    in_values: np.ndarray,
-    dyw: np.ndarray,
-    dx: np.ndarray,
-    kh: int,
-    kw: int,
-    ph: int,
-    pw: int,
-) -> None:
-    """dx (NCHW) of a stride-1 sparse conv from dyw, the output gradient right-padded to width Wp with zeros.
-
-    One task per (image, input channel) scatters into its own padded plane: no atomics.
-    """
-    nn, oo, ho, wp = dyw.shape
-    cc, hh, ww = dx.shape[1], dx.shape[2], dx.shape[3]
-    kk = kh * kw
-    hp = hh + 2 * ph
-    oplane = ho * wp
-    wo = wp - kw + 1
-    span = uint64((ho - 1) * wp + wo)
-    df = dyw.ravel()
-    xf = dx.ravel()
-    for task in prange(nn * cc):
-        n = task // cc
-        c = task - n * cc
-        acc = np.zeros(hp * wp, np.float32)
-        for q in range(in_ptr[c], in_ptr[c + 1]):
-            r = in_cols[q] % kk
-            ky = r // kw
-            a0 = uint64(ky * wp + r - ky * kw)
-            s0 = uint64((n * oo + in_rows[q]) * oplane)
-            v = in_values[q]
-            for k in range(span):
-                acc[a0 + k] += v * df[s0 + k]
-        dst = uint64(task) * uint64(hh * ww)
-        for iy in range(uint64(hh)):
-            src = (iy + uint64(ph)) * uint64(wp) + uint64(pw)
-            for x in range(uint64(ww)):
-                xf[dst + iy * uint64(ww) + x] = acc[src + x]
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def conv_sampled_grad_wide(
     rows: np.ndarray,
     cols: np.ndarray,
     dyw: np.ndarray,
+    d_off: int,
     xp: np.ndarray,
     out: np.ndarray,
     kh: int,
@@ -348,12 +308,17 @@ def conv_sampled_grad_wide(
     cout_g: int,
     cin_g: int,
 ) -> None:
-    """out[k] = dL/dW at (rows[k], cols[k]) of a stride-1 conv, from the zero-right-padded dyw and padded xp."""
-    nn, oo, ho, wp = dyw.shape
-    cc, hp = xp.shape[1], xp.shape[2]
+    """out[k] = dL/dW at (rows[k], cols[k]) of a stride-1 conv, from padded xp and the output gradient.
+
+    dyw holds the output gradient at flat offset d_off of each plane, with the padded input's row
+    pitch and zeros in the extra columns (so they add nothing to the dot products).
+    """
+    nn, oo, hd, wd = dyw.shape
+    cc, hp, wp = xp.shape[1], xp.shape[2], xp.shape[3]
+    ho = hp - kh + 1
     kk = kh * kw
     plane = hp * wp
-    oplane = ho * wp
+    oplane = hd * wd
     span = uint64((ho - 1) * wp + wp - kw + 1)
     df = dyw.ravel()
     xf = xp.ravel()
@@ -362,7 +327,7 @@ def conv_sampled_grad_wide(
         off = (o // cout_g) * cin_g * plane + _wide_offset(cols[k], kk, kw, plane, wp)
         total = 0.0  # float64 across images; float32 (vectorized) within one
         for n in range(nn):
-            d0 = uint64((n * oo + o) * oplane)
+            d0 = uint64((n * oo + o) * oplane + d_off)
             x0 = uint64(n * cc * plane + off)
             s = np.float32(0.0)
             for j in range(span):

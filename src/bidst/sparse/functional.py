@@ -184,22 +184,35 @@ class _SparseConv2dFn(torch.autograd.Function):
         o, cin_g, kh, kw = s.shape
         cout_g = o // s.groups
         n, (h, w) = dy.shape[0], ctx.in_hw
-        if ctx.wide:
-            ds = F.pad(dy, (0, w + 2 * pw - dy.shape[3])).contiguous()
-        else:
-            ds = _to_chwn(dy)
+        # stride 1: the input gradient is the forward conv of dy, padded by k - 1 - p, with the
+        # transposed, flipped weight (structure.by_input()); strided convs use a gather kernel
+        ah, aw = kh - 1 - ph, kw - 1 - pw
         dx = dv = db = None
+        if ctx.wide:
+            wp = w + 2 * pw
+            dfull = F.pad(dy, (aw, aw, ah, ah)).contiguous() if ctx.needs_input_grad[0] else None
+            if dfull is not None and dfull.shape[3] == wp:  # "same" padding: dfull has the input's row pitch
+                ds, d_off = dfull, ah * wp + aw
+            else:
+                ds, d_off = F.pad(dy, (0, wp - dy.shape[3])).contiguous(), 0
+        else:
+            ds, dfull, d_off = _to_chwn(dy), None, 0
         if ctx.needs_input_grad[0]:
             idx = s.by_input()
             dx = torch.empty(n, s.in_channels, h, w, dtype=torch.float32)
             vin = _np(values)[idx.perm]
-            if ctx.wide:
-                KC.conv_input_grad_wide(idx.ptr, idx.rows, idx.cols, vin, _np(ds), _np(dx), kh, kw, ph, pw)
+            zeros = np.zeros(s.in_channels, np.float32)
+            if dfull is not None:
+                KC.conv_forward_wide(idx.ptr, idx.tcols, vin, zeros, _np(dfull), _np(dx), kh, kw, cin_g, cout_g)
+            elif (sh, sw) == (1, 1):
+                KC.conv_forward(
+                    idx.ptr, idx.tcols, vin, zeros, _np(ds), _np(dx), 1, 1, ah, aw, kh, kw, cin_g, cout_g
+                )
             else:
                 KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, _np(ds), _np(dx), sh, sw, ph, pw, kh, kw)
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            _conv_weight_grad(ctx, s.rows, s.cols, ds, xs, dv)
+            _conv_weight_grad(ctx, s.rows, s.cols, ds, d_off, xs, dv)
         if ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         if s.samples_all:
@@ -212,19 +225,21 @@ class _SparseConv2dFn(torch.autograd.Function):
         elif s.sampled_positions is not None:
             rows, cols = _sampled_rows_cols(s)
             g = torch.empty(rows.size, dtype=torch.float32)
-            _conv_weight_grad(ctx, rows, cols, ds, xs, g)
+            _conv_weight_grad(ctx, rows, cols, ds, d_off, xs, g)
             s.add_sampled_grad(g)
         return dx, dv, db, None, None
 
 
-def _conv_weight_grad(ctx: Any, rows: np.ndarray, cols: np.ndarray, ds: Tensor, xs: Tensor, out: Tensor) -> None:
+def _conv_weight_grad(
+    ctx: Any, rows: np.ndarray, cols: np.ndarray, ds: Tensor, d_off: int, xs: Tensor, out: Tensor
+) -> None:
     """Weight gradient at positions (rows, cols) into `out`, with the layouts the forward chose."""
     s: SparseStructure = ctx.structure
     (sh, sw), (ph, pw) = ctx.geom
     o, cin_g, kh, kw = s.shape
     cout_g = o // s.groups
     if ctx.wide:
-        KC.conv_sampled_grad_wide(rows, cols, _np(ds), _np(xs), _np(out), kh, kw, cout_g, cin_g)
+        KC.conv_sampled_grad_wide(rows, cols, _np(ds), d_off, _np(xs), _np(out), kh, kw, cout_g, cin_g)
     else:
         KC.conv_sampled_grad(rows, cols, _np(ds), _np(xs), _np(out), sh, sw, ph, pw, kh, kw, cout_g, cin_g)
 

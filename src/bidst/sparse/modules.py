@@ -230,8 +230,7 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
 
     Kept weights keep their state, grown ones start from zero; scalar state (Adam's step) is untouched.
     """
-    old_nnz = delta.old_to_new.shape[0]
     state = optimizer.state.get(param, {})
     for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == old_nnz:
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == delta.old_nnz:
             state[key] = delta.remap(value)

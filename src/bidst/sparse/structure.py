@@ -35,36 +35,62 @@ _MERGE_ERRORS = {
 
 
 @njit(cache=True)
+def _sort_bounded(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, argsort) of non-negative int64 keys below `bound`: LSD radix sort, 11 bits a pass."""
+    n = keys.size
+    order = np.arange(n)
+    tmp = np.empty(n, np.int64)
+    shift = 0
+    while shift == 0 or (bound - 1) >> shift:
+        counts = np.zeros(2049, np.int64)
+        for i in range(n):
+            counts[((keys[order[i]] >> shift) & 2047) + 1] += 1
+        for d in range(2048):
+            counts[d + 1] += counts[d]
+        for i in range(n):
+            d = (keys[order[i]] >> shift) & 2047
+            tmp[counts[d]] = order[i]
+            counts[d] += 1
+        order, tmp = tmp, order
+        shift += 11
+    return keys[order], order
+
+
+@njit(cache=True)
 def _merge(
     flat: np.ndarray, drop: np.ndarray, grow: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """One pass over sorted active, dropped and grown positions: (new flat, old->new slot, grown slots, error)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """One pass over sorted active, dropped and grown positions: (new flat, kept old slots, their new slots,
+    grown slots, error)."""
     n_new = max(flat.size - drop.size + grow.size, 0)
+    n_kept = max(flat.size - drop.size, 0)
     new_flat = np.empty(n_new, np.int64)
-    old_to_new = np.full(flat.size, -1, np.int64)
+    kept_old = np.empty(n_kept, np.int64)
+    kept_new = np.empty(n_kept, np.int64)
     grown_slots = np.empty(grow.size, np.int64)
     i = j = g = out = 0
     while i < flat.size or g < grow.size:
         if g < grow.size and (i == flat.size or grow[g] < flat[i]):
             if (g > 0 and grow[g] == grow[g - 1]) or out == n_new:
-                return new_flat, old_to_new, grown_slots, 2
+                return new_flat, kept_old, kept_new, grown_slots, 2
             new_flat[out] = grow[g]
             grown_slots[g] = out
             out += 1
             g += 1
             continue
         if g < grow.size and grow[g] == flat[i]:
-            return new_flat, old_to_new, grown_slots, 2
+            return new_flat, kept_old, kept_new, grown_slots, 2
         if j < drop.size and drop[j] == flat[i]:
             j += 1
         else:
-            if (j < drop.size and drop[j] < flat[i]) or out == n_new:
-                return new_flat, old_to_new, grown_slots, 1
+            if (j < drop.size and drop[j] < flat[i]) or out == n_new or i - j == n_kept:
+                return new_flat, kept_old, kept_new, grown_slots, 1
             new_flat[out] = flat[i]
-            old_to_new[i] = out
+            kept_old[i - j] = i
+            kept_new[i - j] = out
             out += 1
         i += 1
-    return new_flat, old_to_new, grown_slots, 0 if j == drop.size else 1
+    return new_flat, kept_old, kept_new, grown_slots, 0 if j == drop.size else 1
 
 
 def _as_positions(positions: Tensor | np.ndarray, numel: int, what: str) -> np.ndarray:
@@ -78,28 +104,37 @@ def _as_positions(positions: Tensor | np.ndarray, numel: int, what: str) -> np.n
 
 
 class InputIndex(NamedTuple):
-    """Slots grouped by input channel: channel c reads slots perm[ptr[c]:ptr[c + 1]]."""
+    """Slots grouped by input channel: channel c reads slots perm[ptr[c]:ptr[c + 1]].
+
+    Read as CSR, (ptr, tcols, values[perm]) is the transposed weight (Linear) or the transposed,
+    spatially flipped weight (Conv2d) whose forward computes the input gradient.
+    """
 
     ptr: np.ndarray  # (in_channels + 1,) int64
     perm: np.ndarray  # (nnz,) int64 slot numbers
     rows: np.ndarray  # (nnz,) int32 output channel of each listed slot
     cols: np.ndarray  # (nnz,) int32 in-row position of each listed slot
+    tcols: np.ndarray  # (nnz,) int32 position in the transposed (flipped) weight's row
 
 
 @dataclass(frozen=True, eq=False)
 class TopologyDelta:
     """How the compact value slots of a structure map onto those of its updated successor."""
 
-    old_to_new: np.ndarray  # (old nnz,) int64: new slot of each old slot, -1 where dropped
+    kept_old: np.ndarray  # (kept,) int64: old slots that stay active...
+    kept_new: np.ndarray  # (kept,) int64: ...and their new slots
     grown_slots: np.ndarray  # (n grown,) int64: new slot of each grown position, in the caller's order
+    old_nnz: int
     new_nnz: int
 
     def remap(self, old: Tensor, grown: Tensor | float = 0.0) -> Tensor:
         """A new (new_nnz, ...) tensor: kept slots carry `old`'s entries, grown slots get `grown`."""
-        kept_old = np.flatnonzero(self.old_to_new >= 0)
-        new = old.new_zeros((self.new_nnz, *old.shape[1:]))
+        if old.shape[0] != self.old_nnz:
+            raise ValueError(f"expected {self.old_nnz} entries, got {old.shape[0]}")
         dev = old.device
-        new[torch.from_numpy(self.old_to_new[kept_old]).to(dev)] = old[torch.from_numpy(kept_old).to(dev)]
+        new = old.new_zeros((self.new_nnz, *old.shape[1:]))
+        kept = old.index_select(0, torch.from_numpy(self.kept_old).to(dev))
+        new.index_copy_(0, torch.from_numpy(self.kept_new).to(dev), kept)
         new[torch.from_numpy(self.grown_slots).to(dev)] = torch.as_tensor(grown, dtype=old.dtype, device=dev)
         return new
 
@@ -184,7 +219,15 @@ class SparseStructure:
                 cout_g = self.shape[0] // self.groups
                 chan = ((self.rows // cout_g) * self.shape[1] + self.cols // kk).astype(np.int32)
             ptr, perm = _group_by_channel(chan, self.in_channels)
-            self._by_input = InputIndex(ptr, perm, self.rows[perm], self.cols[perm])
+            rows, cols = self.rows[perm], self.cols[perm]
+            if len(self.shape) == 2:
+                tcols = rows
+            else:
+                kh, kw = self.kernel_size
+                r = cols % kk
+                flipped = (kh - 1 - r // kw) * kw + (kw - 1 - r % kw)
+                tcols = ((rows % cout_g) * kk + flipped).astype(np.int32)
+            self._by_input = InputIndex(ptr, perm, rows, cols, tcols)
         return self._by_input
 
     def flat_indices(self, device: torch.device | str = "cpu") -> Tensor:
@@ -219,16 +262,15 @@ class SparseStructure:
         Raises ValueError if a dropped position is not active, a grown one is active after the drop,
         or either list repeats a position.
         """
-        drop = np.sort(_as_positions(dropped, self.numel, "dropped"))
-        grow = _as_positions(grown, self.numel, "grown")
-        order = np.argsort(grow)
-        new_flat, old_to_new, slots_sorted, error = _merge(self.flat, drop, grow[order])
+        drop, _ = _sort_bounded(_as_positions(dropped, self.numel, "dropped"), self.numel)
+        grow, order = _sort_bounded(_as_positions(grown, self.numel, "grown"), self.numel)
+        new_flat, kept_old, kept_new, slots_sorted, error = _merge(self.flat, drop, grow)
         if error:
             raise ValueError(_MERGE_ERRORS[error])
         grown_slots = np.empty(grow.size, dtype=np.int64)
         grown_slots[order] = slots_sorted
         new = SparseStructure(self.shape, new_flat, self.groups)
-        return new, TopologyDelta(old_to_new, grown_slots, new.nnz)
+        return new, TopologyDelta(kept_old, kept_new, grown_slots, self.nnz, new.nnz)
 
     def request_sampled_grad(self, positions: Tensor | np.ndarray | None = None) -> None:
         """Make every following backward add dL/dW at these flat positions (None: all) to `sampled_grad`.
