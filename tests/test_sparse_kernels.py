@@ -91,7 +91,8 @@ def conv_cases(draw):
     groups = {"one": 1, "two": 2, "depthwise": draw(st.integers(1, 6))}[groups_kind]
     cout = groups * draw(st.integers(1, 3 if groups_kind == "depthwise" else 5))
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh = draw(st.integers(1, 3))
+    sw = sh if draw(st.booleans()) else draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
     h = draw(st.integers(max(1, kh - 2 * ph), 11))
     w = draw(st.integers(max(1, kw - 2 * pw), 11))
@@ -109,7 +110,7 @@ def conv_cases(draw):
     seed=st.integers(0, 2**16),
 )
 def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias, seed, wide):
-    """Both kernel families: "wide" (stride 1 only, forced here for any width) and CHWN."""
+    """Both kernel families: "wide" (square strides, forced here for any width) and CHWN."""
     gen = torch.Generator().manual_seed(seed)
     shape = (case["cout"], case["cin"] // case["groups"], *case["k"])
     mask = random_mask(shape, density, gen, empty_rows)
@@ -139,6 +140,8 @@ def test_realistic_shapes_and_dense_sampled_grad():
     for shape, geo, x_shape in [
         ((32, 16, 3, 3), dict(stride=2, padding=1), (16, 16, 16, 16)),
         ((16, 16, 3, 3), dict(stride=1, padding=1), (8, 16, 16, 16)),
+        ((16, 8, 3, 3), dict(stride=2, padding=1), (4, 8, 32, 32)),
+        ((16, 8, 1, 1), dict(stride=2, padding=0), (4, 8, 31, 31)),
         ((64, 128), None, (32, 128)),
     ]:
         mask = torch.rand(shape, generator=gen) < 0.1

@@ -42,14 +42,6 @@ def _bias_np(bias: Tensor | None, n: int) -> np.ndarray:
     return np.zeros(n, np.float32) if bias is None else _np(bias.contiguous())
 
 
-def _sampled_rows_cols(structure: SparseStructure) -> tuple[np.ndarray, np.ndarray]:
-    """Row and in-row position (int32) of each requested sampled position."""
-    pos = structure.sampled_positions
-    assert pos is not None
-    rows = pos // structure.row_size
-    return rows.astype(np.int32), (pos - rows * structure.row_size).astype(np.int32)
-
-
 def _record_dense_sample(structure: SparseStructure, dense_grad: Tensor) -> None:
     """Adds the requested entries of a dense weight gradient to the structure's sampled gradient."""
     flat = dense_grad.reshape(-1)
@@ -99,7 +91,7 @@ class _SparseLinearFn(torch.autograd.Function):
         if s.samples_all:
             s.add_sampled_grad((dyt @ xt.t()).reshape(-1))
         elif s.sampled_positions is not None:
-            rows, cols = _sampled_rows_cols(s)
+            rows, cols = _rows_cols(s, s.sampled_positions)
             g = torch.empty(rows.size, dtype=torch.float32)
             KL.sampled_dot_t(rows, cols, _np(dyt), _np(xt), _np(g))
             s.add_sampled_grad(g)
@@ -141,14 +133,121 @@ def _to_chwn(x: Tensor) -> Tensor:
     return out
 
 
-# Stride-1 convolutions whose output is at least this wide run on padded NCHW planes ("wide" kernels:
-# no transposes, long vectors); the others on the batch-innermost CHWN layout, which vectorizes
-# over the batch and so stays efficient for small maps and strides.
+# Convolutions with a square stride whose output is at least this wide run on the "wide" kernels
+# (padded NCHW planes, no transposes, long vectors); the others on the batch-innermost CHWN
+# layout, which vectorizes over the batch and so stays efficient for small maps.
 WIDE_MIN_WIDTH = 12
 
 
-class _SparseConv2dFn(torch.autograd.Function):
-    """Direct sparse Conv2d: "wide" padded-NCHW kernels or CHWN kernels (see _kernels_conv)."""
+def _rows_cols(structure: SparseStructure, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and in-row position (int32) of flat positions of `structure`'s weight."""
+    rows = positions // structure.row_size
+    return rows.astype(np.int32), (positions - rows * structure.row_size).astype(np.int32)
+
+
+class _WidePlan(NamedTuple):
+    """A conv as a stride-1 conv over zero-padded (and, for stride s > 1, space-to-depth) input."""
+
+    structure: SparseStructure  # the working weight: the original or its space-to-depth twin
+    perm: np.ndarray | None  # working slot -> original slot (None: the same)
+    stride: int
+    pads: tuple[int, int, int, int]  # (left, right, top, bottom) padding of the input; negative crops
+
+
+def _wide_plan(structure: SparseStructure, geom: ConvGeometry, h: int, w: int) -> _WidePlan:
+    """The working weight and input padding for the wide kernels."""
+    s, (ph, pw) = geom.stride[0], geom.padding
+    if s == 1:
+        return _WidePlan(structure, None, 1, (pw, pw, ph, ph))
+    ws, perm = structure.space_to_depth(s)
+    kh, kw = structure.kernel_size
+    kh2, kw2 = ws.kernel_size
+    ho, wo = (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1
+    return _WidePlan(ws, perm, s, (pw, s * (wo + kw2 - 1) - w - pw, ph, s * (ho + kh2 - 1) - h - ph))
+
+
+def _working_positions(plan: _WidePlan, structure: SparseStructure, positions: np.ndarray) -> np.ndarray:
+    """Flat positions of the original weight mapped into the working weight."""
+    return positions if plan.perm is None else structure.s2d_positions(positions, plan.stride)
+
+
+class _WideConvFn(torch.autograd.Function):
+    """Sparse Conv2d on the wide kernels (square strides; see _kernels_conv)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure, geom: ConvGeometry
+    ) -> Tensor:
+        n, _, h, w = x.shape
+        kh, kw = structure.kernel_size
+        (s, _), (ph, pw) = geom
+        plan = _wide_plan(structure, geom, h, w)
+        ws = plan.structure
+        o, cin_w, kh2, kw2 = ws.shape
+        xs = F.pad(x, plan.pads)
+        xs = (F.pixel_unshuffle(xs, s) if s > 1 else xs).contiguous()
+        vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
+        y = torch.empty(n, o, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1, dtype=torch.float32)
+        KC.conv_forward_wide(ws.indptr, ws.cols, vals, _bias_np(bias, o), _np(xs), _np(y), kh2, kw2, o // ws.groups, cin_w)
+        ctx.save_for_backward(xs, values)
+        ctx.structure, ctx.plan, ctx.in_hw = structure, plan, (h, w)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        xs, values = ctx.saved_tensors
+        s: SparseStructure = ctx.structure
+        plan: _WidePlan = ctx.plan
+        ws, stride = plan.structure, plan.stride
+        o, cin_w, kh2, kw2 = ws.shape
+        cout_g = o // ws.groups
+        n, (h, w), (hs, wsw) = dy.shape[0], ctx.in_hw, xs.shape[2:]
+        # input gradient = forward conv of dy, padded by k - 1, with the transposed, flipped weight;
+        # at stride 1 the input's padding is taken off here already (a crop costs nothing here)
+        pl, pr, pt, pb = plan.pads if stride == 1 else (0, 0, 0, 0)
+        pads = (kw2 - 1 - pl, kw2 - 1 - pr, kh2 - 1 - pt, kh2 - 1 - pb)
+        dfull = F.pad(dy, pads).contiguous() if ctx.needs_input_grad[0] else None
+        if dfull is not None and dfull.shape[3] == wsw and pads[0] >= 0 and pads[2] >= 0:
+            ds, d_off = dfull, pads[2] * wsw + pads[0]  # dy sits inside dfull with the input's row pitch
+        else:
+            ds, d_off = F.pad(dy, (0, wsw - dy.shape[3])).contiguous(), 0
+        vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
+        dx = dv = db = None
+        if dfull is not None:
+            idx = ws.by_input()
+            dxw = torch.empty(n, ws.in_channels, *((h, w) if stride == 1 else (hs, wsw)), dtype=torch.float32)
+            zeros = np.zeros(ws.in_channels, np.float32)
+            KC.conv_forward_wide(idx.ptr, idx.tcols, vals[idx.perm], zeros, _np(dfull), _np(dxw), kh2, kw2, cin_w, cout_g)
+            if stride == 1:
+                dx = dxw
+            else:
+                l_, r_, t_, b_ = plan.pads
+                dx = F.pad(F.pixel_shuffle(dxw, stride), (-l_, -r_, -t_, -b_))
+        if ctx.needs_input_grad[1]:
+            dvw = torch.empty(s.nnz, dtype=torch.float32)
+            KC.conv_sampled_grad_wide(ws.rows, ws.cols, _np(ds), d_off, _np(xs), _np(dvw), kh2, kw2, cout_g, cin_w)
+            if plan.perm is None:
+                dv = dvw
+            else:
+                dv = torch.empty_like(dvw)
+                dv[torch.from_numpy(plan.perm)] = dvw
+        if ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        if s.samples_all:
+            g = torch.nn.grad.conv2d_weight(xs, ws.shape, dy, groups=ws.groups).reshape(-1)
+            if plan.perm is not None:
+                g = g[torch.from_numpy(s.s2d_positions(np.arange(s.numel), stride))]
+            s.add_sampled_grad(g)
+        elif s.sampled_positions is not None:
+            rows, cols = _rows_cols(ws, _working_positions(plan, s, s.sampled_positions))
+            g = torch.empty(rows.size, dtype=torch.float32)
+            KC.conv_sampled_grad_wide(rows, cols, _np(ds), d_off, _np(xs), _np(g), kh2, kw2, cout_g, cin_w)
+            s.add_sampled_grad(g)
+        return dx, dv, db, None, None
+
+
+class _ChwnConvFn(torch.autograd.Function):
+    """Sparse Conv2d on the batch-innermost CHWN kernels (any stride; see _kernels_conv)."""
 
     @staticmethod
     def forward(
@@ -157,91 +256,52 @@ class _SparseConv2dFn(torch.autograd.Function):
         n, _, h, w = x.shape
         o, cin_g, kh, kw = structure.shape
         (sh, sw), (ph, pw) = geom
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        cout_g = o // structure.groups
-        y = torch.empty(n, o, ho, wo, dtype=torch.float32)
-        ctx.wide = (sh, sw) == (1, 1) and wo >= WIDE_MIN_WIDTH
-        if ctx.wide:
-            xs = F.pad(x, (pw, pw, ph, ph)).contiguous()
-            KC.conv_forward_wide(
-                structure.indptr, structure.cols, _np(values), _bias_np(bias, o), _np(xs), _np(y), kh, kw, cout_g, cin_g
-            )
-        else:
-            xs = _to_chwn(x)
-            KC.conv_forward(
-                structure.indptr, structure.cols, _np(values), _bias_np(bias, o), _np(xs), _np(y),
-                sh, sw, ph, pw, kh, kw, cout_g, cin_g,
-            )  # fmt: skip
-        ctx.save_for_backward(xs, values)
-        ctx.structure, ctx.geom, ctx.in_hw = structure, geom, (h, w)
+        y = torch.empty(n, o, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, dtype=torch.float32)
+        xt = _to_chwn(x)
+        KC.conv_forward(
+            structure.indptr, structure.cols, _np(values), _bias_np(bias, o), _np(xt), _np(y),
+            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g,
+        )  # fmt: skip
+        ctx.save_for_backward(xt, values)
+        ctx.structure, ctx.geom = structure, geom
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xs, values = ctx.saved_tensors
+        xt, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
         (sh, sw), (ph, pw) = ctx.geom
         o, cin_g, kh, kw = s.shape
         cout_g = o // s.groups
-        n, (h, w) = dy.shape[0], ctx.in_hw
-        # stride 1: the input gradient is the forward conv of dy, padded by k - 1 - p, with the
-        # transposed, flipped weight (structure.by_input()); strided convs use a gather kernel
-        ah, aw = kh - 1 - ph, kw - 1 - pw
+        dyt = _to_chwn(dy)
+        geo = (sh, sw, ph, pw, kh, kw)
         dx = dv = db = None
-        if ctx.wide:
-            wp = w + 2 * pw
-            dfull = F.pad(dy, (aw, aw, ah, ah)).contiguous() if ctx.needs_input_grad[0] else None
-            if dfull is not None and dfull.shape[3] == wp:  # "same" padding: dfull has the input's row pitch
-                ds, d_off = dfull, ah * wp + aw
-            else:
-                ds, d_off = F.pad(dy, (0, wp - dy.shape[3])).contiguous(), 0
-        else:
-            ds, dfull, d_off = _to_chwn(dy), None, 0
         if ctx.needs_input_grad[0]:
             idx = s.by_input()
-            dx = torch.empty(n, s.in_channels, h, w, dtype=torch.float32)
+            c, h, w, n = xt.shape
+            dx = torch.empty(n, c, h, w, dtype=torch.float32)
             vin = _np(values)[idx.perm]
-            zeros = np.zeros(s.in_channels, np.float32)
-            if dfull is not None:
-                KC.conv_forward_wide(idx.ptr, idx.tcols, vin, zeros, _np(dfull), _np(dx), kh, kw, cin_g, cout_g)
-            elif (sh, sw) == (1, 1):
+            if (sh, sw) == (1, 1):  # forward conv of dy with the transposed, flipped weight
+                zeros = np.zeros(c, np.float32)
                 KC.conv_forward(
-                    idx.ptr, idx.tcols, vin, zeros, _np(ds), _np(dx), 1, 1, ah, aw, kh, kw, cin_g, cout_g
+                    idx.ptr, idx.tcols, vin, zeros, _np(dyt), _np(dx), 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g
                 )
             else:
-                KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, _np(ds), _np(dx), sh, sw, ph, pw, kh, kw)
+                KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, _np(dyt), _np(dx), *geo)
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            _conv_weight_grad(ctx, s.rows, s.cols, ds, d_off, xs, dv)
+            KC.conv_sampled_grad(s.rows, s.cols, _np(dyt), _np(xt), _np(dv), *geo, cout_g, cin_g)
         if ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
+            db = dyt.sum((1, 2, 3))
         if s.samples_all:
-            if ctx.wide:
-                x_nchw, pad = xs, (0, 0)
-            else:
-                x_nchw, pad = xs.permute(3, 0, 1, 2), (ph, pw)
-            g = torch.nn.grad.conv2d_weight(x_nchw, s.shape, dy, stride=(sh, sw), padding=pad, groups=s.groups)
+            g = torch.nn.grad.conv2d_weight(xt.permute(3, 0, 1, 2), s.shape, dy, (sh, sw), (ph, pw), groups=s.groups)
             s.add_sampled_grad(g.reshape(-1))
         elif s.sampled_positions is not None:
-            rows, cols = _sampled_rows_cols(s)
+            rows, cols = _rows_cols(s, s.sampled_positions)
             g = torch.empty(rows.size, dtype=torch.float32)
-            _conv_weight_grad(ctx, rows, cols, ds, d_off, xs, g)
+            KC.conv_sampled_grad(rows, cols, _np(dyt), _np(xt), _np(g), *geo, cout_g, cin_g)
             s.add_sampled_grad(g)
         return dx, dv, db, None, None
-
-
-def _conv_weight_grad(
-    ctx: Any, rows: np.ndarray, cols: np.ndarray, ds: Tensor, d_off: int, xs: Tensor, out: Tensor
-) -> None:
-    """Weight gradient at positions (rows, cols) into `out`, with the layouts the forward chose."""
-    s: SparseStructure = ctx.structure
-    (sh, sw), (ph, pw) = ctx.geom
-    o, cin_g, kh, kw = s.shape
-    cout_g = o // s.groups
-    if ctx.wide:
-        KC.conv_sampled_grad_wide(rows, cols, _np(ds), d_off, _np(xs), _np(out), kh, kw, cout_g, cin_g)
-    else:
-        KC.conv_sampled_grad(rows, cols, _np(ds), _np(xs), _np(out), sh, sw, ph, pw, kh, kw, cout_g, cin_g)
 
 
 def sparse_conv2d(
@@ -268,4 +328,6 @@ def sparse_conv2d(
     if _pair(dilation) != (1, 1) or not uses_kernels(x, values, bias):
         w = _masked_dense_weight(values, structure)
         return F.conv2d(x, w, bias, geom.stride, geom.padding, _pair(dilation), structure.groups)
-    return _SparseConv2dFn.apply(x, values.contiguous(), bias, structure, geom)
+    (sh, sw), (ph, pw) = geom
+    wide = sh == sw and (x.shape[3] + 2 * pw - kw) // sw + 1 >= WIDE_MIN_WIDTH
+    return (_WideConvFn if wide else _ChwnConvFn).apply(x, values.contiguous(), bias, structure, geom)
