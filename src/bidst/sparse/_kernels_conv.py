@@ -334,3 +334,66 @@ def conv_sampled_grad_wide(
                 s += df[d0 + j] * xf[x0 + j]
             total += s
         out[k] = total
+
+
+@njit(inline="always")
+def _phase_range(q: int, left: int, s: int, w: int, n_out: int) -> tuple[int, int]:
+    """Indices j < n_out whose source column s*j + q - left lies inside [0, w)."""
+    return max(0, (left - q + s - 1) // s), min(n_out, (w - 1 + left - q) // s + 1)
+
+
+@njit(parallel=True, cache=True)
+def pad_space_to_depth(x: np.ndarray, out: np.ndarray, s: int, top: int, left: int, kh: int, kw: int) -> None:
+    """out[n, (c*s + r)*s + q, i, j] = x[n, c, s*i + r - top, s*j + q - left], zero outside x.
+
+    Only phases r < kh, q < kw are written: the others hold no weight of a kh x kw kernel, and are
+    never read by the sparse kernels (a 1x1 stride-2 conv copies a quarter of its input).
+    """
+    nn, cc, hh, ww = x.shape
+    hs, wsw = out.shape[2], out.shape[3]
+    xf = x.ravel()
+    of = out.ravel()
+    for task in prange(nn * cc):
+        for r in range(min(s, kh)):
+            for q in range(min(s, kw)):
+                j0, j1 = _phase_range(q, left, s, ww, wsw)
+                base = uint64((task * s * s + r * s + q) * hs * wsw)
+                for i in range(hs):
+                    dst = base + uint64(i * wsw)
+                    y = s * i + r - top
+                    if y < 0 or y >= hh or j0 >= j1:
+                        for j in range(uint64(wsw)):
+                            of[dst + j] = 0.0
+                        continue
+                    for j in range(uint64(j0)):
+                        of[dst + j] = 0.0
+                    src = uint64((task * hh + y) * ww + q - left)
+                    for j in range(uint64(j0), uint64(j1)):
+                        of[dst + j] = xf[src + j * uint64(s)]
+                    for j in range(uint64(j1), uint64(wsw)):
+                        of[dst + j] = 0.0
+
+
+@njit(parallel=True, cache=True)
+def depth_to_space_crop(xs: np.ndarray, out: np.ndarray, s: int, top: int, left: int) -> None:
+    """The inverse of pad_space_to_depth: out[n, c, s*i + r - top, s*j + q - left] = xs[n, (c*s + r)*s + q, i, j].
+
+    Entries of `out` that no (i, j) reaches are left untouched (the caller zeroes them when needed).
+    """
+    nn, cc, hh, ww = out.shape
+    hs, wsw = xs.shape[2], xs.shape[3]
+    xf = xs.ravel()
+    of = out.ravel()
+    for task in prange(nn * cc):
+        for r in range(s):
+            for q in range(s):
+                j0, j1 = _phase_range(q, left, s, ww, wsw)
+                base = uint64((task * s * s + r * s + q) * hs * wsw)
+                for i in range(hs):
+                    y = s * i + r - top
+                    if y < 0 or y >= hh:
+                        continue
+                    src = base + uint64(i * wsw)
+                    dst = uint64((task * hh + y) * ww + q - left)
+                    for j in range(uint64(j0), uint64(j1)):
+                        of[dst + j * uint64(s)] = xf[src + j]

@@ -184,8 +184,12 @@ class _WideConvFn(torch.autograd.Function):
         plan = _wide_plan(structure, geom, h, w)
         ws = plan.structure
         o, cin_w, kh2, kw2 = ws.shape
-        xs = F.pad(x, plan.pads)
-        xs = (F.pixel_unshuffle(xs, s) if s > 1 else xs).contiguous()
+        if s == 1:
+            xs = F.pad(x, plan.pads).contiguous()
+        else:
+            l_, r_, t_, b_ = plan.pads
+            xs = torch.empty(n, ws.in_channels, (h + t_ + b_) // s, (w + l_ + r_) // s, dtype=torch.float32)
+            KC.pad_space_to_depth(_np(x.contiguous()), _np(xs), s, t_, l_, kh, kw)
         vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
         y = torch.empty(n, o, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1, dtype=torch.float32)
         KC.conv_forward_wide(ws.indptr, ws.cols, vals, _bias_np(bias, o), _np(xs), _np(y), kh2, kw2, o // ws.groups, cin_w)
@@ -221,8 +225,9 @@ class _WideConvFn(torch.autograd.Function):
             if stride == 1:
                 dx = dxw
             else:
-                l_, r_, t_, b_ = plan.pads
-                dx = F.pad(F.pixel_shuffle(dxw, stride), (-l_, -r_, -t_, -b_))
+                covered = hs * stride >= h + plan.pads[2] and wsw * stride >= w + plan.pads[0]
+                dx = (torch.empty if covered else torch.zeros)(n, s.in_channels, h, w, dtype=torch.float32)
+                KC.depth_to_space_crop(_np(dxw), _np(dx), stride, plan.pads[2], plan.pads[0])
         if ctx.needs_input_grad[1]:
             dvw = torch.empty(s.nnz, dtype=torch.float32)
             KC.conv_sampled_grad_wide(ws.rows, ws.cols, _np(ds), d_off, _np(xs), _np(dvw), kh2, kw2, cout_g, cin_w)
@@ -233,7 +238,7 @@ class _WideConvFn(torch.autograd.Function):
                 dv[torch.from_numpy(plan.perm)] = dvw
         if ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
-        if s.samples_all:
+        if s.samples_all:  # (phases of xs that no weight reads are not initialized: their entries are dropped)
             g = torch.nn.grad.conv2d_weight(xs, ws.shape, dy, groups=ws.groups).reshape(-1)
             if plan.perm is not None:
                 g = g[torch.from_numpy(s.s2d_positions(np.arange(s.numel), stride))]
