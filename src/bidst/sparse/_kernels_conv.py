@@ -307,11 +307,14 @@ def conv_sampled_grad_wide(
     kw: int,
     cout_g: int,
     cin_g: int,
+    nchunk: int,
 ) -> None:
     """out[k] = dL/dW at (rows[k], cols[k]) of a stride-1 conv, from padded xp and the output gradient.
 
     dyw holds the output gradient at flat offset d_off of each plane, with the padded input's row
-    pitch and zeros in the extra columns (so they add nothing to the dot products).
+    pitch and zeros in the extra columns (so they add nothing to the dot products). Images are split
+    into one chunk per thread and each chunk visits every position: the planes of an image stay in
+    cache while all positions read them, so the inputs are streamed once. `nchunk`: the thread count.
     """
     nn, oo, hd, wd = dyw.shape
     cc, hp, wp = xp.shape[1], xp.shape[2], xp.shape[3]
@@ -322,18 +325,55 @@ def conv_sampled_grad_wide(
     span = uint64((ho - 1) * wp + wp - kw + 1)
     df = dyw.ravel()
     xf = xp.ravel()
-    for k in prange(rows.shape[0]):
-        o = rows[k]
-        off = (o // cout_g) * cin_g * plane + _wide_offset(cols[k], kk, kw, plane, wp)
-        total = 0.0  # float64 across images; float32 (vectorized) within one
-        for n in range(nn):
-            d0 = uint64((n * oo + o) * oplane + d_off)
-            x0 = uint64(n * cc * plane + off)
-            s = np.float32(0.0)
-            for j in range(span):
-                s += df[d0 + j] * xf[x0 + j]
-            total += s
-        out[k] = total
+    npos = rows.shape[0]
+    offs = np.empty(npos, np.int64)
+    for k in range(npos):
+        offs[k] = (rows[k] // cout_g) * cin_g * plane + _wide_offset(cols[k], kk, kw, plane, wp)
+    nchunk = max(1, min(nn, nchunk))
+    partial = np.zeros((nchunk, npos))  # float64 across images; float32 (vectorized) within one
+    for t in prange(nchunk):
+        for n in range(t * nn // nchunk, (t + 1) * nn // nchunk):
+            for k in range(npos):
+                d0 = uint64((n * oo + rows[k]) * oplane + d_off)
+                x0 = uint64(n * cc * plane + offs[k])
+                s = np.float32(0.0)
+                for j in range(span):
+                    s += df[d0 + j] * xf[x0 + j]
+                partial[t, k] += s
+    for k in range(npos):
+        out[k] = partial[:, k].sum()
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def pad_planes(x: np.ndarray, out: np.ndarray, top: int, left: int, sums: np.ndarray) -> None:
+    """Copies NCHW x into the zeroed borders of out at (top, left); sums[n, c] = sum of plane (n, c) (float64)."""
+    nn, cc, hh, ww = x.shape
+    hp, wp = out.shape[2], out.shape[3]
+    xf = x.ravel()
+    of = out.ravel()
+    w = uint64(ww)
+    for task in prange(nn * cc):
+        dst = uint64(task * hp * wp)
+        for j in range(uint64(top * wp)):
+            of[dst + j] = 0.0
+        total = 0.0
+        for y in range(hh):
+            d = dst + uint64((y + top) * wp)
+            for j in range(uint64(left)):
+                of[d + j] = 0.0
+            d += uint64(left)
+            src = uint64((task * hh + y) * ww)
+            acc = np.float32(0.0)
+            for j in range(w):
+                v = xf[src + j]
+                of[d + j] = v
+                acc += v
+            total += acc
+            for j in range(w, uint64(wp - left)):
+                of[d + j] = 0.0
+        for j in range(uint64((top + hh) * wp), uint64(hp * wp)):
+            of[dst + j] = 0.0
+        sums.ravel()[task] = total
 
 
 @njit(inline="always")

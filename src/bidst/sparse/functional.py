@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,17 @@ def _rows_cols(structure: SparseStructure, positions: np.ndarray) -> tuple[np.nd
     return rows.astype(np.int32), (positions - rows * structure.row_size).astype(np.int32)
 
 
+def _pad(x: Tensor, left: int, right: int, top: int, bottom: int) -> tuple[Tensor, Tensor | None]:
+    """(x zero-padded, contiguous; per-(image, channel) sums of x when they came free with the copy)."""
+    if min(left, right, top, bottom) < 0:
+        return F.pad(x, (left, right, top, bottom)).contiguous(), None
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, h + top + bottom, w + left + right, dtype=torch.float32)
+    sums = np.empty((n, c))
+    KC.pad_planes(_np(x.contiguous()), _np(out), top, left, sums)
+    return out, torch.from_numpy(sums)
+
+
 class _WidePlan(NamedTuple):
     """A conv as a stride-1 conv over zero-padded (and, for stride s > 1, space-to-depth) input."""
 
@@ -185,7 +197,7 @@ class _WideConvFn(torch.autograd.Function):
         ws = plan.structure
         o, cin_w, kh2, kw2 = ws.shape
         if s == 1:
-            xs = F.pad(x, plan.pads).contiguous()
+            xs, _ = _pad(x, *plan.pads)
         else:
             l_, r_, t_, b_ = plan.pads
             xs = torch.empty(n, ws.in_channels, (h + t_ + b_) // s, (w + l_ + r_) // s, dtype=torch.float32)
@@ -210,11 +222,11 @@ class _WideConvFn(torch.autograd.Function):
         # at stride 1 the input's padding is taken off here already (a crop costs nothing here)
         pl, pr, pt, pb = plan.pads if stride == 1 else (0, 0, 0, 0)
         pads = (kw2 - 1 - pl, kw2 - 1 - pr, kh2 - 1 - pt, kh2 - 1 - pb)
-        dfull = F.pad(dy, pads).contiguous() if ctx.needs_input_grad[0] else None
+        dfull, sums = _pad(dy, *pads) if ctx.needs_input_grad[0] else (None, None)
         if dfull is not None and dfull.shape[3] == wsw and pads[0] >= 0 and pads[2] >= 0:
             ds, d_off = dfull, pads[2] * wsw + pads[0]  # dy sits inside dfull with the input's row pitch
         else:
-            ds, d_off = F.pad(dy, (0, wsw - dy.shape[3])).contiguous(), 0
+            (ds, sums), d_off = _pad(dy, 0, wsw - dy.shape[3], 0, 0), 0
         vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
         dx = dv = db = None
         if dfull is not None:
@@ -230,14 +242,16 @@ class _WideConvFn(torch.autograd.Function):
                 KC.depth_to_space_crop(_np(dxw), _np(dx), stride, plan.pads[2], plan.pads[0])
         if ctx.needs_input_grad[1]:
             dvw = torch.empty(s.nnz, dtype=torch.float32)
-            KC.conv_sampled_grad_wide(ws.rows, ws.cols, _np(ds), d_off, _np(xs), _np(dvw), kh2, kw2, cout_g, cin_w)
+            KC.conv_sampled_grad_wide(
+                ws.rows, ws.cols, _np(ds), d_off, _np(xs), _np(dvw), kh2, kw2, cout_g, cin_w, numba.get_num_threads()
+            )
             if plan.perm is None:
                 dv = dvw
             else:
                 dv = torch.empty_like(dvw)
                 dv[torch.from_numpy(plan.perm)] = dvw
         if ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
+            db = dy.sum((0, 2, 3)) if sums is None else sums.sum(0).float()
         if s.samples_all:  # (phases of xs that no weight reads are not initialized: their entries are dropped)
             g = torch.nn.grad.conv2d_weight(xs, ws.shape, dy, groups=ws.groups).reshape(-1)
             if plan.perm is not None:
@@ -246,7 +260,9 @@ class _WideConvFn(torch.autograd.Function):
         elif s.sampled_positions is not None:
             rows, cols = _rows_cols(ws, _working_positions(plan, s, s.sampled_positions))
             g = torch.empty(rows.size, dtype=torch.float32)
-            KC.conv_sampled_grad_wide(rows, cols, _np(ds), d_off, _np(xs), _np(g), kh2, kw2, cout_g, cin_w)
+            KC.conv_sampled_grad_wide(
+                rows, cols, _np(ds), d_off, _np(xs), _np(g), kh2, kw2, cout_g, cin_w, numba.get_num_threads()
+            )
             s.add_sampled_grad(g)
         return dx, dv, db, None, None
 
