@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _kernels_conv as KC
 from . import _kernels_linear as KL
+from . import _kernels_wide as KW
 from .structure import SparseStructure
 
 
@@ -146,17 +147,6 @@ def _rows_cols(structure: SparseStructure, positions: np.ndarray) -> tuple[np.nd
     return rows.astype(np.int32), (positions - rows * structure.row_size).astype(np.int32)
 
 
-def _pad(x: Tensor, left: int, right: int, top: int, bottom: int) -> tuple[Tensor, Tensor | None]:
-    """(x zero-padded, contiguous; per-(image, channel) sums of x when they came free with the copy)."""
-    if min(left, right, top, bottom) < 0:
-        return F.pad(x, (left, right, top, bottom)).contiguous(), None
-    n, c, h, w = x.shape
-    out = torch.empty(n, c, h + top + bottom, w + left + right, dtype=torch.float32)
-    sums = np.empty((n, c))
-    KC.pad_planes(_np(x.contiguous()), _np(out), top, left, sums)
-    return out, torch.from_numpy(sums)
-
-
 class _WidePlan(NamedTuple):
     """A conv as a stride-1 conv over zero-padded (and, for stride s > 1, space-to-depth) input."""
 
@@ -184,87 +174,71 @@ def _working_positions(plan: _WidePlan, structure: SparseStructure, positions: n
 
 
 class _WideConvFn(torch.autograd.Function):
-    """Sparse Conv2d on the wide kernels (square strides; see _kernels_conv)."""
+    """Sparse Conv2d on the fused wide kernels (square strides; see _kernels_wide)."""
 
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure, geom: ConvGeometry
     ) -> Tensor:
+        x = x.contiguous()
         n, _, h, w = x.shape
         kh, kw = structure.kernel_size
         (s, _), (ph, pw) = geom
         plan = _wide_plan(structure, geom, h, w)
         ws = plan.structure
         o, cin_w, kh2, kw2 = ws.shape
-        if s == 1:
-            xs, _ = _pad(x, *plan.pads)
-        else:
-            l_, r_, t_, b_ = plan.pads
-            xs = torch.empty(n, ws.in_channels, (h + t_ + b_) // s, (w + l_ + r_) // s, dtype=torch.float32)
-            KC.pad_space_to_depth(_np(x.contiguous()), _np(xs), s, t_, l_, kh, kw)
+        left, right, top, bottom = plan.pads
         vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
         y = torch.empty(n, o, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1, dtype=torch.float32)
-        KC.conv_forward_wide(ws.indptr, ws.cols, vals, _bias_np(bias, o), _np(xs), _np(y), kh2, kw2, o // ws.groups, cin_w)
-        ctx.save_for_backward(xs, values)
-        ctx.structure, ctx.plan, ctx.in_hw = structure, plan, (h, w)
+        KW.wide_forward(
+            _np(x), ws.indptr, ws.cols, vals, _bias_np(bias, o), _np(y), s, top, left,
+            (h + top + bottom) // s, (w + left + right) // s, kh2, kw2, kh, kw, o // ws.groups, cin_w,
+        )  # fmt: skip
+        ctx.save_for_backward(x, values)
+        ctx.structure, ctx.plan, ctx.geom = structure, plan, geom
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xs, values = ctx.saved_tensors
+        x, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
         plan: _WidePlan = ctx.plan
         ws, stride = plan.structure, plan.stride
         o, cin_w, kh2, kw2 = ws.shape
-        cout_g = o // ws.groups
-        n, (h, w), (hs, wsw) = dy.shape[0], ctx.in_hw, xs.shape[2:]
-        # input gradient = forward conv of dy, padded by k - 1, with the transposed, flipped weight;
-        # at stride 1 the input's padding is taken off here already (a crop costs nothing here)
-        pl, pr, pt, pb = plan.pads if stride == 1 else (0, 0, 0, 0)
-        pads = (kw2 - 1 - pl, kw2 - 1 - pr, kh2 - 1 - pt, kh2 - 1 - pb)
-        dfull, sums = _pad(dy, *pads) if ctx.needs_input_grad[0] else (None, None)
-        if dfull is not None and dfull.shape[3] == wsw and pads[0] >= 0 and pads[2] >= 0:
-            ds, d_off = dfull, pads[2] * wsw + pads[0]  # dy sits inside dfull with the input's row pitch
-        else:
-            (ds, sums), d_off = _pad(dy, 0, wsw - dy.shape[3], 0, 0), 0
+        n, c, h, w = x.shape
+        left, right, top, bottom = plan.pads
+        need_dx = bool(ctx.needs_input_grad[0])
         vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
-        dx = dv = db = None
-        if dfull is not None:
+        # weight gradient positions: the active slots (working order), then any requested positions
+        rows, cols = (ws.rows, ws.cols) if ctx.needs_input_grad[1] else (ws.rows[:0], ws.cols[:0])
+        requested = s.sampled_positions
+        if requested is not None:
+            r2, c2 = _rows_cols(ws, _working_positions(plan, s, requested))
+            rows, cols = np.concatenate([rows, r2]), np.concatenate([cols, c2])
+        t_ptr, t_cols, t_vals = ws.indptr, ws.cols, vals  # placeholders of the right types
+        if need_dx:
             idx = ws.by_input()
-            dxw = torch.empty(n, ws.in_channels, *((h, w) if stride == 1 else (hs, wsw)), dtype=torch.float32)
-            zeros = np.zeros(ws.in_channels, np.float32)
-            KC.conv_forward_wide(idx.ptr, idx.tcols, vals[idx.perm], zeros, _np(dfull), _np(dxw), kh2, kw2, cin_w, cout_g)
-            if stride == 1:
-                dx = dxw
-            else:
-                covered = hs * stride >= h + plan.pads[2] and wsw * stride >= w + plan.pads[0]
-                dx = (torch.empty if covered else torch.zeros)(n, s.in_channels, h, w, dtype=torch.float32)
-                KC.depth_to_space_crop(_np(dxw), _np(dx), stride, plan.pads[2], plan.pads[0])
+            t_ptr, t_cols, t_vals = idx.ptr, idx.tcols, vals[idx.perm]
+        nchunk = max(1, min(n, numba.get_num_threads()))
+        grad_w = np.zeros((nchunk, rows.size))
+        grad_b = np.zeros((nchunk, o))
+        dx = torch.empty((n, c, h, w) if need_dx else (0,), dtype=torch.float32)
+        KW.wide_backward(
+            _np(x), _np(dy.contiguous()), t_ptr, t_cols, t_vals, rows, cols, _np(dx), grad_w, grad_b, stride, top, left,
+            (h + top + bottom) // stride, (w + left + right) // stride, kh2, kw2, *s.kernel_size, o // ws.groups, cin_w,
+            need_dx, nchunk,
+        )  # fmt: skip
+        gw = torch.from_numpy(grad_w.sum(0).astype(np.float32))
+        dv = None
         if ctx.needs_input_grad[1]:
-            dvw = torch.empty(s.nnz, dtype=torch.float32)
-            KC.conv_sampled_grad_wide(
-                ws.rows, ws.cols, _np(ds), d_off, _np(xs), _np(dvw), kh2, kw2, cout_g, cin_w, numba.get_num_threads()
-            )
-            if plan.perm is None:
-                dv = dvw
-            else:
-                dv = torch.empty_like(dvw)
-                dv[torch.from_numpy(plan.perm)] = dvw
-        if ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3)) if sums is None else sums.sum(0).float()
-        if s.samples_all:  # (phases of xs that no weight reads are not initialized: their entries are dropped)
-            g = torch.nn.grad.conv2d_weight(xs, ws.shape, dy, groups=ws.groups).reshape(-1)
-            if plan.perm is not None:
-                g = g[torch.from_numpy(s.s2d_positions(np.arange(s.numel), stride))]
-            s.add_sampled_grad(g)
-        elif s.sampled_positions is not None:
-            rows, cols = _rows_cols(ws, _working_positions(plan, s, s.sampled_positions))
-            g = torch.empty(rows.size, dtype=torch.float32)
-            KC.conv_sampled_grad_wide(
-                rows, cols, _np(ds), d_off, _np(xs), _np(g), kh2, kw2, cout_g, cin_w, numba.get_num_threads()
-            )
-            s.add_sampled_grad(g)
-        return dx, dv, db, None, None
+            dv = gw[: s.nnz] if plan.perm is None else torch.empty(s.nnz).index_copy_(0, torch.from_numpy(plan.perm), gw[: s.nnz])
+        if requested is not None:
+            s.add_sampled_grad(gw[rows.size - requested.size :])
+        if s.samples_all:
+            g = torch.nn.grad.conv2d_weight(x, s.shape, dy, ctx.geom.stride, ctx.geom.padding, groups=s.groups)
+            s.add_sampled_grad(g.reshape(-1))
+        db = torch.from_numpy(grad_b.sum(0).astype(np.float32)) if ctx.needs_input_grad[2] else None
+        return (dx if need_dx else None), dv, db, None, None
 
 
 class _ChwnConvFn(torch.autograd.Function):
