@@ -4,12 +4,14 @@ Dense and sparse steps are timed alternately in the same loop (interleaved repet
 medians compared, so machine load affects both alike. Not a test: it prints a Markdown table and
 optionally writes JSON.
 
-    PYTHONPATH=src python benchmarks/bench_kernels.py [--reps 9] [--json out.json] [--quick]
+    PYTHONPATH=src python benchmarks/bench_kernels.py [--reps 9] [--json out.json] [--quick] [--models]
+        [--threads 1 --clock cpu --stat min]   # the robust variant on a busy machine
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -20,8 +22,10 @@ from dataclasses import dataclass
 import numba
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from bidst.sparse import SparseStructure, sparse_conv2d, sparse_linear
+from bidst.models import create_model
+from bidst.sparse import SparseStructure, sparse_conv2d, sparse_linear, to_sparse_modules
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def make_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Call
 
 
 STAT: Callable[[list[float]], float] = statistics.median
+CLOCK: Callable[[], float] = time.perf_counter
 
 
 def interleaved(dense: Callable[[], None], sparse: Callable[[], None], reps: int) -> tuple[float, float]:
@@ -116,11 +121,11 @@ def interleaved(dense: Callable[[], None], sparse: Callable[[], None], reps: int
     sparse()
     td, ts = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         dense()
-        t1 = time.perf_counter()
+        t1 = CLOCK()
         sparse()
-        t2 = time.perf_counter()
+        t2 = CLOCK()
         td.append(t1 - t0)
         ts.append(t2 - t1)
     return STAT(td), STAT(ts)
@@ -154,6 +159,46 @@ def topology_update_times(density: float, swap: float, gen: torch.Generator) -> 
     return {"incremental_ms": t_incr * 1e3, "rebuild_ms": t_rebuild * 1e3}
 
 
+def mlp() -> nn.Module:
+    """A 1024-1024-1024-1024-10 ReLU MLP (the classifier stays dense)."""
+    return nn.Sequential(
+        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10),
+    )  # fmt: skip
+
+
+def model_steps(name: str, density: float, gen: torch.Generator) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(dense step, sparse step): forward, cross-entropy, backward and an SGD-momentum step of a whole model.
+
+    The sparse model has every Conv2d / Linear except the first conv and the classifier swapped for
+    its sparse twin at `density` (random masks); the dense model is the unmasked original.
+    """
+    if name == "mlp":
+        dense = mlp()
+        x = torch.randn(256, 1024, generator=gen)
+    else:
+        dense = create_model("resnet32", num_classes=10, in_channels=3, image_size=32)
+        x = torch.randn(64, 3, 32, 32, generator=gen)
+    target = torch.randint(0, 10, (x.shape[0],), generator=gen)
+    layers = [(n, m) for n, m in dense.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    skip = {layers[-1][0]} | ({layers[0][0]} if name != "mlp" else set())
+    masks = {f"{n}.weight": random_mask(tuple(m.weight.shape), density, gen) for n, m in layers if n not in skip}
+    sparse = copy.deepcopy(dense)
+    to_sparse_modules(sparse, masks)
+
+    def step(model: nn.Module) -> Callable[[], None]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), target).backward()
+            opt.step()
+
+        return run
+
+    return step(dense), step(sparse)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions per measurement")
@@ -161,11 +206,16 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     ap.add_argument("--quick", action="store_true", help="skip the ResNet-32 layer set")
     ap.add_argument("--stat", choices=["median", "min"], default="median", help="min resists a busy machine")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process time (with --threads 1 only)")
+    ap.add_argument("--models", action="store_true", help="also time whole training steps of an MLP and ResNet-32")
     ap.add_argument("--only", help="run only layers whose name contains this text")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
-    global STAT
+    global STAT, CLOCK
     STAT = min if args.stat == "min" else statistics.median
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures one thread only")
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -185,6 +235,12 @@ def main() -> None:
             s = sum(r.count * results[r.name][str(sp)]["sparse_ms"] for r in RESNET32)
             total[str(sp)] = {"dense_ms": d, "sparse_ms": s, "ratio": s / d}
         results["ResNet-32 convs (weighted sum)"] = total
+    if args.models:
+        for name, label in (("mlp", "MLP 1024x3 training step, b256"), ("resnet32", "ResNet-32 training step, b64")):
+            results[label] = {}
+            for sp in sparsities:
+                td, ts = interleaved(*model_steps(name, 1.0 - sp, gen), args.reps)
+                results[label][str(sp)] = {"dense_ms": td * 1e3, "sparse_ms": ts * 1e3, "ratio": ts / td}
     updates = {str(sp): topology_update_times(1.0 - sp, 0.3, gen) for sp in sparsities}
 
     head = "| layer | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
