@@ -87,7 +87,7 @@ class _SparseLinearFn(torch.autograd.Function):
             dx = dxt.t()
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            KL.sampled_dot_t(s.rows, s.cols, _np(dyt), _np(xt), _np(dv))
+            KL.sddmm_t(s.indptr, s.cols, _np(dyt), _np(xt), _np(dv))
         if ctx.needs_input_grad[2]:
             db = dyt.sum(1)
         if s.samples_all:
