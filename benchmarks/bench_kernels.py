@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bidst.models import create_model
-from bidst.sparse import SparseStructure, sparse_conv2d, sparse_linear, to_sparse_modules
+from bidst.sparse import (
+    SparseStructure,
+    sparse_conv2d,
+    sparse_linear,
+    to_sparse_modules,
+)
 
 
 @dataclass(frozen=True)

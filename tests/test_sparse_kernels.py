@@ -6,6 +6,7 @@ agree within rtol 1e-4 / atol 1e-5 (inputs are scaled so that outputs are of ord
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -15,7 +16,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bidst.sparse import SparseStructure, functional, sparse_conv2d, sparse_linear, uses_kernels
+from bidst.sparse import (
+    SparseStructure,
+    conv,
+    sparse_conv2d,
+    sparse_linear,
+    uses_kernels,
+)
 
 RTOL, ATOL = 1e-4, 1e-5
 DENSITY = st.sampled_from([0.0, 0.1, 0.3, 0.7, 1.0])
@@ -96,7 +103,7 @@ def conv_cases(draw):
     ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
     h = draw(st.integers(max(1, kh - 2 * ph), 11))
     w = draw(st.integers(max(1, kw - 2 * pw), 11))
-    return dict(cin=cin_g * groups, cout=cout, groups=groups, k=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=(h, w))
+    return {"cin": cin_g * groups, "cout": cout, "groups": groups, "k": (kh, kw), "stride": (sh, sw), "padding": (ph, pw), "hw": (h, w)}
 
 
 @settings(max_examples=50, deadline=None)
@@ -119,29 +126,29 @@ def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias,
     x = torch.randn(batch, case["cin"], *case["hw"], generator=gen)
     structure = SparseStructure.from_mask(mask, case["groups"])
     extra = torch.randint(0, mask.numel(), (7,), generator=gen)
-    geo = dict(stride=case["stride"], padding=case["padding"])
+    geo = {"stride": case["stride"], "padding": case["padding"]}
 
     def ref(x_, w_, b_):
         return F.conv2d(x_, w_, b_, groups=case["groups"], **geo)
 
-    saved = functional.WIDE_MIN_WIDTH
-    functional.WIDE_MIN_WIDTH = 1 if wide else 10**9
+    saved = conv.WIDE_MIN_WIDTH
+    conv.WIDE_MIN_WIDTH = 1 if wide else 10**9
     try:
         check_against_reference(
             lambda x_, v, b_: sparse_conv2d(x_, v, structure, b_, **geo), ref, x, w, b, mask, structure, gen, extra
         )
     finally:
-        functional.WIDE_MIN_WIDTH = saved
+        conv.WIDE_MIN_WIDTH = saved
 
 
 def test_realistic_shapes_and_dense_sampled_grad():
     """A ResNet-like stride-2 conv and a wide Linear; a None request returns the whole dense gradient."""
     gen = torch.Generator().manual_seed(0)
     for shape, geo, x_shape in [
-        ((32, 16, 3, 3), dict(stride=2, padding=1), (16, 16, 16, 16)),
-        ((16, 16, 3, 3), dict(stride=1, padding=1), (8, 16, 16, 16)),
-        ((16, 8, 3, 3), dict(stride=2, padding=1), (4, 8, 32, 32)),
-        ((16, 8, 1, 1), dict(stride=2, padding=0), (4, 8, 31, 31)),
+        ((32, 16, 3, 3), {"stride": 2, "padding": 1}, (16, 16, 16, 16)),
+        ((16, 16, 3, 3), {"stride": 1, "padding": 1}, (8, 16, 16, 16)),
+        ((16, 8, 3, 3), {"stride": 2, "padding": 1}, (4, 8, 32, 32)),
+        ((16, 8, 1, 1), {"stride": 2, "padding": 0}, (4, 8, 31, 31)),
         ((64, 128), None, (32, 128)),
     ]:
         mask = torch.rand(shape, generator=gen) < 0.1
@@ -151,11 +158,9 @@ def test_realistic_shapes_and_dense_sampled_grad():
         values = structure.gather(w).requires_grad_(True)
         structure.request_sampled_grad(None)
         if geo is None:
-            y = sparse_linear(x, values, structure)
-            fn = lambda x_, w_, b_: F.linear(x_, w_)  # noqa: E731
+            y, fn = sparse_linear(x, values, structure), F.linear
         else:
-            y = sparse_conv2d(x, values, structure, **geo)
-            fn = lambda x_, w_, b_: F.conv2d(x_, w_, **geo)  # noqa: E731
+            y, fn = sparse_conv2d(x, values, structure, **geo), functools.partial(F.conv2d, **geo)
         gy = torch.randn(y.shape, generator=gen) / math.sqrt(y.numel() / y.shape[1])  # keeps dW of order one
         y.backward(gy)
         y_ref, _, dv_ref, _, dw_ref = reference(fn, x, w, None, gy, mask)

@@ -34,7 +34,9 @@ Conversions to dense are on demand only: `structure.to_dense(values)`, `structur
 `layer.dense_weight()`. A layer's state_dict stores its active positions ("active_positions").
 """
 
-from .functional import sparse_conv2d, sparse_linear, uses_kernels
+from ._common import uses_kernels
+from .conv import sparse_conv2d
+from .linear import sparse_linear
 from .modules import (
     SparseConv2d,
     SparseLinear,

@@ -65,7 +65,7 @@ def conv_forward(
     cin_g: int,
 ) -> None:
     """y (NCHW) = sparse conv of xt (CHWN); one task per (output channel, output row)."""
-    cc, hh, ww, nn = xt.shape
+    hh, ww, nn = xt.shape[1], xt.shape[2], xt.shape[3]
     oo, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     n = uint64(nn)
     rowlen = uint64(ww) * n
@@ -127,7 +127,7 @@ def conv_input_grad(
     One task per (input channel, input row) gathers every contribution to that row: no atomics.
     (Stride-1 input gradients run as a forward conv with the transposed, flipped weight.)
     """
-    oo, ho, wo, nn = dyt.shape
+    ho, wo, nn = dyt.shape[1], dyt.shape[2], dyt.shape[3]
     cc, hh, ww = dx.shape[1], dx.shape[2], dx.shape[3]
     n = uint64(nn)
     rowlen = uint64(wo) * n
@@ -185,8 +185,8 @@ def conv_sampled_grad(
     cin_g: int,
 ) -> None:
     """out[k] = dL/dW at position (rows[k], cols[k]) from dyt and xt (both CHWN); positions in parallel."""
-    oo, ho, wo, nn = dyt.shape
-    cc, hh, ww = xt.shape[0], xt.shape[1], xt.shape[2]
+    ho, wo, nn = dyt.shape[1], dyt.shape[2], dyt.shape[3]
+    hh, ww = xt.shape[1], xt.shape[2]
     n = uint64(nn)
     orow = uint64(wo) * n
     oplane = uint64(ho) * orow

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .functional import _pair, sparse_conv2d, sparse_linear
+from ._common import pair
+from .conv import sparse_conv2d
+from .linear import sparse_linear
 from .structure import SparseStructure, TopologyDelta
 
 
@@ -18,6 +20,7 @@ class _SparseLayer(nn.Module):
 
     structure: SparseStructure
     values: nn.Parameter
+    bias: nn.Parameter | None
 
     def dense_weight(self) -> Tensor:
         """The dense weight (zeros at inactive positions), detached: for checks, export and checkpoints."""
@@ -142,7 +145,7 @@ class SparseConv2d(_SparseLayer):
         if len(structure.shape) != 4:
             raise ValueError(f"SparseConv2d needs a 4-D weight structure, got {structure.shape}")
         self._init_sparse(structure, values, bias)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: Tensor) -> SparseConv2d:
@@ -173,7 +176,7 @@ class SparseConv2d(_SparseLayer):
         )  # fmt: skip
         with torch.no_grad():
             conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
+            if conv.bias is not None and self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
 

@@ -233,7 +233,7 @@ class SparseStructure:
 
     def s2d_positions(self, flat: np.ndarray, stride: int) -> np.ndarray:
         """Flat positions of a conv weight mapped into its space-to-depth twin (see `space_to_depth`)."""
-        o, cin_g, kh, kw = self.shape
+        _, cin_g, kh, kw = self.shape
         s = stride
         r = flat % self.row_size
         ci, ky, kx = r // (kh * kw), (r % (kh * kw)) // kw, r % kw

@@ -1,8 +1,8 @@
-"""sparse_linear / sparse_conv2d: Numba kernels for CPU float32, masked dense compute everywhere else.
+"""sparse_conv2d: direct sparse convolution kernels (no im2col) for CPU float32, masked dense elsewhere.
 
-Both return gradients for the compact `values` (one per active position), the input and the bias,
-and honour a structure's sampled-gradient request. The two paths have identical semantics; the
-dense one also serves CUDA tensors, other dtypes and dilated convolutions.
+Two kernel families: "wide" (padded NCHW images, one fused pass per image; square strides, used
+when the output is at least WIDE_MIN_WIDTH wide) and CHWN (batch innermost; any stride, best for
+small maps). Both have identical semantics; dilated convolutions take the masked dense path.
 """
 
 from __future__ import annotations
@@ -14,108 +14,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn.grad import conv2d_weight
 
 from . import _kernels_conv as KC
-from . import _kernels_linear as KL
 from . import _kernels_wide as KW
+from ._common import (
+    bias_array,
+    masked_dense_weight,
+    np_view,
+    pair,
+    rows_cols,
+    uses_kernels,
+)
 from .structure import SparseStructure
-
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    """(v, v) for an int, the pair itself otherwise."""
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
-
-
-def uses_kernels(*tensors: Tensor | None) -> bool:
-    """Whether the Numba path applies: every given tensor is a CPU float32 tensor."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t is not None)
-
-
-def _np(t: Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor, outside autograd."""
-    return t.detach().numpy()
-
-
-def _bias_np(bias: Tensor | None, n: int) -> np.ndarray:
-    """The bias as float32 numpy, zeros when there is none."""
-    return np.zeros(n, np.float32) if bias is None else _np(bias.contiguous())
-
-
-def _record_dense_sample(structure: SparseStructure, dense_grad: Tensor) -> None:
-    """Adds the requested entries of a dense weight gradient to the structure's sampled gradient."""
-    flat = dense_grad.reshape(-1)
-    if structure.samples_all:
-        structure.add_sampled_grad(flat.clone())
-    elif structure.sampled_positions is not None:
-        structure.add_sampled_grad(flat[torch.from_numpy(structure.sampled_positions).to(flat.device)])
-
-
-def _masked_dense_weight(values: Tensor, structure: SparseStructure) -> Tensor:
-    """The dense weight for the fallback path, hooked to record any sampled-gradient request."""
-    w = structure.to_dense(values)
-    if w.requires_grad and (structure.samples_all or structure.sampled_positions is not None):
-        w.register_hook(lambda g: _record_dense_sample(structure, g))
-    return w
-
-
-class _SparseLinearFn(torch.autograd.Function):
-    """Y = X Wᵀ + b with W given by (values, structure); activations are kept (features, batch)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure) -> Tensor:
-        xt = x.t().contiguous()
-        yt = torch.empty(structure.shape[0], x.shape[0], dtype=torch.float32)
-        KL.spmm_t(structure.indptr, structure.cols, _np(values), _bias_np(bias, structure.shape[0]), _np(xt), _np(yt))
-        ctx.save_for_backward(xt, values)
-        ctx.structure = structure
-        return yt.t()
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xt, values = ctx.saved_tensors
-        s: SparseStructure = ctx.structure
-        dyt = dy.t().contiguous()
-        dx = dv = db = None
-        if ctx.needs_input_grad[0]:
-            idx = s.by_input()
-            dxt = torch.empty_like(xt)
-            zeros = np.zeros(s.shape[1], np.float32)
-            KL.spmm_t(idx.ptr, idx.rows, _np(values)[idx.perm], zeros, _np(dyt), _np(dxt))
-            dx = dxt.t()
-        if ctx.needs_input_grad[1]:
-            dv = torch.empty(s.nnz, dtype=torch.float32)
-            KL.sddmm_t(s.indptr, s.cols, _np(dyt), _np(xt), _np(dv))
-        if ctx.needs_input_grad[2]:
-            db = dyt.sum(1)
-        if s.samples_all:
-            s.add_sampled_grad((dyt @ xt.t()).reshape(-1))
-        elif s.sampled_positions is not None:
-            rows, cols = _rows_cols(s, s.sampled_positions)
-            g = torch.empty(rows.size, dtype=torch.float32)
-            KL.sampled_dot_t(rows, cols, _np(dyt), _np(xt), _np(g))
-            s.add_sampled_grad(g)
-        return dx, dv, db, None
-
-
-def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, W, bias) for the sparse weight W = (values at structure's active positions).
-
-    The output of the CPU kernels is a transposed view (batch innermost in memory); a following
-    sparse_linear consumes it without a copy.
-    """
-    if len(structure.shape) != 2:
-        raise ValueError(f"sparse_linear needs a 2-D weight structure, got shape {structure.shape}")
-    out_f, in_f = structure.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {in_f}")
-    if not uses_kernels(x, values, bias):
-        return F.linear(x, _masked_dense_weight(values, structure), bias)
-    lead = x.shape[:-1]
-    y = _SparseLinearFn.apply(x.reshape(-1, in_f), values.contiguous(), bias, structure)
-    return y.reshape(*lead, out_f)
 
 
 class ConvGeometry(NamedTuple):
@@ -131,7 +43,7 @@ def _to_chwn(x: Tensor) -> Tensor:
     if v.is_contiguous():
         return v
     out = torch.empty(v.shape, dtype=torch.float32)
-    KC.nchw_to_chwn(_np(x.contiguous()), _np(out))
+    KC.nchw_to_chwn(np_view(x.contiguous()), np_view(out))
     return out
 
 
@@ -139,12 +51,6 @@ def _to_chwn(x: Tensor) -> Tensor:
 # (padded NCHW planes, no transposes, long vectors); the others on the batch-innermost CHWN
 # layout, which vectorizes over the batch and so stays efficient for small maps.
 WIDE_MIN_WIDTH = 12
-
-
-def _rows_cols(structure: SparseStructure, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row and in-row position (int32) of flat positions of `structure`'s weight."""
-    rows = positions // structure.row_size
-    return rows.astype(np.int32), (positions - rows * structure.row_size).astype(np.int32)
 
 
 class _WidePlan(NamedTuple):
@@ -188,10 +94,10 @@ class _WideConvFn(torch.autograd.Function):
         ws = plan.structure
         o, cin_w, kh2, kw2 = ws.shape
         left, right, top, bottom = plan.pads
-        vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
+        vals = np_view(values) if plan.perm is None else np_view(values)[plan.perm]
         y = torch.empty(n, o, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1, dtype=torch.float32)
         KW.wide_forward(
-            _np(x), ws.indptr, ws.cols, vals, _bias_np(bias, o), _np(y), s, top, left,
+            np_view(x), ws.indptr, ws.cols, vals, bias_array(bias, o), np_view(y), s, top, left,
             (h + top + bottom) // s, (w + left + right) // s, kh2, kw2, kh, kw, o // ws.groups, cin_w,
         )  # fmt: skip
         ctx.save_for_backward(x, values)
@@ -199,6 +105,7 @@ class _WideConvFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
@@ -208,12 +115,12 @@ class _WideConvFn(torch.autograd.Function):
         n, c, h, w = x.shape
         left, right, top, bottom = plan.pads
         need_dx = bool(ctx.needs_input_grad[0])
-        vals = _np(values) if plan.perm is None else _np(values)[plan.perm]
+        vals = np_view(values) if plan.perm is None else np_view(values)[plan.perm]
         # weight gradient positions: the active slots (working order), then any requested positions
         rows, cols = (ws.rows, ws.cols) if ctx.needs_input_grad[1] else (ws.rows[:0], ws.cols[:0])
         requested = s.sampled_positions
         if requested is not None:
-            r2, c2 = _rows_cols(ws, _working_positions(plan, s, requested))
+            r2, c2 = rows_cols(ws, _working_positions(plan, s, requested))
             rows, cols = np.concatenate([rows, r2]), np.concatenate([cols, c2])
         t_ptr, t_cols, t_vals = ws.indptr, ws.cols, vals  # placeholders of the right types
         if need_dx:
@@ -224,7 +131,7 @@ class _WideConvFn(torch.autograd.Function):
         grad_b = np.zeros((nchunk, o))
         dx = torch.empty((n, c, h, w) if need_dx else (0,), dtype=torch.float32)
         KW.wide_backward(
-            _np(x), _np(dy.contiguous()), t_ptr, t_cols, t_vals, rows, cols, _np(dx), grad_w, grad_b, stride, top, left,
+            np_view(x), np_view(dy.contiguous()), t_ptr, t_cols, t_vals, rows, cols, np_view(dx), grad_w, grad_b, stride, top, left,
             (h + top + bottom) // stride, (w + left + right) // stride, kh2, kw2, *s.kernel_size, o // ws.groups, cin_w,
             need_dx, nchunk,
         )  # fmt: skip
@@ -235,7 +142,7 @@ class _WideConvFn(torch.autograd.Function):
         if requested is not None:
             s.add_sampled_grad(gw[rows.size - requested.size :])
         if s.samples_all:
-            g = torch.nn.grad.conv2d_weight(x, s.shape, dy, ctx.geom.stride, ctx.geom.padding, groups=s.groups)
+            g = conv2d_weight(x, s.shape, dy, ctx.geom.stride, ctx.geom.padding, groups=s.groups)
             s.add_sampled_grad(g.reshape(-1))
         db = torch.from_numpy(grad_b.sum(0).astype(np.float32)) if ctx.needs_input_grad[2] else None
         return (dx if need_dx else None), dv, db, None, None
@@ -254,7 +161,7 @@ class _ChwnConvFn(torch.autograd.Function):
         y = torch.empty(n, o, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, dtype=torch.float32)
         xt = _to_chwn(x)
         KC.conv_forward(
-            structure.indptr, structure.cols, _np(values), _bias_np(bias, o), _np(xt), _np(y),
+            structure.indptr, structure.cols, np_view(values), bias_array(bias, o), np_view(xt), np_view(y),
             sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g,
         )  # fmt: skip
         ctx.save_for_backward(xt, values)
@@ -262,6 +169,7 @@ class _ChwnConvFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         xt, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
@@ -275,26 +183,26 @@ class _ChwnConvFn(torch.autograd.Function):
             idx = s.by_input()
             c, h, w, n = xt.shape
             dx = torch.empty(n, c, h, w, dtype=torch.float32)
-            vin = _np(values)[idx.perm]
+            vin = np_view(values)[idx.perm]
             if (sh, sw) == (1, 1):  # forward conv of dy with the transposed, flipped weight
                 zeros = np.zeros(c, np.float32)
                 KC.conv_forward(
-                    idx.ptr, idx.tcols, vin, zeros, _np(dyt), _np(dx), 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g
+                    idx.ptr, idx.tcols, vin, zeros, np_view(dyt), np_view(dx), 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g
                 )
             else:
-                KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, _np(dyt), _np(dx), *geo)
+                KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, np_view(dyt), np_view(dx), *geo)
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            KC.conv_sampled_grad(s.rows, s.cols, _np(dyt), _np(xt), _np(dv), *geo, cout_g, cin_g)
+            KC.conv_sampled_grad(s.rows, s.cols, np_view(dyt), np_view(xt), np_view(dv), *geo, cout_g, cin_g)
         if ctx.needs_input_grad[2]:
             db = dyt.sum((1, 2, 3))
         if s.samples_all:
-            g = torch.nn.grad.conv2d_weight(xt.permute(3, 0, 1, 2), s.shape, dy, (sh, sw), (ph, pw), groups=s.groups)
+            g = conv2d_weight(xt.permute(3, 0, 1, 2), s.shape, dy, (sh, sw), (ph, pw), groups=s.groups)
             s.add_sampled_grad(g.reshape(-1))
         elif s.sampled_positions is not None:
-            rows, cols = _rows_cols(s, s.sampled_positions)
+            rows, cols = rows_cols(s, s.sampled_positions)
             g = torch.empty(rows.size, dtype=torch.float32)
-            KC.conv_sampled_grad(rows, cols, _np(dyt), _np(xt), _np(g), *geo, cout_g, cin_g)
+            KC.conv_sampled_grad(rows, cols, np_view(dyt), np_view(xt), np_view(g), *geo, cout_g, cin_g)
             s.add_sampled_grad(g)
         return dx, dv, db, None, None
 
@@ -316,13 +224,13 @@ def sparse_conv2d(
         raise ValueError(f"sparse_conv2d needs a 4-D weight structure, got shape {structure.shape}")
     if x.dim() != 4 or x.shape[1] != structure.in_channels:
         raise ValueError(f"input must be (N, {structure.in_channels}, H, W), got {tuple(x.shape)}")
-    geom = ConvGeometry(_pair(stride), _pair(padding))
+    geom = ConvGeometry(pair(stride), pair(padding))
     kh, kw = structure.kernel_size
     if x.shape[2] + 2 * geom.padding[0] < kh or x.shape[3] + 2 * geom.padding[1] < kw:
         raise ValueError(f"input {tuple(x.shape[2:])} with padding {geom.padding} is smaller than the kernel")
-    if _pair(dilation) != (1, 1) or not uses_kernels(x, values, bias):
-        w = _masked_dense_weight(values, structure)
-        return F.conv2d(x, w, bias, geom.stride, geom.padding, _pair(dilation), structure.groups)
-    (sh, sw), (ph, pw) = geom
+    if pair(dilation) != (1, 1) or not uses_kernels(x, values, bias):
+        w = masked_dense_weight(values, structure)
+        return F.conv2d(x, w, bias, geom.stride, geom.padding, pair(dilation), structure.groups)
+    (sh, sw), (_, pw) = geom
     wide = sh == sw and (x.shape[3] + 2 * pw - kw) // sw + 1 >= WIDE_MIN_WIDTH
     return (_WideConvFn if wide else _ChwnConvFn).apply(x, values.contiguous(), bias, structure, geom)
