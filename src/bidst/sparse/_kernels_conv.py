@@ -24,6 +24,28 @@ def _x_range(kx: int, pw: int, sw: int, w: int, wo: int) -> tuple[int, int]:
     return x0, x1
 
 
+@njit(inline="always")
+def _axpy_columns(
+    acc: np.ndarray, a_base: int, a_step: int, src: np.ndarray, s_base: int, s_step: int, v: float, x0: int, x1: int, n: int
+) -> None:
+    """acc[a_base + x*a_step*n + b] += v * src[s_base + x*s_step*n + b] for x in [x0, x1), b < n.
+
+    With both steps 1 this is one contiguous run. Bases are uint64 and may have wrapped below zero:
+    only the sums with x >= x0 are used, and they are in range.
+    """
+    if a_step == 1 and s_step == 1:
+        ao = a_base + uint64(x0) * n
+        so = s_base + uint64(x0) * n
+        for k in range(uint64(x1 - x0) * n):
+            acc[ao + k] += v * src[so + k]
+    else:
+        for x in range(x0, x1):
+            ao = a_base + uint64(x * a_step) * n
+            so = s_base + uint64(x * s_step) * n
+            for b in range(n):
+                acc[ao + b] += v * src[so + b]
+
+
 @njit(parallel=True, cache=True)
 def nchw_to_chwn(x: np.ndarray, out: np.ndarray) -> None:
     """out[c, h, w, n] = x[n, c, h, w]; per (c, h) task, contiguous reads and an L1-resident (w, n) block."""
@@ -91,19 +113,8 @@ def conv_forward(
             x0, x1 = _x_range(kx, pw, sw, ww, wo)
             if x0 >= x1:
                 continue
-            v = values[p]
             src = uint64(cbase + ci) * plane + uint64(iy) * rowlen
-            if sw == 1:
-                so = src + uint64(x0 + kx - pw) * n
-                ao = uint64(x0) * n
-                for k in range(uint64(x1 - x0) * n):
-                    acc[ao + k] += v * xf[so + k]
-            else:
-                for x in range(x0, x1):
-                    so = src + uint64(x * sw + kx - pw) * n
-                    ao = uint64(x) * n
-                    for b in range(n):
-                        acc[ao + b] += v * xf[so + b]
+            _axpy_columns(acc, 0, 1, xf, src + uint64((kx - pw) * nn), sw, values[p], x0, x1, n)
         _store_row_nchw(acc, yf, nn, o, oo, oy, ho, wo)
 
 
@@ -152,19 +163,8 @@ def conv_input_grad(
             x0, x1 = _x_range(kx, pw, sw, ww, wo)
             if x0 >= x1:
                 continue
-            v = in_values[q]
             src = uint64(in_rows[q]) * plane + uint64(oy) * rowlen
-            if sw == 1:
-                ao = uint64(x0 + kx - pw) * n
-                so = src + uint64(x0) * n
-                for k in range(uint64(x1 - x0) * n):
-                    acc[ao + k] += v * df[so + k]
-            else:
-                for x in range(x0, x1):
-                    ao = uint64(x * sw + kx - pw) * n
-                    so = src + uint64(x) * n
-                    for b in range(n):
-                        acc[ao + b] += v * df[so + b]
+            _axpy_columns(acc, uint64((kx - pw) * nn), sw, df, src, 1, in_values[q], x0, x1, n)
         _store_row_nchw(acc, xf, nn, c, cc, iy, hh, ww)
 
 

@@ -20,6 +20,10 @@ from numba import njit, prange, uint64
 
 from ._kernels_linear import FASTMATH
 
+# (stride s, top and left input padding, padded (and space-to-depth) image height hs and width ws,
+# working kernel kh x kw, original kernel kh0 x kw0, output channels and working input channels a group)
+WideGeometry = tuple[int, int, int, int, int, int, int, int, int, int, int]
+
 
 @njit(inline="always")
 def _wide_offset(col: int, kk: int, kw: int, plane: int, wp: int) -> int:
@@ -31,21 +35,26 @@ def _wide_offset(col: int, kk: int, kw: int, plane: int, wp: int) -> int:
 
 
 @njit(cache=True)
-def _pad_plane(src: np.ndarray, s0: int, h: int, w: int, dst: np.ndarray, d0: int, hd: int, wd: int, top: int, left: int) -> None:
-    """dst plane (hd, wd) at d0 = src plane (h, w) at s0 shifted by (top, left), zero outside; negative shifts crop."""
-    j0, j1 = max(0, left), min(wd, left + w)
+def _copy_phase(
+    src: np.ndarray, s0: int, h: int, w: int, dst: np.ndarray, d0: int, hd: int, wd: int, s: int, r: int, q: int, top: int, left: int
+) -> None:
+    """dst[d0 + i*wd + j] = src[s0 + (s*i + r - top)*w + s*j + q - left], zero outside the (h, w) source plane.
+
+    With s = 1 (r = q = 0) a zero padding by (top, left); negative shifts crop.
+    """
+    j0, j1 = max(0, (left - q + s - 1) // s), min(wd, (w - 1 + left - q) // s + 1)
     for i in range(hd):
         d = uint64(d0 + i * wd)
-        y = i - top
+        y = s * i + r - top
         if y < 0 or y >= h or j0 >= j1:
             for j in range(uint64(wd)):
                 dst[d + j] = 0.0
             continue
         for j in range(uint64(j0)):
             dst[d + j] = 0.0
-        sb = uint64(s0 + y * w - left)  # may wrap below zero: only sb + j, j >= left, is used
+        sb = uint64(s0 + y * w + q - left)  # may wrap below zero: only sb + s*j, s*j >= left - q, is used
         for j in range(uint64(j0), uint64(j1)):
-            dst[d + j] = src[sb + j]
+            dst[d + j] = src[sb + j * uint64(s)]
         for j in range(uint64(j1), uint64(wd)):
             dst[d + j] = 0.0
 
@@ -60,28 +69,9 @@ def _prep_image(
     """
     plane = hs * ws
     for c in range(cc):
-        s0 = (n * cc + c) * h * w
-        if s == 1:
-            _pad_plane(xf, s0, h, w, buf, c * plane, hs, ws, top, left)
-            continue
         for r in range(min(s, kh)):
             for q in range(min(s, kw)):
-                j0, j1 = max(0, (left - q + s - 1) // s), min(ws, (w - 1 + left - q) // s + 1)
-                d0 = ((c * s + r) * s + q) * plane
-                for i in range(hs):
-                    d = uint64(d0 + i * ws)
-                    y = s * i + r - top
-                    if y < 0 or y >= h or j0 >= j1:
-                        for j in range(uint64(ws)):
-                            buf[d + j] = 0.0
-                        continue
-                    for j in range(uint64(j0)):
-                        buf[d + j] = 0.0
-                    sb = uint64(s0 + y * w + q - left)  # may wrap: only sb + s*j, s*j >= left - q, is used
-                    for j in range(uint64(j0), uint64(j1)):
-                        buf[d + j] = xf[sb + j * uint64(s)]
-                    for j in range(uint64(j1), uint64(ws)):
-                        buf[d + j] = 0.0
+                _copy_phase(xf, (n * cc + c) * h * w, h, w, buf, ((c * s + r) * s + q) * plane, hs, ws, s, r, q, top, left)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -131,21 +121,10 @@ def wide_forward(
     values: np.ndarray,
     bias: np.ndarray,
     y: np.ndarray,
-    s: int,
-    top: int,
-    left: int,
-    hs: int,
-    ws: int,
-    kh: int,
-    kw: int,
-    kh0: int,
-    kw0: int,
-    cout_g: int,
-    cin_w: int,
+    geometry: WideGeometry,
 ) -> None:
-    """y (NCHW) = sparse conv of x (NCHW); the working weight (kernel kh x kw, cin_w channels a group;
-    the original kernel is kh0 x kw0) acts on each image padded by (top, left) to hs x ws and, for
-    s > 1, space-to-depth. One task per image."""
+    """y (NCHW) = sparse conv of x (NCHW) with the working weight (see WideGeometry); one task per image."""
+    s, top, left, hs, ws, kh, kw, kh0, kw0, cout_g, cin_w = geometry
     nn, cc, h, w = x.shape
     oo, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     c2 = cc * s * s
@@ -178,17 +157,7 @@ def wide_backward(
     dx: np.ndarray,
     grad_w: np.ndarray,
     grad_b: np.ndarray,
-    s: int,
-    top: int,
-    left: int,
-    hs: int,
-    ws: int,
-    kh: int,
-    kw: int,
-    kh0: int,
-    kw0: int,
-    cout_g: int,
-    cin_w: int,
+    geometry: WideGeometry,
     need_dx: bool,
     nchunk: int,
 ) -> None:
@@ -198,6 +167,7 @@ def wide_backward(
     (t_ptr, t_cols, t_values): the transposed, flipped working weight. grad_w is (nchunk, n positions)
     and grad_b (nchunk, out channels), both float64, summed by the caller.
     """
+    s, top, left, hs, ws, kh, kw, kh0, kw0, cout_g, cin_w = geometry
     nn, cc, h, w = x.shape
     oo, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
     c2 = cc * s * s
@@ -234,9 +204,9 @@ def wide_backward(
                     total += r
                 grad_b[t, o] += total
                 if need_dx or shared:
-                    _pad_plane(df, s0, ho, wo, dbuf, o * hd * wd, hd, wd, dt, dl)
+                    _copy_phase(df, s0, ho, wo, dbuf, o * hd * wd, hd, wd, 1, 0, 0, dt, dl)
                 if not shared:
-                    _pad_plane(df, s0, ho, wo, wbuf, o * ho * ws, ho, ws, 0, 0)
+                    _copy_phase(df, s0, ho, wo, wbuf, o * ho * ws, ho, ws, 1, 0, 0, 0, 0)
             if need_dx:
                 for c in range(c2):
                     _conv_rows(t_ptr, t_cols, t_values, c, np.float32(0.0), dbuf, (c // cin_w) * cout_g * hd * wd, hd * wd, wd, kk, kw, acc, dspan)

@@ -62,6 +62,14 @@ class _WidePlan(NamedTuple):
     pads: tuple[int, int, int, int]  # (left, right, top, bottom) padding of the input; negative crops
 
 
+def _wide_geometry(plan: _WidePlan, structure: SparseStructure, h: int, w: int) -> KW.WideGeometry:
+    """The geometry tuple of the wide kernels for an h x w input."""
+    left, right, top, bottom = plan.pads
+    s, ws = plan.stride, plan.structure
+    return (s, top, left, (h + top + bottom) // s, (w + left + right) // s, *ws.kernel_size, *structure.kernel_size,
+            ws.shape[0] // ws.groups, ws.shape[1])  # fmt: skip
+
+
 def _wide_plan(structure: SparseStructure, geom: ConvGeometry, h: int, w: int) -> _WidePlan:
     """The working weight and input padding for the wide kernels."""
     s, (ph, pw) = geom.stride[0], geom.padding
@@ -92,14 +100,12 @@ class _WideConvFn(torch.autograd.Function):
         (s, _), (ph, pw) = geom
         plan = _wide_plan(structure, geom, h, w)
         ws = plan.structure
-        o, cin_w, kh2, kw2 = ws.shape
-        left, right, top, bottom = plan.pads
+        o = ws.shape[0]
         vals = np_view(values) if plan.perm is None else np_view(values)[plan.perm]
         y = torch.empty(n, o, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1, dtype=torch.float32)
         KW.wide_forward(
-            np_view(x), ws.indptr, ws.cols, vals, bias_array(bias, o), np_view(y), s, top, left,
-            (h + top + bottom) // s, (w + left + right) // s, kh2, kw2, kh, kw, o // ws.groups, cin_w,
-        )  # fmt: skip
+            np_view(x), ws.indptr, ws.cols, vals, bias_array(bias, o), np_view(y), _wide_geometry(plan, structure, h, w)
+        )
         ctx.save_for_backward(x, values)
         ctx.structure, ctx.plan, ctx.geom = structure, plan, geom
         return y
@@ -110,10 +116,8 @@ class _WideConvFn(torch.autograd.Function):
         x, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
         plan: _WidePlan = ctx.plan
-        ws, stride = plan.structure, plan.stride
-        o, cin_w, kh2, kw2 = ws.shape
+        ws, o = plan.structure, plan.structure.shape[0]
         n, c, h, w = x.shape
-        left, right, top, bottom = plan.pads
         need_dx = bool(ctx.needs_input_grad[0])
         vals = np_view(values) if plan.perm is None else np_view(values)[plan.perm]
         # weight gradient positions: the active slots (working order), then any requested positions
@@ -131,14 +135,15 @@ class _WideConvFn(torch.autograd.Function):
         grad_b = np.zeros((nchunk, o))
         dx = torch.empty((n, c, h, w) if need_dx else (0,), dtype=torch.float32)
         KW.wide_backward(
-            np_view(x), np_view(dy.contiguous()), t_ptr, t_cols, t_vals, rows, cols, np_view(dx), grad_w, grad_b, stride, top, left,
-            (h + top + bottom) // stride, (w + left + right) // stride, kh2, kw2, *s.kernel_size, o // ws.groups, cin_w,
-            need_dx, nchunk,
+            np_view(x), np_view(dy.contiguous()), t_ptr, t_cols, t_vals, rows, cols, np_view(dx), grad_w, grad_b,
+            _wide_geometry(plan, s, h, w), need_dx, nchunk,
         )  # fmt: skip
         gw = torch.from_numpy(grad_w.sum(0).astype(np.float32))
         dv = None
         if ctx.needs_input_grad[1]:
-            dv = gw[: s.nnz] if plan.perm is None else torch.empty(s.nnz).index_copy_(0, torch.from_numpy(plan.perm), gw[: s.nnz])
+            dv = gw[: s.nnz]
+            if plan.perm is not None:  # back from working order to the structure's slot order
+                dv = torch.empty_like(dv).index_copy_(0, torch.from_numpy(plan.perm), dv)
         if requested is not None:
             s.add_sampled_grad(gw[rows.size - requested.size :])
         if s.samples_all:
