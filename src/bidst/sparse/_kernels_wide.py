@@ -53,8 +53,12 @@ def _copy_phase(
         for j in range(uint64(j0)):
             dst[d + j] = 0.0
         sb = uint64(s0 + y * w + q - left)  # may wrap below zero: only sb + s*j, s*j >= left - q, is used
-        for j in range(uint64(j0), uint64(j1)):
-            dst[d + j] = src[sb + j * uint64(s)]
+        if s == 1:  # a contiguous copy, vectorized
+            for j in range(uint64(j0), uint64(j1)):
+                dst[d + j] = src[sb + j]
+        else:
+            for j in range(uint64(j0), uint64(j1)):
+                dst[d + j] = src[sb + j * uint64(s)]
         for j in range(uint64(j1), uint64(wd)):
             dst[d + j] = 0.0
 
