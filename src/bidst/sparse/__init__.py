@@ -2,36 +2,41 @@
 
 A sparse weight is a `SparseStructure` (the active positions of a (out, in) or
 (out, in/groups, kh, kw) weight, CSR by output channel) plus a 1-D tensor of compact `values`,
-one per active position, which is what the optimizer trains.
+one per active position, in the structure's slot order; the optimizer trains `values`.
 
 Functions (autograd-aware; gradients w.r.t. input, compact values and bias):
 
 - `sparse_linear(x, values, structure, bias=None) -> Tensor`
 - `sparse_conv2d(x, values, structure, bias=None, stride=1, padding=0, dilation=1) -> Tensor`
-  (groups come from the structure; depthwise included)
+  (zero padding; groups, depthwise included, come from the structure)
 
-On CPU float32 tensors they run Numba kernels (SpMM, transposed SpMM, SDDMM; direct convolution
-over a batch-innermost layout, no im2col); on any other device or dtype, and for dilated
-convolutions, they run the same computation as masked dense PyTorch ops (`uses_kernels(...)`
-tells which path applies).
+On CPU float32 tensors (`uses_kernels(...)`) they run Numba kernels: SpMM, transposed SpMM and
+SDDMM with the batch innermost for Linear; direct convolution for Conv2d (no im2col), on padded
+NCHW images fused per image ("wide" rows, for outputs at least `conv.WIDE_MIN_WIDTH` wide and
+square strides, strides via space-to-depth) or on a batch-innermost CHWN layout (small maps).
+On any other device or dtype, and for dilated convolutions, they compute the same thing as
+masked dense PyTorch ops. The kernels use `numba.get_num_threads()` threads.
 
 Layers: `SparseLinear.from_dense(nn.Linear, mask)`, `SparseConv2d.from_dense(nn.Conv2d, mask)`;
-`to_sparse_modules(model, masks)` swaps them in for the weights named in a dict of bool masks
-keyed "<module>.weight" and `to_dense_modules(model)` swaps back.
+`to_sparse_modules(model, masks)` swaps them in, in place, for the weights named in a dict of bool
+masks keyed "<module>.weight" (the trainable weight becomes "<module>.values": build the optimizer
+after the swap); `to_dense_modules(model)` swaps back.
 
-Topology changes: `structure.updated(dropped, grown) -> (new_structure, TopologyDelta)` merges
-flat positions in O(nnz) without touching a dense tensor; `delta.remap(tensor)` carries values or
-optimizer state over (grown slots start at zero). On a layer, `layer.update_topology(dropped,
-grown)` does both for its values; `remap_optimizer_state(optimizer, layer.values, delta)` for the
-optimizer.
+Topology changes: `structure.updated(dropped, grown) -> (new_structure, TopologyDelta)` merges flat
+positions in O(nnz) without touching a dense tensor; `delta.remap(tensor, grown=0.0)` carries
+values or optimizer state over. On a layer, `layer.update_topology(dropped, grown, grown_values=0.0)`
+does both for its values and grad; `remap_optimizer_state(optimizer, layer.values, delta)` for the
+optimizer's per-weight state.
 
-Gradients at inactive positions (RigL growth, BiDST candidates):
-`structure.request_sampled_grad(positions)` (flat positions, or None for all) makes the following
-backward passes accumulate dL/dW at those positions into `structure.sampled_grad`;
-`structure.take_sampled_grad()` returns it and ends the request.
+Gradients at other positions (RigL growth, BiDST candidates): `structure.request_sampled_grad(positions)`
+(flat positions; None for all, computed with PyTorch's dense kernel) makes the following backward
+passes accumulate dL/dW at those positions into `structure.sampled_grad`;
+`structure.take_sampled_grad()` returns it and ends the request (`layer.request_sampled_grad` /
+`layer.take_sampled_grad` forward to the layer's structure).
 
 Conversions to dense are on demand only: `structure.to_dense(values)`, `structure.mask()`,
-`layer.dense_weight()`. A layer's state_dict stores its active positions ("active_positions").
+`layer.dense_weight()`, `layer.to_dense_module()`. A layer's state_dict also stores its active
+positions ("<module>.active_positions"), so loading a checkpoint restores the topology.
 """
 
 from ._common import uses_kernels
