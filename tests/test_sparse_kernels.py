@@ -1,7 +1,8 @@
 """Sparse Linear / Conv2d kernels: outputs and every gradient equal the masked dense PyTorch reference.
 
 The reference runs in float64 on the masked dense weight; the kernels run in float32 and must
-agree within rtol 1e-4 / atol 1e-5 (inputs are scaled so that outputs are of order one).
+agree within rtol 1e-4 / atol 1e-5 (inputs are scaled so that outputs are of order one). The
+kernels are forced at every density here (DENSE_ABOVE = 1), dense weights included.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from bidst.sparse import (
     SparseStructure,
+    _common,
     conv,
     sparse_conv2d,
     sparse_linear,
@@ -25,6 +27,13 @@ from bidst.sparse import (
 )
 
 RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels_at_every_density():
+    saved, _common.DENSE_ABOVE = _common.DENSE_ABOVE, 1.0
+    yield
+    _common.DENSE_ABOVE = saved
 DENSITY = st.sampled_from([0.0, 0.1, 0.3, 0.7, 1.0])
 
 
@@ -200,7 +209,7 @@ def test_fallback_path_has_the_same_semantics(kind):
     for dtype in (torch.float32, torch.float64):
         values = structure.gather(w).to(dtype).detach().requires_grad_(True)
         xi = x.to(dtype).detach().requires_grad_(True)
-        assert uses_kernels(xi, values) == (dtype == torch.float32)
+        assert uses_kernels(xi, values, structure=structure) == (dtype == torch.float32)
         structure.request_sampled_grad(extra)
         if kind == "linear":
             y = sparse_linear(xi, values, structure)
@@ -246,3 +255,11 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         s.to_dense(torch.zeros(5))
     assert np.array_equal(s.mask().reshape(-1).nonzero().reshape(-1).numpy(), s.flat)
+
+
+def test_dense_weights_take_the_dense_path(monkeypatch):
+    s = SparseStructure.from_mask(torch.rand(8, 8, generator=torch.Generator().manual_seed(5)) < 0.5)
+    x = torch.zeros(2, 8)
+    assert uses_kernels(x, structure=s)
+    monkeypatch.setattr(_common, "DENSE_ABOVE", 0.3)
+    assert not uses_kernels(x, structure=s)

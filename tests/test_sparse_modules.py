@@ -12,6 +12,7 @@ from torch import nn
 from bidst.sparse import (
     SparseConv2d,
     SparseLinear,
+    _common,
     remap_optimizer_state,
     to_dense_modules,
     to_sparse_modules,
@@ -19,12 +20,15 @@ from bidst.sparse import (
 
 
 def random_masks(model: nn.Module, density: float, seed: int) -> dict[str, torch.Tensor]:
+    """Masks with exactly round(density * numel) random active weights for every Linear / Conv2d."""
     gen = torch.Generator().manual_seed(seed)
-    return {
-        f"{name}.weight": torch.rand(m.weight.shape, generator=gen) < density
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-    }
+    masks = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            flat = torch.zeros(m.weight.numel(), dtype=torch.bool)
+            flat[torch.randperm(flat.numel(), generator=gen)[: round(density * flat.numel())]] = True
+            masks[f"{name}.weight"] = flat.reshape(m.weight.shape)
+    return masks
 
 
 def masked_dense_copy(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
@@ -44,7 +48,7 @@ def test_from_dense_layers_match_their_masked_dense_modules():
         (nn.Conv2d(3, 4, 3, dilation=2), torch.randn(2, 3, 9, 9, generator=gen)),
     ]
     for dense, x in cases:
-        mask = torch.rand(dense.weight.shape, generator=gen) < 0.5
+        mask = torch.rand(dense.weight.shape, generator=gen) < 0.2
         sparse = SparseLinear.from_dense(dense, mask) if isinstance(dense, nn.Linear) else SparseConv2d.from_dense(dense, mask)
         with torch.no_grad():
             dense.weight.mul_(mask)
@@ -60,7 +64,7 @@ def test_sparse_training_equals_masked_dense_training():
     """SGD with momentum on the compact values follows masked dense training step for step."""
     torch.manual_seed(0)
     model = TinyNet()
-    masks = random_masks(model, 0.3, seed=1)
+    masks = random_masks(model, 0.2, seed=1)
     dense = masked_dense_copy(model, masks)
     sparse = copy.deepcopy(model)
     to_sparse_modules(sparse, masks)
@@ -85,7 +89,7 @@ def test_sparse_training_equals_masked_dense_training():
 
 def test_update_topology_remaps_values_grad_and_optimizer_state():
     gen = torch.Generator().manual_seed(2)
-    layer = SparseLinear.from_dense(nn.Linear(6, 5), torch.rand(5, 6, generator=gen) < 0.5)
+    layer = SparseLinear.from_dense(nn.Linear(6, 5), torch.rand(5, 6, generator=gen) < 0.2)
     opt = torch.optim.Adam(layer.parameters(), lr=0.1)
     layer(torch.randn(3, 6, generator=gen)).sum().backward()
     opt.step()
@@ -113,7 +117,7 @@ def test_update_topology_remaps_values_grad_and_optimizer_state():
 def test_state_dict_carries_the_topology():
     torch.manual_seed(3)
     model = TinyNet()
-    masks = random_masks(model, 0.4, seed=3)
+    masks = random_masks(model, 0.2, seed=3)
     a = copy.deepcopy(model)
     layers = to_sparse_modules(a, masks)
     fc1 = layers["fc1.weight"]
@@ -138,3 +142,11 @@ def test_swapping_rejects_what_it_cannot_make_sparse():
         to_sparse_modules(model, {"0.bias": torch.ones(4, dtype=torch.bool)})
     with pytest.raises(ValueError, match="padding_mode"):
         SparseConv2d.from_dense(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), torch.ones(2, 2, 3, 3, dtype=torch.bool))
+
+
+def test_the_layers_above_run_on_the_kernels():
+    """The densities used in this file stay below DENSE_ABOVE, so the tests above exercise the kernels."""
+    model = TinyNet()
+    for seed in (1, 3):
+        for name, mask in random_masks(model, 0.2, seed).items():
+            assert mask.float().mean() <= _common.DENSE_ABOVE, name

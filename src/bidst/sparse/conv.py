@@ -233,7 +233,7 @@ def sparse_conv2d(
     kh, kw = structure.kernel_size
     if x.shape[2] + 2 * geom.padding[0] < kh or x.shape[3] + 2 * geom.padding[1] < kw:
         raise ValueError(f"input {tuple(x.shape[2:])} with padding {geom.padding} is smaller than the kernel")
-    if pair(dilation) != (1, 1) or not uses_kernels(x, values, bias):
+    if pair(dilation) != (1, 1) or not uses_kernels(x, values, bias, structure=structure):
         w = masked_dense_weight(values, structure)
         return F.conv2d(x, w, bias, geom.stride, geom.padding, pair(dilation), structure.groups)
     (sh, sw), (_, pw) = geom
