@@ -114,7 +114,7 @@ def conv_forward(
             if x0 >= x1:
                 continue
             src = uint64(cbase + ci) * plane + uint64(iy) * rowlen
-            _axpy_columns(acc, 0, 1, xf, src + uint64((kx - pw) * nn), sw, values[p], x0, x1, n)
+            _axpy_columns(acc, uint64(0), 1, xf, src + uint64((kx - pw) * nn), sw, values[p], x0, x1, n)
         _store_row_nchw(acc, yf, nn, o, oo, oy, ho, wo)
 
 
