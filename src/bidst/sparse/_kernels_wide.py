@@ -213,6 +213,8 @@ def wide_backward(
                     _copy_phase(df, s0, ho, wo, wbuf, o * ho * ws, ho, ws, 1, 0, 0, 0, 0)
             if need_dx:
                 for c in range(c2):
+                    if s > 1 and ((c // s) % s >= kh0 or c % s >= kw0):
+                        continue  # a phase no weight reads: zero gradient, written by _depth_to_space
                     _conv_rows(t_ptr, t_cols, t_values, c, np.float32(0.0), dbuf, (c // cin_w) * cout_g * hd * wd, hd * wd, wd, kk, kw, acc, dspan)
                     if s == 1:
                         dst = uint64((n * cc + c) * h * w)
@@ -220,11 +222,11 @@ def wide_backward(
                             for j in range(uint64(w)):
                                 dxf[dst + i * uint64(w) + j] = acc[i * uint64(wd) + j]
                     else:
-                        for i in range(hs):
-                            for j in range(ws):
-                                cbuf[c * plane + i * ws + j] = acc[i * wd + j]
+                        for i in range(uint64(hs)):
+                            for j in range(uint64(ws)):
+                                cbuf[uint64(c * plane) + i * uint64(ws) + j] = acc[i * uint64(wd) + j]
                 if s > 1:
-                    _depth_to_space(cbuf, dxf, n, cc, h, w, s, top, left, hs, ws)
+                    _depth_to_space(cbuf, dxf, n, cc, h, w, s, top, left, hs, ws, kh0, kw0)
             if pos_rows.shape[0]:
                 _prep_image(xf, n, cc, h, w, xbuf, s, top, left, hs, ws, kh0, kw0)
                 src, d_off, dplane = (dbuf, dt * wd + dl, hd * wd) if shared else (wbuf, 0, ho * ws)
@@ -238,17 +240,22 @@ def wide_backward(
 
 
 @njit(cache=True)
-def _depth_to_space(buf: np.ndarray, dxf: np.ndarray, n: int, cc: int, h: int, w: int, s: int, top: int, left: int, hs: int, ws: int) -> None:
-    """Image n of dx (NCHW) from its space-to-depth gradient buf, dropping the padding (inverse of _prep_image)."""
+def _depth_to_space(
+    buf: np.ndarray, dxf: np.ndarray, n: int, cc: int, h: int, w: int, s: int, top: int, left: int, hs: int, ws: int, kh: int, kw: int
+) -> None:
+    """Image n of dx (NCHW) from its space-to-depth gradient buf, dropping the padding (inverse of _prep_image).
+
+    Only phases r < kh, q < kw of the original kh x kw kernel are read; pixels of the other phases,
+    and pixels cropped away before the conv, get a zero gradient.
+    """
     plane = hs * ws
+    if kh < s or kw < s or hs * s < h + top or ws * s < w + left:
+        for j in range(uint64(n * cc * h * w), uint64((n + 1) * cc * h * w)):
+            dxf[j] = 0.0
     for c in range(cc):
         d0 = (n * cc + c) * h * w
-        for y in range(h):  # pixels no phase reaches (cropped away before the conv): zero gradient
-            for x in range(w):
-                if y + top >= hs * s or x + left >= ws * s:
-                    dxf[d0 + y * w + x] = 0.0
-        for r in range(s):
-            for q in range(s):
+        for r in range(min(s, kh)):
+            for q in range(min(s, kw)):
                 j0, j1 = max(0, (left - q + s - 1) // s), min(ws, (w - 1 + left - q) // s + 1)
                 b0 = ((c * s + r) * s + q) * plane
                 for i in range(hs):
