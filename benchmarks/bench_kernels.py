@@ -262,7 +262,8 @@ def main() -> None:
         print(f"  {float(sp):.0%}: {t['incremental_ms']:.2f} / {t['rebuild_ms']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "layers": results, "topology_update": updates}, f, indent=1)
+            meta = {"threads": args.threads, "clock": args.clock, "stat": args.stat, "reps": args.reps}
+            json.dump({**meta, "layers": results, "topology_update": updates}, f, indent=1)
 
 
 if __name__ == "__main__":
