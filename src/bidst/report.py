@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from .config import TrainConfig
 from .errors import BidstError
 
 _NEVER_GROUP = {"run_dir", "resume"}
@@ -94,7 +95,8 @@ def _load_run(folder: Path) -> Run | None:
         config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
         if not isinstance(summary, dict) or not isinstance(config, dict) or "final_test_acc" not in summary:
             raise TypeError("summary.json without final_test_acc, or config.yaml not a mapping")
-        run = Run(folder, summary, config)
+        # keys added to TrainConfig after a run was made take their defaults, so they never split groups
+        run = Run(folder, summary, {**TrainConfig().to_dict(), **(config or {})})
         _ = run.sparsity  # a sparsity that is not a number is corrupt too
     except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
         _warn(f"{folder}: skipped, corrupt run folder ({e})")
