@@ -164,6 +164,14 @@ def test_sparse_checkpoint_roundtrip_continues_identically():
         torch.testing.assert_close(sp2.weight(name), sp.weight(name))
 
 
+def test_in_place_activations_after_sparse_layers():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(inplace=True), nn.Linear(16, 4), nn.ReLU(inplace=True))
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.5, total_steps=4, backend="sparse")
+    x = make_data(8)[0].requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad is not None and sp.params["1.weight"].grad.shape == (sp.budgets["1.weight"],)
+
+
 class DenseOnly:
     """A method that does not declare the sparse backend."""
 
