@@ -17,40 +17,17 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numba
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bidst.bench import Layer, random_mask
+from bidst.bench import layer_steps as make_steps
+from bidst.bench import mlp_1024 as mlp
 from bidst.models import create_model
-from bidst.sparse import (
-    SparseStructure,
-    sparse_conv2d,
-    sparse_linear,
-    to_sparse_modules,
-)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One benchmarked layer shape; `count` weights it inside a model-level total."""
-
-    name: str
-    kind: str  # "linear" or "conv"
-    batch: int
-    cin: int
-    cout: int
-    size: int = 0  # input height = width (conv)
-    k: int = 3
-    stride: int = 1
-    count: int = 1
-
-    @property
-    def padding(self) -> int:
-        return self.k // 2
-
+from bidst.sparse import SparseStructure, to_sparse_modules
 
 LAYERS = [
     Layer("Linear 1024x1024, b256", "linear", 256, 1024, 1024),
@@ -67,53 +44,6 @@ RESNET32 = [
     Layer("R32 32->64 1x1 s2 @16", "conv", 64, 32, 64, 16, k=1, stride=2),
     Layer("R32 64->64 3x3 @8", "conv", 64, 64, 64, 8, count=9),
 ]
-
-
-def random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) -> torch.Tensor:
-    """A bool mask with exactly round(density * numel) random True entries."""
-    n = 1
-    for s in shape:
-        n *= s
-    flat = torch.zeros(n, dtype=torch.bool)
-    flat[torch.randperm(n, generator=gen)[: round(density * n)]] = True
-    return flat.reshape(shape)
-
-
-def make_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(dense step, sparse step) closures: forward and backward for input, weight and bias."""
-    if layer.kind == "linear":
-        shape: tuple[int, ...] = (layer.cout, layer.cin)
-        x = torch.randn(layer.batch, layer.cin, generator=gen)
-    else:
-        shape = (layer.cout, layer.cin, layer.k, layer.k)
-        x = torch.randn(layer.batch, layer.cin, layer.size, layer.size, generator=gen)
-    x.requires_grad_(True)
-    mask = random_mask(shape, density, gen)
-    w = (torch.randn(shape, generator=gen) * mask).requires_grad_(True)
-    b = torch.zeros(layer.cout, requires_grad=True)
-    structure = SparseStructure.from_mask(mask)
-    values = structure.gather(w).requires_grad_(True)
-
-    def dense_fwd() -> torch.Tensor:
-        if layer.kind == "linear":
-            return F.linear(x, w, b)
-        return F.conv2d(x, w, b, layer.stride, layer.padding)
-
-    def sparse_fwd() -> torch.Tensor:
-        if layer.kind == "linear":
-            return sparse_linear(x, values, structure, b)
-        return sparse_conv2d(x, values, structure, b, layer.stride, layer.padding)
-
-    gy = torch.randn_like(dense_fwd().detach())
-
-    def step(fwd: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            x.grad = w.grad = b.grad = values.grad = None
-            fwd().backward(gy)
-
-        return run
-
-    return step(dense_fwd), step(sparse_fwd)
 
 
 STAT: Callable[[list[float]], float] = statistics.median
@@ -162,14 +92,6 @@ def topology_update_times(density: float, swap: float, gen: torch.Generator) -> 
 
     t_rebuild, t_incr = interleaved(rebuild, incremental, 7)
     return {"incremental_ms": t_incr * 1e3, "rebuild_ms": t_rebuild * 1e3}
-
-
-def mlp() -> nn.Module:
-    """A 1024-1024-1024-1024-10 ReLU MLP (the classifier stays dense)."""
-    return nn.Sequential(
-        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10),
-    )  # fmt: skip
 
 
 def model_steps(name: str, density: float, gen: torch.Generator) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -63,6 +63,15 @@ def fast_options(method: str) -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny layers run fastest so, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     return make_data()
 

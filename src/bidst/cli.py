@@ -82,15 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
     sub.add_parser("sweep", help="run a grid of runs from a sweep YAML (see `bidst sweep -h`)", add_help=False)
     sub.add_parser("report", help="tables and plots over run folders (see `bidst report -h`)", add_help=False)
+    sub.add_parser("bench", help="time the sparse backend against dense (see `bidst bench -h`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code: 2 for user errors (one line), 128 + signal after SIGINT/SIGTERM."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("sweep", "report"):  # their own parsers, errors and exit codes
+    if argv and argv[0] in ("sweep", "report", "bench"):  # their own parsers, errors and exit codes
         if argv[0] == "sweep":
             from .sweep import main as sub_main
+        elif argv[0] == "bench":
+            from .bench import main as sub_main
         else:
             from .report import main as sub_main
         return sub_main(argv[1:])

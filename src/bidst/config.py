@@ -31,6 +31,7 @@ class TrainConfig:
     dense_first: bool = False  # keep the first Conv/Linear layer dense
     dense_last: bool = False  # keep the classifier dense
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options
+    backend: str = "masked"  # masked (dense weights x masks) | sparse (bidst.sparse kernels, single process)
     # how to optimise
     epochs: int = 3
     batch_size: int = 128
@@ -66,6 +67,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
     "on_nonfinite": ("stop", "skip"),
+    "backend": ("masked", "sparse"),
 }
 
 

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from .errors import BidstError
+from .sparse import SparseConv2d, SparseLinear
 
 Masks = Mapping[str, torch.Tensor]
 
-_COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class LayerShape:
 def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
     """Run one no-grad forward with hooks and return the shape of every Conv/Linear weight.
 
-    Keys are qualified weight names (``"features.0.weight"``), matching mask keys. The model is
+    Keys are qualified weight names (``"features.0.weight"``, also for the sparse backend's layers), matching mask keys. The model is
     put in eval mode for the pass (so batch-norm statistics do not move) and restored after.
     ``example_input`` is one tensor or a tuple of positional arguments.
     """
@@ -70,10 +71,14 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
             kernel: tuple[int, ...] = ()
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, SparseLinear)):
                 kind, groups = "linear", 1
                 in_f, out_f = module.in_features, module.out_features
                 in_size, out_size = tuple(x.shape[1:-1]), tuple(output.shape[1:-1])
+            elif isinstance(module, SparseConv2d):
+                kind, kernel, groups = "conv", module.structure.kernel_size, module.structure.groups
+                in_f, out_f = module.structure.in_channels, module.structure.shape[0]
+                in_size, out_size = tuple(x.shape[2:]), tuple(output.shape[2:])
             else:
                 assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
                 kind, kernel, groups = "conv", tuple(module.kernel_size), module.groups
@@ -92,7 +97,7 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
                 out_size=previous.out_size if previous else out_size,
                 positions=math.prod(out_size) + (previous.positions if previous else 0),
                 batch=previous.batch if previous else batch,
-                numel=module.weight.numel(),
+                numel=module.structure.numel if isinstance(module, (SparseLinear, SparseConv2d)) else module.weight.numel(),
             )
 
         return hook

@@ -234,7 +234,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     sparsifier: Sparsifier = sparsify(
         model, optimizer, cfg.method, cfg.sparsity, total_steps=total_steps, distribution=cfg.distribution,
         steps_per_epoch=steps_per_epoch, dense_first=cfg.dense_first, dense_last=cfg.dense_last, seed=cfg.seed,
-        init_batch=(init_x.to(device), init_y.to(device)), **cfg.method_args,
+        init_batch=(init_x.to(device), init_y.to(device)), backend=cfg.backend, **cfg.method_args,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
@@ -336,7 +336,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             running["seen"] += y.numel() * world
             if (step + 1) % cfg.log_every == 0:
                 metrics.write({"kind": "step", "step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                               "topology_changes": sparsifier.topology_changes})
+                               "topology_changes": sparsifier.topology_changes,
+                               "rebuild_s": sparsifier.rebuild_seconds})
                 bar.set_postfix(loss=f"{loss_value:.3f}")
             if stop_signal:
                 checkpoint(batch_index + 1)
@@ -377,6 +378,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             for r in sparsifier.report()
         ],
         "wall_time_s": time.perf_counter() - started,
+        "backend": cfg.backend, "rebuild_s": sparsifier.rebuild_seconds,
         "inference_flops": inference_flops(shapes, sparsifier.masks),
         "dense_inference_flops": inference_flops(shapes),
         **meter.summary(extra_flops=sparsifier.costs),

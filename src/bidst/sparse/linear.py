@@ -25,11 +25,12 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure) -> Tensor:
         xt = x.t().contiguous()
-        yt = torch.empty(structure.shape[0], x.shape[0], dtype=torch.float32)
-        KL.spmm_t(structure.indptr, structure.cols, np_view(values), bias_array(bias, structure.shape[0]), np_view(xt), np_view(yt))
+        # (batch, out) with batch innermost, allocated as such (not a view) so in-place ops on it are allowed
+        y = torch.empty_strided((x.shape[0], structure.shape[0]), (1, x.shape[0]), dtype=torch.float32)
+        KL.spmm_t(structure.indptr, structure.cols, np_view(values), bias_array(bias, structure.shape[0]), np_view(xt), np_view(y.t()))
         ctx.save_for_backward(xt, values)
         ctx.structure = structure
-        return yt.t()
+        return y
 
     @staticmethod
     @once_differentiable
@@ -62,8 +63,8 @@ class _SparseLinearFn(torch.autograd.Function):
 def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, W, bias) for the sparse weight W = (values at structure's active positions).
 
-    The output of the CPU kernels is a transposed view (batch innermost in memory); a following
-    sparse_linear consumes it without a copy.
+    The output of the CPU kernels has the batch innermost in memory (transposed strides); a
+    following sparse_linear consumes it without a copy.
     """
     if len(structure.shape) != 2:
         raise ValueError(f"sparse_linear needs a 2-D weight structure, got shape {structure.shape}")
@@ -74,4 +75,4 @@ def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: T
         return F.linear(x, masked_dense_weight(values, structure), bias)
     lead = x.shape[:-1]
     y = _SparseLinearFn.apply(x.reshape(-1, in_f), values.contiguous(), bias, structure)
-    return y.reshape(*lead, out_f)
+    return y if x.dim() == 2 else y.reshape(*lead, out_f)
