@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
 from torch import nn
 
 import bidst
 from bidst.backend import supports
-from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
 
 METHODS = bidst.list_methods()
 DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}

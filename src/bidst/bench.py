@@ -224,7 +224,6 @@ def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, 
 
     gen = torch.Generator().manual_seed(0)
     head = "| " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
-    sep = "|" + " --- |" * (len(sparsities) + 1)
     emit("\n### Whole training step, sparse / dense time (forward, loss, backward, optimizer, RigL)\n")
     emit(f"Amortised over RigL's {UPDATE_INTERVAL}-step update interval; `update` is one update step alone (dense "
          "gradient, drop/grow, rebuild) over a dense step; `rebuild` is the share of training time spent rebuilding "
@@ -244,8 +243,8 @@ def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, 
                             "rebuild": per_update / (UPDATE_INTERVAL * amortised), "dense_ms": td * 1e3}
         emit(f"| {name} | step | {ratio_row(rows, sparsities)} |")
         emit(f"| | update | {ratio_row(rows, sparsities, 'update')} |")
-        emit(f"| | rebuild | " + " | ".join(f"{100 * rows[str(s)]['rebuild']:.3f}%" for s in sparsities) + " |")
-        emit(f"| | dense ms | " + " | ".join(f"{rows[str(s)]['dense_ms']:.1f}" for s in sparsities) + " |")
+        emit("| | rebuild | " + " | ".join(f"{100 * rows[str(s)]['rebuild']:.3f}%" for s in sparsities) + " |")
+        emit("| | dense ms | " + " | ".join(f"{rows[str(s)]['dense_ms']:.1f}" for s in sparsities) + " |")
     if not layers:
         return
     emit("\n### Per layer shape, sparse / dense time (forward + input grad + weight grad)\n")
@@ -286,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         "# Performance: the sparse backend against dense",
         "",
         f"Command: `bidst bench {' '.join(argv if argv is not None else sys.argv[2:])}`".rstrip() + "  ",
-        f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} thread(s), "
-        f"torch {torch.__version__}, numba {numba.__version__}, Python {platform.python_version()}  ",
-        f"Timing: {args.stat} of {args.reps} interleaved repetitions, {args.clock} clock. Ratios below 1 mean the "
-        "sparse backend is faster.",
+        (f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} thread(s), "
+         f"torch {torch.__version__}, numba {numba.__version__}, Python {platform.python_version()}  "),
+        (f"Timing: {args.stat} of {args.reps} interleaved repetitions, {args.clock} clock. Ratios below 1 mean the "
+         "sparse backend is faster."),
     ]
     for line in out:
         print(line)
