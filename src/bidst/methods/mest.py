@@ -65,6 +65,8 @@ class MEST(Stateless, UpdateSchedule):
         else:
             budgets = dict(sp.budgets)
         fraction = self.fraction(step, sp)
+        # the score |w| + lambda |g| over the active weights: 3 FLOPs per active weight
+        sp.add_cost("scoring", 3.0 * sum(sp.budgets[n] for n in sp.sparse_names()))
         changed = False
         for n in sp.sparse_names():
             grad = sp.grad(n)
