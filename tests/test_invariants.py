@@ -10,8 +10,8 @@ import bidst
 from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
 
 METHODS = bidst.list_methods()
-DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}
-CONSTANT_BUDGET = {"static", "set", "rigl", "mest", "snip", "grasp", "synflow"}
+DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp", "bidst"}
+CONSTANT_BUDGET = {"static", "set", "rigl", "mest", "snip", "grasp", "synflow", "bidst"}
 STEPS = 40
 
 

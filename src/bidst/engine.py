@@ -87,6 +87,7 @@ class Sparsifier:
         self.last_swaps = 0
         self.rng = torch.Generator().manual_seed(seed)
         self.costs: dict[str, float] = {}  # FLOPs of the methods' own work, by phase (2 per multiply-add)
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
 
         self.params: dict[str, nn.Parameter] = {}
         self.modules: dict[str, nn.Module] = {}
@@ -225,14 +226,20 @@ class Sparsifier:
                 raise RuntimeError(f"{name}: {active} active weights, budget {self.budgets[name]}")
 
     # -- the training-loop API -----------------------------------------------------------
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> bool:
+    def step(
+        self, scaler: torch.amp.GradScaler | None = None, batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> bool:
         """Optimizer step plus the method's work; returns True if the topology changed.
+
+        `batch` (inputs, targets) is kept as `self.batch` for methods that take extra passes on it
+        (BiDST's unrolled hypergradient); the others ignore it.
 
         Gradients of inactive weights are zeroed before the optimizer sees them, so momentum and
         Adam moments never accumulate there; weights are re-masked afterwards so no optimizer
         feature (weight decay, AdamW's decoupled decay) can revive an inactive weight.
         """
         step = self.step_count + 1
+        self.batch = batch
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         dense_grads: dict[str, torch.Tensor] | None = None

@@ -16,6 +16,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from .budget import layer_rows, matched_steps
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, build_config
 from .data import create_dataset, dataset_info, make_loader
@@ -36,9 +37,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The learning rate for optimizer step `step` (0-based): warm-up, then the chosen decay."""
-    total = cfg.epochs * steps_per_epoch
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int = 0) -> float:
+    """The learning rate for optimizer step `step` (0-based): warm-up, then the chosen decay over `total_steps`."""
+    total = total_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -174,6 +175,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         steps_per_epoch=steps_per_epoch, dense_first=cfg.dense_first, dense_last=cfg.dense_last, seed=cfg.seed,
         init_batch=(init_x.to(device), init_y.to(device)), **cfg.method_args,
     )
+    if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
+        rows = layer_rows(model, sparsifier.modules, init_x.to(device))
+        total_steps = sparsifier.total_steps = matched_steps(sparsifier, cfg.match_flops, rows)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
@@ -213,14 +217,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     started = time.perf_counter()
     model.train()
     val_acc = test_acc = float("nan")
-    while epoch < cfg.epochs:
+    while epoch < cfg.epochs and sparsifier.step_count < total_steps:
         loader = train_loader(epoch, start_batch)
         bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, file=sys.stderr, leave=False, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for batch_index, (x, y) in enumerate(bar, start=start_batch):
             step = sparsifier.step_count
-            lr = lr_at(cfg, step, steps_per_epoch)
+            if step >= total_steps:
+                break
+            lr = lr_at(cfg, step, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -231,7 +237,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
                 raise BidstError(f"non-finite loss {loss.item()} at step {step + 1}; the last checkpoint is intact")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            sparsifier.step(scaler if scaler.is_enabled() else None)
+            sparsifier.step(scaler if scaler.is_enabled() else None, batch=(x, y))
             loss_value = float(loss.detach())
             running["loss"] += loss_value * y.numel()
             running["correct"] += int((logits.argmax(1) == y).sum())
@@ -268,6 +274,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         "final_test_acc": test_acc, "final_val_acc": None if val_set is None else val_acc,
         "best_val_acc": None if val_set is None else best_val,
         "measured_sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
+        "method_costs": dict(sparsifier.costs),
         "layers": [
             {"name": r.name, "shape": list(r.shape), "target_density": r.target_density, "density": r.density}
             for r in sparsifier.report()
