@@ -31,6 +31,7 @@ SCORE_FLOPS = 16  # per candidate and learning step: noise, sigmoid, score gradi
 UNROLLED_PASSES = 3  # one pass at the virtual step, two for the finite-difference Hessian-vector product
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+HYPERGRADIENTS = ("first_order", "implicit_diag", "unrolled", "second_order_diag")
 LAYER_KEYS = ("pos", "psi", "shadow", "m1", "m2")  # per-layer state, aligned over the candidate set
 
 
@@ -76,7 +77,7 @@ class BiDST:
         require_choice(self.name, "explore", self.explore, ("gradient", "random"))
         require_range(self.name, "tau_start", self.tau_start, 1e-6, float("inf"))
         require_range(self.name, "tau_end", self.tau_end, 1e-6, float("inf"))
-        require_choice(self.name, "mask_optimizer", self.mask_optimizer, ("adam", "sgd"))
+        require_choice(self.name, "mask_optimizer", self.mask_optimizer, ("adam", "sgd", "layer_sgd"))
         require_range(self.name, "mask_lr", self.mask_lr, 0.0, float("inf"))
         require_range(self.name, "shadow_decay", self.shadow_decay, 0.0, float("inf"))
         require_range(self.name, "mask_interval", self.mask_interval, 1, float("inf"))
@@ -86,7 +87,7 @@ class BiDST:
         require_range(self.name, "stop_fraction", self.stop_fraction, 0.0, 1.0)
         require_choice(self.name, "grow_init", self.grow_init, ("zero", "shadow"))
         require_choice(self.name, "rank", self.rank, ("psi", "psi_plus_log_magnitude"))
-        require_choice(self.name, "hypergradient", self.hypergradient, ("first_order", "implicit_diag", "unrolled"))
+        require_choice(self.name, "hypergradient", self.hypergradient, HYPERGRADIENTS)
         require_range(self.name, "implicit_coef", self.implicit_coef, 0.0, float("inf"))
         require_range(self.name, "unroll_eps", self.unroll_eps, 1e-12, float("inf"))
         require_range(self.name, "learn_every", self.learn_every, 1, float("inf"))
@@ -134,18 +135,24 @@ class BiDST:
             self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
 
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
-        """The dense gradient is needed only at flag checks, and only to refill E by gradient."""
-        return self.explore == "gradient" and self.is_check(step, sp)
+        """The dense gradient is needed only to choose E by gradient: at step 1 and at flag checks."""
+        return self.explore == "gradient" and (step == 1 or self.is_check(step, sp))
 
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         """Learn scores and shadow weights from this step's backward pass; at a check, commit by the flag."""
+        for name, caught in self._captures.items():
+            self._rows[name] = sum(output_rows(sp.modules[name], gout) for _, _, gout in caught if gout is not None)
         if self.learns(step, sp):
             self.learn(sp, step)
         self._captures.clear()
+        if dense_grads is not None:
+            sp.add_cost("dense_grad", sum(2.0 * sp.numel[n] * self._rows.get(n, 0) for n in sp.sparse_names()))
+        if step == 1 and dense_grads is not None:  # the first exploration set by gradient, not at random
+            for name, state in self._layers.items():
+                self.remove_entries(state, (~sp.masks[name].view(-1)[state["pos"]]).nonzero().squeeze(1))
+                self.add_candidates(sp, name, state["pos"][:0], dense_grads)
         changed = False
         if self.is_check(step, sp):
-            if dense_grads is not None:
-                sp.add_cost("dense_grad", sum(2.0 * sp.numel[n] * self._rows.get(n, 0) for n in sp.sparse_names()))
             changed = self.commit(sp, step, dense_grads)
         if step >= self.stop_step(sp):
             self.remove_hooks()
@@ -169,10 +176,14 @@ class BiDST:
 
     # -- capture -----------------------------------------------------------------------
     def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
-        """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient."""
+        """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient.
+
+        It captures at learning steps (and at dense-gradient steps, whose cost depends on the output size).
+        """
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            wanted = self._extra_pass or self.learns(sp.step_count + 1, sp)
+            step = sp.step_count + 1
+            wanted = self._extra_pass or self.learns(step, sp) or self.wants_dense_grad(step, sp)
             if not (wanted and torch.is_grad_enabled() and output.requires_grad):
                 return
             entry: list[Any] = [inputs[0].detach(), module.weight.detach().view(-1)[self._layers[name]["pos"]], None]
@@ -212,12 +223,18 @@ class BiDST:
     # -- the upper and lower level -----------------------------------------------------
     def learn(self, sp: Sparsifier, step: int) -> None:
         """One step of the scores (upper level) and of the shadow weights (lower level of the candidates)."""
+        psi_grads, grads = self.score_grads(sp, step)
+        if psi_grads:
+            self._learn_steps += 1
+        for name, psi_grad in psi_grads.items():
+            self.step_scores(self._layers[name], psi_grad)
+            self.step_shadow(sp, name, grads[name])
+
+    def score_grads(self, sp: Sparsifier, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """From this step's captures: dL/dψ through σ((ψ+G)/τ) (straight-through) and g, both over C, per layer."""
         entries = {n: e for n, e in self._captures.items() if e and all(item[2] is not None for item in e)}
-        if not entries:
-            return
-        self._learn_steps += 1
         tau = self.temperature(step, sp)
-        grads, thetas = {}, {}
+        grads, thetas, relaxed = {}, {}, {}
         for name, caught in entries.items():
             state = self._layers[name]
             active = sp.masks[name].view(-1)[state["pos"]]
@@ -225,24 +242,28 @@ class BiDST:
             grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
             thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
             sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * self._rows[name] + SCORE_FLOPS * active.numel())
-        mask_grads = (
-            self.unrolled_mask_grads(sp, step, grads, thetas, entries)
-            if self.hypergradient == "unrolled"
-            else {n: self.mask_grad(sp, n, grads[n], thetas[n]) for n in entries}
-        )
-        for name in entries:
-            state = self._layers[name]
-            noise = random_scores(state["psi"].shape, sp.rng, state["psi"].device).clamp_(1e-6, 1 - 1e-6)
-            relaxed = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
-            self.step_scores(state, mask_grads[name] * relaxed * (1 - relaxed) / tau)
-            self.step_shadow(sp, name, grads[name])
+            noise = random_scores(state["psi"].shape, sp.rng, active.device).clamp_(1e-6, 1 - 1e-6)
+            relaxed[name] = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
+        if self.hypergradient == "unrolled" and entries:
+            mask_grads = self.unrolled_mask_grads(sp, grads, thetas, entries)
+        else:
+            mask_grads = {n: self.mask_grad(sp, n, grads[n], thetas[n], relaxed[n], e[0][0].shape[0]) for n, e in entries.items()}
+        return {n: mask_grads[n] * relaxed[n] * (1 - relaxed[n]) / tau for n in entries}, grads
 
-    def mask_grad(self, sp: Sparsifier, name: str, grads: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """dL/dm over C at the hard mask: θ⊙g (first order), minus (1/λ)·m̂⊙g⊙g under implicit_diag."""
+    def mask_grad(
+        self, sp: Sparsifier, name: str, grads: torch.Tensor, theta: torch.Tensor, relaxed: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """dL/dm over C: θ⊙g (first order); implicit_diag subtracts (1/λ)·m̂⊙g⊙g; second_order_diag adds
+
+        (m̃ − m̂)⊙θ²⊙F, the derivative of the relaxed loss's diagonal second-order term with the
+        empirical Fisher F = batch·g² as curvature (an OBD-like saliency for actives).
+        """
         out = theta * grads
+        active = sp.masks[name].view(-1)[self._layers[name]["pos"]]
         if self.hypergradient == "implicit_diag":
-            active = sp.masks[name].view(-1)[self._layers[name]["pos"]]
             out = out - self.implicit_scale(sp, name) * active * grads * grads
+        elif self.hypergradient == "second_order_diag":
+            out = out + (relaxed - active.float()) * theta * theta * batch * grads * grads
         return out
 
     def implicit_scale(self, sp: Sparsifier, name: str) -> float:
@@ -267,6 +288,9 @@ class BiDST:
         if self.mask_optimizer == "sgd":
             state["psi"].sub_(self.mask_lr * grad)
             return
+        if self.mask_optimizer == "layer_sgd":
+            state["psi"].sub_(self.mask_lr * grad / grad.pow(2).mean().sqrt().clamp_min(1e-30))
+            return
         b1, b2 = ADAM_BETAS
         state["m1"].mul_(b1).add_(grad, alpha=1 - b1)
         state["m2"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
@@ -286,7 +310,6 @@ class BiDST:
     def unrolled_mask_grads(
         self,
         sp: Sparsifier,
-        step: int,
         grads: dict[str, torch.Tensor],
         thetas: dict[str, torch.Tensor],
         entries: dict[str, list[list[Any]]],
@@ -318,7 +341,8 @@ class BiDST:
                 for buf, value in zip(sp.model.buffers(), buffers):
                     buf.copy_(value)
         for n in names:
-            sp.add_cost("unrolled", UNROLLED_PASSES * (4.0 * sp.budgets[n] + 2.0 * masks[n].numel()) * self._rows[n])
+            rows = sum(output_rows(sp.modules[n], gout) for _, _, gout in entries[n])
+            sp.add_cost("unrolled", UNROLLED_PASSES * (4.0 * sp.budgets[n] + 2.0 * masks[n].numel()) * rows)
         return {
             n: virtual[n] * g_virtual[n] - lrs[n] * masks[n] * grads[n] * g_virtual[n]
             - lrs[n] * thetas[n] * (plus[n] - minus[n]) / (2 * eps)
@@ -391,16 +415,31 @@ class BiDST:
         state = self._layers[name]
         dropped = state["pos"][drop]
         state["shadow"][grow] = 0.0
+        self.remove_entries(state, drop)
+        self.add_candidates(sp, name, dropped, dense_grads)
+
+    @staticmethod
+    def remove_entries(state: dict[str, torch.Tensor], index: torch.Tensor) -> None:
+        """Delete entries `index` (into C) from every per-layer tensor."""
         keep = torch.ones_like(state["pos"], dtype=torch.bool)
-        keep[drop] = False
+        keep[index] = False
         for key in LAYER_KEYS:
             state[key] = state[key][keep]
+
+    def add_candidates(
+        self, sp: Sparsifier, name: str, excluded: torch.Tensor, dense_grads: dict[str, torch.Tensor] | None
+    ) -> None:
+        """Fill E up to ⌈ρ·k⌉ with inactive positions outside C and `excluded`, by |dense gradient| or at random.
+
+        New candidates start with a zero shadow weight and a neutral score: 0, or just below the
+        active threshold under `rank: psi`.
+        """
+        state = self._layers[name]
         mask = sp.masks[name].view(-1)
-        missing = self.explore_size(sp, name) - int((~mask[state["pos"]]).sum())
         eligible = ~mask.clone()
         eligible[state["pos"]] = False
-        eligible[dropped] = False
-        missing = min(missing, int(eligible.sum()))
+        eligible[excluded] = False
+        missing = min(self.explore_size(sp, name) - int((~mask[state["pos"]]).sum()), int(eligible.sum()))
         if missing <= 0:
             return
         if self.explore == "gradient" and dense_grads is not None:
@@ -409,7 +448,7 @@ class BiDST:
             scores = random_scores(mask.shape, sp.rng, mask.device)
         new = grow_highest(scores, eligible, missing)
         neutral = 0.0
-        if self.rank == "psi":  # just below the active threshold
+        if self.rank == "psi":
             threshold = state["psi"][mask[state["pos"]]].min()
             neutral = float(torch.nextafter(threshold, torch.tensor(-math.inf, device=threshold.device)))
         zeros = torch.zeros(missing, device=mask.device)
