@@ -12,6 +12,15 @@ from bidst.sampled import sampled_weight_grad
 from conftest import TinyNet, make_data
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny layers gain nothing from threads, and a shared CPU makes them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _capture(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and output gradient of `module` for a random linear loss, plus the dense weight gradient."""
     store = {}
@@ -72,7 +81,7 @@ def _sparsified(layer: nn.Module, features: int, x_shape: tuple[int, ...], **opt
     model = OneLayer(layer, features)
     opt = torch.optim.SGD([model.layer.weight, model.layer.bias], lr=0.1, weight_decay=1e-3)
     sp = bidst.sparsify(model, opt, "bidst", 0.7, total_steps=100, mask_interval=10,
-                        filter_fn=lambda m, n: n == "layer", explore="random", **options)
+                        filter_fn=lambda m, n: n == "layer", explore="random", learn_every=1, **options)
     method = sp.method
     state = method._layers["layer.weight"]
     explore = ~sp.masks["layer.weight"].view(-1)[state["pos"]]
@@ -134,7 +143,7 @@ def test_unrolled_matches_finite_difference_of_unrolled_loss():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     sp = bidst.sparsify(model, opt, "bidst", 0.5, total_steps=100, hypergradient="unrolled", explore="random",
-                        explore_ratio=1.0, unroll_eps=1e-3)
+                        explore_ratio=1.0, unroll_eps=1e-3, learn_every=1)
     method = sp.method
     for name, state in method._layers.items():
         explore = ~sp.masks[name].view(-1)[state["pos"]]
@@ -207,14 +216,14 @@ def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, *
 @pytest.mark.parametrize("swap,frac", [("forced", 0.1), ("capped", 0.0)])
 def test_commit_only_when_flag_holds_and_active_count_fixed(swap, frac):
     record: list = []
-    sp, _, _ = _train(steps=40, record=record, mask_interval=5, min_swap_fraction=frac, swap=swap)
+    sp, _, _ = _train(steps=32, record=record, mask_interval=4, min_swap_fraction=frac, swap=swap)
     assert record, "some layer should commit"
     for step, name, swaps, budget in record:
-        assert step % 5 == 0 and step <= int(0.75 * 40)
+        assert step % 4 == 0 and step <= int(0.75 * 32)
         assert swaps >= max(1.0, frac * budget)
     assert sp.budgets == sp.target_budgets()
     if swap == "forced":  # α·k decays below 10% of the actives before the stop step: the flag stays down
-        assert max(step for step, *_ in record) < int(0.75 * 40)
+        assert max(step for step, *_ in record) < int(0.75 * 32)
 
 
 def test_flag_never_up_means_no_commit():

@@ -46,12 +46,12 @@ class BiDST:
 
     name: ClassVar[str] = "bidst"
     default_distribution: ClassVar[str] = "erk"
-    explore_ratio: float = 0.2  # ρ: ⌈ρ·k⌉ inactive exploration candidates per layer
+    explore_ratio: float = 0.5  # ρ: ⌈ρ·k⌉ inactive exploration candidates per layer
     explore: str = "gradient"  # refill E at a commit by dense-gradient magnitude (counted) or "random"
     tau_start: float = 1.0  # temperature of the Gumbel-sigmoid relaxation at the start ...
-    tau_end: float = 0.1  # ... annealed geometrically to this at stop_fraction
-    mask_optimizer: str = "adam"  # optimizer of the scores: adam | sgd
-    mask_lr: float = 0.01  # learning rate of the scores; 0 is the control (scores stay 0)
+    tau_end: float = 1.0  # ... annealed geometrically to this at stop_fraction (0.1 was no better on val)
+    mask_optimizer: str = "adam"  # optimizer of the scores: adam | sgd | layer_sgd (SGD on the layer-RMS-normalized gradient)
+    mask_lr: float = 0.05  # learning rate of the scores; 0 is the control (scores stay 0)
     shadow_decay: float = 5e-4  # β: the sparse regularizer on the shadow (candidate) weights
     mask_interval: int = 100  # steps between checks of the topology flag (RigL's ΔT)
     min_swap_fraction: float = 0.01  # a layer commits only if it swaps at least this share of its actives
@@ -60,10 +60,10 @@ class BiDST:
     stop_fraction: float = 0.75  # no mask learning nor topology change after this share of training
     grow_init: str = "zero"  # new active weights start at zero or at their shadow value ("shadow")
     rank: str = "psi_plus_log_magnitude"  # ranking for the hard top-k: psi | psi_plus_log_magnitude
-    hypergradient: str = "first_order"  # first_order | implicit_diag | unrolled
+    hypergradient: str = "first_order"  # first_order | implicit_diag | unrolled | second_order_diag
     implicit_coef: float = 0.0  # 1/λ of implicit_diag; 0: 1 / the optimizer's weight decay
     unroll_eps: float = 0.01  # unrolled: finite-difference step, divided by the vector's norm (DARTS)
-    learn_every: int = 1  # learn scores and shadow weights every this many steps (mask-learning cost / n)
+    learn_every: int = 5  # learn scores and shadow weights every this many steps (mask-learning cost / n)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
