@@ -14,7 +14,8 @@ from torch import nn
 
 from .errors import BidstError
 
-CHUNK_ELEMENTS = 1 << 18  # elements of one gathered block (positions x row length), cache-sized
+CHUNK_ELEMENTS = {"cpu": 1 << 18}  # elements of one gathered block (positions x row length): cache-sized on CPU
+DEVICE_CHUNK_ELEMENTS = 1 << 25  # on accelerators: large blocks, few kernel launches
 LONG_ROW = 4096  # from this row length on, one dot product per position beats gathering copies
 
 
@@ -29,7 +30,7 @@ def _row_products(left: torch.Tensor, right: torch.Tensor, rows_left: torch.Tens
         pairs = zip(rows_left.tolist(), rows_right.tolist())
         return torch.stack([torch.dot(left[i], right[j]) for i, j in pairs])
     out = torch.empty(rows_left.numel(), dtype=torch.float32, device=left.device)
-    chunk = max(1, CHUNK_ELEMENTS // max(1, left.shape[1]))
+    chunk = max(1, CHUNK_ELEMENTS.get(left.device.type, DEVICE_CHUNK_ELEMENTS) // max(1, left.shape[1]))
     for start in range(0, rows_left.numel(), chunk):
         a = left.index_select(0, rows_left[start : start + chunk])
         b = right.index_select(0, rows_right[start : start + chunk])
