@@ -20,6 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -152,6 +153,19 @@ def costs(runs: list[dict]) -> tuple[float, float, float]:
     return rel, share, statistics.mean(r["topology_changes"] for r in runs)
 
 
+def sparsity_table(groups: dict[tuple[str, float], list[dict]], columns: tuple[str, ...], cells: Any) -> list[str]:
+    """Markdown rows: one per method, `columns` per sparsity filled by `cells(runs)` (dense repeats its runs)."""
+    header = " | ".join(f"{round(s * 100)}% {columns[0]} | " + " | ".join(columns[1:]) for s in SPARSITIES)
+    lines = [f"| method | {header} |", "|" + " --- |" * (1 + len(columns) * len(SPARSITIES))]
+    for label in METHODS:
+        row = []
+        for s in SPARSITIES:
+            runs = groups.get(("dense", 0.0) if label == "dense" else (label, s), [])
+            row += cells(runs) if runs else ["–"] * len(columns)
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
+
+
 def report(out: Path) -> str:
     """The generated Markdown: main table, target checks, ablations, and how to regenerate them."""
     groups = collect(out)
@@ -162,31 +176,11 @@ def report(out: Path) -> str:
              "", "Test accuracy (%) mean ± std over seeds 0, 1, 2; validation accuracy in the second table; "
              "FLOPs = training FLOPs (forward, backward, dense gradients, mask learning, unrolled passes) "
              "relative to dense training for 3 epochs; changes = topology changes.", ""]
-    header = "| method | " + " | ".join(f"{round(s * 100)}% test | FLOPs | changes" for s in SPARSITIES) + " |"
-    lines += [header, "|" + " --- |" * (1 + 3 * len(SPARSITIES))]
-    for label in METHODS:
-        cells = []
-        for s in SPARSITIES:
-            runs = groups.get(("dense", 0.0) if label == "dense" else (label, s), [])
-            if runs:
-                rel, _, changes = costs(runs)
-                cells += [mean_std([r["final_test_acc"] for r in runs]), f"{rel:.3f}x", f"{changes:.0f}"]
-            else:
-                cells += ["–", "–", "–"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | " + " | ".join(f"{round(s * 100)}% val | steps | mask learning" for s in SPARSITIES) + " |",
-              "|" + " --- |" * (1 + 3 * len(SPARSITIES))]
-    for label in METHODS:
-        cells = []
-        for s in SPARSITIES:
-            runs = groups.get(("dense", 0.0) if label == "dense" else (label, s), [])
-            if runs:
-                _, share, _ = costs(runs)
-                cells += [mean_std([r["final_val_acc"] for r in runs]), f"{statistics.mean(r['steps'] for r in runs):.0f}",
-                          f"{100 * share:.1f}%"]
-            else:
-                cells += ["–", "–", "–"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += sparsity_table(groups, ("test", "FLOPs", "changes"), lambda runs: [
+        mean_std([r["final_test_acc"] for r in runs]), f"{costs(runs)[0]:.3f}x", f"{costs(runs)[2]:.0f}"])
+    lines += [""] + sparsity_table(groups, ("val", "steps", "mask learning"), lambda runs: [
+        mean_std([r["final_val_acc"] for r in runs]), f"{statistics.mean(r['steps'] for r in runs):.0f}",
+        f"{100 * costs(runs)[1]:.1f}%"])
     lines += ["", "Targets of the issue (on test means):", ""]
     for s in SPARSITIES:
         acc = {label: [r["final_test_acc"] for r in groups.get((label, s), [])] for label in METHODS if label != "dense"}

@@ -293,3 +293,29 @@ def test_bad_options_are_clear_errors():
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, hypergradient="second")
     with pytest.raises(bidst.BidstError, match="explore_ratio"):
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, explore_ratio=-1.0)
+
+
+def test_every_bidst_recipe_loads_with_valid_options():
+    from pathlib import Path
+
+    from bidst.config import load_config
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("bidst-*.yaml"))
+    assert len(recipes) >= 9
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.method == "bidst" and cfg.match_flops == "rigl"
+        bidst.create_method(cfg.method, **cfg.method_args)
+
+
+def test_training_recipe_matches_rigl_flops(tmp_path):
+    from bidst.config import load_config
+    from bidst.recipe import train
+
+    args = ["model=mlp", "dataset=synthetic", "epochs=2", "batch_size=128", "val_size=200", "progress=false",
+            "train_subset=1280", "method=bidst", "match_flops=rigl", "method_args.mask_interval=4",
+            "method_args.learn_every=1", "threads=1"]
+    summary = train(load_config(None, args), tmp_path / "run")
+    assert 0 < summary["steps"] < 2 * 10  # fewer steps than the 2 epochs of 10 that RigL takes
+    assert summary["method_costs"]["mask_learning"] > 0 and summary["topology_changes"] > 0
+    assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
