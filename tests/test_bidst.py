@@ -92,7 +92,10 @@ def _sparsified(layer: nn.Module, features: int, x_shape: tuple[int, ...], **opt
     return sp, model, method, state, x, y
 
 
-LAYERS = [(lambda: nn.Linear(6, 5), 5, (8, 6)), (lambda: nn.Conv2d(2, 3, 3, padding=1, stride=2), 3 * 3 * 3, (4, 2, 5, 5))]
+LAYERS = [
+    (lambda: nn.Linear(6, 5), 5, (8, 6)),
+    (lambda: nn.Conv2d(2, 3, 3, padding=1, stride=2), 3 * 3 * 3, (4, 2, 5, 5)),
+]
 
 
 @pytest.mark.parametrize("make,features,x_shape", LAYERS)
@@ -112,7 +115,10 @@ def test_score_gradients_equal_autograd_of_relaxed_objective(make, features, x_s
     relaxed = torch.sigmoid((psi + noise.log() - (-noise).log1p()) / tau)
     m = active.float() + relaxed - relaxed.detach()
     weight = torch.zeros(layer.weight.numel()).index_put((pos,), theta * m).view_as(layer.weight)
-    out = layer._conv_forward(x, weight, layer.bias) if isinstance(layer, nn.Conv2d) else nn.functional.linear(x, weight, layer.bias)
+    if isinstance(layer, nn.Conv2d):
+        out = layer._conv_forward(x, weight, layer.bias)
+    else:
+        out = nn.functional.linear(x, weight, layer.bias)
     loss = nn.functional.cross_entropy(model.head(torch.tanh(out).flatten(1)), y)
     (expected,) = torch.autograd.grad(loss, psi)
     torch.testing.assert_close(psi_grads["layer.weight"], expected, rtol=1e-4, atol=1e-6)
@@ -166,7 +172,8 @@ def test_unrolled_matches_finite_difference_of_unrolled_loss():
     shapes = {n: sp.params[n].shape for n in names}
 
     def loss_at(values: dict) -> torch.Tensor:
-        w = [torch.zeros(shapes[n], dtype=torch.float64).view(-1).index_put((pos[n],), values[n]).view(shapes[n]) for n in names]
+        w = [torch.zeros(shapes[n].numel(), dtype=torch.float64).index_put((pos[n],), values[n]).view(shapes[n])
+             for n in names]
         h = torch.tanh(nn.functional.linear(x.double(), w[0], biases[0]))
         return nn.functional.cross_entropy(nn.functional.linear(h, w[1], biases[1]), y)
 

@@ -19,7 +19,9 @@ DEVICE_CHUNK_ELEMENTS = 1 << 25  # on accelerators: large blocks, few kernel lau
 LONG_ROW = 4096  # from this row length on, one dot product per position beats gathering copies
 
 
-def _row_products(left: torch.Tensor, right: torch.Tensor, rows_left: torch.Tensor, rows_right: torch.Tensor) -> torch.Tensor:
+def _row_products(
+    left: torch.Tensor, right: torch.Tensor, rows_left: torch.Tensor, rows_right: torch.Tensor
+) -> torch.Tensor:
     """sum_j left[rows_left[p], j] * right[rows_right[p], j] for every p (float32).
 
     Short rows are gathered in cache-sized chunks; long rows (convolutions) are read in place, one
@@ -45,26 +47,30 @@ def _linear(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, pos: torch.Tens
     return _row_products(gt, xt, pos // module.in_features, pos % module.in_features)
 
 
-def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
+Pair = tuple[int, int]
+
+
+def _conv_geometry(module: nn.Conv1d | nn.Conv2d) -> tuple[Pair, Pair, Pair, tuple[int, int, int, int]]:
     """Kernel, stride, dilation and (left, right, top, bottom) padding of a Conv1d/Conv2d, as 2-d values."""
     one_d = isinstance(module, nn.Conv1d)
 
-    def pair(value: tuple[int, ...] | int, unit: int) -> tuple[int, int]:
-        value = (value,) if isinstance(value, int) else tuple(value)
-        return (unit, value[0]) if one_d else (value[0], value[1])
+    def pair(value: tuple[int, ...] | int, unit: int) -> Pair:
+        values = (value,) if isinstance(value, int) else tuple(value)
+        return (unit, values[0]) if one_d else (values[0], values[1])
 
     kernel, stride, dilation = pair(module.kernel_size, 1), pair(module.stride, 1), pair(module.dilation, 1)
     if module.padding == "valid":
-        pads = ((0, 0), (0, 0))
+        (top, bottom), (left, right) = (0, 0), (0, 0)
     elif module.padding == "same":  # PyTorch's asymmetric 'same': the extra pixel goes right/bottom
-        pads = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation))
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        (top, bottom), (left, right) = ((t // 2, t - t // 2) for t in totals)
     else:
-        pads = tuple((p, p) for p in pair(module.padding, 0))
-    (top, bottom), (left, right) = pads
+        ph, pw = pair(module.padding, 0)  # type: ignore[arg-type]  # str paddings are handled above
+        (top, bottom), (left, right) = (ph, ph), (pw, pw)
     return kernel, stride, dilation, (left, right, top, bottom)
 
 
-def _conv(module: nn.Module, x: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _conv(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """dL/dW[o, c, a, b] = sum_{n, y, x} g[n, o, y, x] * xpad[n, ch(o, c), y*s + a*d, x*s + b*d].
 
     Only the kernel offsets and input channels that some position needs are gathered, one offset
@@ -75,7 +81,7 @@ def _conv(module: nn.Module, x: torch.Tensor, g: torch.Tensor, pos: torch.Tensor
     (kh, kw), (sh, sw), (dh, dw), pads = _conv_geometry(module)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     xpad = F.pad(x, pads, mode=mode) if any(pads) else x
-    n, out_ch, ho, wo = g.shape
+    out_ch, ho, wo = g.shape[1:]
     cin_g = module.in_channels // module.groups
     gt = g.permute(1, 0, 2, 3).reshape(out_ch, -1).contiguous()  # (out, rows)
     o = pos // (cin_g * kh * kw)
@@ -113,5 +119,5 @@ def sampled_weight_grad(
 
 def output_rows(module: nn.Module, grad_output: torch.Tensor) -> int:
     """Output positions times batch of one call: the FLOPs of one sampled position are twice this."""
-    channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    channels = grad_output.shape[-1] if isinstance(module, nn.Linear) else grad_output.shape[1]
     return grad_output.numel() // channels

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ class BiDST:
     explore: str = "gradient"  # refill E at a commit by dense-gradient magnitude (counted) or "random"
     tau_start: float = 1.0  # temperature of the Gumbel-sigmoid relaxation at the start ...
     tau_end: float = 1.0  # ... annealed geometrically to this at stop_fraction (0.1 was no better on val)
-    mask_optimizer: str = "adam"  # optimizer of the scores: adam | sgd | layer_sgd (SGD on the layer-RMS-normalized gradient)
+    mask_optimizer: str = "adam"  # scores' optimizer: adam | sgd | layer_sgd (SGD, gradient / its layer RMS)
     mask_lr: float = 0.05  # learning rate of the scores; 0 is the control (scores stay 0)
     shadow_decay: float = 5e-4  # β: the sparse regularizer on the shadow (candidate) weights
     mask_interval: int = 100  # steps between checks of the topology flag (RigL's ΔT)
@@ -124,7 +124,8 @@ class BiDST:
         for name in sp.sparse_names():
             module = sp.modules[name]
             if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                raise BidstError(f"bidst learns masks of Linear, Conv1d and Conv2d layers; {name} is a {type(module).__name__}")
+                kind = type(module).__name__
+                raise BidstError(f"bidst learns masks of Linear, Conv1d and Conv2d layers; {name} is a {kind}")
             mask = sp.masks[name].view(-1)
             active = mask.nonzero().squeeze(1)
             explore = grow_highest(random_scores(mask.shape, sp.rng, mask.device), ~mask, self.explore_size(sp, name))
@@ -186,7 +187,7 @@ class BiDST:
             wanted = self._extra_pass or self.learns(step, sp) or self.wants_dense_grad(step, sp)
             if not (wanted and torch.is_grad_enabled() and output.requires_grad):
                 return
-            entry: list[Any] = [inputs[0].detach(), module.weight.detach().view(-1)[self._layers[name]["pos"]], None]
+            entry: list[Any] = [inputs[0].detach(), sp.params[name].detach().view(-1)[self._layers[name]["pos"]], None]
             self._captures.setdefault(name, []).append(entry)
 
             def keep_grad(grad: torch.Tensor) -> None:
@@ -203,7 +204,9 @@ class BiDST:
         self._hooks.clear()
         self._captures.clear()
 
-    def candidate_grads(self, sp: Sparsifier, name: str, entries: list[list[Any]], actives_from_grad: bool) -> torch.Tensor:
+    def candidate_grads(
+        self, sp: Sparsifier, name: str, entries: list[list[Any]], actives_from_grad: bool
+    ) -> torch.Tensor:
         """g = dL/d(θ⊙m̂) over C: the actives' from param.grad (or sampled), E's sampled (SDDMM), DDP-averaged."""
         state = self._layers[name]
         module = sp.modules[name]
@@ -247,7 +250,9 @@ class BiDST:
         if self.hypergradient == "unrolled" and entries:
             mask_grads = self.unrolled_mask_grads(sp, grads, thetas, entries)
         else:
-            mask_grads = {n: self.mask_grad(sp, n, grads[n], thetas[n], relaxed[n], e[0][0].shape[0]) for n, e in entries.items()}
+            mask_grads = {
+                n: self.mask_grad(sp, n, grads[n], thetas[n], relaxed[n], e[0][0].shape[0]) for n, e in entries.items()
+            }
         return {n: mask_grads[n] * relaxed[n] * (1 - relaxed[n]) / tau for n in entries}, grads
 
     def mask_grad(
@@ -320,7 +325,8 @@ class BiDST:
         the Hessian-vector product by central differences (second-order DARTS). The extra
         passes run on the step's own batch and leave weights, gradients and buffers as they were.
         """
-        if sp.batch is None:
+        batch = sp.batch
+        if batch is None:
             raise BidstError("hypergradient 'unrolled' needs the training batch: call sparsifier.step(batch=(x, y))")
         names = list(entries)
         masks = {n: sp.masks[n].view(-1)[self._layers[n]["pos"]].float() for n in names}
@@ -329,11 +335,11 @@ class BiDST:
         saved = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]].clone() for n in names}
         buffers = [b.detach().clone() for b in sp.model.buffers()]
         try:
-            g_virtual = self.extra_pass(sp, {n: virtual[n] * masks[n] for n in names})
+            g_virtual = self.extra_pass(sp, batch, {n: virtual[n] * masks[n] for n in names})
             u = {n: masks[n] * g_virtual[n] for n in names}
             eps = self.unroll_eps / max(math.sqrt(sum(float(v.pow(2).sum()) for v in u.values())), 1e-12)
-            plus = self.extra_pass(sp, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})
-            minus = self.extra_pass(sp, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})
+            plus = self.extra_pass(sp, batch, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})
+            minus = self.extra_pass(sp, batch, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})
         finally:
             with torch.no_grad():
                 for n in names:
@@ -349,7 +355,9 @@ class BiDST:
             for n in names
         }
 
-    def extra_pass(self, sp: Sparsifier, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def extra_pass(
+        self, sp: Sparsifier, batch: tuple[torch.Tensor, torch.Tensor], values: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Forward and backward of the step's batch with the weights at C set to `values`: g over C.
 
         Only input gradients are propagated (no dense weight gradient, param.grad untouched); the
@@ -358,8 +366,10 @@ class BiDST:
         with torch.no_grad():
             for n, v in values.items():
                 sp.params[n].view(-1)[self._layers[n]["pos"]] = v.to(sp.params[n].dtype)
-        inputs, targets = sp.batch
-        model = sp.model.module if isinstance(sp.model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else sp.model
+        inputs, targets = batch
+        model = sp.model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = cast(nn.Module, model.module)  # the extra passes must not trigger DDP's gradient reduction
         self._captures.clear()
         self._extra_pass = True
         try:
@@ -391,7 +401,7 @@ class BiDST:
             k = sp.budgets[name]
             active = sp.masks[name].view(-1)[state["pos"]]
             act_idx, exp_idx = active.nonzero().squeeze(1), (~active).nonzero().squeeze(1)
-            n = min(int(round(alpha * k)), exp_idx.numel(), k - 1)
+            n = min(round(alpha * k), exp_idx.numel(), k - 1)
             if n <= 0:
                 continue
             rank = self.ranking(sp, name)
@@ -409,7 +419,12 @@ class BiDST:
         return changed
 
     def refill(
-        self, sp: Sparsifier, name: str, drop: torch.Tensor, grow: torch.Tensor, dense_grads: dict[str, torch.Tensor] | None
+        self,
+        sp: Sparsifier,
+        name: str,
+        drop: torch.Tensor,
+        grow: torch.Tensor,
+        dense_grads: dict[str, torch.Tensor] | None,
     ) -> None:
         """After a commit: dropped entries leave C, grown ones lose their shadow, E is refilled to ⌈ρ·k⌉."""
         state = self._layers[name]
