@@ -188,15 +188,20 @@ def report(out: Path) -> str:
         if not acc["bidst"]:
             continue
         baselines = {k: statistics.mean(v) for k, v in acc.items() if v and not k.startswith("bidst")}
-        best = max(baselines, key=baselines.get) if baselines else None
+        budget = 1.05 * costs(groups[("bidst", s)])[0]  # baselines within 5% of BiDST's training FLOPs
+        matched = {k: v for k, v in baselines.items() if costs(groups[(k, s)])[0] <= budget}
         b = statistics.mean(acc["bidst"])
         c = statistics.mean(acc["bidst-control"]) if acc["bidst-control"] else float("nan")
         spread = max((statistics.stdev(v) for v in (acc["bidst"], acc["bidst-control"]) if len(v) > 1), default=0.0)
         line = f"- {round(s * 100)}%: BiDST {b:.2f}"
-        if best:
-            line += f" vs best baseline {best} {baselines[best]:.2f} ({'met' if b >= baselines[best] else 'not met'})"
+        for kind, pool in (("at matched FLOPs", matched), ("at any cost", baselines)):
+            if pool:
+                best = max(pool, key=pool.__getitem__)
+                line += f"; best baseline {kind}: {best} {pool[best]:.2f} ({'met' if b >= pool[best] else 'not met'})"
         if "rigl" in baselines:
             line += f"; BiDST − RigL {b - baselines['rigl']:+.2f}"
+        if s == 0.98 and "rigl" in baselines:
+            line += " (target ≥ +0.5: " + ("met" if b - baselines["rigl"] >= 0.5 else "not met") + ")"
         line += f"; BiDST − control {b - c:+.2f} against a seed spread of {spread:.2f}"
         line += " (met)" if b - c > spread else " (not met)"
         lines.append(line)
