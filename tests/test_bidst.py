@@ -326,3 +326,47 @@ def test_training_recipe_matches_rigl_flops(tmp_path):
     assert 0 < summary["steps"] < 2 * 10  # fewer steps than the 2 epochs of 10 that RigL takes
     assert summary["method_costs"]["mask_learning"] > 0 and summary["topology_changes"] > 0
     assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = TinyNet()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = bidst.sparsify(ddp, opt, "bidst", 0.8, total_steps=20, seed=0, mask_interval=5, learn_every=1,
+                            hypergradient="unrolled")
+        x, y = make_data(128, seed=rank)  # every rank sees other data
+        for step in range(20):
+            idx = torch.arange(32) + 32 * (step % 4)
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x[idx]), y[idx]).backward()
+            sp.step(batch=(x[idx], y[idx]))
+        mine = torch.cat([m.view(-1).float() for m in sp.masks.values()]
+                         + [s["psi"] for s in sp.method._layers.values()])
+        first = mine.clone()
+        dist.broadcast(first, 0)
+        torch.save({"same": torch.equal(mine, first), "changes": sp.topology_changes}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_keep_identical_masks_and_scores(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "rank")), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank.{rank}", weights_only=True)
+        assert result["same"] and result["changes"] > 0
