@@ -59,6 +59,8 @@ def fast_options(method: str) -> dict:
         out["interval_unit"] = "steps"
     if "iterations" in opts:
         out["iterations"] = 5
+    if "mask_interval" in opts:
+        out["mask_interval"] = 5
     return out
 
 

@@ -11,8 +11,8 @@ import bidst
 from bidst.backend import supports
 
 METHODS = bidst.list_methods()
-DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}
-CONSTANT_BUDGET = {"static", "set", "rigl", "mest", "snip", "grasp", "synflow"}
+DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp", "bidst"}
+CONSTANT_BUDGET = {"static", "set", "rigl", "mest", "snip", "grasp", "synflow", "bidst"}
 STEPS = 40
 
 

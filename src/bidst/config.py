@@ -32,6 +32,7 @@ class TrainConfig:
     dense_last: bool = False  # keep the classifier dense
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options
     backend: str = "masked"  # masked (dense weights x masks) | sparse (bidst.sparse kernels, single process)
+    match_flops: str = ""  # a method (e.g. rigl): shorten this run to that method's training FLOPs; "": off
     # how to optimise
     epochs: int = 3
     batch_size: int = 128

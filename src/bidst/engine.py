@@ -98,6 +98,7 @@ class Sparsifier:
         self.rebuild_seconds = 0.0  # time spent resizing sparse layers and optimizer state at topology changes
         self.clock: Callable[[], float] = time.perf_counter  # times the rebuilds (benchmarks use CPU time)
         self._dense_grad_requested = False  # sparse backend: the next backward captures dense gradients
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
 
         self.params: dict[str, nn.Parameter] = {}
         self.modules: dict[str, nn.Module] = {}
@@ -286,8 +287,13 @@ class Sparsifier:
                 raise RuntimeError(f"{name}: sparse layer holds {layer.structure.nnz} weights, mask {active}")
 
     # -- the training-loop API -----------------------------------------------------------
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> bool:
+    def step(
+        self, scaler: torch.amp.GradScaler | None = None, batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> bool:
         """Optimizer step plus the method's work; returns True if the topology changed.
+
+        `batch` (inputs, targets) is kept as `self.batch` for methods that take extra passes on it
+        (BiDST's unrolled hypergradient); the others ignore it.
 
         Gradients of inactive weights are zeroed before the optimizer sees them, so momentum and
         Adam moments never accumulate there; weights are re-masked afterwards so no optimizer
@@ -296,6 +302,7 @@ class Sparsifier:
         before the backward (at the end of the previous step).
         """
         step = self.step_count + 1
+        self.batch = batch
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         dense_grads: dict[str, torch.Tensor] | None = None

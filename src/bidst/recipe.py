@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
+from .budget import layer_rows, matched_steps
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig, build_config
 from .data import create_dataset, dataset_info, make_loader
@@ -44,9 +45,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The learning rate for optimizer step `step` (0-based): warm-up, then the chosen decay."""
-    total = cfg.epochs * steps_per_epoch
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int = 0) -> float:
+    """The learning rate for optimizer step `step` (0-based): warm-up, then the chosen decay over `total_steps`."""
+    total = total_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -236,6 +237,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         steps_per_epoch=steps_per_epoch, dense_first=cfg.dense_first, dense_last=cfg.dense_last, seed=cfg.seed,
         init_batch=(init_x.to(device), init_y.to(device)), backend=cfg.backend, **cfg.method_args,
     )
+    if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
+        rows = layer_rows(model, sparsifier.modules, init_x.to(device))
+        total_steps = sparsifier.total_steps = matched_steps(sparsifier, cfg.match_flops, rows)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
     shapes = layer_shapes(net, init_x.to(device))
@@ -295,14 +299,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
 
     started = time.perf_counter()
     model.train()
-    while epoch < cfg.epochs:
+    while epoch < cfg.epochs and sparsifier.step_count < total_steps:
         loader = train_loader(epoch, start_batch)
         bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for batch_index, (x, y) in enumerate(bar, start=start_batch):
             step = sparsifier.step_count
-            lr = lr_at(cfg, step, steps_per_epoch)
+            if step >= total_steps:
+                break
+            lr = lr_at(cfg, step, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -321,7 +327,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
             with meter.time("update"):
-                changed = sparsifier.step(scaler if scaler.is_enabled() else None)
+                changed = sparsifier.step(scaler if scaler.is_enabled() else None, batch=(x, y))
             scale = y.numel() * world / shapes_batch  # FLOPs of the global batch, summed over ranks
             for phase, flops in step_flops.items():
                 meter.add(phase, flops * scale)
@@ -373,6 +379,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         "best_val_acc": None if val_set is None else best_val,
         "measured_sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
         "skipped_steps": skipped, "processes": world,
+        "method_costs": dict(sparsifier.costs),
         "layers": [
             {"name": r.name, "shape": list(r.shape), "target_density": r.target_density, "density": r.density}
             for r in sparsifier.report()

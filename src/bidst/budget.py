@@ -1,0 +1,78 @@
+"""Training-FLOPs plans, so that a run can be held to another method's training cost (BiDST's 158 vs 160 epochs).
+
+A plan counts, per step, the forward and backward of the active weights (3 × 2·k·rows per layer,
+rows = output positions × batch), a dense weight gradient of every sparse layer at each step where
+the method asks the engine for one (`wants_dense_grad`), and the method's own declared work
+(`planned_costs`, e.g. BiDST's mask learning and unrolled passes). Counting follows the
+FLOPs conventions of the RigL paper: Conv/Linear weights only, 2 FLOPs per multiply-add.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .methods import create_method
+from .sampled import output_rows
+
+if TYPE_CHECKING:
+    from .engine import Sparsifier
+    from .methods.base import Method
+
+
+def layer_rows(model: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor) -> dict[str, int]:
+    """Output positions times batch of each layer in `layers` on `example_input` (one no-grad eval forward)."""
+    rows = dict.fromkeys(layers, 0)
+    handles = []
+    for name, module in layers.items():
+
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor, name: str = name) -> None:
+            rows[name] += output_rows(module, output)
+
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return rows
+
+
+def planned_flops(sp: Sparsifier, method: Method, rows: dict[str, int], steps: int) -> dict[str, float]:
+    """FLOPs of `steps` steps of `method` at `sp`'s layers and budgets, by phase ('train', 'dense_grad', ...)."""
+    saved = sp.total_steps
+    sp.total_steps = steps
+    try:
+        budgets = dict(sp.numel) if method.name == "dense" else sp.budgets
+        plan = {"train": steps * sum(6.0 * budgets[n] * rows[n] for n in sp.params)}
+        dense_steps = sum(1 for s in range(1, steps + 1) if method.wants_dense_grad(s, sp))
+        if dense_steps:
+            plan["dense_grad"] = dense_steps * sum(2.0 * sp.numel[n] * rows[n] for n in sp.sparse_names())
+        own = getattr(method, "planned_costs", None)
+        if own is not None:
+            plan.update(own(sp, rows))
+    finally:
+        sp.total_steps = saved
+    return plan
+
+
+def matched_steps(sp: Sparsifier, baseline: str, rows: dict[str, int]) -> int:
+    """The most steps (at most `sp.total_steps`) whose plan costs no more than `baseline` over `sp.total_steps`.
+
+    The baseline is planned with its default options at this run's layer budgets.
+    """
+    budget = sum(planned_flops(sp, create_method(baseline), rows, sp.total_steps).values())
+    lo, hi = 1, sp.total_steps
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(planned_flops(sp, sp.method, rows, mid).values()) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

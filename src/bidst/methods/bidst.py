@@ -1,0 +1,490 @@
+"""BiDST: the mask is optimized (a bi-level problem) rather than picked by a heuristic; see docs/bidst-method.md.
+
+Each sparse layer keeps a candidate set C = A ∪ E (its active weights and ⌈ρ·k⌉ inactive
+exploration positions) with learned mask scores ψ and, for E, shadow weights that live in the
+method (the model's inactive weights stay exactly zero). Every learning step the scores follow the
+gradient of the loss through a Gumbel-sigmoid relaxation of the mask, computed from the layer
+inputs and output gradients of the ordinary backward pass: the actives' gradient is the weight
+gradient the backward already produced, the candidates' a sampled product (SDDMM) at E only.
+Every `mask_interval` steps a flag decides whether each layer's top-k topology is committed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import torch
+from torch import nn
+
+from ..errors import BidstError
+from ..sampled import output_rows, sampled_weight_grad
+from ..schedules import cosine_decay, is_update_step
+from ..scores import grow_highest, random_scores
+from .base import METHODS, require_choice, require_range
+
+if TYPE_CHECKING:
+    from ..engine import Sparsifier
+
+SCORE_FLOPS = 16  # per candidate and learning step: noise, sigmoid, score gradient, optimizer update
+UNROLLED_PASSES = 3  # one pass at the virtual step, two for the finite-difference Hessian-vector product
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+HYPERGRADIENTS = ("first_order", "implicit_diag", "unrolled", "second_order_diag")
+LAYER_KEYS = ("pos", "psi", "shadow", "m1", "m2")  # per-layer state, aligned over the candidate set
+
+
+@METHODS.register("bidst")
+@dataclass
+class BiDST:
+    """Bi-level DST: mask scores on a candidate set, learned by a first-order hypergradient at sparse cost.
+
+    Topology changes follow RigL's volume (α·k swaps, α cosine-decayed) between learned rankings;
+    a layer commits only when it would swap at least `min_swap_fraction` of its actives.
+    """
+
+    name: ClassVar[str] = "bidst"
+    default_distribution: ClassVar[str] = "erk"
+    explore_ratio: float = 0.5  # ρ: ⌈ρ·k⌉ inactive exploration candidates per layer
+    explore: str = "gradient"  # refill E at a commit by dense-gradient magnitude (counted) or "random"
+    tau_start: float = 1.0  # temperature of the Gumbel-sigmoid relaxation at the start ...
+    tau_end: float = 1.0  # ... annealed geometrically to this at stop_fraction (0.1 was no better on val)
+    mask_optimizer: str = "adam"  # scores' optimizer: adam | sgd | layer_sgd (SGD, gradient / its layer RMS)
+    mask_lr: float = 0.05  # learning rate of the scores; 0 is the control (scores stay 0)
+    shadow_decay: float = 5e-4  # β: the sparse regularizer on the shadow (candidate) weights
+    mask_interval: int = 100  # steps between checks of the topology flag (RigL's ΔT)
+    min_swap_fraction: float = 0.01  # a layer commits only if it swaps at least this share of its actives
+    swap: str = "forced"  # forced: exactly α·k swaps; capped: at most α·k, where a candidate outranks an active
+    drop_fraction: float = 0.3  # α at step 0, cosine-decayed to 0 at stop_fraction
+    stop_fraction: float = 0.75  # no mask learning nor topology change after this share of training
+    grow_init: str = "zero"  # new active weights start at zero or at their shadow value ("shadow")
+    rank: str = "psi_plus_log_magnitude"  # ranking for the hard top-k: psi | psi_plus_log_magnitude
+    hypergradient: str = "first_order"  # first_order | implicit_diag | unrolled | second_order_diag
+    implicit_coef: float = 0.0  # 1/λ of implicit_diag; 0: 1 / the optimizer's weight decay
+    unroll_eps: float = 0.01  # unrolled: finite-difference step, divided by the vector's norm (DARTS)
+    learn_every: int = 5  # learn scores and shadow weights every this many steps (mask-learning cost / n)
+    _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _learn_steps: int = field(default=0, init=False, repr=False)
+    _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
+    _rows: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
+    _extra_pass: bool = field(default=False, init=False, repr=False)
+
+    def validate(self) -> None:
+        """Check every option's range and choices."""
+        require_range(self.name, "explore_ratio", self.explore_ratio, 0.0, float("inf"))
+        require_choice(self.name, "explore", self.explore, ("gradient", "random"))
+        require_range(self.name, "tau_start", self.tau_start, 1e-6, float("inf"))
+        require_range(self.name, "tau_end", self.tau_end, 1e-6, float("inf"))
+        require_choice(self.name, "mask_optimizer", self.mask_optimizer, ("adam", "sgd", "layer_sgd"))
+        require_range(self.name, "mask_lr", self.mask_lr, 0.0, float("inf"))
+        require_range(self.name, "shadow_decay", self.shadow_decay, 0.0, float("inf"))
+        require_range(self.name, "mask_interval", self.mask_interval, 1, float("inf"))
+        require_range(self.name, "min_swap_fraction", self.min_swap_fraction, 0.0, 1.0)
+        require_choice(self.name, "swap", self.swap, ("forced", "capped"))
+        require_range(self.name, "drop_fraction", self.drop_fraction, 0.0, 1.0)
+        require_range(self.name, "stop_fraction", self.stop_fraction, 0.0, 1.0)
+        require_choice(self.name, "grow_init", self.grow_init, ("zero", "shadow"))
+        require_choice(self.name, "rank", self.rank, ("psi", "psi_plus_log_magnitude"))
+        require_choice(self.name, "hypergradient", self.hypergradient, HYPERGRADIENTS)
+        require_range(self.name, "implicit_coef", self.implicit_coef, 0.0, float("inf"))
+        require_range(self.name, "unroll_eps", self.unroll_eps, 1e-12, float("inf"))
+        require_range(self.name, "learn_every", self.learn_every, 1, float("inf"))
+        if not isinstance(self.mask_interval, int) or not isinstance(self.learn_every, int):
+            raise BidstError("options 'mask_interval' and 'learn_every' of method 'bidst' must be integers")
+
+    # -- schedule ----------------------------------------------------------------------
+    def stop_step(self, sp: Sparsifier) -> int:
+        """The last step with mask learning or a topology check."""
+        return int(self.stop_fraction * sp.total_steps)
+
+    def learns(self, step: int, sp: Sparsifier) -> bool:
+        """Whether step `step` updates the scores and shadow weights (so its backward pass is captured)."""
+        return step <= self.stop_step(sp) and step % self.learn_every == 0
+
+    def is_check(self, step: int, sp: Sparsifier) -> bool:
+        """Whether the topology flag is checked after step `step`."""
+        return is_update_step(step, self.mask_interval, self.stop_step(sp))
+
+    def temperature(self, step: int, sp: Sparsifier) -> float:
+        """τ annealed geometrically from tau_start to tau_end over the learning phase."""
+        progress = min(1.0, step / max(1, self.stop_step(sp)))
+        return self.tau_start * (self.tau_end / self.tau_start) ** progress
+
+    def explore_size(self, sp: Sparsifier, name: str) -> int:
+        """|E| of a layer: ⌈ρ·k⌉, at most the inactive positions."""
+        k = sp.budgets[name]
+        return min(math.ceil(self.explore_ratio * k), sp.numel[name] - k)
+
+    # -- the Method protocol -----------------------------------------------------------
+    def setup(self, sp: Sparsifier) -> None:
+        """Random ERK masks, random initial exploration sets, zero scores; hooks on every sparse layer."""
+        sp.random_masks()
+        for name in sp.sparse_names():
+            module = sp.modules[name]
+            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                kind = type(module).__name__
+                raise BidstError(f"bidst learns masks of Linear, Conv1d and Conv2d layers; {name} is a {kind}")
+            mask = sp.masks[name].view(-1)
+            active = mask.nonzero().squeeze(1)
+            explore = grow_highest(random_scores(mask.shape, sp.rng, mask.device), ~mask, self.explore_size(sp, name))
+            pos = torch.cat([active, explore])
+            zeros = torch.zeros(pos.numel(), device=mask.device)
+            self._layers[name] = {"pos": pos, "psi": zeros.clone(), "shadow": zeros.clone(),
+                                  "m1": zeros.clone(), "m2": zeros.clone()}
+            self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
+
+    def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
+        """The dense gradient is needed only to choose E by gradient: at step 1 and at flag checks."""
+        return self.explore == "gradient" and (step == 1 or self.is_check(step, sp))
+
+    def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
+        """Learn scores and shadow weights from this step's backward pass; at a check, commit by the flag."""
+        for name, caught in self._captures.items():
+            self._rows[name] = sum(output_rows(sp.modules[name], gout) for _, _, gout in caught if gout is not None)
+        if self.learns(step, sp):
+            self.learn(sp, step)
+        self._captures.clear()
+        if dense_grads is not None:
+            sp.add_cost("dense_grad", sum(2.0 * sp.numel[n] * self._rows.get(n, 0) for n in sp.sparse_names()))
+        if step == 1 and dense_grads is not None:  # the first exploration set by gradient, not at random
+            for name, state in self._layers.items():
+                self.remove_entries(state, (~sp.masks[name].view(-1)[state["pos"]]).nonzero().squeeze(1))
+                self.add_candidates(sp, name, state["pos"][:0], dense_grads)
+        changed = False
+        if self.is_check(step, sp):
+            changed = self.commit(sp, step, dense_grads)
+        if step >= self.stop_step(sp):
+            self.remove_hooks()
+        return changed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Candidate positions, scores, shadow weights and score-optimizer moments per layer."""
+        return {
+            "layers": {n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in self._layers.items()},
+            "learn_steps": self._learn_steps,
+            "rows": dict(self._rows),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` onto the devices of the current state."""
+        for name, saved in state["layers"].items():
+            device = self._layers[name]["pos"].device if name in self._layers else torch.device("cpu")
+            self._layers[name] = {k: v.clone().to(device) for k, v in saved.items()}
+        self._learn_steps = int(state["learn_steps"])
+        self._rows = {n: int(v) for n, v in state["rows"].items()}
+
+    # -- capture -----------------------------------------------------------------------
+    def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
+        """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient.
+
+        It captures at learning steps (and at dense-gradient steps, whose cost depends on the output size).
+        """
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            step = sp.step_count + 1
+            wanted = self._extra_pass or self.learns(step, sp) or self.wants_dense_grad(step, sp)
+            if not (wanted and torch.is_grad_enabled() and output.requires_grad):
+                return
+            entry: list[Any] = [inputs[0].detach(), sp.params[name].detach().view(-1)[self._layers[name]["pos"]], None]
+            self._captures.setdefault(name, []).append(entry)
+
+            def keep_grad(grad: torch.Tensor) -> None:
+                entry[2] = grad.detach()
+
+            output.register_hook(keep_grad)
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        """Stop capturing (after the learning phase) and release what was captured."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._captures.clear()
+
+    def candidate_grads(
+        self, sp: Sparsifier, name: str, entries: list[list[Any]], actives_from_grad: bool
+    ) -> torch.Tensor:
+        """g = dL/d(θ⊙m̂) over C: the actives' from param.grad (or sampled), E's sampled (SDDMM), DDP-averaged."""
+        state = self._layers[name]
+        module = sp.modules[name]
+        active = sp.masks[name].view(-1)[state["pos"]]
+        grads = torch.zeros(state["pos"].numel(), device=state["pos"].device)
+        sampled = ~active if actives_from_grad else torch.ones_like(active)
+        where = sampled.nonzero().squeeze(1)
+        for x, _, gout in entries:
+            grads[where] += sampled_weight_grad(module, x, gout, state["pos"][where]).to(grads)
+        sp.all_reduce_mean(grads)
+        if actives_from_grad:
+            grad = sp.params[name].grad
+            if grad is not None:
+                grads[active] = grad.detach().view(-1)[state["pos"][active]].float()
+        return grads
+
+    # -- the upper and lower level -----------------------------------------------------
+    def learn(self, sp: Sparsifier, step: int) -> None:
+        """One step of the scores (upper level) and of the shadow weights (lower level of the candidates)."""
+        psi_grads, grads = self.score_grads(sp, step)
+        if psi_grads:
+            self._learn_steps += 1
+        for name, psi_grad in psi_grads.items():
+            self.step_scores(self._layers[name], psi_grad)
+            self.step_shadow(sp, name, grads[name])
+
+    def score_grads(self, sp: Sparsifier, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """From this step's captures: dL/dψ through σ((ψ+G)/τ) (straight-through) and g, both over C, per layer."""
+        entries = {n: e for n, e in self._captures.items() if e and all(item[2] is not None for item in e)}
+        tau = self.temperature(step, sp)
+        grads, thetas, relaxed = {}, {}, {}
+        for name, caught in entries.items():
+            state = self._layers[name]
+            active = sp.masks[name].view(-1)[state["pos"]]
+            self._rows[name] = sum(output_rows(sp.modules[name], gout) for _, _, gout in caught)
+            grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
+            thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
+            sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * self._rows[name] + SCORE_FLOPS * active.numel())
+            noise = random_scores(state["psi"].shape, sp.rng, active.device).clamp_(1e-6, 1 - 1e-6)
+            relaxed[name] = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
+        if self.hypergradient == "unrolled" and entries:
+            mask_grads = self.unrolled_mask_grads(sp, grads, thetas, entries)
+        else:
+            mask_grads = {
+                n: self.mask_grad(sp, n, grads[n], thetas[n], relaxed[n], e[0][0].shape[0]) for n, e in entries.items()
+            }
+        return {n: mask_grads[n] * relaxed[n] * (1 - relaxed[n]) / tau for n in entries}, grads
+
+    def mask_grad(
+        self, sp: Sparsifier, name: str, grads: torch.Tensor, theta: torch.Tensor, relaxed: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """dL/dm over C: θ⊙g (first order); implicit_diag subtracts (1/λ)·m̂⊙g⊙g; second_order_diag adds
+
+        (m̃ − m̂)⊙θ²⊙F, the derivative of the relaxed loss's diagonal second-order term with the
+        empirical Fisher F = batch·g² as curvature (an OBD-like saliency for actives).
+        """
+        out = theta * grads
+        active = sp.masks[name].view(-1)[self._layers[name]["pos"]]
+        if self.hypergradient == "implicit_diag":
+            out = out - self.implicit_scale(sp, name) * active * grads * grads
+        elif self.hypergradient == "second_order_diag":
+            out = out + (relaxed - active.float()) * theta * theta * batch * grads * grads
+        return out
+
+    def implicit_scale(self, sp: Sparsifier, name: str) -> float:
+        """1/λ of implicit_diag: the option, else 1 / the weight decay of the layer's optimizer group."""
+        if self.implicit_coef > 0:
+            return self.implicit_coef
+        decay = float(self.param_group(sp, name).get("weight_decay", 0.0))
+        if decay <= 0:
+            raise BidstError("hypergradient 'implicit_diag' needs implicit_coef > 0 or an optimizer weight decay")
+        return 1.0 / decay
+
+    @staticmethod
+    def param_group(sp: Sparsifier, name: str) -> dict[str, Any]:
+        """The optimizer parameter group that holds layer `name`'s weight."""
+        param = sp.params[name]
+        return next(g for g in sp.optimizer.param_groups if any(p is param for p in g["params"]))
+
+    def step_scores(self, state: dict[str, torch.Tensor], grad: torch.Tensor) -> None:
+        """ψ ← ψ − η_ψ·(Adam or SGD direction of `grad`); nothing moves when mask_lr is 0 (the control)."""
+        if self.mask_lr == 0:
+            return
+        if self.mask_optimizer == "sgd":
+            state["psi"].sub_(self.mask_lr * grad)
+            return
+        if self.mask_optimizer == "layer_sgd":
+            state["psi"].sub_(self.mask_lr * grad / grad.pow(2).mean().sqrt().clamp_min(1e-30))
+            return
+        b1, b2 = ADAM_BETAS
+        state["m1"].mul_(b1).add_(grad, alpha=1 - b1)
+        state["m2"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m1 = state["m1"] / (1 - b1**self._learn_steps)
+        m2 = state["m2"] / (1 - b2**self._learn_steps)
+        state["psi"].sub_(self.mask_lr * m1 / (m2.sqrt() + ADAM_EPS))
+
+    def step_shadow(self, sp: Sparsifier, name: str, grads: torch.Tensor) -> None:
+        """θ_E ← θ_E − η·(g_E + β·θ_E) with the layer's current learning rate; actives keep a zero shadow."""
+        state = self._layers[name]
+        explore = ~sp.masks[name].view(-1)[state["pos"]]
+        lr = float(self.param_group(sp, name)["lr"])
+        shadow = state["shadow"]
+        shadow[explore] -= lr * (grads[explore] + self.shadow_decay * shadow[explore])
+
+    # -- the unrolled hypergradient ----------------------------------------------------
+    def unrolled_mask_grads(
+        self,
+        sp: Sparsifier,
+        grads: dict[str, torch.Tensor],
+        thetas: dict[str, torch.Tensor],
+        entries: dict[str, list[list[Any]]],
+    ) -> dict[str, torch.Tensor]:
+        """dU/dm over C for U(m) = L((θ − η·m⊙g)⊙m), the one-step-unrolled loss on this batch.
+
+        dU/dm = θ'⊙g' − η·m⊙g⊙g' − η·θ⊙H(m⊙g'), with g' the gradient at the virtual step θ' and
+        the Hessian-vector product by central differences (second-order DARTS). The extra
+        passes run on the step's own batch and leave weights, gradients and buffers as they were.
+        """
+        batch = sp.batch
+        if batch is None:
+            raise BidstError("hypergradient 'unrolled' needs the training batch: call sparsifier.step(batch=(x, y))")
+        names = list(entries)
+        masks = {n: sp.masks[n].view(-1)[self._layers[n]["pos"]].float() for n in names}
+        lrs = {n: float(self.param_group(sp, n)["lr"]) for n in names}
+        virtual = {n: thetas[n] - lrs[n] * masks[n] * grads[n] for n in names}
+        saved = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]].clone() for n in names}
+        buffers = [b.detach().clone() for b in sp.model.buffers()]
+        try:
+            g_virtual = self.extra_pass(sp, batch, {n: virtual[n] * masks[n] for n in names})
+            u = {n: masks[n] * g_virtual[n] for n in names}
+            eps = self.unroll_eps / max(math.sqrt(sum(float(v.pow(2).sum()) for v in u.values())), 1e-12)
+            plus = self.extra_pass(sp, batch, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})
+            minus = self.extra_pass(sp, batch, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    sp.params[n].view(-1)[self._layers[n]["pos"]] = saved[n]
+                for buf, value in zip(sp.model.buffers(), buffers):
+                    buf.copy_(value)
+        for n in names:
+            rows = sum(output_rows(sp.modules[n], gout) for _, _, gout in entries[n])
+            sp.add_cost("unrolled", UNROLLED_PASSES * (4.0 * sp.budgets[n] + 2.0 * masks[n].numel()) * rows)
+        return {
+            n: virtual[n] * g_virtual[n] - lrs[n] * masks[n] * grads[n] * g_virtual[n]
+            - lrs[n] * thetas[n] * (plus[n] - minus[n]) / (2 * eps)
+            for n in names
+        }
+
+    def extra_pass(
+        self, sp: Sparsifier, batch: tuple[torch.Tensor, torch.Tensor], values: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward of the step's batch with the weights at C set to `values`: g over C.
+
+        Only input gradients are propagated (no dense weight gradient, param.grad untouched); the
+        gradients over C are sampled products from the captured layer inputs and output gradients.
+        """
+        with torch.no_grad():
+            for n, v in values.items():
+                sp.params[n].view(-1)[self._layers[n]["pos"]] = v.to(sp.params[n].dtype)
+        inputs, targets = batch
+        model = sp.model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = cast(nn.Module, model.module)  # the extra passes must not trigger DDP's gradient reduction
+        self._captures.clear()
+        self._extra_pass = True
+        try:
+            with torch.enable_grad():
+                x = inputs.detach().requires_grad_(True)
+                torch.autograd.grad(sp.loss_fn(model(x), targets), x)
+        finally:
+            self._extra_pass = False
+        out = {n: self.candidate_grads(sp, n, self._captures[n], actives_from_grad=False) for n in values}
+        self._captures.clear()
+        return out
+
+    # -- the topology flag -------------------------------------------------------------
+    def ranking(self, sp: Sparsifier, name: str) -> torch.Tensor:
+        """r over C: ψ, or ψ + log|θ| with the current weights for actives and shadows for E."""
+        state = self._layers[name]
+        if self.rank == "psi":
+            return state["psi"].clone()
+        active = sp.masks[name].view(-1)[state["pos"]]
+        theta = torch.where(active, sp.params[name].detach().view(-1)[state["pos"]].float(), state["shadow"])
+        return state["psi"] + theta.abs().log()
+
+    def commit(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
+        """Per layer: swap the lowest-ranked actives for the highest-ranked candidates if the flag holds."""
+        alpha = cosine_decay(step, self.drop_fraction, self.stop_step(sp))
+        changed = False
+        for name in sp.sparse_names():
+            state = self._layers[name]
+            k = sp.budgets[name]
+            active = sp.masks[name].view(-1)[state["pos"]]
+            act_idx, exp_idx = active.nonzero().squeeze(1), (~active).nonzero().squeeze(1)
+            n = min(round(alpha * k), exp_idx.numel(), k - 1)
+            if n <= 0:
+                continue
+            rank = self.ranking(sp, name)
+            drop = act_idx[torch.sort(rank[act_idx], stable=True).indices[:n]]
+            grow = exp_idx[torch.sort(rank[exp_idx], descending=True, stable=True).indices[:n]]
+            if self.swap == "capped":
+                n = int((rank[grow] > rank[drop]).long().cumprod(0).sum())
+                drop, grow = drop[:n], grow[:n]
+            if n == 0 or n < self.min_swap_fraction * k:
+                continue
+            values = state["shadow"][grow] if self.grow_init == "shadow" else None
+            sp.change(name, state["pos"][drop], state["pos"][grow], values)
+            self.refill(sp, name, drop, grow, dense_grads)
+            changed = True
+        return changed
+
+    def refill(
+        self,
+        sp: Sparsifier,
+        name: str,
+        drop: torch.Tensor,
+        grow: torch.Tensor,
+        dense_grads: dict[str, torch.Tensor] | None,
+    ) -> None:
+        """After a commit: dropped entries leave C, grown ones lose their shadow, E is refilled to ⌈ρ·k⌉."""
+        state = self._layers[name]
+        dropped = state["pos"][drop]
+        state["shadow"][grow] = 0.0
+        self.remove_entries(state, drop)
+        self.add_candidates(sp, name, dropped, dense_grads)
+
+    @staticmethod
+    def remove_entries(state: dict[str, torch.Tensor], index: torch.Tensor) -> None:
+        """Delete entries `index` (into C) from every per-layer tensor."""
+        keep = torch.ones_like(state["pos"], dtype=torch.bool)
+        keep[index] = False
+        for key in LAYER_KEYS:
+            state[key] = state[key][keep]
+
+    def add_candidates(
+        self, sp: Sparsifier, name: str, excluded: torch.Tensor, dense_grads: dict[str, torch.Tensor] | None
+    ) -> None:
+        """Fill E up to ⌈ρ·k⌉ with inactive positions outside C and `excluded`, by |dense gradient| or at random.
+
+        New candidates start with a zero shadow weight and a neutral score: 0, or just below the
+        active threshold under `rank: psi`.
+        """
+        state = self._layers[name]
+        mask = sp.masks[name].view(-1)
+        eligible = ~mask.clone()
+        eligible[state["pos"]] = False
+        eligible[excluded] = False
+        missing = min(self.explore_size(sp, name) - int((~mask[state["pos"]]).sum()), int(eligible.sum()))
+        if missing <= 0:
+            return
+        if self.explore == "gradient" and dense_grads is not None:
+            scores = dense_grads[name].view(-1).abs()
+        else:
+            scores = random_scores(mask.shape, sp.rng, mask.device)
+        new = grow_highest(scores, eligible, missing)
+        neutral = 0.0
+        if self.rank == "psi":
+            threshold = state["psi"][mask[state["pos"]]].min()
+            neutral = float(torch.nextafter(threshold, torch.tensor(-math.inf, device=threshold.device)))
+        zeros = torch.zeros(missing, device=mask.device)
+        additions = {"pos": new, "psi": zeros + neutral, "shadow": zeros, "m1": zeros, "m2": zeros}
+        for key in LAYER_KEYS:
+            state[key] = torch.cat([state[key], additions[key].to(state[key].dtype)])
+
+    # -- cost plan (for matching training FLOPs before a run) -----------------------------
+    def planned_costs(self, sp: Sparsifier, rows: dict[str, int]) -> dict[str, float]:
+        """FLOPs of this method's own work over the run (dense gradients excluded: the engine plans those).
+
+        `rows` maps each layer to its output positions times batch size for one step.
+        """
+        learn_steps = sum(1 for s in range(1, sp.total_steps + 1) if self.learns(s, sp))
+        mask, unrolled = 0.0, 0.0
+        for name in sp.sparse_names():
+            k = sp.budgets[name]
+            e = self.explore_size(sp, name)
+            mask += 2.0 * e * rows[name] + SCORE_FLOPS * (k + e)
+            unrolled += UNROLLED_PASSES * (4.0 * k + 2.0 * (k + e)) * rows[name]
+        costs = {"mask_learning": learn_steps * mask}
+        if self.hypergradient == "unrolled":
+            costs["unrolled"] = learn_steps * unrolled
+        return costs

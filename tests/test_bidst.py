@@ -1,0 +1,372 @@
+"""BiDST: sampled gradients, score gradients against autograd, the three hypergradients, the flag, resume, costs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bidst
+from bidst.budget import layer_rows, matched_steps, planned_flops
+from bidst.sampled import sampled_weight_grad
+from conftest import TinyNet, make_data
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny layers gain nothing from threads, and a shared CPU makes them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _capture(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output gradient of `module` for a random linear loss, plus the dense weight gradient."""
+    store = {}
+
+    def hook(mod, inputs, output):
+        store["x"] = inputs[0]
+        output.register_hook(lambda g: store.__setitem__("g", g))
+
+    handle = module.register_forward_hook(hook)
+    out = module(x)
+    (out * torch.randn_like(out)).sum().backward()
+    handle.remove()
+    return store["x"], store["g"]
+
+
+@pytest.mark.parametrize(
+    "module,shape",
+    [
+        (nn.Linear(7, 5), (3, 4, 7)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 9, 8)),
+        (nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)), (2, 4, 9, 8)),
+        (nn.Conv2d(4, 8, 3, padding="same", dilation=2, padding_mode="reflect"), (2, 4, 9, 8)),
+        (nn.Conv2d(6, 6, 3, padding=1, groups=6), (2, 6, 7, 7)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 11)),
+    ],
+)
+def test_sampled_weight_grad_equals_dense_gradient(module, shape):
+    torch.manual_seed(0)
+    x, g = _capture(module, torch.randn(shape))
+    pos = torch.randperm(module.weight.numel())[:40]
+    got = sampled_weight_grad(module, x, g, pos)
+    torch.testing.assert_close(got, module.weight.grad.view(-1)[pos], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_weight_grad_long_rows_path():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x, g = _capture(conv, torch.randn(20, 3, 16, 16))  # 5120 rows: one dot product per position
+    pos = torch.arange(conv.weight.numel())
+    torch.testing.assert_close(sampled_weight_grad(conv, x, g, pos), conv.weight.grad.view(-1), rtol=1e-4, atol=1e-4)
+
+
+class OneLayer(nn.Module):
+    """A sparse layer followed by a fixed dense head, for checking score gradients."""
+
+    def __init__(self, layer: nn.Module, features: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(features, 3)
+        self.head.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.layer(x)).flatten(1))
+
+
+def _sparsified(layer: nn.Module, features: int, x_shape: tuple[int, ...], **options):
+    torch.manual_seed(0)
+    model = OneLayer(layer, features)
+    opt = torch.optim.SGD([model.layer.weight, model.layer.bias], lr=0.1, weight_decay=1e-3)
+    sp = bidst.sparsify(model, opt, "bidst", 0.7, total_steps=100, mask_interval=10,
+                        filter_fn=lambda m, n: n == "layer", explore="random", learn_every=1, **options)
+    method = sp.method
+    state = method._layers["layer.weight"]
+    explore = ~sp.masks["layer.weight"].view(-1)[state["pos"]]
+    state["shadow"][explore] = torch.randn(int(explore.sum())) * 0.3  # non-zero candidate weights
+    state["psi"].normal_()
+    x = torch.randn(x_shape)
+    y = torch.randint(0, 3, (x_shape[0],))
+    return sp, model, method, state, x, y
+
+
+LAYERS = [
+    (lambda: nn.Linear(6, 5), 5, (8, 6)),
+    (lambda: nn.Conv2d(2, 3, 3, padding=1, stride=2), 3 * 3 * 3, (4, 2, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("make,features,x_shape", LAYERS)
+def test_score_gradients_equal_autograd_of_relaxed_objective(make, features, x_shape):
+    sp, model, method, state, x, y = _sparsified(make(), features, x_shape)
+    layer = model.layer
+    pos, mask = state["pos"], sp.masks["layer.weight"].view(-1)
+    active = mask[pos]
+    theta = torch.where(active, layer.weight.detach().view(-1)[pos], state["shadow"])
+    rng = sp.rng.get_state()
+    nn.functional.cross_entropy(model(x), y).backward()
+    psi_grads, _ = method.score_grads(sp, step=1)
+    # reference: straight-through relaxed mask σ((ψ+G)/τ) with the same logistic noise, by autograd
+    noise = torch.rand(pos.numel(), generator=torch.Generator().set_state(rng)).clamp(1e-6, 1 - 1e-6)
+    psi = state["psi"].clone().requires_grad_(True)
+    tau = method.temperature(1, sp)
+    relaxed = torch.sigmoid((psi + noise.log() - (-noise).log1p()) / tau)
+    m = active.float() + relaxed - relaxed.detach()
+    weight = torch.zeros(layer.weight.numel()).index_put((pos,), theta * m).view_as(layer.weight)
+    if isinstance(layer, nn.Conv2d):
+        out = layer._conv_forward(x, weight, layer.bias)
+    else:
+        out = nn.functional.linear(x, weight, layer.bias)
+    loss = nn.functional.cross_entropy(model.head(torch.tanh(out).flatten(1)), y)
+    (expected,) = torch.autograd.grad(loss, psi)
+    torch.testing.assert_close(psi_grads["layer.weight"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_implicit_diag_matches_its_formula():
+    make, features, x_shape = LAYERS[0]
+    results = {}
+    for mode in ("first_order", "implicit_diag"):
+        torch.manual_seed(0)
+        sp, model, method, state, x, y = _sparsified(make(), features, x_shape, hypergradient=mode)
+        rng = sp.rng.get_state()
+        nn.functional.cross_entropy(model(x), y).backward()
+        psi_grads, grads = method.score_grads(sp, step=1)
+        results[mode] = psi_grads["layer.weight"]
+    noise = torch.rand(state["pos"].numel(), generator=torch.Generator().set_state(rng)).clamp(1e-6, 1 - 1e-6)
+    tau = method.temperature(1, sp)
+    s = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
+    active = sp.masks["layer.weight"].view(-1)[state["pos"]].float()
+    g = grads["layer.weight"]
+    term = -(1 / 1e-3) * active * g * g * s * (1 - s) / tau  # 1/λ from the optimizer's weight decay
+    torch.testing.assert_close(results["implicit_diag"] - results["first_order"], term, rtol=1e-4, atol=1e-7)
+
+
+def test_unrolled_matches_finite_difference_of_unrolled_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    sp = bidst.sparsify(model, opt, "bidst", 0.5, total_steps=100, hypergradient="unrolled", explore="random",
+                        explore_ratio=1.0, unroll_eps=1e-3, learn_every=1)
+    method = sp.method
+    for name, state in method._layers.items():
+        explore = ~sp.masks[name].view(-1)[state["pos"]]
+        state["shadow"][explore] = torch.randn(int(explore.sum())) * 0.3
+    nn.functional.cross_entropy(model(x), y).backward()
+    sp.batch = (x, y)
+    entries = dict(method._captures)
+    grads = {n: method.candidate_grads(sp, n, e, actives_from_grad=True) for n, e in entries.items()}
+    thetas = {n: torch.where(sp.masks[n].view(-1)[method._layers[n]["pos"]],
+                             sp.params[n].detach().view(-1)[method._layers[n]["pos"]], method._layers[n]["shadow"])
+              for n in entries}
+    got = method.unrolled_mask_grads(sp, grads, thetas, entries)
+
+    # U(m) = L((θ − η·m⊙∇_v L(θ⊙m))⊙m) in float64, differentiated by central differences in m over C
+    names = list(entries)
+    pos = {n: method._layers[n]["pos"] for n in names}
+    base = {n: sp.masks[n].view(-1)[pos[n]].double() for n in names}
+    theta64 = {n: thetas[n].double() for n in names}
+    biases = [model[0].bias.detach().double(), model[2].bias.detach().double()]
+    shapes = {n: sp.params[n].shape for n in names}
+
+    def loss_at(values: dict) -> torch.Tensor:
+        w = [torch.zeros(shapes[n].numel(), dtype=torch.float64).index_put((pos[n],), values[n]).view(shapes[n])
+             for n in names]
+        h = torch.tanh(nn.functional.linear(x.double(), w[0], biases[0]))
+        return nn.functional.cross_entropy(nn.functional.linear(h, w[1], biases[1]), y)
+
+    def unrolled(m: dict) -> float:
+        v = {n: (theta64[n] * m[n]).requires_grad_(True) for n in names}
+        g = torch.autograd.grad(loss_at(v), [v[n] for n in names])
+        virtual = {n: theta64[n] - 0.5 * m[n] * gi for n, gi in zip(names, g)}
+        return float(loss_at({n: virtual[n] * m[n] for n in names}))
+
+    h = 1e-5
+    for n in names:
+        expected = torch.zeros(pos[n].numel(), dtype=torch.float64)
+        for i in range(pos[n].numel()):
+            up = {k: v.clone() for k, v in base.items()}
+            down = {k: v.clone() for k, v in base.items()}
+            up[n][i] += h
+            down[n][i] -= h
+            expected[i] = (unrolled(up) - unrolled(down)) / (2 * h)
+        torch.testing.assert_close(got[n].double(), expected, rtol=2e-3, atol=2e-5)
+    # the extra passes restored the weights and left param.grad alone
+    assert all(torch.count_nonzero(sp.params[n].detach()[~sp.masks[n]]) == 0 for n in names)
+
+
+def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, **options):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sp = bidst.sparsify(model, opt, "bidst", sparsity, total_steps=steps, seed=seed, **options)
+    if record is not None:
+        change = sp.change
+
+        def recorded(name, drop, grow, grow_values=None):
+            record.append((sp.step_count, name, grow.numel(), sp.budgets[name]))
+            change(name, drop, grow, grow_values)
+
+        sp.change = recorded
+    x, y = make_data()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        sp.step(batch=(x[idx], y[idx]))
+    return sp, model, opt
+
+
+@pytest.mark.parametrize("swap,frac", [("forced", 0.1), ("capped", 0.0)])
+def test_commit_only_when_flag_holds_and_active_count_fixed(swap, frac):
+    record: list = []
+    sp, _, _ = _train(steps=32, record=record, mask_interval=4, min_swap_fraction=frac, swap=swap)
+    assert record, "some layer should commit"
+    for step, name, swaps, budget in record:
+        assert step % 4 == 0 and step <= int(0.75 * 32)
+        assert swaps >= max(1.0, frac * budget)
+    assert sp.budgets == sp.target_budgets()
+    if swap == "forced":  # α·k decays below 10% of the actives before the stop step: the flag stays down
+        assert max(step for step, *_ in record) < int(0.75 * 32)
+
+
+def test_flag_never_up_means_no_commit():
+    none: list = []
+    _train(steps=20, record=none, mask_interval=5, min_swap_fraction=0.5)  # α·k never reaches half of the actives
+    assert none == []
+
+
+def test_resume_mid_run_reproduces_uninterrupted_run():
+    steps, cut = 20, 12
+    full, full_model, _ = _train(steps=steps, mask_interval=5)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=steps, seed=0, mask_interval=5)
+    x, y = make_data()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(x), (32,), generator=g) for _ in range(steps)]
+    for idx in batches[:cut]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        sp.step()
+    saved = (model.state_dict(), opt.state_dict(), sp.state_dict())
+    model2 = TinyNet()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sp2 = bidst.sparsify(model2, opt2, "bidst", 0.8, total_steps=steps, seed=3, mask_interval=5)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sp2.load_state_dict(saved[2])
+    for idx in batches[cut:]:
+        opt2.zero_grad()
+        nn.functional.cross_entropy(model2(x[idx]), y[idx]).backward()
+        sp2.step()
+    assert all(torch.equal(sp2.masks[n], full.masks[n]) for n in full.masks)
+    assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), full_model.state_dict().values()))
+
+
+def test_recorded_costs_match_the_plan_and_match_flops_shortens():
+    sp, model, _ = _train(steps=40, mask_interval=5, learn_every=2)
+    x, _ = make_data(32)
+    rows = layer_rows(model, sp.modules, x)
+    plan = planned_flops(sp, sp.method, rows, sp.total_steps)
+    assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
+    assert sp.costs["dense_grad"] == pytest.approx(plan["dense_grad"])
+    assert not sp.method._hooks  # capture hooks are gone after the learning phase
+    assert planned_flops(sp, bidst.create_method("static"), rows, 40) == {"train": plan["train"]}
+    rigl = sum(planned_flops(sp, bidst.create_method("rigl"), rows, 40).values())
+    steps = matched_steps(sp, "rigl", rows)
+    assert steps < sp.total_steps
+    assert sum(planned_flops(sp, sp.method, rows, steps).values()) <= rigl
+    assert sum(planned_flops(sp, sp.method, rows, steps + 1).values()) > rigl
+
+
+def test_no_capture_without_grad_and_control_keeps_scores_zero():
+    sp, model, _ = _train(steps=20, mask_interval=5, mask_lr=0.0)
+    assert all(bool((s["psi"] == 0).all()) for s in sp.method._layers.values())
+    assert any(bool((s["shadow"] != 0).any()) for s in sp.method._layers.values())  # candidates still learn
+    with torch.no_grad():
+        model(make_data(8)[0])
+    assert not sp.method._captures
+
+
+def test_bad_options_are_clear_errors():
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(bidst.BidstError, match="hypergradient"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, hypergradient="second")
+    with pytest.raises(bidst.BidstError, match="explore_ratio"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, explore_ratio=-1.0)
+
+
+def test_every_bidst_recipe_loads_with_valid_options():
+    from pathlib import Path
+
+    from bidst.config import load_config
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("bidst-*.yaml"))
+    assert len(recipes) >= 9
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.method == "bidst" and cfg.match_flops == "rigl"
+        bidst.create_method(cfg.method, **cfg.method_args)
+
+
+def test_training_recipe_matches_rigl_flops(tmp_path):
+    from bidst.config import load_config
+    from bidst.recipe import train
+
+    args = ["model=mlp", "dataset=synthetic", "epochs=2", "batch_size=128", "val_size=200", "progress=false",
+            "train_subset=1280", "method=bidst", "match_flops=rigl", "method_args.mask_interval=4",
+            "method_args.learn_every=1", "threads=1"]
+    summary = train(load_config(None, args), tmp_path / "run")
+    assert 0 < summary["steps"] < 2 * 10  # fewer steps than the 2 epochs of 10 that RigL takes
+    assert summary["method_costs"]["mask_learning"] > 0 and summary["topology_changes"] > 0
+    assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = TinyNet()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = bidst.sparsify(ddp, opt, "bidst", 0.8, total_steps=20, seed=0, mask_interval=5, learn_every=1,
+                            hypergradient="unrolled")
+        x, y = make_data(128, seed=rank)  # every rank sees other data
+        for step in range(20):
+            idx = torch.arange(32) + 32 * (step % 4)
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x[idx]), y[idx]).backward()
+            sp.step(batch=(x[idx], y[idx]))
+        mine = torch.cat([m.view(-1).float() for m in sp.masks.values()]
+                         + [s["psi"] for s in sp.method._layers.values()])
+        first = mine.clone()
+        dist.broadcast(first, 0)
+        torch.save({"same": torch.equal(mine, first), "changes": sp.topology_changes}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_keep_identical_masks_and_scores(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "rank")), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank.{rank}", weights_only=True)
+        assert result["same"] and result["changes"] > 0
