@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+from _runs import LOAD_DATA, reuse_datasets
 from torch import nn
 
 import bidst
+from bidst import recipe
 
 
 class TinyNet(nn.Module):
@@ -58,5 +65,36 @@ def fast_options(method: str) -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny layers run fastest so, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     return make_data()
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for many checkpoint-every-step runs: in RAM (/dev/shm) when it has room, as fsync there is free."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 4 << 30:
+        folder = Path(tempfile.mkdtemp(prefix="bidst-test-", dir=shm))
+        yield folder
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        yield tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def tiny_runs() -> Iterator[None]:
+    """For one test module: `reuse_datasets`, and torch's thread count restored after the runs' threads=1."""
+    threads = torch.get_num_threads()
+    reuse_datasets()
+    yield
+    recipe.load_data = LOAD_DATA
+    torch.set_num_threads(threads)

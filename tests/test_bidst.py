@@ -274,7 +274,8 @@ def test_recorded_costs_match_the_plan_and_match_flops_shortens():
     rows = layer_rows(model, sp.modules, x)
     plan = planned_flops(sp, sp.method, rows, sp.total_steps)
     assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
-    assert sp.costs["dense_grad"] == pytest.approx(plan["dense_grad"])
+    assert "dense_grad" not in sp.costs  # the training loop counts dense gradients for every method alike
+    assert plan["dense_grad"] > 0
     assert not sp.method._hooks  # capture hooks are gone after the learning phase
     assert planned_flops(sp, bidst.create_method("static"), rows, 40) == {"train": plan["train"]}
     rigl = sum(planned_flops(sp, bidst.create_method("rigl"), rows, 40).values())

@@ -1,11 +1,10 @@
-"""The command line: listings, a tiny training run, resume, and one-line errors for bad input."""
+"""The command line: listings, a tiny training run, and one-line errors for bad input (resume: test_scale_out.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -45,32 +44,6 @@ def test_train_writes_run_folder(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def _final_state(run: Path) -> dict:
-    last = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(last, weights_only=True)
-
-
-@pytest.mark.parametrize("stop_step", [9, 10, 15])  # just before and after topology changes at 10 and 15
-def test_resume_reproduces_uninterrupted_run(tmp_path, stop_step):
-    args = [*TINY, "checkpoint_every=1", "keep_checkpoints=100"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(["train", *args, "--run-dir", str(full)]) == 0
-    assert main(["train", *args, "--run-dir", str(part)]) == 0
-    # simulate a stop right after `stop_step`: later checkpoints and the summary never happened
-    (part / "summary.json").unlink()
-    for ckpt in (part / "checkpoints").glob("step-*.pt"):
-        if int(ckpt.stem.split("-")[1]) > stop_step:
-            ckpt.unlink()
-    assert main(["train", "--run-dir", str(part), "--resume"]) == 0
-    a, b = _final_state(full), _final_state(part)
-    assert a["sparsifier"]["step"] == b["sparsifier"]["step"] > stop_step
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["sparsifier"]["masks"]:
-        assert torch.equal(a["sparsifier"]["masks"][key], b["sparsifier"]["masks"][key])
-    assert (full / "metrics.jsonl").read_text() == (part / "metrics.jsonl").read_text()
-
-
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -82,6 +55,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, stop_step):
         (["lr=fast"], "config key 'lr' must be a float"),
         (["method_args.drop_frac=0.1"], "unknown option(s) drop_frac for method 'rigl'"),
         (["dataset=fashion-mnist", "data_root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+        (["device=cuda"] if not torch.cuda.is_available() else ["device=tpu"], "device"),
+        (["precision=fp8"], "config key 'precision' must be one of fp32, bf16, fp16"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
@@ -89,6 +64,14 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing is left behind by a run that could not start
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(precision, tmp_path, capsys):
+    assert main(["train", *TINY, "epochs=1", f"precision={precision}", "--run-dir", str(tmp_path / "r"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002) and summary["final_test_acc"] > 30
 
 
 def test_bad_input_from_a_real_process(tmp_path):

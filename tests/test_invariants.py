@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
 from torch import nn
 
 import bidst
-from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
+from bidst.backend import supports
 
 METHODS = bidst.list_methods()
 DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp", "bidst"}
@@ -15,13 +16,13 @@ CONSTANT_BUDGET = {"static", "set", "rigl", "mest", "snip", "grasp", "synflow", 
 STEPS = 40
 
 
-def run(method: str, opt_name: str, seed: int = 0, steps: int = STEPS, check=None):
+def run(method: str, opt_name: str, seed: int = 0, steps: int = STEPS, check=None, backend: str = "masked"):
     torch.manual_seed(seed)
     model = TinyNet()
     opt = OPTIMIZERS[opt_name](model.parameters())
     x, y = make_data()
     sp = bidst.sparsify(model, opt, method, 0.8, total_steps=steps, seed=seed, init_batch=(x[:32], y[:32]),
-                        **fast_options(method))
+                        backend=backend, **fast_options(method))
     sp.initial_budgets = dict(sp.budgets)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -35,30 +36,41 @@ def run(method: str, opt_name: str, seed: int = 0, steps: int = STEPS, check=Non
     return sp, model
 
 
-def _state_tensors(opt, param):
-    return [v for v in opt.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+def _state_tensors(sp, opt, name):
+    """Per-weight optimizer state of layer `name`, as dense tensors under either backend."""
+    param, layer = sp.params[name], sp.sparse_layers.get(name)
+    values = [v for v in opt.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+    return values if layer is None else [layer.structure.to_dense(v) for v in values]
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
-@pytest.mark.parametrize("method", METHODS)
-def test_invariants_after_every_step(method, opt_name):
+CASES = [
+    (method, opt_name, backend)
+    for method in METHODS
+    for opt_name, backend in [("sgd", "masked"), ("adam", "masked"), ("adamw", "masked"), ("sgd", "sparse")]
+    if supports(bidst.methods.METHODS.get(method), backend)  # unsupported pairs are refused (test_backend.py)
+]
+
+
+@pytest.mark.parametrize("method,opt_name,backend", CASES)
+def test_invariants_after_every_step(method, opt_name, backend, one_thread):
+
     def check(sp, opt, before):
-        for name, param in sp.params.items():
-            mask = sp.masks[name]
+        for name in sp.params:
+            mask, param = sp.masks[name], sp.weight(name)
             assert mask.dtype == torch.bool and mask.device == param.device
             # inactive weights are exactly zero (weight decay, AdamW decay and momentum revive nothing)
-            assert torch.count_nonzero(param.detach()[~mask]) == 0, name
+            assert torch.count_nonzero(param[~mask]) == 0, name
             # every layer holds exactly its budget
             assert int(mask.sum()) == sp.budgets[name], name
             grown = mask & ~before[name]
-            for state in _state_tensors(opt, param):
+            for state in _state_tensors(sp, opt, name):
                 # optimizer state is zero at inactive positions and starts at zero for regrown ones
                 assert torch.count_nonzero(state[~mask]) == 0, name
                 assert torch.count_nonzero(state[grown]) == 0, name
             # regrown weights start at zero
-            assert torch.count_nonzero(param.detach()[grown]) == 0, name
+            assert torch.count_nonzero(param[grown]) == 0, name
 
-    sp, _ = run(method, opt_name, check=check)
+    sp, _ = run(method, opt_name, check=check, backend=backend)
     if method in CONSTANT_BUDGET:
         assert sp.budgets == sp.initial_budgets == sp.target_budgets()
     if method == "snfs":

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from .errors import BidstError
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+DELAY_ENV = "BIDST_TEST_CHECKPOINT_DELAY"  # seconds to hold each temporary checkpoint file open (crash tests only)
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -27,28 +30,52 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
-    """Write `state` atomically as the checkpoint of `step`, then delete all but the newest `keep`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(folder, step)
-    tmp = final.with_name(final.name + ".tmp")
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through a temporary file that is flushed, fsynced and renamed, so readers see old or new.
+
+    An OSError (a full disk, say) removes the temporary file, leaves `path` as it was and becomes a BidstError.
+    """
+    tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
-        dir_fd = os.open(folder, os.O_RDONLY)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise BidstError(f"could not write checkpoint {final}: {exc.strerror or exc}") from None
+        raise BidstError(f"could not write {path}: {exc.strerror or exc}; files written before are intact") from None
+
+
+def _write_state(state: dict[str, Any], f: BinaryIO) -> None:
+    """torch.save `state` into `f`, then wait BIDST_TEST_CHECKPOINT_DELAY seconds if the crash tests ask for it."""
+    torch.save(state, f)
+    delay = float(os.environ.get(DELAY_ENV, "0"))
+    if delay > 0:  # crash tests widen the window in which a kill lands mid-write
+        f.flush()
+        time.sleep(delay)
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
+    """Write `state` atomically as the checkpoint of `step`, then delete all but the newest `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(folder, step)
+    atomic_write(final, lambda f: _write_state(state, f))
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final
+
+
+def remove_partial(folder: Path) -> None:
+    """Delete temporary files a killed run left behind (complete checkpoints are never touched)."""
+    if folder.is_dir():
+        for tmp in folder.glob("step-*.pt.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import BidstError
+from .errors import BidstError, SharedError
+from .signals import RunInterrupted
 
 # flags for the most common config keys; each becomes a `key=value` override
 COMMON_FLAGS = {
@@ -39,6 +41,8 @@ def _train(args: argparse.Namespace) -> int:
         f"{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.sparsity:g}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     summary = train(cfg, run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone reports
+        return 0
     if args.json:
         print(json.dumps(summary))
     else:
@@ -76,19 +80,37 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in ("methods", "models", "datasets"):
         p = sub.add_parser(kind, help=f"list the registered {kind}")
         p.add_argument("--json", action="store_true")
+    sub.add_parser("sweep", help="run a grid of runs from a sweep YAML (see `bidst sweep -h`)", add_help=False)
+    sub.add_parser("report", help="tables and plots over run folders (see `bidst report -h`)", add_help=False)
+    sub.add_parser("bench", help="time the sparse backend against dense (see `bidst bench -h`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for user errors, printed as one line)."""
+    """Entry point; returns the exit code: 2 for user errors (one line), 128 + signal after SIGINT/SIGTERM."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("sweep", "report", "bench"):  # their own parsers, errors and exit codes
+        if argv[0] == "sweep":
+            from .sweep import main as sub_main
+        elif argv[0] == "bench":
+            from .bench import main as sub_main
+        else:
+            from .report import main as sub_main
+        return sub_main(argv[1:])
     args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         if args.command == "train":
             return _train(args)
         return _listing(args.command, args.json)
     except BidstError as exc:
-        print(f"bidst: error: {exc}", file=sys.stderr)
+        if rank == 0 or not isinstance(exc, SharedError):
+            print(f"bidst: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        if rank == 0:
+            print(f"bidst: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("bidst: interrupted", file=sys.stderr)
         return 130

@@ -31,6 +31,7 @@ class TrainConfig:
     dense_first: bool = False  # keep the first Conv/Linear layer dense
     dense_last: bool = False  # keep the classifier dense
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options
+    backend: str = "masked"  # masked (dense weights x masks) | sparse (bidst.sparse kernels, single process)
     match_flops: str = ""  # a method (e.g. rigl): shorten this run to that method's training FLOPs; "": off
     # how to optimise
     epochs: int = 3
@@ -43,6 +44,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | step | constant, a function of the step
     warmup_epochs: float = 0.0  # linear warm-up
     label_smoothing: float = 0.0
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (the last checkpoint stays intact) | skip the step
     # where and how to run
     seed: int = 0  # model init, data order and mask decisions
     device: str = "auto"  # auto | cpu | cuda
@@ -50,6 +52,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0: PyTorch's default
     num_workers: int = 0  # data-loading worker processes
     log_every: int = 50  # steps between step lines in metrics.jsonl
+    iou_interval: int = 5  # epochs between the mask snapshots whose IoU is logged (BiDST's Figure 4)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     progress: bool = True  # tqdm bars on stderr
@@ -64,6 +67,8 @@ CHOICES = {
     "lr_schedule": ("cosine", "step", "constant"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
+    "on_nonfinite": ("stop", "skip"),
+    "backend": ("masked", "sparse"),
 }
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from . import backend as backends
+from . import distributed
 from .density import check_sparsity, layer_budgets, layer_densities
 from .errors import BidstError
 from .methods.base import Method, create_method
+from .sparse import remap_optimizer_state
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -70,7 +73,9 @@ class Sparsifier:
         seed: int = 0,
         init_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        backend: str = "masked",
     ) -> None:
+        backends.check_backend(backend, method, model)
         self.sparsity = check_sparsity(sparsity)
         if not isinstance(total_steps, int) or total_steps <= 0:
             raise BidstError(f"total_steps must be a positive integer, got {total_steps!r}")
@@ -84,9 +89,15 @@ class Sparsifier:
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.step_count = 0
         self.topology_changes = 0
-        self.last_swaps = 0
+        self.last_swaps: dict[str, int] = {}  # positions grown per layer in the latest step
+        self.captured_dense_grad = False  # whether the latest step captured dense gradients
         self.rng = torch.Generator().manual_seed(seed)
         self.costs: dict[str, float] = {}  # FLOPs of the methods' own work, by phase (2 per multiply-add)
+        self.backend = backend
+        self.sparse_layers: dict[str, backends.SparseModule] = {}  # the layers computing sparse (backend "sparse")
+        self.rebuild_seconds = 0.0  # time spent resizing sparse layers and optimizer state at topology changes
+        self.clock: Callable[[], float] = time.perf_counter  # times the rebuilds (benchmarks use CPU time)
+        self._dense_grad_requested = False  # sparse backend: the next backward captures dense gradients
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
 
         self.params: dict[str, nn.Parameter] = {}
@@ -106,6 +117,7 @@ class Sparsifier:
             raise BidstError(f"the optimizer does not hold the sparsified weights {missing[:3]}")
 
         names = list(self.params)
+        self.shapes: dict[str, tuple[int, ...]] = {n: tuple(p.shape) for n, p in self.params.items()}
         self.dense_names: set[str] = set()
         if dense_first:
             self.dense_names.add(names[0])
@@ -113,7 +125,7 @@ class Sparsifier:
             self.dense_names.add(names[-1])
         self.numel = {n: p.numel() for n, p in self.params.items()}
         self.target_densities = layer_densities(
-            {n: tuple(p.shape) for n, p in self.params.items()},
+            self.shapes,
             1.0 - self.sparsity,
             self.distribution,
             self.dense_names,
@@ -124,7 +136,27 @@ class Sparsifier:
         self.budgets: dict[str, int] = dict(self.numel)
         method.setup(self)
         self.apply_masks()
+        if backend == "sparse":
+            self._swap_in()
         self.check_invariants()
+        self.check_ranks_agree("after the initial masks")
+
+    def _swap_in(self) -> None:
+        """Replace the changeable layers by sparse twins, their weights in the optimizer by the compact values."""
+        names = self.sparse_names()
+        backends.check_layers({n: self.modules[n] for n in names})
+        self.sparse_layers = backends.swap_in(_unwrap(self.model), self.optimizer, {n: self.masks[n] for n in names})
+        for name, layer in self.sparse_layers.items():
+            self.params[name] = layer.values
+            self.modules[name] = layer
+        self._request_dense_grads(self.step_count + 1)
+
+    def _request_dense_grads(self, step: int) -> None:
+        """Sparse backend: ask the sparse layers for dense gradients in the coming backward if `step` needs them."""
+        self._dense_grad_requested = bool(self.sparse_layers) and self.method.wants_dense_grad(step, self)
+        if self._dense_grad_requested:
+            for layer in self.sparse_layers.values():
+                layer.request_sampled_grad(None)
 
     # -- helpers for methods -------------------------------------------------------------
     def sparse_names(self) -> list[str]:
@@ -163,16 +195,33 @@ class Sparsifier:
             masks[name] = flat
         self.set_masks(masks)
 
+    def weight(self, name: str) -> torch.Tensor:
+        """The dense weight of layer `name` (detached, zero where inactive), what magnitude-based drops score.
+
+        Under the sparse backend it is built from the compact values on every call: call it at update steps only.
+        """
+        layer = self.sparse_layers.get(name)
+        return self.params[name].detach() if layer is None else layer.dense_weight()
+
+    def grad(self, name: str) -> torch.Tensor | None:
+        """The dense gradient of layer `name`'s active weights (zero elsewhere) from the last backward, or None."""
+        layer = self.sparse_layers.get(name)
+        grad = self.params[name].grad
+        if grad is None:
+            return None
+        return grad.detach() * self.masks[name] if layer is None else layer.structure.to_dense(grad.detach())
+
     def add_cost(self, phase: str, flops: float) -> None:
         """Record `flops` of a method's own work (e.g. 'mask_learning', 'dense_grad') under `phase`."""
         self.costs[phase] = self.costs.get(phase, 0.0) + float(flops)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average `tensor` over DDP ranks in place (a no-op in a single process), so decisions agree."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(tensor)
-            tensor.div_(dist.get_world_size())
-        return tensor
+        return distributed.all_reduce_mean(tensor)
+
+    def check_ranks_agree(self, when: str) -> None:
+        """Under DDP, raise on every rank unless all ranks hold the same masks and mask generator state."""
+        distributed.check_in_sync({**self.masks, "the mask generator": self.rng.get_state()}, when)
 
     @torch.no_grad()
     def change(
@@ -198,6 +247,15 @@ class Sparsifier:
             raise RuntimeError(f"{name}: repeated positions in a topology change")
         mask[drop] = False
         mask[grow] = True
+        self.budgets[name] += grow.numel() - drop.numel()
+        self.last_swaps[name] = self.last_swaps.get(name, 0) + grow.numel()
+        layer = self.sparse_layers.get(name)
+        if layer is not None:
+            started = self.clock()
+            delta = layer.update_topology(drop, grow, 0.0 if grow_values is None else grow_values)
+            remap_optimizer_state(self.optimizer, layer.values, delta)
+            self.rebuild_seconds += self.clock() - started
+            return
         weight = self.params[name].data.view(-1)
         weight[drop] = 0.0
         weight[grow] = 0.0 if grow_values is None else grow_values.to(weight)
@@ -205,13 +263,13 @@ class Sparsifier:
         for value in self.optimizer.state.get(self.params[name], {}).values():
             if torch.is_tensor(value) and value.shape == self.params[name].shape:
                 value.view(-1)[changed] = 0
-        self.budgets[name] += grow.numel() - drop.numel()
-        self.last_swaps += grow.numel()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero every inactive weight and its optimizer state."""
+        """Zero every inactive weight and its optimizer state (sparse layers hold no inactive weight)."""
         for name, param in self.params.items():
+            if name in self.sparse_layers:
+                continue
             mask = self.masks[name]
             param.data.mul_(mask)
             for value in self.optimizer.state.get(param, {}).values():
@@ -224,6 +282,9 @@ class Sparsifier:
             active = int(mask.sum())
             if active != self.budgets[name]:
                 raise RuntimeError(f"{name}: {active} active weights, budget {self.budgets[name]}")
+            layer = self.sparse_layers.get(name)
+            if layer is not None and (layer.structure.nnz != active or layer.values.numel() != active):
+                raise RuntimeError(f"{name}: sparse layer holds {layer.structure.nnz} weights, mask {active}")
 
     # -- the training-loop API -----------------------------------------------------------
     def step(
@@ -236,7 +297,9 @@ class Sparsifier:
 
         Gradients of inactive weights are zeroed before the optimizer sees them, so momentum and
         Adam moments never accumulate there; weights are re-masked afterwards so no optimizer
-        feature (weight decay, AdamW's decoupled decay) can revive an inactive weight.
+        feature (weight decay, AdamW's decoupled decay) can revive an inactive weight. Sparse layers
+        have no inactive weights; their dense gradients, when the method wants them, were requested
+        before the backward (at the end of the previous step).
         """
         step = self.step_count + 1
         self.batch = batch
@@ -244,15 +307,21 @@ class Sparsifier:
             scaler.unscale_(self.optimizer)
         dense_grads: dict[str, torch.Tensor] | None = None
         finite = True
-        if self.method.wants_dense_grad(step, self):
+        wants = self._dense_grad_requested if self.sparse_layers else self.method.wants_dense_grad(step, self)
+        if wants:
+            scale = float(scaler.get_scale()) if scaler is not None else 1.0
             dense_grads = {}
             for name, param in self.params.items():
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                dense_grads[name] = grad.detach().clone()
+                layer = self.sparse_layers.get(name)
+                if layer is not None:
+                    dense_grads[name] = backends.dense_grad(layer, scale)
+                else:
+                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    dense_grads[name] = grad.detach().clone()
                 finite = finite and bool(torch.isfinite(dense_grads[name]).all())
         with torch.no_grad():
             for name, param in self.params.items():
-                if param.grad is not None:
+                if param.grad is not None and name not in self.sparse_layers:
                     param.grad.mul_(self.masks[name])
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -261,21 +330,24 @@ class Sparsifier:
             self.optimizer.step()
         self.apply_masks()
         self.step_count = step
-        self.last_swaps = 0
+        self.last_swaps = {}
+        self.captured_dense_grad = dense_grads is not None
         changed = False
         if finite:
             changed = bool(self.method.update(self, step, dense_grads))
         if changed:
             self.topology_changes += 1
             self.check_invariants()
+            self.check_ranks_agree(f"after the topology change at step {step}")
+        self._request_dense_grads(step + 1)
         return changed
 
     # -- inspection ---------------------------------------------------------------------
     def report(self) -> list[LayerReport]:
         """Per-layer target density and actual active count."""
         return [
-            LayerReport(n, tuple(p.shape), self.numel[n], self.target_densities[n], int(self.masks[n].sum()))
-            for n, p in self.params.items()
+            LayerReport(n, self.shapes[n], self.numel[n], self.target_densities[n], int(self.masks[n].sum()))
+            for n in self.params
         ]
 
     def measured_sparsity(self) -> float:
@@ -310,6 +382,9 @@ class Sparsifier:
                 raise BidstError(
                     f"checkpoint mask {name} has shape {tuple(mask.shape)}, the model's weight {tuple(self.masks[name].shape)}"
                 )
+        for name, layer in self.sparse_layers.items():
+            if not torch.equal(layer.mask().cpu(), masks[name].cpu()):
+                raise BidstError(f"checkpoint mask {name} differs from the sparse layer's topology: load the model's state_dict first")
         for name, mask in masks.items():
             self.masks[name].copy_(mask)
         self.budgets = {n: int(v) for n, v in state["budgets"].items()}
@@ -320,6 +395,7 @@ class Sparsifier:
         self.method.load_state_dict(state["method_state"])
         self.apply_masks()
         self.check_invariants()
+        self._request_dense_grads(self.step_count + 1)
 
 
 def sparsify(
@@ -337,11 +413,15 @@ def sparsify(
     seed: int = 0,
     init_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    backend: str = "masked",
     **method_options: Any,
 ) -> Sparsifier:
     """Make `model` sparse with DST `method`; call the returned object's `step()` instead of `optimizer.step()`.
 
-    `method_options` are the method's own options (see `bidst.method_options(name)`).
+    `method_options` are the method's own options (see `bidst.method_options(name)`). `backend`
+    "masked" keeps dense weights times masks; "sparse" swaps the layers for `bidst.sparse` ones
+    in place and puts their compact values into `optimizer` in place of the dense weights, so
+    build the optimizer before calling this, as usual, and any later one from `model.parameters()`.
     """
     if method == "dense":
         sparsity = 0.0
@@ -359,5 +439,6 @@ def sparsify(
         seed=seed,
         init_batch=init_batch,
         loss_fn=loss_fn,
+        backend=backend,
     )
 

@@ -3,3 +3,7 @@
 
 class BidstError(Exception):
     """A problem with the user's input (config, data, checkpoint) that has a one-line explanation."""
+
+
+class SharedError(BidstError):
+    """An error that every DDP rank hits together (or hears of from rank 0); only rank 0 prints it."""

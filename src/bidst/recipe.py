@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,16 +15,25 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .budget import layer_rows, matched_steps
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig, build_config
 from .data import create_dataset, dataset_info, make_loader
 from .engine import Sparsifier, sparsify
-from .errors import BidstError
+from .errors import BidstError, SharedError
+from .evolution import MaskEvolution
+from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
 from .models import create_model
+from .signals import RunInterrupted, StopSignals, requested
 
-# config keys that may differ between a run and its resumption (they do not change the result)
-RESUMABLE_KEYS = {"progress", "threads", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
+# config keys that may differ between a run and its resumption (they do not change the result, or only
+# from a non-finite loss on: a run stopped by one may go on with on_nonfinite=skip)
+RESUMABLE_KEYS = {"progress", "threads", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "device",
+                  "on_nonfinite"}
+# what every training checkpoint holds
+CHECKPOINT_KEYS = {"config", "model", "optimizer", "sparsifier", "scaler", "epoch", "batch", "best_val", "running",
+                   "skipped", "val_acc", "test_acc", "metrics_offset", "rng_cpu", "rng_cuda", "meter", "evolution"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,47 +79,69 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, device: torch.device, cfg: TrainConfig) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(model: nn.Module, dataset: Any, device: torch.device, cfg: TrainConfig) -> float:
+    """Top-1 accuracy in percent; under DDP each rank scores its shard and the counts are summed."""
+    rank, world = distributed.rank(), distributed.world_size()
+    loader = make_loader(dataset, batch_size=512, shuffle=False, seed=0, epoch=0, rank=rank, world_size=world,
+                         num_workers=cfg.num_workers)
+    own = len(range(rank, len(dataset), world))  # the shard's items, without the repeats padding it
     was_training = model.training
     model.eval()
     correct = seen = 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if seen == own:
+            break
+        x, y = x[: own - seen].to(device, non_blocking=True), y[: own - seen].to(device, non_blocking=True)
         with autocast(cfg, device):
             correct += int((model(x).argmax(1) == y).sum())
         seen += y.numel()
     model.train(was_training)
-    return 100.0 * correct / max(1, seen)
+    counts = distributed.all_reduce_sum(torch.tensor([correct, seen], device=device))
+    return 100.0 * int(counts[0]) / max(1, int(counts[1]))
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl, flushed at once; truncatable for resume."""
+    """Appends one JSON object per line to metrics.jsonl, flushed at once; truncatable for resume.
 
-    def __init__(self, path: Path) -> None:
+    With `path` None (DDP ranks other than 0) it writes nothing.
+    """
+
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = None if path is None else open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            message = f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact"
+            raise BidstError(message) from None
 
     def offset(self) -> int:
-        return self.file.tell()
+        return 0 if self.file is None else self.file.tell()
 
     def truncate(self, offset: int) -> None:
-        self.file.truncate(offset)
-        self.file.seek(offset)
+        if self.file is not None:
+            self.file.truncate(offset)
+            self.file.seek(offset)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file and rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` atomically (temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The keys in which `cfg` differs from a saved run's config, other than those a resumed run may change."""
+    defaults = TrainConfig().to_dict()  # keys added since the run was saved hold their defaults there
+    return [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
@@ -120,45 +150,76 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfi
     if resume:
         if not config_file.exists():
             raise BidstError(f"cannot resume: {run_dir} holds no config.yaml")
-        saved = build_config(yaml.safe_load(config_file.read_text()))
-        diff = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS and saved.to_dict()[k] != v]
+        diff = config_diff(build_config(yaml.safe_load(config_file.read_text())).to_dict(), cfg)
         if diff:
             raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
+        remove_partial(run_dir / "checkpoints")
         return cfg
     if run_dir.exists() and any(run_dir.iterdir()):
         raise BidstError(f"run folder {run_dir} already exists and is not empty; use --resume or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = config_file.with_name("config.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, config_file)
+    _write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train one run into `run_dir` and return its summary (also written to summary.json)."""
-    run_dir = Path(run_dir)
-    if resume and (run_dir / "summary.json").exists():
-        return json.loads((run_dir / "summary.json").read_text())
-    prepare_run_dir(cfg, run_dir, resume)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+def check_checkpoint(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuse a file that is not a training checkpoint, or one written by a run with another config."""
+    missing = sorted(CHECKPOINT_KEYS - set(state))
+    if missing:
+        raise BidstError(f"checkpoint {path} is not a bidst training checkpoint (it lacks {', '.join(missing[:3])})")
+    diff = config_diff(state["config"], cfg)
+    if diff:
+        raise BidstError(f"checkpoint {path} does not match this run: its config differs in {', '.join(diff)}")
 
-    # data
-    info = dataset_info(cfg.dataset)
+
+def load_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """The train (or its first `train_subset` items), validation (None if val_size is 0) and test sets."""
     train_set = create_dataset(cfg.dataset, "train", root=cfg.data_root, val_size=cfg.val_size, augment=cfg.augment)
     if cfg.train_subset:
         train_set = train_set.subset(torch.arange(min(cfg.train_subset, len(train_set))))
     val_set = create_dataset(cfg.dataset, "val", root=cfg.data_root, val_size=cfg.val_size) if cfg.val_size else None
     test_set = create_dataset(cfg.dataset, "test", root=cfg.data_root, val_size=cfg.val_size)
+    return train_set, val_set, test_set
+
+
+def step_stats(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, stop: StopSignals) -> tuple[float, int, int]:
+    """The loss averaged over ranks, the correct count summed, and the stop signal any rank got (one all-reduce)."""
+    local = [float(loss.detach()), float((logits.argmax(1) == y).sum()), *stop.flags()]
+    stats = distributed.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=loss.device)).tolist()
+    return stats[0] / distributed.world_size(), int(stats[1]), requested(stats[2:])
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train one run into `run_dir` and return its summary (also written to summary.json).
+
+    Under torchrun every process calls this: `batch_size` is the global batch, split evenly over the ranks;
+    rank 0 alone writes the run folder. SIGINT/SIGTERM save a checkpoint and raise RunInterrupted.
+    """
+    with distributed.launch(resolve_device(cfg.device)) as device, StopSignals() as stop:
+        return _train(cfg, Path(run_dir), resume, device, stop)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, stop: StopSignals) -> dict[str, Any]:
+    """The body of `train` on one rank, on `device`, watching `stop` for SIGINT/SIGTERM."""
+    if resume and (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    rank, world = distributed.rank(), distributed.world_size()
+    if cfg.batch_size % world:
+        raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))  # refuses before any work is done
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams
+
+    # data: each rank reads its DistributedSampler-style shard of every global batch
+    info = dataset_info(cfg.dataset)
+    train_set, val_set, test_set = distributed.each_node_first(lambda: load_data(cfg))
 
     def train_loader(epoch: int, start_batch: int = 0) -> Any:
-        return make_loader(train_set, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                           start_batch=start_batch, drop_last=True, num_workers=cfg.num_workers)
-
-    def eval_loader(dataset: Any) -> Any:
-        return make_loader(dataset, batch_size=512, shuffle=False, seed=0, epoch=0, num_workers=cfg.num_workers)
+        return make_loader(train_set, batch_size=cfg.batch_size // world, shuffle=True, seed=cfg.seed, epoch=epoch,
+                           start_batch=start_batch, rank=rank, world_size=world, drop_last=True,
+                           num_workers=cfg.num_workers)
 
     steps_per_epoch = len(train_loader(0))
     if steps_per_epoch == 0:
@@ -166,61 +227,82 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     total_steps = cfg.epochs * steps_per_epoch
 
     # model, optimizer, sparsifier
-    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                         image_size=info.image_size).to(device)
+    net = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                       image_size=info.image_size).to(device)
+    model = distributed.wrap(net, device)  # DDP averages gradients over ranks; checkpoints hold `net`'s state
     optimizer = make_optimizer(cfg, model)
     init_x, init_y = next(iter(train_loader(0)))
     sparsifier: Sparsifier = sparsify(
         model, optimizer, cfg.method, cfg.sparsity, total_steps=total_steps, distribution=cfg.distribution,
         steps_per_epoch=steps_per_epoch, dense_first=cfg.dense_first, dense_last=cfg.dense_last, seed=cfg.seed,
-        init_batch=(init_x.to(device), init_y.to(device)), **cfg.method_args,
+        init_batch=(init_x.to(device), init_y.to(device)), backend=cfg.backend, **cfg.method_args,
     )
     if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
         rows = layer_rows(model, sparsifier.modules, init_x.to(device))
         total_steps = sparsifier.total_steps = matched_steps(sparsifier, cfg.match_flops, rows)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
+    shapes = layer_shapes(net, init_x.to(device))
+    step_flops = train_step_flops(shapes, sparsifier.masks)
+    dense_step_flops = dense_train_step_flops(shapes)
+    shapes_batch = init_x.shape[0]  # the (per-rank) batch the per-layer shapes were measured with
+    meter = CostMeter(device)
+    evolution = MaskEvolution(cfg.iou_interval)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    epoch, start_batch, best_val = 0, 0, -1.0
+    # only now: bad input never leaves a half-made run folder
+    distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None)
+    epoch, start_batch, best_val, skipped = 0, 0, -1.0, 0
+    val_acc = test_acc = float("nan")
     running = {"loss": 0.0, "correct": 0, "seen": 0}
     ckpt_dir = run_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir) if resume else None
+    latest = latest_checkpoint(ckpt_dir) if resume else None  # every rank reads the run folder (shared storage)
     if latest is not None:
-        state = load_checkpoint(latest, map_location=device)
+        state = load_checkpoint(latest)
+        check_checkpoint(state, cfg, latest)
         try:
-            model.load_state_dict(state["model"])
+            net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise BidstError(f"checkpoint {latest} does not match this model: {str(exc).splitlines()[0]}") from None
         sparsifier.load_state_dict(state["sparsifier"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
+        if device.type == "cuda" and state["rng_cuda"] is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
-        epoch, start_batch, best_val = state["epoch"], state["batch"], state["best_val"]
+        epoch, start_batch, best_val, skipped = state["epoch"], state["batch"], state["best_val"], state["skipped"]
+        val_acc, test_acc = state["val_acc"], state["test_acc"]
         running = dict(state["running"])
+        meter.load_state_dict(state["meter"])
+        evolution.load_state_dict(state["evolution"])
+        step_flops = train_step_flops(shapes, sparsifier.masks)
         metrics.truncate(state["metrics_offset"])
-    elif resume:
+    else:
         metrics.truncate(0)
+        metrics.write(evolution.update(sparsifier.masks, 0))
 
     def checkpoint(next_batch: int) -> None:
-        state = {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sparsifier": sparsifier.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "batch": next_batch, "best_val": best_val, "running": dict(running),
-            "metrics_offset": metrics.offset(), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-        }
-        save_checkpoint(state, ckpt_dir, sparsifier.step_count, cfg.keep_checkpoints)
+        def save() -> None:
+            state = {
+                "config": cfg.to_dict(), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "sparsifier": sparsifier.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "batch": next_batch, "best_val": best_val, "running": dict(running), "skipped": skipped,
+                "val_acc": val_acc, "test_acc": test_acc,
+                "metrics_offset": metrics.offset(), "rng_cpu": torch.get_rng_state(),
+                "meter": meter.state_dict(), "evolution": evolution.state_dict(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            }
+            save_checkpoint(state, ckpt_dir, sparsifier.step_count, cfg.keep_checkpoints)
+
+        distributed.on_rank0(save)
 
     started = time.perf_counter()
     model.train()
-    val_acc = test_acc = float("nan")
     while epoch < cfg.epochs and sparsifier.step_count < total_steps:
         loader = train_loader(epoch, start_batch)
         bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, file=sys.stderr, leave=False, dynamic_ncols=True,
+                   disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for batch_index, (x, y) in enumerate(bar, start=start_batch):
             step = sparsifier.step_count
@@ -230,27 +312,48 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(cfg, device):
+            with meter.time("forward"), autocast(cfg, device):
                 logits = model(x)
                 loss = loss_fn(logits, y)
-            if not torch.isfinite(loss.detach()):
-                raise BidstError(f"non-finite loss {loss.item()} at step {step + 1}; the last checkpoint is intact")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            sparsifier.step(scaler if scaler.is_enabled() else None, batch=(x, y))
-            loss_value = float(loss.detach())
-            running["loss"] += loss_value * y.numel()
-            running["correct"] += int((logits.argmax(1) == y).sum())
-            running["seen"] += y.numel()
+            loss_value, correct, stop_signal = step_stats(loss, logits, y, stop)
+            if not math.isfinite(loss_value):  # every rank sees the same averaged loss, so all stop or skip
+                if cfg.on_nonfinite == "stop":
+                    raise SharedError(f"non-finite loss ({loss_value}) at step {step + 1}; the run stopped and its "
+                                      "last checkpoint is intact (resume with on_nonfinite=skip to skip such steps)")
+                skipped += 1
+                metrics.write({"kind": "skipped", "step": step, "epoch": epoch, "batch": batch_index})
+                continue  # a stop signal is honoured after the next step
+            with meter.time("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            with meter.time("update"):
+                changed = sparsifier.step(scaler if scaler.is_enabled() else None, batch=(x, y))
+            scale = y.numel() * world / shapes_batch  # FLOPs of the global batch, summed over ranks
+            for phase, flops in step_flops.items():
+                meter.add(phase, flops * scale)
+            meter.add_dense_reference(dense_step_flops * scale)
+            if sparsifier.captured_dense_grad:
+                meter.add("dense_grad", dense_grad_flops(shapes) * scale)
+            if changed:
+                evolution.commit(sparsifier.last_swaps, sparsifier.masks)
+                step_flops = train_step_flops(shapes, sparsifier.masks)
+            running["loss"] += loss_value * y.numel() * world
+            running["correct"] += correct
+            running["seen"] += y.numel() * world
             if (step + 1) % cfg.log_every == 0:
                 metrics.write({"kind": "step", "step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                               "topology_changes": sparsifier.topology_changes})
+                               "topology_changes": sparsifier.topology_changes,
+                               "rebuild_s": sparsifier.rebuild_seconds})
                 bar.set_postfix(loss=f"{loss_value:.3f}")
+            if stop_signal:
+                checkpoint(batch_index + 1)
+                raise RunInterrupted(stop_signal, sparsifier.step_count)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and batch_index + 1 < steps_per_epoch:
                 checkpoint(batch_index + 1)
         bar.close()
-        val_acc = evaluate(model, eval_loader(val_set), device, cfg) if val_set is not None else float("nan")
-        test_acc = evaluate(model, eval_loader(test_set), device, cfg)
+        distributed.broadcast_buffers(net)  # rank 0's BatchNorm statistics, which DDP trains with
+        val_acc = evaluate(net, val_set, device, cfg) if val_set is not None else float("nan")
+        test_acc = evaluate(net, test_set, device, cfg)
         best_val = max(best_val, val_acc) if val_set is not None else best_val
         metrics.write({
             "kind": "epoch", "epoch": epoch + 1, "step": sparsifier.step_count,
@@ -259,7 +362,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             "val_acc": None if val_set is None else val_acc, "test_acc": test_acc,
             "sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
         })
-        if cfg.progress:
+        metrics.write(evolution.update(sparsifier.masks, epoch + 1))
+        if cfg.progress and rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: test {test_acc:.2f}%"
                   + ("" if val_set is None else f", val {val_acc:.2f}%")
                   + f", sparsity {100 * sparsifier.measured_sparsity():.1f}%", file=sys.stderr)
@@ -274,12 +378,17 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
         "final_test_acc": test_acc, "final_val_acc": None if val_set is None else val_acc,
         "best_val_acc": None if val_set is None else best_val,
         "measured_sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
+        "skipped_steps": skipped, "processes": world,
         "method_costs": dict(sparsifier.costs),
         "layers": [
             {"name": r.name, "shape": list(r.shape), "target_density": r.target_density, "density": r.density}
             for r in sparsifier.report()
         ],
         "wall_time_s": time.perf_counter() - started,
+        "backend": cfg.backend, "rebuild_s": sparsifier.rebuild_seconds,
+        "inference_flops": inference_flops(shapes, sparsifier.masks),
+        "dense_inference_flops": inference_flops(shapes),
+        **meter.summary(extra_flops=sparsifier.costs),
     }
-    _write_json(run_dir / "summary.json", summary)
+    distributed.on_rank0(lambda: _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n"))
     return summary

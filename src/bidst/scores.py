@@ -14,8 +14,13 @@ def _top(scores: torch.Tensor, eligible: torch.Tensor, k: int, largest: bool) ->
         raise ValueError(f"asked for {k} positions but only {n_eligible} are eligible")
     fill = float("-inf") if largest else float("inf")
     s = torch.where(eligible.flatten(), scores.flatten().float(), torch.full_like(scores.flatten().float(), fill))
-    order = torch.sort(s, descending=largest, stable=True).indices
-    return order[:k]
+    # O(n) selection instead of a full sort: everything strictly better than the k-th score, then its ties by index
+    kth = torch.topk(s, k, largest=largest, sorted=False).values
+    kth = kth.min() if largest else kth.max()
+    better = ((s > kth) if largest else (s < kth)).nonzero().squeeze(1)
+    ties = (s == kth).nonzero().squeeze(1)[: k - better.numel()]
+    chosen = torch.sort(torch.cat([better, ties])).values
+    return chosen[torch.sort(s[chosen], descending=largest, stable=True).indices]
 
 
 def drop_lowest(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:

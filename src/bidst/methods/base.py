@@ -20,6 +20,8 @@ class Method(Protocol):
 
     The engine owns masks, weights and optimizer state; a method only chooses positions and
     calls `Sparsifier.change`, so the masking invariants hold for every method by construction.
+    A method that reads weights only through `Sparsifier.weight`/`grad` (never `params`) may set
+    `backends = ("masked", "sparse")` to allow the sparse backend; without it only "masked" is allowed.
     """
 
     name: ClassVar[str]

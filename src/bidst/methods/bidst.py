@@ -146,8 +146,6 @@ class BiDST:
         if self.learns(step, sp):
             self.learn(sp, step)
         self._captures.clear()
-        if dense_grads is not None:
-            sp.add_cost("dense_grad", sum(2.0 * sp.numel[n] * self._rows.get(n, 0) for n in sp.sparse_names()))
         if step == 1 and dense_grads is not None:  # the first exploration set by gradient, not at random
             for name, state in self._layers.items():
                 self.remove_entries(state, (~sp.masks[name].view(-1)[state["pos"]]).nonzero().squeeze(1))

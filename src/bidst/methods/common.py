@@ -42,11 +42,10 @@ def scheduled_budgets(
     sp: Sparsifier, initial_density: float, step: int, start_step: int, end_step: int
 ) -> dict[str, int]:
     """Per-layer budgets on Zhu & Gupta's cubic schedule from `initial_density` to the targets."""
-    shapes = {n: tuple(p.shape) for n, p in sp.params.items()}
-    start = layer_densities(shapes, initial_density, sp.distribution, sp.dense_names)
+    start = layer_densities(sp.shapes, initial_density, sp.distribution, sp.dense_names)
     densities = {
         n: 1.0 - cubic_sparsity(step, 1.0 - start[n], 1.0 - sp.target_densities[n], start_step, end_step)
-        for n in shapes
+        for n in sp.shapes
     }
     return layer_budgets(sp.numel, densities)
 
@@ -84,7 +83,7 @@ def allocate(total: int, shares: dict[str, float], caps: dict[str, int]) -> dict
 
 def magnitude_drop(sp: Sparsifier) -> DropFn:
     """Drop the k smallest-magnitude active weights of a layer."""
-    return lambda name, k: drop_lowest(magnitude(sp.params[name]), sp.masks[name], k)
+    return lambda name, k: drop_lowest(magnitude(sp.weight(name)), sp.masks[name], k)
 
 
 def gradient_grow(dense_grads: dict[str, torch.Tensor]) -> GrowFn:

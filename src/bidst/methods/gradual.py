@@ -22,6 +22,7 @@ class GMP(Stateless):
 
     name: ClassVar[str] = "gmp"
     default_distribution: ClassVar[str] = "uniform"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # uses only the engine's weight/grad accessors
     interval: int = 100  # prune every this many steps
     start_fraction: float = 0.0  # pruning starts here (share of training)
     end_fraction: float = 0.75  # and reaches the target here

@@ -28,6 +28,7 @@ class MEST(Stateless, UpdateSchedule):
 
     name: ClassVar[str] = "mest"
     default_distribution: ClassVar[str] = "erk"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # uses only the engine's weight/grad accessors
     drop_fraction: float = 0.1  # mutation ratio, decayed linearly
     interval: float = 5  # every 5 epochs
     interval_unit: str = "epochs"
@@ -64,12 +65,14 @@ class MEST(Stateless, UpdateSchedule):
         else:
             budgets = dict(sp.budgets)
         fraction = self.fraction(step, sp)
+        # the score |w| + lambda |g| over the active weights: 3 FLOPs per active weight
+        sp.add_cost("scoring", 3.0 * sum(sp.budgets[n] for n in sp.sparse_names()))
         changed = False
         for n in sp.sparse_names():
-            grad = sp.params[n].grad
-            score = sp.params[n].detach().abs()
+            grad = sp.grad(n)
+            score = sp.weight(n).abs()
             if grad is not None:
-                score = score + self.grad_weight * grad.detach().abs()
+                score = score + self.grad_weight * grad.abs()
             shrink = max(0, sp.budgets[n] - budgets[n])
             k = min(int(round(fraction * budgets[n])), sp.numel[n] - sp.budgets[n])
             k = max(0, min(k, sp.budgets[n] - shrink - 1))

@@ -90,7 +90,9 @@ class SNIP(PruneAtInit):
         x, y = _batch(sp, self.name)
         model, params = _scoring_copy(sp)
         sp.loss_fn(model(x), y).backward()
-        return {n: (p.grad * p).abs() for n, p in params.items()}
+        # under DDP, the gradient of the global batch (the mean of the ranks'), as a single process would see it
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in params.items()}
+        return {n: (sp.all_reduce_mean(grads[n]) * p).abs() for n, p in params.items()}
 
 
 @METHODS.register("grasp")
@@ -106,7 +108,7 @@ class GraSP(PruneAtInit):
         model, params = _scoring_copy(sp)
         weights = list(params.values())
         loss = sp.loss_fn(model(x) / self.temperature, y)
-        grads = [g.detach() for g in torch.autograd.grad(loss, weights)]
+        grads = [sp.all_reduce_mean(g.detach()) for g in torch.autograd.grad(loss, weights)]  # global batch's g
         loss = sp.loss_fn(model(x) / self.temperature, y)
         z = torch.autograd.grad(loss, weights, create_graph=True)
         hg = torch.autograd.grad(sum((a * b).sum() for a, b in zip(z, grads)), weights)

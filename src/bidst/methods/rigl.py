@@ -26,6 +26,7 @@ class RigL(Stateless, UpdateSchedule):
 
     name: ClassVar[str] = "rigl"
     default_distribution: ClassVar[str] = "erk"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # uses only the engine's weight/grad accessors
 
     def setup(self, sp: Sparsifier) -> None:
         sp.random_masks()

@@ -23,6 +23,7 @@ class SET(Stateless, UpdateSchedule):
 
     name: ClassVar[str] = "set"
     default_distribution: ClassVar[str] = "er"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # uses only the engine's weight/grad accessors
 
     def setup(self, sp: Sparsifier) -> None:
         sp.random_masks()
@@ -36,6 +37,6 @@ class SET(Stateless, UpdateSchedule):
         return prune_and_grow(
             sp,
             self.fraction(step, sp),
-            lambda n, k: set_drop(sp.params[n], sp.masks[n], k),
+            lambda n, k: set_drop(sp.weight(n), sp.masks[n], k),
             random_grow(sp),
         )

@@ -20,6 +20,7 @@ class Dense(Stateless):
 
     name: ClassVar[str] = "dense"
     default_distribution: ClassVar[str] = "uniform"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # masks chosen before the sparse swap
 
     def setup(self, sp: Sparsifier) -> None:
         del sp

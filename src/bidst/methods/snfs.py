@@ -29,6 +29,7 @@ class SNFS(UpdateSchedule):
 
     name: ClassVar[str] = "snfs"
     default_distribution: ClassVar[str] = "erk"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # uses only the engine's weight/grad accessors
     drop_fraction: float = 0.5  # SNFS prune rate
     momentum: float = 0.9  # decay of the dense momentum used for growth and redistribution
     redistribute: bool = True  # move budget between layers by momentum
@@ -47,6 +48,7 @@ class SNFS(UpdateSchedule):
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         if dense_grads is None:
             return False
+        sp.add_cost("momentum", 2.0 * sum(sp.numel[n] for n in sp.sparse_names()))
         for name in sp.sparse_names():
             grad = dense_grads[name]
             buf = self._buffers.get(name)
@@ -74,7 +76,7 @@ class SNFS(UpdateSchedule):
             if drops[n] == 0 and grows[n] == 0:
                 continue
             eligible = ~sp.masks[n]
-            drop = drop_lowest(magnitude(sp.params[n]), sp.masks[n], drops[n])
+            drop = drop_lowest(magnitude(sp.weight(n)), sp.masks[n], drops[n])
             grow = grow_highest(self._buffers[n].abs(), eligible, grows[n])
             sp.change(n, drop, grow)
             changed = True

@@ -1,0 +1,93 @@
+"""The `sparse` compute backend of a Sparsifier: layers that store and train only their active weights.
+
+With `backend="masked"` (the default) a sparsified layer keeps its dense weight and the engine
+multiplies it by the mask. With `backend="sparse"` the engine swaps each layer it may change for a
+`bidst.sparse` twin once the initial masks exist, and puts the twin's compact `values` into the
+user's optimizer in place of the dense weight (its state gathered to the active positions), so
+parameter and optimizer memory scale with density and forward/backward run sparse kernels.
+Topology changes then resize the values and remap the optimizer state incrementally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .errors import BidstError
+from .sparse import SparseModule, SparseStructure, to_sparse_modules
+
+BACKENDS = ("masked", "sparse")
+
+
+def supports(method: object, backend: str) -> bool:
+    """Whether a DST method declares it works with `backend` (methods opt in to "sparse" via `backends`)."""
+    return backend in getattr(method, "backends", ("masked",))
+
+
+def check_backend(backend: str, method: object, model: nn.Module) -> None:
+    """Raise BidstError unless `backend` is known, the method supports it and, for "sparse", training is single-process."""
+    if backend not in BACKENDS:
+        raise BidstError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "masked":
+        return
+    name = getattr(method, "name", type(method).__name__)
+    if not supports(method, backend):
+        raise BidstError(f"method {name!r} does not support backend 'sparse' (it reads or writes dense weights); use 'masked'")
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed or isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise BidstError(
+            "backend 'sparse' is single-process: a topology change resizes parameters, which DDP cannot follow; "
+            "use backend 'masked' for multi-process training"
+        )
+
+
+def check_layers(modules: dict[str, nn.Module]) -> None:
+    """Raise BidstError unless every module is an exact nn.Linear or zero-padded nn.Conv2d (what has a sparse twin)."""
+    for name, module in modules.items():
+        if type(module) is nn.Linear or (type(module) is nn.Conv2d and module.padding_mode == "zeros"):
+            continue
+        raise BidstError(
+            f"backend 'sparse' supports nn.Linear and zero-padded nn.Conv2d layers; {name} is a {type(module).__name__} "
+            "(keep it out with filter_fn, or use backend 'masked')"
+        )
+
+
+def _replace_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, gather: SparseStructure | None) -> None:
+    """Put `new` in `old`'s place in the optimizer's groups and state; per-weight state is gathered by `gather` if given."""
+    found = False
+    for group in optimizer.param_groups:
+        found = found or any(p is old for p in group["params"])
+        group["params"] = [new if p is old else p for p in group["params"]]
+    if not found:
+        raise BidstError("the optimizer does not hold a parameter of a layer being made sparse")
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {
+            k: gather.gather(v) if gather is not None and torch.is_tensor(v) and v.shape == old.shape else v
+            for k, v in state.items()
+        }
+
+
+def swap_in(model: nn.Module, optimizer: torch.optim.Optimizer, masks: dict[str, Tensor]) -> dict[str, SparseModule]:
+    """Swap the layers whose weights `masks` names for sparse twins, in place, and rewire the optimizer to their values and biases.
+
+    The twins copy the bias into a new Parameter, so the optimizer's bias entry is replaced too.
+    """
+    old = {name: model.get_submodule(name.rpartition(".")[0]) for name in masks}
+    layers = to_sparse_modules(model, masks)
+    for name, layer in layers.items():
+        _replace_param(optimizer, old[name].weight, layer.values, layer.structure)
+        if layer.bias is not None:
+            _replace_param(optimizer, old[name].bias, layer.bias, None)
+    return layers
+
+
+def dense_grad(layer: SparseModule, scale: float) -> Tensor:
+    """The dense weight gradient captured since `layer.request_sampled_grad(None)`, divided by the loss `scale`."""
+    grad = layer.take_sampled_grad()
+    shape = layer.structure.shape
+    if grad is None:
+        return torch.zeros(shape, dtype=layer.values.dtype, device=layer.values.device)
+    grad = grad.detach().reshape(shape)
+    return grad / scale if scale != 1.0 else grad

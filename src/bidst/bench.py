@@ -1,0 +1,299 @@
+"""`bidst bench`: sparse-backend time over dense time, per layer shape and per whole training step, into a Markdown report.
+
+Dense and sparse are timed alternately in one loop (interleaved repetitions) and a statistic of
+each compared, so machine load hits both alike. Per layer: forward + input grad + weight grad of
+every distinct Conv2d/Linear shape of the MLP, the small CNN, ResNet-32 and VGG-19 (random masks).
+Whole step: forward, loss, backward, optimizer and RigL's work through a `backend="sparse"`
+Sparsifier against the dense model with a plain optimizer step; update steps (dense gradient,
+drop/grow, rebuild) are timed separately and amortised over RigL's default 100-step interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .engine import sparsify
+from .models import create_model
+from .sparse import SparseStructure, sparse_conv2d, sparse_linear
+
+Step = Callable[[], None]
+UPDATE_INTERVAL = 100  # RigL's default topology-update interval, in steps
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One benchmarked layer shape; `count` is how often it occurs in its model."""
+
+    name: str
+    kind: str  # "linear" or "conv"
+    batch: int
+    cin: int
+    cout: int
+    size: int = 0  # input height = width (conv)
+    k: int = 3
+    stride: int = 1
+    count: int = 1
+
+    @property
+    def padding(self) -> int:
+        return self.k // 2
+
+
+def mlp_1024() -> nn.Module:
+    """A 1024-1024-1024-1024-10 ReLU MLP (the classifier stays dense)."""
+    return nn.Sequential(
+        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10),
+    )  # fmt: skip
+
+
+# name -> (model factory, example input shape); the CNNs at batch 64, the MLP at 256
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "MLP 1024x3": (mlp_1024, (256, 1024)),
+    "CNN (Fashion-MNIST)": (lambda: create_model("cnn", num_classes=10, in_channels=1, image_size=28), (64, 1, 28, 28)),
+    "ResNet-32": (lambda: create_model("resnet32", num_classes=10, in_channels=3, image_size=32), (64, 3, 32, 32)),
+    "VGG-19": (lambda: create_model("vgg19", num_classes=10, in_channels=3, image_size=32), (64, 3, 32, 32)),
+}
+
+
+def sparse_layer_names(model: nn.Module) -> list[str]:
+    """Weights the benchmarks make sparse: every Conv2d/Linear but the first conv and the classifier."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    first_conv = [n for n in layers if isinstance(model.get_submodule(n), nn.Conv2d)][:1]
+    return [f"{n}.weight" for n in layers[:-1] if n not in first_conv]
+
+
+def model_layers(model_name: str) -> list[Layer]:
+    """The distinct sparse layer shapes of a model, with how often each occurs, read off one forward pass."""
+    factory, shape = MODELS[model_name]
+    model = factory()
+    wanted = {n.rpartition(".")[0] for n in sparse_layer_names(model)}
+    found: dict[Layer, int] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
+        x = inputs[0]
+        if isinstance(module, nn.Linear):
+            layer = Layer("", "linear", x.shape[0], module.in_features, module.out_features)
+        else:
+            assert isinstance(module, nn.Conv2d)
+            layer = Layer("", "conv", x.shape[0], module.in_channels, module.out_channels, x.shape[-1],
+                          module.kernel_size[0], module.stride[0])  # fmt: skip
+        found[layer] = found.get(layer, 0) + 1
+
+    handles = [model.get_submodule(n).register_forward_hook(hook) for n in wanted]
+    with torch.no_grad():
+        model(torch.zeros(shape))
+    for h in handles:
+        h.remove()
+    out = []
+    for la, count in found.items():
+        name = f"{la.cin}->{la.cout}" + (f" {la.k}x{la.k} s{la.stride} @{la.size}" if la.kind == "conv" else "")
+        out.append(Layer(f"{model_name} {name}, b{la.batch}", la.kind, la.batch, la.cin, la.cout, la.size, la.k,
+                         la.stride, count))  # fmt: skip
+    return out
+
+
+def random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) -> torch.Tensor:
+    """A bool mask with exactly round(density * numel) random True entries."""
+    n = 1
+    for s in shape:
+        n *= s
+    flat = torch.zeros(n, dtype=torch.bool)
+    flat[torch.randperm(n, generator=gen)[: round(density * n)]] = True
+    return flat.reshape(shape)
+
+
+def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Step, Step]:
+    """(dense step, sparse step) closures: forward and backward for input, weight and bias of one layer."""
+    if layer.kind == "linear":
+        shape: tuple[int, ...] = (layer.cout, layer.cin)
+        x = torch.randn(layer.batch, layer.cin, generator=gen)
+    else:
+        shape = (layer.cout, layer.cin, layer.k, layer.k)
+        x = torch.randn(layer.batch, layer.cin, layer.size, layer.size, generator=gen)
+    x.requires_grad_(True)
+    mask = random_mask(shape, density, gen)
+    w = (torch.randn(shape, generator=gen) * mask).requires_grad_(True)
+    b = torch.zeros(layer.cout, requires_grad=True)
+    structure = SparseStructure.from_mask(mask)
+    values = structure.gather(w).requires_grad_(True)
+
+    def dense_fwd() -> torch.Tensor:
+        if layer.kind == "linear":
+            return F.linear(x, w, b)
+        return F.conv2d(x, w, b, layer.stride, layer.padding)
+
+    def sparse_fwd() -> torch.Tensor:
+        if layer.kind == "linear":
+            return sparse_linear(x, values, structure, b)
+        return sparse_conv2d(x, values, structure, b, layer.stride, layer.padding)
+
+    gy = torch.randn_like(dense_fwd().detach())
+
+    def step(fwd: Callable[[], torch.Tensor]) -> Step:
+        def run() -> None:
+            x.grad = w.grad = b.grad = values.grad = None
+            fwd().backward(gy)
+
+        return run
+
+    return step(dense_fwd), step(sparse_fwd)
+
+
+@dataclass
+class Timer:
+    """How steps are timed: the clock, the statistic over repetitions and their number."""
+
+    clock: Callable[[], float] = time.perf_counter
+    stat: Callable[[list[float]], float] = statistics.median
+    reps: int = 7
+
+    def interleaved(self, dense: Step, sparse: Step) -> tuple[float, float]:
+        """Seconds (the statistic) of dense and sparse, measured alternately after one warm-up each."""
+        dense()
+        sparse()
+        td, ts = [], []
+        for _ in range(self.reps):
+            t0 = self.clock()
+            dense()
+            t1 = self.clock()
+            sparse()
+            t2 = self.clock()
+            td.append(t1 - t0)
+            ts.append(t2 - t1)
+        return self.stat(td), self.stat(ts)
+
+
+def training_steps(
+    model_name: str, density: float, interval: int, gen: torch.Generator, clock: Callable[[], float]
+) -> tuple[Step, Step, Callable[[], float]]:
+    """(dense step, sparse step, seconds rebuilding so far) for a whole training step of a model.
+
+    The sparse step runs RigL through a `backend="sparse"` Sparsifier with topology updates every
+    `interval` steps (uniform masks at `density`, first conv and classifier dense); `clock` times its rebuilds.
+    """
+    factory, shape = MODELS[model_name]
+    dense = factory()
+    x = torch.randn(shape, generator=gen)
+    target = torch.randint(0, 10, (shape[0],), generator=gen)
+    sparse = copy.deepcopy(dense)
+    keep = set(sparse_layer_names(sparse))
+    sparse_opt = torch.optim.SGD(sparse.parameters(), lr=0.01, momentum=0.9)
+    sp = sparsify(sparse, sparse_opt, "rigl", 1.0 - density, total_steps=10**7, distribution="uniform",
+                  filter_fn=lambda m, n: isinstance(m, (nn.Linear, nn.Conv2d)) and f"{n}.weight" in keep,
+                  backend="sparse", interval=interval)  # fmt: skip
+    sp.clock = clock
+    dense_opt = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
+
+    def dense_step() -> None:
+        dense_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(dense(x), target).backward()
+        dense_opt.step()
+
+    def sparse_step() -> None:
+        sparse_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(sparse(x), target).backward()
+        sp.step()
+
+    return dense_step, sparse_step, lambda: sp.rebuild_seconds
+
+
+def ratio_row(results: dict[str, dict[str, float]], sparsities: list[float], key: str = "ratio") -> str:
+    return " | ".join(f"{results[str(s)][key]:.2f}" for s in sparsities)
+
+
+def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, out: list[str]) -> None:
+    """Measure and append Markdown tables to `out` (printed as they come)."""
+
+    def emit(line: str) -> None:
+        out.append(line)
+        print(line, flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    head = "| " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
+    emit("\n### Whole training step, sparse / dense time (forward, loss, backward, optimizer, RigL)\n")
+    emit(f"Amortised over RigL's {UPDATE_INTERVAL}-step update interval; `update` is one update step alone (dense "
+         "gradient, drop/grow, rebuild) over a dense step; `rebuild` is the share of training time spent rebuilding "
+         "sparse structures and optimizer state at the default interval.\n")
+    emit("| model | | " + head[2:])
+    emit("|" + " --- |" * (len(sparsities) + 2))
+    for name in models:
+        rows: dict[str, dict[str, float]] = {}
+        for s in sparsities:
+            td, ts = timer.interleaved(*training_steps(name, 1.0 - s, 10**9, gen, timer.clock)[:2])
+            dense_u, sparse_u, rebuilt = training_steps(name, 1.0 - s, 1, gen, timer.clock)
+            before = rebuilt()
+            _, tu = timer.interleaved(dense_u, sparse_u)
+            per_update = (rebuilt() - before) / (timer.reps + 1)
+            amortised = ts + (tu - ts) / UPDATE_INTERVAL
+            rows[str(s)] = {"ratio": amortised / td, "regular": ts / td, "update": tu / td,
+                            "rebuild": per_update / (UPDATE_INTERVAL * amortised), "dense_ms": td * 1e3}
+        emit(f"| {name} | step | {ratio_row(rows, sparsities)} |")
+        emit(f"| | update | {ratio_row(rows, sparsities, 'update')} |")
+        emit("| | rebuild | " + " | ".join(f"{100 * rows[str(s)]['rebuild']:.3f}%" for s in sparsities) + " |")
+        emit("| | dense ms | " + " | ".join(f"{rows[str(s)]['dense_ms']:.1f}" for s in sparsities) + " |")
+    if not layers:
+        return
+    emit("\n### Per layer shape, sparse / dense time (forward + input grad + weight grad)\n")
+    emit("| layer | count | " + head[2:])
+    emit("|" + " --- |" * (len(sparsities) + 2))
+    for name in models:
+        for layer in model_layers(name):
+            cells = []
+            for s in sparsities:
+                td, ts = timer.interleaved(*layer_steps(layer, 1.0 - s, gen))
+                cells.append(f"{ts / td:.2f}")
+            emit(f"| {layer.name} | {layer.count} | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `bidst bench`; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="bidst bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
+    ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions per measurement")
+    ap.add_argument("--threads", type=int, default=1, help="torch and numba threads")
+    ap.add_argument("--stat", choices=["median", "min"], default="min", help="min resists a busy machine")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu", help="cpu: process time (one thread only)")
+    ap.add_argument("--no-layers", action="store_true", help="whole steps only")
+    ap.add_argument("--out", help="write the Markdown report here (e.g. docs/performance.md)")
+    args = ap.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures one thread only")
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    timer = Timer(time.process_time if args.clock == "cpu" else time.perf_counter,
+                  min if args.stat == "min" else statistics.median, args.reps)  # fmt: skip
+    out = [
+        "# Performance: the sparse backend against dense",
+        "",
+        f"Command: `bidst bench {' '.join(argv if argv is not None else sys.argv[2:])}`".rstrip() + "  ",
+        (f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} thread(s), "
+         f"torch {torch.__version__}, numba {numba.__version__}, Python {platform.python_version()}  "),
+        (f"Timing: {args.stat} of {args.reps} interleaved repetitions, {args.clock} clock. Ratios below 1 mean the "
+         "sparse backend is faster."),
+    ]
+    for line in out:
+        print(line)
+    run(models, [float(s) for s in args.sparsities.split(",")], timer, not args.no_layers, out)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(out) + "\n")
+    return 0

@@ -1,0 +1,452 @@
+"""`bidst report`: turn finished run folders into a table (mean ± std over seeds) and figures.
+
+Runs are grouped by method and sparsity, plus every config key that takes more than one value
+among runs sharing a method and sparsity (an ablation axis such as ``method_args.mask_lr``);
+keys naming a seed, ``run_dir`` and ``resume`` never split groups. FLOPs and time are given
+relative to a dense run of the same model and dataset when the set holds one, else as the run
+recorded them (FLOPs only); time is the summary's ``time.total``, else its ``wall_time_s``.
+Outputs are written to temporary names and renamed at the end, so a failed report never leaves
+half-written files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import TrainConfig
+from .errors import BidstError
+
+_NEVER_GROUP = {"run_dir", "resume"}
+
+
+@dataclass
+class Run:
+    """One finished run folder: its summary, resolved config and metric records."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        """The method name, from the summary (else the config)."""
+        return str(self.summary.get("method", self.config.get("method", "?")))
+
+    @property
+    def sparsity(self) -> float:
+        """The target sparsity, rounded so that 0.9 and 0.9000000001 group together."""
+        return round(float(self.summary.get("sparsity", self.config.get("sparsity", 0.0))), 6)
+
+    def records(self, kind: str) -> dict[int, dict[str, Any]]:
+        """The last record of `kind` per epoch (a resumed run may log an epoch twice)."""
+        return {int(r["epoch"]): r for r in self.metrics if r.get("kind") == kind and "epoch" in r}
+
+
+def _warn(message: str) -> None:
+    print(f"bidst report: warning: {message}", file=sys.stderr)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    records, bad = [], 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    if bad:
+        _warn(f"{path}: skipped {bad} unreadable line(s)")
+    return records
+
+
+def _load_run(folder: Path) -> Run | None:
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        config_file = folder / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+        if not isinstance(summary, dict) or not isinstance(config, dict) or "final_test_acc" not in summary:
+            raise TypeError("summary.json without final_test_acc, or config.yaml not a mapping")
+        # keys added to TrainConfig after a run was made take their defaults, so they never split groups
+        run = Run(folder, summary, {**TrainConfig().to_dict(), **(config or {})})
+        _ = run.sparsity  # a sparsity that is not a number is corrupt too
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
+        _warn(f"{folder}: skipped, corrupt run folder ({e})")
+        return None
+    run.metrics = _read_metrics(folder / "metrics.jsonl")
+    return run
+
+
+def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
+    """Finished runs found under `paths` (run folders or sweep folders, searched recursively);
+    unfinished and corrupt folders are reported on stderr and left out."""
+    runs: list[Run] = []
+    for root in map(Path, paths):
+        if not root.is_dir():
+            _warn(f"{root}: not a folder")
+            continue
+        for folder, subdirs, files in os.walk(root):
+            if "summary.json" in files:
+                run = _load_run(Path(folder))
+                runs.extend([run] if run else [])
+            elif {"config.yaml", "metrics.jsonl", "train.log"} & set(files) or "checkpoints" in subdirs:
+                _warn(f"{folder}: skipped, unfinished run (no summary.json)")
+            else:
+                subdirs.sort()
+                continue
+            subdirs.clear()  # a run folder's subfolders are its checkpoints
+    return sorted(runs, key=lambda r: str(r.path))
+
+
+def _canon(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys, seeds aside, that take several values among runs of one (method, sparsity)."""
+    by_base: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for run in runs:
+        by_base.setdefault((run.method, run.sparsity), []).append(flatten(run.config))
+    keys = sorted({k for flats in by_base.values() for flat in flats for k in flat})
+    return [
+        k
+        for k in keys
+        if k not in ("method", "sparsity")
+        and k not in _NEVER_GROUP
+        and "seed" not in k.rsplit(".", 1)[-1]
+        and any(len({_canon(f.get(k)) for f in flats}) > 1 for flats in by_base.values())
+    ]
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return None, None
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
+
+
+def _reference_key(run: Run) -> str:
+    return _canon([run.config.get("model"), run.config.get("dataset")])
+
+
+def _total(run: Run, kind: str) -> float | None:
+    """A run's recorded `kind` ("flops" or "time") total; time falls back to ``wall_time_s``."""
+    total = (run.summary.get(kind) or {}).get("total")
+    if total is None and kind == "time":
+        total = run.summary.get("wall_time_s")
+    return None if total is None else float(total)
+
+
+def _dense_totals(runs: Sequence[Run], kind: str) -> dict[str, float]:
+    """Mean `kind` total of the dense runs, per model and dataset."""
+    totals: dict[str, list[float]] = {}
+    for run in runs:
+        total = _total(run, kind)
+        if run.method == "dense" and total:
+            totals.setdefault(_reference_key(run), []).append(total)
+    return {k: statistics.fmean(v) for k, v in totals.items()}
+
+
+def _relative(run: Run, kind: str, dense: dict[str, float]) -> float | None:
+    reference, total = dense.get(_reference_key(run)), _total(run, kind)
+    if reference and total is not None:
+        return total / reference
+    return (run.summary.get(kind) or {}).get("relative_to_dense")
+
+
+def _sortable(value: Any) -> tuple:
+    """A total order over config values: missing first, then numbers by value, then the rest."""
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, _canon(value))
+
+
+def summarize(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The group key names and one row of statistics per group (sorted by sparsity, method)."""
+    extra = varying_keys(runs)
+    dense_flops, dense_time = _dense_totals(runs, "flops"), _dense_totals(runs, "time")
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        flat = flatten(run.config)
+        key = (run.sparsity, run.method, *(_sortable(flat.get(k)) for k in extra))
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for key in sorted(groups):
+        members = groups[key]
+        flat = flatten(members[0].config)
+        row: dict[str, Any] = {"method": key[1], "sparsity": key[0], **{k: flat.get(k) for k in extra}}
+        row["n"] = len(members)
+        row["seeds"] = sorted({_canon(r.summary.get("seed", r.config.get("seed"))) for r in members})
+        columns: dict[str, Callable[[Run], Any]] = {
+            "test_acc": lambda r: r.summary.get("final_test_acc"),
+            "best_val_acc": lambda r: r.summary.get("best_val_acc"),
+            "flops_rel": lambda r: _relative(r, "flops", dense_flops),
+            "time_rel": lambda r: _relative(r, "time", dense_time),
+            "topology_changes": lambda r: r.summary.get("topology_changes"),
+            "measured_sparsity": lambda r: r.summary.get("measured_sparsity"),
+        }
+        for name, get in columns.items():
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([get(r) for r in members])
+        row["epochs"] = "/".join(sorted({_canon(r.summary.get("epochs")) for r in members}))
+        rows.append(row)
+    return extra, rows
+
+
+def _fmt(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
+
+
+def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    """The report table in Markdown."""
+    header = ["method", "sparsity", *extra, "n", "test acc", "best val acc",
+              "train FLOPs (× dense)", "time (× dense)", "topology changes", "epochs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = [row["method"], f"{row['sparsity']:g}", *("–" if row[k] is None else _canon(row[k]) for k in extra)]
+        cells.append(str(row["n"]))
+        cells += [_fmt(row[f"{c}_mean"], row[f"{c}_std"]) for c in ("test_acc", "best_val_acc")]
+        cells += [_fmt(row[f"{c}_mean"]) for c in ("flops_rel", "time_rel", "topology_changes")]
+        cells.append(row["epochs"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The report rows as CSV (empty cells for missing values)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ";".join(v) if k == "seeds" else ("" if v is None else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+# ---- figures -------------------------------------------------------------------------------
+
+def _figure_class() -> Any:
+    """matplotlib's Figure (no pyplot, no global backend switch), or a one-line BidstError."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BidstError("plots need matplotlib: pip install 'bidst[plots]' (or pass --no-plots)") from None
+    return Figure
+
+
+def _series(run: Run, extra: Sequence[str]) -> str:
+    flat = flatten(run.config)
+    return " ".join([run.method, *(f"{k}={_canon(flat[k])}" for k in extra if flat.get(k) is not None)])
+
+
+def _curve(runs: Sequence[Run], points: Callable[[Run], dict[int, float]]):
+    """Mean and std over runs at every epoch some run has (x, mean, std as lists)."""
+    per_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        for epoch, value in points(run).items():
+            per_epoch.setdefault(epoch, []).append(value)
+    xs = sorted(per_epoch)
+    stats = [_mean_std(per_epoch[x]) for x in xs]
+    return xs, [m for m, _ in stats], [s or 0.0 for _, s in stats]
+
+
+def _grid(Figure: Any, n: int, title: str):
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5 * cols, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _per_sparsity_curves(Figure, runs, extra, colors, points, title, ylabel):
+    """One panel per sparsity, one mean line with a ±std band per series; None if no data."""
+    from matplotlib.ticker import MaxNLocator
+
+    levels = sorted({r.sparsity for r in runs if points(r)})
+    if not levels:
+        return None
+    fig, axes = _grid(Figure, len(levels), title)
+    for ax, level in zip(axes, levels):
+        by_series: dict[str, list[Run]] = {}
+        for run in runs:
+            if run.sparsity == level and points(run):
+                by_series.setdefault(_series(run, extra), []).append(run)
+        for name, members in sorted(by_series.items()):
+            xs, mean, std = _curve(members, points)
+            ax.plot(xs, mean, marker=".", color=colors[name], label=f"{name} (n={len(members)})")
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=colors[name], alpha=0.2)
+        ax.set_title(f"sparsity {level:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _accuracy_vs_sparsity(Figure, runs, extra, colors):
+    fig, (ax,) = _grid(Figure, 1, "Final test accuracy vs sparsity (mean ± std over seeds)")
+    by_series: dict[str, list[Run]] = {}
+    for run in runs:
+        by_series.setdefault(_series(run, extra), []).append(run)
+    for name, members in sorted(by_series.items()):
+        levels = sorted({r.sparsity for r in members})
+        stats = [_mean_std([r.summary["final_test_acc"] for r in members if r.sparsity == s]) for s in levels]
+        if members[0].method == "dense":
+            ax.axhline(stats[0][0], color=colors[name], linestyle="--", label=name)
+            continue
+        ax.errorbar(levels, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats],
+                    color=colors[name], marker="o", capsize=3, label=name)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("final test accuracy")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _final_density(run: Run) -> dict[str, float]:
+    """Per-layer density from the last mask record, else from the summary's ``layers``."""
+    masks = run.records("mask")
+    if run.method == "dense":
+        return {}
+    if masks:
+        return {k: v for k, v in masks[max(masks)].get("density", {}).items() if k != "__all__"}
+    return {layer["name"]: layer["density"] for layer in run.summary.get("layers", []) if "density" in layer}
+
+
+def _layer_densities(Figure, runs, extra, colors):
+    levels = sorted({r.sparsity for r in runs if _final_density(r)})
+    if not levels:
+        return None
+    fig, axes = _grid(Figure, len(levels), "Final per-layer density")
+    for ax, level in zip(axes, levels):
+        shown: set[str] = set()
+        for run in runs:
+            density, name = _final_density(run), _series(run, extra)
+            if run.sparsity != level or not density or name in shown:
+                continue
+            shown.add(name)  # the layer budgets of one method are the same for every seed
+            ax.plot(range(len(density)), list(density.values()), marker="o", color=colors[name], label=name)
+            ax.set_xticks(range(len(density)), list(density), rotation=60, ha="right", fontsize="x-small")
+        ax.set_title(f"sparsity {level:g}")
+        ax.set_ylabel("density (share of weights active)")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def figures(runs: Sequence[Run], extra: Sequence[str]) -> dict[str, Any]:
+    """The report's figures by file name; a figure without data in the runs is left out."""
+    Figure = _figure_class()
+    names = sorted({_series(r, extra) for r in runs})
+    palette = [f"C{i % 10}" for i in range(len(names))]
+    colors = dict(zip(names, palette))
+
+    def test_acc(run: Run) -> dict[int, float]:
+        return {e: r["test_acc"] for e, r in run.records("epoch").items() if r.get("test_acc") is not None}
+
+    def iou(run: Run) -> dict[int, float]:
+        return {e: r["iou"]["__all__"] for e, r in run.records("mask").items() if "iou" in r}
+
+    def itop(run: Run) -> dict[int, float]:
+        return {e: r["itop"]["__all__"] for e, r in run.records("mask").items() if "itop" in r}
+
+    made = {
+        "accuracy_vs_sparsity.png": _accuracy_vs_sparsity(Figure, runs, extra, colors),
+        "test_acc_curves.png": _per_sparsity_curves(
+            Figure, runs, extra, colors, test_acc, "Test accuracy during training (mean ± std)", "test accuracy"),
+        "iou.png": _per_sparsity_curves(
+            Figure, runs, extra, colors, iou, "Mask IoU between the start and end of each interval",
+            "IoU (all layers)"),
+        "itop.png": _per_sparsity_curves(
+            Figure, runs, extra, colors, itop, "ITOP rate (share of weights ever active)", "ITOP rate"),
+        "layer_density.png": _layer_densities(Figure, runs, extra, colors),
+    }
+    return {name: fig for name, fig in made.items() if fig is not None}
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
+    """Write report.md, report.csv and the figures into `out` atomically; return the JSON view."""
+    if not runs:
+        raise BidstError("no finished runs to report (a run is finished when it has summary.json)")
+    extra, rows = summarize(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {"report.md": markdown(extra, rows), "report.csv": to_csv(rows)}
+    figs = figures(runs, extra) if plots else {}
+    staged: dict[str, str] = {}
+    try:
+        for name in [*texts, *figs]:
+            staged[name] = str(out / f".{name}.{os.getpid()}.tmp")
+            if name in texts:
+                Path(staged[name]).write_text(texts[name])
+            else:
+                figs[name].savefig(staged[name], format="png", dpi=110)
+        for name, tmp in staged.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return {"group_keys": ["method", "sparsity", *extra], "groups": rows,
+            "runs": len(runs), "files": sorted([*texts, *figs])}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `bidst report RUN_DIRS... [--out DIR] [--json] [--no-plots]`."""
+    parser = argparse.ArgumentParser(prog="bidst report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run folders or sweep folders (searched recursively)")
+    parser.add_argument("--out", default="report", help="output folder (default: ./report)")
+    parser.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    parser.add_argument("--no-plots", action="store_true", help="write only report.md and report.csv")
+    args = parser.parse_args(argv)
+    try:
+        if not args.no_plots:
+            _figure_class()  # fail before any work when matplotlib is missing
+        result = write_report(find_runs(args.run_dirs), args.out, plots=not args.no_plots)
+    except BidstError as e:
+        print(f"bidst report: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print((Path(args.out) / "report.md").read_text(), end="")
+        print(f"wrote {', '.join(result['files'])} to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Helpers shared by the sparse autograd functions: path choice, numpy views, the masked dense fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .structure import SparseStructure
+
+
+def pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    """(v, v) for an int, the pair itself otherwise."""
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+# Above this density the masked dense path is faster than the sparse kernels on CPU (measured
+# crossover about 0.25-0.35), e.g. early in dense-to-sparse (gradual pruning) training.
+DENSE_ABOVE = 0.3
+
+
+def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = None) -> bool:
+    """Whether the Numba path applies: every tensor is CPU float32 and the weight is at most DENSE_ABOVE dense."""
+    if structure is not None and structure.density > DENSE_ABOVE:
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t is not None)
+
+
+def np_view(t: Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor, outside autograd."""
+    return t.detach().numpy()
+
+
+def bias_array(bias: Tensor | None, n: int) -> np.ndarray:
+    """The bias as float32 numpy, zeros when there is none."""
+    return np.zeros(n, np.float32) if bias is None else np_view(bias.contiguous())
+
+
+def _record_dense_sample(structure: SparseStructure, dense_grad: Tensor) -> None:
+    """Adds the requested entries of a dense weight gradient to the structure's sampled gradient."""
+    flat = dense_grad.reshape(-1)
+    if structure.samples_all:
+        structure.add_sampled_grad(flat.clone())
+    elif structure.sampled_positions is not None:
+        structure.add_sampled_grad(flat[torch.from_numpy(structure.sampled_positions).to(flat.device)])
+
+
+def masked_dense_weight(values: Tensor, structure: SparseStructure) -> Tensor:
+    """The dense weight for the fallback path, hooked to record any sampled-gradient request."""
+    w = structure.to_dense(values)
+    if w.requires_grad and (structure.samples_all or structure.sampled_positions is not None):
+        w.register_hook(lambda g: _record_dense_sample(structure, g))
+    return w
+
+
+def rows_cols(structure: SparseStructure, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and in-row position (int32) of flat positions of `structure`'s weight."""
+    rows = positions // structure.row_size
+    return rows.astype(np.int32), (positions - rows * structure.row_size).astype(np.int32)

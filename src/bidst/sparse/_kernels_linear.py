@@ -1,0 +1,101 @@
+"""Numba kernels for sparse Linear layers, batch-innermost ("transposed") layout for SIMD over the batch.
+
+Activations are held as (features, batch) arrays so that every active weight touches one contiguous
+batch-long row; the batch loop is what vectorizes. Indices are cast to uint64 in hot loops so that
+Numba emits no negative-index wraparound checks, which otherwise block vectorization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, uint64
+
+# reassoc lets LLVM vectorize dot-product reductions (summation order changes within float rounding);
+# contract allows fused multiply-add. No nnan/ninf: NaN and inf propagate as in PyTorch.
+FASTMATH = {"reassoc", "contract", "nsz"}
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def spmm_t(
+    indptr: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    bias: np.ndarray,
+    xt: np.ndarray,
+    yt: np.ndarray,
+) -> None:
+    """yt[i, :] = bias[i] + sum over slots p of row i of values[p] * xt[cols[p], :] (rows in parallel)."""
+    nb = uint64(xt.shape[1])
+    xf = xt.ravel()
+    yf = yt.ravel()
+    for i in prange(indptr.shape[0] - 1):
+        yo = uint64(i) * nb
+        bi = bias[i]
+        for b in range(nb):
+            yf[yo + b] = bi
+        p = indptr[i]
+        end = indptr[i + 1]
+        # four slots per pass cut the loads and stores of the output row, the bottleneck of this loop
+        while p + 4 <= end:
+            x0 = uint64(cols[p]) * nb
+            x1 = uint64(cols[p + 1]) * nb
+            x2 = uint64(cols[p + 2]) * nb
+            x3 = uint64(cols[p + 3]) * nb
+            v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+            for b in range(nb):
+                yf[yo + b] += (v0 * xf[x0 + b] + v1 * xf[x1 + b]) + (v2 * xf[x2 + b] + v3 * xf[x3 + b])
+            p += 4
+        while p < end:
+            x0 = uint64(cols[p]) * nb
+            v0 = values[p]
+            for b in range(nb):
+                yf[yo + b] += v0 * xf[x0 + b]
+            p += 1
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def sddmm_t(indptr: np.ndarray, cols: np.ndarray, at: np.ndarray, bt: np.ndarray, out: np.ndarray) -> None:
+    """out[p] = dot(at[i, :], bt[cols[p], :]) for every slot p of every row i (rows in parallel)."""
+    nb = uint64(at.shape[1])
+    af = at.ravel()
+    bf = bt.ravel()
+    for i in prange(indptr.shape[0] - 1):
+        ao = uint64(i) * nb
+        p = indptr[i]
+        end = indptr[i + 1]
+        # two slots per pass share the loads of row i
+        while p + 2 <= end:
+            b0 = uint64(cols[p]) * nb
+            b1 = uint64(cols[p + 1]) * nb
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            for b in range(nb):
+                a = af[ao + b]
+                s0 += a * bf[b0 + b]
+                s1 += a * bf[b1 + b]
+            out[p] = s0
+            out[p + 1] = s1
+            p += 2
+        if p < end:
+            b0 = uint64(cols[p]) * nb
+            s0 = np.float32(0.0)
+            for b in range(nb):
+                s0 += af[ao + b] * bf[b0 + b]
+            out[p] = s0
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def sampled_dot_t(
+    rows: np.ndarray, cols: np.ndarray, at: np.ndarray, bt: np.ndarray, out: np.ndarray
+) -> None:
+    """out[k] = dot(at[rows[k], :], bt[cols[k], :]): weight gradient at given positions (SDDMM)."""
+    nb = uint64(at.shape[1])
+    af = at.ravel()
+    bf = bt.ravel()
+    for k in prange(rows.shape[0]):
+        ao = uint64(rows[k]) * nb
+        bo = uint64(cols[k]) * nb
+        s = np.float32(0.0)
+        for b in range(nb):
+            s += af[ao + b] * bf[bo + b]
+        out[k] = s

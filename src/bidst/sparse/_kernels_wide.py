@@ -1,0 +1,268 @@
+"""Numba kernels for sparse Conv2d on "wide rows": one fused pass per image, NCHW in and out.
+
+With an image zero-padded to width Wp, output pixel (oy, x) of a stride-1 conv reads padded pixel
+(oy + ky, x + kx): flat offset ky * Wp + kx from k = oy * Wp + x. Computing outputs on a Ho x Wp
+grid (the Wp - Wo extra columns are dropped) turns every active weight into ONE contiguous
+axpy/dot of length (Ho - 1) * Wp + Wo per image: long vectors for large maps. A stride-s conv is
+the stride-1 conv of the space-to-depth image (s*s phases as channels, kernel ceil(k/s)), see
+SparseStructure.space_to_depth. The input gradient is the forward conv of the output gradient,
+padded by k - 1, with the transposed, flipped weight (SparseStructure.by_input).
+
+Each image is padded (or space-to-depth transformed) into a per-task buffer that stays in cache,
+so a training step reads x, dy and writes y, dx once each, like a dense convolution: no layout
+copies in memory. Offsets are uint64 to keep Numba's wraparound checks out of hot loops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, uint64
+
+from ._kernels_linear import FASTMATH
+
+# (stride s, top and left input padding, padded (and space-to-depth) image height hs and width ws,
+# working kernel kh x kw, original kernel kh0 x kw0, output channels and working input channels a group)
+WideGeometry = tuple[int, int, int, int, int, int, int, int, int, int, int]
+
+
+@njit(inline="always")
+def _wide_offset(col: int, kk: int, kw: int, plane: int, wp: int) -> int:
+    """Flat offset in a padded image of the (channel-in-group, ky, kx) encoded by `col`."""
+    ci = col // kk
+    r = col - ci * kk
+    ky = r // kw
+    return ci * plane + ky * wp + (r - ky * kw)
+
+
+@njit(cache=True)
+def _copy_phase(
+    src: np.ndarray, s0: int, h: int, w: int, dst: np.ndarray, d0: int, hd: int, wd: int, s: int, r: int, q: int, top: int, left: int
+) -> None:
+    """dst[d0 + i*wd + j] = src[s0 + (s*i + r - top)*w + s*j + q - left], zero outside the (h, w) source plane.
+
+    With s = 1 (r = q = 0) a zero padding by (top, left); negative shifts crop.
+    """
+    j0, j1 = max(0, (left - q + s - 1) // s), min(wd, (w - 1 + left - q) // s + 1)
+    for i in range(hd):
+        d = uint64(d0 + i * wd)
+        y = s * i + r - top
+        if y < 0 or y >= h or j0 >= j1:
+            for j in range(uint64(wd)):
+                dst[d + j] = 0.0
+            continue
+        for j in range(uint64(j0)):
+            dst[d + j] = 0.0
+        sb = uint64(s0 + y * w + q - left)  # may wrap below zero: only sb + s*j, s*j >= left - q, is used
+        if s == 1:  # a contiguous copy, vectorized
+            for j in range(uint64(j0), uint64(j1)):
+                dst[d + j] = src[sb + j]
+        else:
+            for j in range(uint64(j0), uint64(j1)):
+                dst[d + j] = src[sb + j * uint64(s)]
+        for j in range(uint64(j1), uint64(wd)):
+            dst[d + j] = 0.0
+
+
+@njit(cache=True)
+def _prep_image(
+    xf: np.ndarray, n: int, cc: int, h: int, w: int, buf: np.ndarray, s: int, top: int, left: int, hs: int, ws: int, kh: int, kw: int
+) -> None:
+    """buf = image n of x zero-padded by (top, left) and, for s > 1, space-to-depth: (c*s + r)*s + q planes.
+
+    Phases r >= kh or q >= kw hold no weight and are left unwritten (never read).
+    """
+    plane = hs * ws
+    for c in range(cc):
+        for r in range(min(s, kh)):
+            for q in range(min(s, kw)):
+                _copy_phase(xf, (n * cc + c) * h * w, h, w, buf, ((c * s + r) * s + q) * plane, hs, ws, s, r, q, top, left)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _conv_rows(
+    indptr: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    o: int,
+    b: float,
+    src: np.ndarray,
+    base: int,
+    plane: int,
+    wp: int,
+    kk: int,
+    kw: int,
+    acc: np.ndarray,
+    span: int,
+) -> None:
+    """acc[:span] = b + sum over slots p of row o of values[p] * src[base + offset(p) : ... + span]."""
+    for k in range(uint64(span)):
+        acc[k] = b
+    p = indptr[o]
+    end = indptr[o + 1]
+    # four slots per pass cut the loads and stores of acc, the bottleneck of this loop
+    while p + 4 <= end:
+        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
+        s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
+        s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
+        s3 = uint64(base + _wide_offset(cols[p + 3], kk, kw, plane, wp))
+        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+        for k in range(uint64(span)):
+            acc[k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])
+        p += 4
+    while p < end:
+        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
+        v0 = values[p]
+        for k in range(uint64(span)):
+            acc[k] += v0 * src[s0 + k]
+        p += 1
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def wide_forward(
+    x: np.ndarray,
+    indptr: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    bias: np.ndarray,
+    y: np.ndarray,
+    geometry: WideGeometry,
+) -> None:
+    """y (NCHW) = sparse conv of x (NCHW) with the working weight (see WideGeometry); one task per image."""
+    s, top, left, hs, ws, kh, kw, kh0, kw0, cout_g, cin_w = geometry
+    nn, cc, h, w = x.shape
+    oo, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    c2 = cc * s * s
+    kk = kh * kw
+    plane = hs * ws
+    span = (ho - 1) * ws + wo
+    xf = x.ravel()
+    yf = y.ravel()
+    for n in prange(nn):
+        buf = np.empty(c2 * plane, np.float32)
+        _prep_image(xf, n, cc, h, w, buf, s, top, left, hs, ws, kh0, kw0)
+        acc = np.empty(ho * ws, np.float32)
+        for o in range(oo):
+            _conv_rows(indptr, cols, values, o, bias[o], buf, (o // cout_g) * cin_w * plane, plane, ws, kk, kw, acc, span)
+            dst = uint64((n * oo + o) * ho * wo)
+            for i in range(uint64(ho)):
+                for j in range(uint64(wo)):
+                    yf[dst + i * uint64(wo) + j] = acc[i * uint64(ws) + j]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def wide_backward(
+    x: np.ndarray,
+    dy: np.ndarray,
+    t_ptr: np.ndarray,
+    t_cols: np.ndarray,
+    t_values: np.ndarray,
+    pos_rows: np.ndarray,
+    pos_cols: np.ndarray,
+    dx: np.ndarray,
+    grad_w: np.ndarray,
+    grad_b: np.ndarray,
+    geometry: WideGeometry,
+    need_dx: bool,
+    nchunk: int,
+) -> None:
+    """Input gradient dx (NCHW, if need_dx), weight gradient at working positions (pos_rows, pos_cols)
+    and bias gradient, in one pass over x and dy split into `nchunk` image chunks (one per thread).
+
+    (t_ptr, t_cols, t_values): the transposed, flipped working weight. grad_w is (nchunk, n positions)
+    and grad_b (nchunk, out channels), both float64, summed by the caller.
+    """
+    s, top, left, hs, ws, kh, kw, kh0, kw0, cout_g, cin_w = geometry
+    nn, cc, h, w = x.shape
+    oo, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
+    c2 = cc * s * s
+    kk = kh * kw
+    plane = hs * ws
+    # dy padded by k - 1 (the input of the transposed conv); at stride 1 the input padding is cropped here
+    dt, dl = (kh - 1 - top, kw - 1 - left) if s == 1 else (kh - 1, kw - 1)
+    hd, wd = (h, w) if s == 1 else (hs, ws)  # transposed conv output
+    hd, wd = hd + kh - 1, wd + kw - 1
+    wdx = wd - kw + 1
+    dspan = (hd - kh) * wd + wdx
+    shared = wd == ws and dt >= 0 and dl >= 0  # the padded dy also serves the weight gradient
+    wspan = (ho - 1) * ws + wo
+    xoff = np.empty(pos_rows.shape[0], np.int64)
+    for k in range(pos_rows.shape[0]):
+        xoff[k] = (pos_rows[k] // cout_g) * cin_w * plane + _wide_offset(pos_cols[k], kk, kw, plane, ws)
+    xf = x.ravel()
+    df = dy.ravel()
+    dxf = dx.ravel()
+    for t in prange(nchunk):
+        xbuf = np.empty(c2 * plane, np.float32)
+        dbuf = np.empty(oo * hd * wd, np.float32)
+        wbuf = np.empty(0 if shared else oo * ho * ws, np.float32)
+        acc = np.empty(hd * wd, np.float32)
+        cbuf = np.empty(0 if s == 1 else c2 * plane, np.float32)
+        for n in range(t * nn // nchunk, (t + 1) * nn // nchunk):
+            for o in range(oo):
+                s0 = (n * oo + o) * ho * wo
+                total = 0.0
+                for i in range(ho):
+                    r = np.float32(0.0)
+                    for j in range(uint64(wo)):
+                        r += df[uint64(s0 + i * wo) + j]
+                    total += r
+                grad_b[t, o] += total
+                if need_dx or shared:
+                    _copy_phase(df, s0, ho, wo, dbuf, o * hd * wd, hd, wd, 1, 0, 0, dt, dl)
+                if not shared:
+                    _copy_phase(df, s0, ho, wo, wbuf, o * ho * ws, ho, ws, 1, 0, 0, 0, 0)
+            if need_dx:
+                for c in range(c2):
+                    if s > 1 and ((c // s) % s >= kh0 or c % s >= kw0):
+                        continue  # a phase no weight reads: zero gradient, written by _depth_to_space
+                    _conv_rows(t_ptr, t_cols, t_values, c, np.float32(0.0), dbuf, (c // cin_w) * cout_g * hd * wd, hd * wd, wd, kk, kw, acc, dspan)
+                    if s == 1:
+                        dst = uint64((n * cc + c) * h * w)
+                        for i in range(uint64(h)):
+                            for j in range(uint64(w)):
+                                dxf[dst + i * uint64(w) + j] = acc[i * uint64(wd) + j]
+                    else:
+                        for i in range(uint64(hs)):
+                            for j in range(uint64(ws)):
+                                cbuf[uint64(c * plane) + i * uint64(ws) + j] = acc[i * uint64(wd) + j]
+                if s > 1:
+                    _depth_to_space(cbuf, dxf, n, cc, h, w, s, top, left, hs, ws, kh0, kw0)
+            if pos_rows.shape[0]:
+                _prep_image(xf, n, cc, h, w, xbuf, s, top, left, hs, ws, kh0, kw0)
+                src, d_off, dplane = (dbuf, dt * wd + dl, hd * wd) if shared else (wbuf, 0, ho * ws)
+                for k in range(pos_rows.shape[0]):
+                    d0 = uint64(pos_rows[k] * dplane + d_off)
+                    x0 = uint64(xoff[k])
+                    acc_k = np.float32(0.0)
+                    for j in range(uint64(wspan)):
+                        acc_k += src[d0 + j] * xbuf[x0 + j]
+                    grad_w[t, k] += acc_k
+
+
+@njit(cache=True)
+def _depth_to_space(
+    buf: np.ndarray, dxf: np.ndarray, n: int, cc: int, h: int, w: int, s: int, top: int, left: int, hs: int, ws: int, kh: int, kw: int
+) -> None:
+    """Image n of dx (NCHW) from its space-to-depth gradient buf, dropping the padding (inverse of _prep_image).
+
+    Only phases r < kh, q < kw of the original kh x kw kernel are read; pixels of the other phases,
+    and pixels cropped away before the conv, get a zero gradient.
+    """
+    plane = hs * ws
+    if kh < s or kw < s or hs * s < h + top or ws * s < w + left:
+        for j in range(uint64(n * cc * h * w), uint64((n + 1) * cc * h * w)):
+            dxf[j] = 0.0
+    for c in range(cc):
+        d0 = (n * cc + c) * h * w
+        for r in range(min(s, kh)):
+            for q in range(min(s, kw)):
+                j0, j1 = max(0, (left - q + s - 1) // s), min(ws, (w - 1 + left - q) // s + 1)
+                b0 = ((c * s + r) * s + q) * plane
+                for i in range(hs):
+                    y = s * i + r - top
+                    if y < 0 or y >= h:
+                        continue
+                    db = uint64(d0 + y * w + q - left)  # may wrap: only db + s*j, s*j >= left - q, is used
+                    sb = uint64(b0 + i * ws)
+                    for j in range(uint64(j0), uint64(j1)):
+                        dxf[db + j * uint64(s)] = buf[sb + j]

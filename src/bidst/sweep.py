@@ -1,0 +1,294 @@
+"""`bidst sweep`: run the cartesian product of a grid of configs as resumable training runs.
+
+A sweep file is YAML::
+
+    base: recipes/cifar10.yaml        # training recipe, relative to the sweep file
+    out: runs/sparsity-sweep          # where run folders go, relative to the sweep file
+    grid: {method: [rigl, set], sparsity: [0.9, 0.95], seed: [0, 1, 2]}
+    overrides: {epochs: 160}          # optional, for every run
+    method_overrides: {bidst: {epochs: 158}, dense: {sparsity: 0.0}}   # optional, per method
+
+Each run gets its own folder, ``method=rigl/sparsity=0.9/seed=0`` (method, sparsity, the other
+grid keys sorted, seed) and its output in ``seed=0.log`` beside it. Finished runs
+(``summary.json``) are skipped and started ones (``config.yaml`` or a checkpoint) are resumed
+with ``--resume``, so rerunning an interrupted sweep only does the missing work. Settings apply
+in the order ``overrides`` < ``grid`` < ``method_overrides`` (the most specific wins; each key is
+passed once), and points that a method override makes identical run once: above, one dense run
+per seed instead of one per sparsity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from tqdm import tqdm
+
+from .errors import BidstError
+from .report import flatten
+
+_KEYS = {"base", "out", "grid", "overrides", "method_overrides"}
+_REQUIRED = ("base", "out", "grid")
+_POLL_S = 0.05  # how often finished children are collected
+_TERMINATE_GRACE_S = 10.0  # how long a terminated child may take before it is killed
+TRAIN_CMD = (sys.executable, "-m", "bidst", "train")  # what trains one run (tests pass a fake)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One point of the grid: its folder and its ``key=value`` overrides."""
+
+    name: str  # folder relative to the sweep's out, e.g. "method=rigl/sparsity=0.9/seed=0"
+    run_dir: Path
+    overrides: tuple[str, ...]
+
+    @property
+    def log_path(self) -> Path:
+        """The run's stdout/stderr, beside its folder (`bidst train` wants a new run's folder empty)."""
+        return self.run_dir.with_name(self.run_dir.name + ".log")
+
+    def status(self) -> str:
+        """"done" (summary.json), "resume" (the run was started: config or checkpoints) or "new"."""
+        if (self.run_dir / "summary.json").exists():
+            return "done"
+        checkpoints = self.run_dir / "checkpoints"
+        started = (self.run_dir / "config.yaml").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        return "resume" if started else "new"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file: the recipe every run starts from and the expanded runs."""
+
+    base: Path
+    out: Path
+    runs: tuple[SweepRun, ...]
+
+
+def yaml_value(value: Any) -> str:
+    """`value` written so that a YAML reader of a ``key=value`` override gets it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        text = repr(value)
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
+    if isinstance(value, (int, str)):
+        return str(value)
+    return json.dumps(value)
+
+
+def _folder_part(key: str, value: Any) -> str:
+    return re.sub(r"[^\w.=+-]", "_", f"{key}={yaml_value(value)}")
+
+
+def _name_order(keys: Sequence[str]) -> list[str]:
+    first = [k for k in ("method", "sparsity") if k in keys]
+    last = ["seed"] if "seed" in keys else []
+    return first + sorted(set(keys) - set(first) - set(last)) + last
+
+
+def _mapping(data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise BidstError(f"{what} must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and check a sweep file and expand its grid; problems raise a one-line BidstError."""
+    path = Path(path)
+    try:
+        spec = _mapping(yaml.safe_load(path.read_text()), f"sweep file {path}")
+    except OSError as e:
+        raise BidstError(f"cannot read sweep file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise BidstError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    missing = [k for k in _REQUIRED if k not in spec]
+    unknown = sorted(set(spec) - _KEYS)
+    if missing or unknown:
+        raise BidstError(
+            f"sweep file {path}: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"] if unknown else [])
+            )
+        )
+    base = path.parent / str(spec["base"])
+    if not base.is_file():
+        raise BidstError(f"sweep file {path}: base recipe {base} does not exist")
+    grid = _mapping(spec["grid"], "grid")
+    if not grid:
+        raise BidstError("grid must name at least one key")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise BidstError(f"grid.{key} must be a non-empty list, got {values!r}")
+    overrides = flatten(_mapping(spec.get("overrides") or {}, "overrides"))
+    per_method = _mapping(spec.get("method_overrides") or {}, "method_overrides")
+    stray = sorted(set(per_method) - set(map(str, grid.get("method", []))))
+    if stray:
+        raise BidstError(f"method_overrides names methods not in grid.method: {', '.join(stray)}")
+    for key, values in grid.items():
+        parts = [_folder_part(key, v) for v in values]
+        if len(set(parts)) != len(parts):
+            raise BidstError(f"grid.{key} repeats a value (or two values give the same folder name)")
+    out = path.parent / str(spec["out"])
+    order = _name_order(list(grid))
+    runs: dict[str, SweepRun] = {}
+    for values in itertools.product(*(grid[k] for k in order)):
+        point = dict(zip(order, values))
+        settings = dict(overrides)
+        settings.update(point)
+        settings.update(flatten(_mapping(per_method.get(str(point.get("method")), {}), "method_overrides entry")))
+        name = "/".join(_folder_part(k, settings[k]) for k in order)
+        runs[name] = SweepRun(name, out / name, tuple(f"{k}={yaml_value(v)}" for k, v in settings.items()))
+    return Sweep(base, out, tuple(runs.values()))
+
+
+def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:
+    """The command that trains (or resumes) `run`."""
+    resume = ["--resume"] if run.status() == "resume" else []
+    return [*train_cmd, "--config", str(sweep.base), *run.overrides, "--run-dir", str(run.run_dir), *resume]
+
+
+def _start(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> tuple[subprocess.Popen, IO[bytes]]:
+    if run.status() == "new" and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)  # killed before it saved a config: nothing to resume, and `train` wants it empty
+    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = train_command(sweep, run, train_cmd)
+    log = open(run.log_path, "ab")  # noqa: SIM115  (stays open for the child's whole life)
+    log.write(f"$ {shlex.join(cmd)}\n".encode())
+    log.flush()
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log
+
+
+def _stop(children: Sequence[subprocess.Popen]) -> None:
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + _TERMINATE_GRACE_S
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+class _Interrupts:
+    """SIGINT/SIGTERM as KeyboardInterrupt, held back while a child starts so none is orphaned."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.holding:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = None) -> int:
+    """Train every unfinished run, `jobs` at a time; 0 when all finished, 1 when some failed.
+
+    Each run's output is appended to ``<run folder>.log`` beside its folder. Ctrl-C or SIGTERM
+    (handled when called from the main thread) terminates the running children and raises a
+    one-line BidstError; finished runs are kept, so rerunning the sweep continues where it stopped.
+    """
+    if jobs < 1:
+        raise BidstError(f"--jobs must be at least 1, got {jobs}")
+    cmd = list(train_cmd or TRAIN_CMD)
+    pending = [r for r in sweep.runs if r.status() != "done"]
+    total, failed = len(sweep.runs), []
+    active: dict[subprocess.Popen, tuple[SweepRun, IO[bytes]]] = {}
+    interrupts = _Interrupts()
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, interrupts) for sig in handled}
+    bar = tqdm(total=total, initial=total - len(pending), desc="sweep", unit="run", file=sys.stderr)
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                with interrupts.hold():
+                    child, log = _start(sweep, run, cmd)
+                    active[child] = (run, log)
+            time.sleep(_POLL_S)
+            for child in [c for c in active if c.poll() is not None]:
+                run, log = active.pop(child)
+                log.close()
+                if child.returncode == 0 and run.status() == "done":
+                    bar.update(1)
+                else:
+                    failed.append(run)
+                    bar.write(f"sweep: {run.name} failed (exit {child.returncode}), see {run.log_path}")
+    except KeyboardInterrupt:
+        interrupts.holding = True  # a second Ctrl-C must not cut the clean-up short
+        _stop(list(active))
+        done = sum(r.status() == "done" for r in sweep.runs)
+        raise BidstError(
+            f"interrupted: {done} of {total} runs finished; run the same sweep again to continue"
+        ) from None
+    finally:
+        for _, log in active.values():
+            log.close()
+        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if failed:
+        print(f"sweep: {len(failed)} of {total} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
+        return 1
+    print(f"sweep: all {total} runs finished in {sweep.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, train_cmd: Sequence[str] | None = None) -> int:
+    """Entry point of `bidst sweep SWEEP.yaml [--jobs N] [--dry-run]`; `train_cmd` is for tests."""
+    parser = argparse.ArgumentParser(prog="bidst sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_file", help="sweep YAML (base, out, grid, overrides, method_overrides)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print each run's status and command only")
+    args = parser.parse_args(argv)
+    cmd = list(train_cmd or TRAIN_CMD)
+    try:
+        sweep = load_sweep(args.sweep_file)
+        if args.dry_run:
+            for run in sweep.runs:
+                print(f"{run.status():6} {shlex.join(train_command(sweep, run, cmd))}")
+            return 0
+        return run_sweep(sweep, args.jobs, cmd)
+    except BidstError as e:
+        print(f"bidst sweep: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The sparse backend trains exactly like the masked one: same masks, weights and optimizer state, for every method.
+
+Tolerance: weights, biases, outputs and gradients agree to rtol 1e-4, atol 1e-5 (float32 sums in a
+different order); masks and budgets agree exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bidst
+from bidst.backend import supports
+from bidst.methods import METHODS
+from bidst.sparse import SparseConv2d, SparseLinear
+
+SPARSE_METHODS = [m for m in bidst.list_methods() if supports(METHODS.get(m), "sparse")]
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread."""
+
+
+def build(backend: str, method: str, opt_name: str, steps: int, model_fn=TinyNet, sparsity: float = 0.8, **options):
+    """A seeded model, optimizer and Sparsifier on `backend`."""
+    torch.manual_seed(0)
+    model = model_fn()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    x, y = make_data(64)
+    sp = bidst.sparsify(model, opt, method, sparsity, total_steps=steps, seed=0, init_batch=(x[:32], y[:32]),
+                        backend=backend, **{**fast_options(method), **options})
+    return model, opt, sp
+
+
+def dense_states(sp, opt, name: str) -> list[torch.Tensor]:
+    """Per-weight optimizer state of layer `name` as dense tensors (zeros at inactive positions)."""
+    param, layer = sp.params[name], sp.sparse_layers.get(name)
+    values = [v for v in opt.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+    return values if layer is None else [layer.structure.to_dense(v) for v in values]
+
+
+def biases(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if n.endswith("bias")}
+
+
+@pytest.mark.parametrize(
+    "method,opt_name", [(m, "sgd") for m in SPARSE_METHODS] + [("rigl", "adam"), ("mest", "adamw")]
+)
+def test_sparse_backend_follows_masked_step_for_step(method, opt_name):
+    steps = 12
+    runs = [build(b, method, opt_name, steps) for b in ("masked", "sparse")]
+    (dm, dopt, dsp), (sm, sopt, ssp) = runs
+    assert set(ssp.sparse_layers) == set(ssp.sparse_names())
+    x, y = make_data(256)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        outs = []
+        for model, opt, sp in runs:
+            opt.zero_grad()
+            out = model(x[idx])
+            nn.functional.cross_entropy(out, y[idx]).backward()
+            outs.append(out.detach())
+            sp.step()
+        torch.testing.assert_close(outs[1], outs[0], **TOL)
+        assert dsp.budgets == ssp.budgets
+        for name in dsp.masks:
+            assert torch.equal(dsp.masks[name], ssp.masks[name]), name
+            torch.testing.assert_close(ssp.weight(name), dsp.weight(name), **TOL)
+            for a, b in zip(dense_states(dsp, dopt, name), dense_states(ssp, sopt, name), strict=True):
+                torch.testing.assert_close(b, a, **TOL)
+        for name, bias in biases(dm).items():
+            torch.testing.assert_close(biases(sm)[name], bias, **TOL)
+    assert ssp.topology_changes == dsp.topology_changes
+    for name, layer in ssp.sparse_layers.items():  # parameter and optimizer memory follow the active count
+        assert layer.values.numel() == ssp.budgets[name]
+        assert all(v.numel() == ssp.budgets[name] for v in sopt.state[layer.values].values() if v.dim())
+    assert (ssp.rebuild_seconds > 0) == (ssp.topology_changes > 0) and dsp.rebuild_seconds == 0
+
+
+class Net(nn.Module):
+    """A random Conv2d + Linear net for the property test."""
+
+    def __init__(self, cout: int, k: int, stride: int, groups: int, hidden: int, size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2 * groups, cout * groups, k, stride=stride, padding=k // 2, groups=groups)
+        out = (size + 2 * (k // 2) - k) // stride + 1
+        self.fc1 = nn.Linear(cout * groups * out * out, hidden)
+        self.fc2 = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cout=st.integers(1, 6), k=st.sampled_from([1, 3]), stride=st.integers(1, 2), groups=st.integers(1, 2),
+    hidden=st.integers(3, 20), sparsity=st.floats(0.5, 0.97), method=st.sampled_from(["rigl", "set", "snfs"]),
+)
+def test_random_shapes_outputs_and_gradients_match_around_topology_changes(cout, k, stride, groups, hidden, sparsity,
+                                                                          method):
+    size = 6
+    x = torch.randn(8, 2 * groups, size, size, generator=torch.Generator().manual_seed(cout))
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(k))
+    runs = [build(b, method, "sgd", 9, lambda: Net(cout, k, stride, groups, hidden, size), sparsity, interval=3)
+            for b in ("masked", "sparse")]
+    for _ in range(9):
+        results = []
+        for model, opt, sp in runs:
+            opt.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            out = model(xi)
+            nn.functional.cross_entropy(out, y).backward()
+            results.append((out.detach(), xi.grad, {n: sp.grad(n) for n in sp.masks}))
+            sp.step()
+        (out_d, gx_d, gw_d), (out_s, gx_s, gw_s) = results
+        torch.testing.assert_close(out_s, out_d, **TOL)
+        torch.testing.assert_close(gx_s, gx_d, **TOL)
+        for name in gw_d:
+            torch.testing.assert_close(gw_s[name], gw_d[name], **TOL)
+            assert torch.equal(runs[0][2].masks[name], runs[1][2].masks[name])
+    assert runs[1][2].topology_changes == runs[0][2].topology_changes > 0
+
+
+def test_sparse_layers_replace_the_dense_ones_and_the_optimizer_entries():
+    model, opt, sp = build("sparse", "rigl", "sgd", 10, dense_first=True)
+    assert isinstance(model.conv1, nn.Conv2d) and "conv1.weight" not in sp.sparse_layers  # kept dense
+    assert isinstance(model.conv2, SparseConv2d) and isinstance(model.fc1, SparseLinear)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters()}
+    assert sp.params["fc1.weight"] is model.fc1.values and sp.modules["fc1.weight"] is model.fc1
+    assert [r.shape for r in sp.report()] == [(8, 1, 3, 3), (16, 8, 3, 3), (32, 256), (4, 32)]
+
+
+def test_sparse_checkpoint_roundtrip_continues_identically():
+    model, opt, sp = build("sparse", "rigl", "adam", 12)
+    x, y = make_data(64)
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()})
+    model2, opt2, sp2 = build("sparse", "rigl", "adam", 12)
+    with pytest.raises(bidst.BidstError, match="load the model's state_dict first"):
+        sp2.load_state_dict(state["sp"])
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    sp2.load_state_dict(state["sp"])
+    for _ in range(6):
+        for m, o, s in ((model, opt, sp), (model2, opt2, sp2)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            s.step()
+    for name in sp.masks:
+        assert torch.equal(sp.masks[name], sp2.masks[name])
+        torch.testing.assert_close(sp2.weight(name), sp.weight(name))
+
+
+def test_in_place_activations_after_sparse_layers():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(inplace=True), nn.Linear(16, 4), nn.ReLU(inplace=True))
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.5, total_steps=4, backend="sparse")
+    x = make_data(8)[0].requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad is not None and sp.params["1.weight"].grad.shape == (sp.budgets["1.weight"],)
+
+
+class DenseOnly:
+    """A method that does not declare the sparse backend."""
+
+    name = "dense-only"
+    default_distribution = "uniform"
+
+
+def test_backend_errors(monkeypatch):
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(bidst.BidstError, match="unknown backend 'spars'; known: masked, sparse"):
+        bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, backend="spars")
+    with pytest.raises(bidst.BidstError, match="does not support backend 'sparse'"):
+        bidst.Sparsifier(model, opt, DenseOnly(), sparsity=0.9, total_steps=10, backend="sparse")
+    conv1d = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(bidst.BidstError, match="Conv1d"):
+        bidst.sparsify(conv1d, torch.optim.SGD(conv1d.parameters(), lr=0.1), "set", 0.5, total_steps=5, backend="sparse")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(bidst.BidstError, match="single-process"):
+        bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, backend="sparse")

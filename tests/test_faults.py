@@ -1,0 +1,237 @@
+"""Crash safety and bad input: SIGKILL at random moments, SIGTERM/SIGINT, NaN loss, full disk, foreign checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _runs import assert_same_run, checkpoints, tiny_args
+
+from bidst.checkpoint import DELAY_ENV, load_checkpoint
+from bidst.cli import main
+from bidst.data.tensor import TensorImageDataset
+
+pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
+
+# 4 epochs of 8 steps, a checkpoint every 2 steps, only the newest 2 kept (the deletion path is exercised too)
+LONG = tiny_args("rigl", "epochs=4", "checkpoint_every=2", "keep_checkpoints=2")
+
+
+@pytest.fixture(scope="module")
+def reference(scratch: Path) -> Path:
+    """The uninterrupted run every interrupted one must reproduce (made in this process with threads=1, as theirs)."""
+    run = scratch / "reference"
+    assert main(["train", *LONG, "--run-dir", str(run)]) == 0
+    return run
+
+
+def _cli(argv: list[str], env: dict[str, str], output: Path) -> None:
+    """The body of a training process: `bidst train argv` with its stdout and stderr in `output`."""
+    os.environ.update(env)
+    with open(output, "w", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        sys.exit(main(argv))
+
+
+class Training:
+    """`bidst train` in a forked process (the same code as `python -m bidst`, without its 2-second start-up)."""
+
+    def __init__(self, run: Path, resume: bool, env: dict[str, str] | None = None) -> None:
+        argv = ["train", "--run-dir", str(run), "--resume"] if resume else ["train", *LONG, "--run-dir", str(run)]
+        self.output = run.with_name(run.name + ".out")
+        self.process = multiprocessing.get_context("fork").Process(target=_cli, args=(argv, env or {}, self.output))
+        self.process.start()
+
+    def wait_for(self, path: Path, timeout: float = 120.0) -> bool:
+        """Poll every millisecond until `path` exists (True) or the process has ended (False)."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not self.process.is_alive() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the training process."""
+        os.kill(self.process.pid, signum)
+
+    def finish(self, timeout: float = 300.0) -> tuple[int | None, str]:
+        """Wait for the exit; its code and its output."""
+        self.process.join(timeout)
+        return self.process.exitcode, self.output.read_text()
+
+
+def test_sigkill_at_10_random_moments_then_resume_equals_uninterrupted(reference, scratch):
+    """Kills land inside checkpoint writes (the temporary file exists) or at a random moment after a checkpoint."""
+    run = scratch / "killed"
+    rng = random.Random(2024)
+    kinds = []
+    for i in range(10):
+        done = max([int(p.stem.split("-")[1]) for p in checkpoints(run)], default=0)
+        step = min(done + 2 * rng.randint(1, 3), 32)  # the checkpoint near which to kill
+        inside_write = rng.random() < 0.5
+        name = run / "checkpoints" / f"step-{step:08d}.pt"
+        proc = Training(run, resume=i > 0, env={DELAY_ENV: "0.1"})  # temporary files live >= 0.1 s
+        reached = proc.wait_for(name.with_name(name.name + ".tmp") if inside_write else name)
+        if not inside_write:
+            time.sleep(rng.uniform(0.0, 0.1))  # mid-step, mid-evaluation or mid-write of the next checkpoint
+        proc.signal(signal.SIGKILL)
+        code, output = proc.finish()
+        assert reached, f"kill {i}: the run ended before the checkpoint of step {step}: {output}"
+        assert not inside_write or name.with_name(name.name + ".tmp").exists()  # killed mid-write indeed
+        kinds.append("in write" if inside_write else "after")
+        for ckpt in checkpoints(run):  # what is left is complete: every named checkpoint loads
+            load_checkpoint(ckpt)
+    assert kinds.count("in write") == kinds.count("after") == 5
+    code, output = Training(run, resume=True).finish()
+    assert code == 0, output
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert_same_run(reference, run)
+
+
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit(reference, scratch):
+    run = scratch / "signalled"
+    for signum, at_step, resume in ((signal.SIGTERM, 6, False), (signal.SIGINT, 20, True)):
+        proc = Training(run, resume)
+        assert proc.wait_for(run / "checkpoints" / f"step-{at_step:08d}.pt")
+        proc.signal(signum)
+        code, output = proc.finish()
+        assert code == 128 + signum
+        line = output.strip()
+        assert len(line.splitlines()) == 1 and f"stopped by {signal.Signals(signum).name} after step" in line
+        stopped_at = int(line.split("after step ")[1].split(";")[0])
+        assert stopped_at >= at_step and (run / "checkpoints" / f"step-{stopped_at:08d}.pt").exists()
+        assert not (run / "summary.json").exists()
+    code, output = Training(run, resume=True).finish()
+    assert code == 0, output
+    assert_same_run(reference, run)
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, item: int) -> None:
+    """Make training item `item` (of the 512) a NaN image: bad input that the loss turns into NaN."""
+    original = TensorImageDataset.get_batch
+
+    def get_batch(self, indices, generator):  # type: ignore[no-untyped-def]
+        x, y = original(self, indices, generator)
+        if len(self) == 512:
+            x[indices == item] = float("nan")
+        return x, y
+
+    monkeypatch.setattr(TensorImageDataset, "get_batch", get_batch)
+
+
+def test_nonfinite_loss_stops_with_checkpoint_intact_or_is_skipped(monkeypatch, tmp_path, capsys):
+    _poison(monkeypatch, item=100)
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args("rigl"), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite loss (nan) at step" in err and "on_nonfinite=skip" in err
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    kept = checkpoints(run)
+    assert int(kept[-1].stem.split("-")[1]) == bad_step - 1 and not (run / "summary.json").exists()
+    state = load_checkpoint(kept[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # the user chooses to skip such steps and goes on from the intact checkpoint
+    assert main(["train", "--run-dir", str(run), "--resume", "on_nonfinite=skip", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 14  # the item is in one batch per epoch
+    assert summary["final_test_acc"] > 50
+    skipped = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"skipped"' in x]
+    assert len(skipped) == 2
+
+
+def _full_disk_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """fsync of a file called `name` fails with ENOSPC, as on a full disk (other files are written normally)."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name a file descriptor's file")
+def test_full_disk_keeps_earlier_checkpoints_and_results(monkeypatch, tmp_path, capsys):
+    args = tiny_args("rigl", "checkpoint_every=2")
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(["train", *args, "--run-dir", str(reference)]) == 0
+    # the disk fills while the checkpoint of step 6 is written
+    with monkeypatch.context() as m:
+        _full_disk_at(m, "step-00000006.pt.tmp")
+        assert main(["train", *args, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "step-00000006.pt" in err
+    assert [p.name for p in checkpoints(run)] == ["step-00000002.pt", "step-00000004.pt"]
+    assert not list(run.rglob("*.tmp"))
+    for ckpt in checkpoints(run):
+        load_checkpoint(ckpt)
+    # the disk fills again while the summary is written: every checkpoint and the metrics stay
+    with monkeypatch.context() as m:
+        _full_disk_at(m, "summary.json.tmp")
+        assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+    assert "summary.json" in capsys.readouterr().err
+    assert not (run / "summary.json").exists() and not list(run.rglob("*.tmp"))
+    # with room again, resuming finishes the run exactly as if nothing had happened
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert_same_run(reference, run)
+
+
+def test_foreign_or_damaged_checkpoints_are_refused(tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert main(["train", *tiny_args("rigl", "epochs=1", "checkpoint_every=0"), "--run-dir", str(run)]) == 0
+    assert main(["train", *tiny_args("rigl", "epochs=1", "checkpoint_every=0", "seed=1"), "--run-dir", str(other)]) == 0
+    (run / "summary.json").unlink()
+    target = run / "checkpoints" / "step-99999999.pt"
+    good = checkpoints(other)[-1].read_bytes()
+    cases = [
+        (good, "does not match this run: its config differs in seed"),  # same model, another run's config
+        (good[: len(good) // 2], "cannot be loaded"),  # cut short (by a disk error; never by bidst's writer)
+        (None, "is not a bidst training checkpoint"),  # some other torch file
+    ]
+    for data, message in cases:
+        if data is None:
+            torch.save({"weights": torch.zeros(3)}, target)
+        else:
+            target.write_bytes(data)
+        capsys.readouterr()
+        assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+
+
+def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args("snfs", "epochs=1"), "--run-dir", str(run)]) == 0
+    state = load_checkpoint(run / "checkpoints" / "step-00000006.pt")  # mid-epoch, after the change at step 5
+    assert {"model", "optimizer", "sparsifier", "scaler", "epoch", "batch", "running", "metrics_offset",
+            "rng_cpu", "rng_cuda", "config", "skipped"} <= set(state)
+    assert not any(k.startswith("module.") for k in state["model"])  # the bare model, never a DDP wrapper
+    sp = state["sparsifier"]
+    assert sp["step"] == 6 and state["batch"] == 6 and sp["topology_changes"] == 1
+    assert set(sp["masks"]) == {"fc1.weight", "fc2.weight", "fc3.weight"} and sp["rng"].dtype == torch.uint8
+    assert set(sp["method_state"]["buffers"]) == set(sp["masks"])  # SNFS's momentum: its mask scores
+    assert state["optimizer"]["state"]  # momentum buffers
+
+
+@pytest.mark.parametrize("override,message", [
+    ("on_nonfinite=ignore", "config key 'on_nonfinite' must be one of stop, skip"),
+    ("batch_size=0", "config key 'batch_size' must be positive"),
+])
+def test_invalid_reliability_settings(override, message, tmp_path, capsys):
+    assert main(["train", *tiny_args("rigl"), override, "--run-dir", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+

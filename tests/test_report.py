@@ -1,0 +1,131 @@
+"""bidst report over run folders written here: statistics, grouping, files and robustness."""
+
+import json
+import statistics
+import sys
+
+import pytest
+import yaml
+
+from bidst import report
+
+ACCS = {
+    ("dense", 0.0, None): [0.92, 0.94],
+    ("rigl", 0.9, None): [0.90, 0.91, 0.95],
+    ("set", 0.9, None): [0.88, 0.86],
+    ("bidst", 0.9, 0.0): [0.89, 0.91],
+    ("bidst", 0.9, 0.01): [0.90, 0.94],
+}
+FLOPS = {"dense": 1000.0, "rigl": 400.0, "set": 300.0, "bidst": 350.0}
+SECONDS = {"dense": 10.0, "rigl": 12.0, "set": 9.0, "bidst": 11.0}
+
+
+def write_run(folder, method, sparsity, seed, acc, mask_lr=None, finished=True):
+    """A run folder as the training loop writes it: config, metrics (epoch + mask records), summary."""
+    folder.mkdir(parents=True)
+    config = {"method": method, "sparsity": sparsity, "seed": seed, "model": "cnn", "dataset": "fmnist",
+              "epochs": 3, "run_dir": str(folder), "data": {"seed": seed}}
+    if mask_lr is not None:
+        config["method_args"] = {"mask_lr": mask_lr}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = []
+    for epoch in range(1, 4):
+        lines.append({"kind": "step", "step": epoch * 10, "epoch": epoch, "loss": 1.0 / epoch, "lr": 0.1})
+        lines.append({"kind": "epoch", "epoch": epoch, "step": epoch * 10, "train_acc": acc,
+                      "val_acc": acc, "test_acc": acc * epoch / 3, "sparsity": sparsity, "topology_changes": epoch})
+        density = {"conv.weight": 1 - sparsity / 2, "fc.weight": 1 - sparsity, "__all__": 1 - sparsity}
+        record = {"kind": "mask", "epoch": epoch, "density": density,
+                  "itop": {"__all__": min(1.0, (1 - sparsity) * epoch)}}
+        if epoch % 2 == 0:
+            record["iou"], record["iou_interval"] = {"__all__": 0.5 + seed / 10}, [epoch - 2, epoch]
+        lines.append(record)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if finished:
+        summary = {"method": method, "sparsity": sparsity, "seed": seed, "final_test_acc": acc,
+                   "best_val_acc": acc + 0.01, "measured_sparsity": sparsity, "topology_changes": 3,
+                   "steps": 30, "epochs": 3,
+                   "flops": {"total": FLOPS[method], "relative_to_dense": FLOPS[method] / 2000},
+                   "time": {"total": SECONDS[method]}}
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    for (method, sparsity, mask_lr), accs in ACCS.items():
+        for seed, acc in enumerate(accs):
+            write_run(root / f"{method}-{sparsity}-{mask_lr}" / f"seed{seed}", method, sparsity, seed, acc, mask_lr)
+    write_run(root / "unfinished", "rigl", 0.9, 7, 0.1, finished=False)
+    write_run(root / "corrupt", "rigl", 0.9, 8, 0.1)
+    (root / "corrupt" / "summary.json").write_text("{not json")
+    return root
+
+
+def row_of(rows, method, **keys):
+    found = [r for r in rows if r["method"] == method and all(r[k] == v for k, v in keys.items())]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_groups_means_and_relative_costs(runs_dir, capsys):
+    runs = report.find_runs([runs_dir])
+    err = capsys.readouterr().err
+    assert "unfinished" in err and "corrupt" in err
+    assert len(runs) == sum(map(len, ACCS.values()))
+    extra, rows = report.summarize(runs)
+    assert extra == ["method_args.mask_lr"]  # varies within (bidst, 0.9); run_dir and seeds never split groups
+    rigl = row_of(rows, "rigl")
+    assert rigl["n"] == 3 and rigl["seeds"] == ["0", "1", "2"]
+    assert rigl["test_acc_mean"] == pytest.approx(statistics.fmean(ACCS[("rigl", 0.9, None)]))
+    assert rigl["test_acc_std"] == pytest.approx(statistics.stdev(ACCS[("rigl", 0.9, None)]))
+    assert rigl["best_val_acc_mean"] == pytest.approx(0.93)
+    assert rigl["flops_rel_mean"] == pytest.approx(0.4)  # against the dense run, not as recorded
+    assert rigl["time_rel_mean"] == pytest.approx(1.2)
+    ablation = row_of(rows, "bidst", **{"method_args.mask_lr": 0.01})
+    assert ablation["test_acc_mean"] == pytest.approx(0.92) and ablation["n"] == 2
+    assert row_of(rows, "bidst", **{"method_args.mask_lr": 0.0})["test_acc_mean"] == pytest.approx(0.90)
+    assert rows[0]["method"] == "dense"  # sorted by sparsity first
+
+
+def test_without_a_dense_run_flops_are_as_recorded(runs_dir):
+    runs = [r for r in report.find_runs([runs_dir / "rigl-0.9-None"])]
+    _, (row,) = report.summarize(runs)
+    assert row["flops_rel_mean"] == pytest.approx(0.2) and row["time_rel_mean"] is None
+    assert "| rigl | 0.9 | 3 | 0.92 ± 0.026 | 0.93 ± 0.026 | 0.2 | – | 3 | 3 |" in report.markdown([], [row])
+
+
+def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    out = tmp_path / "report"
+    assert report.main([str(runs_dir), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["group_keys"] == ["method", "sparsity", "method_args.mask_lr"] and result["runs"] == 11
+    table = (out / "report.md").read_text()
+    assert table.count("\n") == 2 + 5 and "0.92 ± 0.026" in table
+    assert (out / "report.csv").read_text().splitlines()[0].startswith("method,sparsity,method_args.mask_lr,n,")
+    pngs = ["accuracy_vs_sparsity.png", "test_acc_curves.png", "iou.png", "itop.png", "layer_density.png"]
+    for name in pngs:
+        pixels = imread(out / name)
+        assert pixels.shape[0] > 200 and pixels.std() > 0.01, name  # a real drawing, not a blank canvas
+    assert sorted(p.name for p in out.iterdir()) == sorted(pngs + ["report.csv", "report.md"])  # no temp files
+
+
+def test_failed_report_leaves_no_files(runs_dir, tmp_path, monkeypatch):
+    def broken(runs, extra):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "figures", broken)
+    with pytest.raises(RuntimeError):
+        report.write_report(report.find_runs([runs_dir]), tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_no_runs_and_missing_matplotlib_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r"), "--no-plots"]) == 1
+    assert "no finished runs" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "bidst[plots]" in err and err.count("\n") == 1

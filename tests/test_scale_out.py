@@ -1,0 +1,287 @@
+"""Exact resume for every method, single process and 2-process DDP (gloo), and DDP against one process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _runs import (
+    LOAD_DATA,
+    assert_same_run,
+    change_steps,
+    checkpoints,
+    final_state,
+    reuse_datasets,
+    stop_steps,
+    stopped_copy,
+    tiny_args,
+    tiny_config,
+)
+from torch import nn
+
+import bidst
+from bidst.data.tensor import TensorImageDataset
+from bidst.engine import Sparsifier
+from bidst.errors import BidstError
+from bidst.recipe import evaluate, train
+from bidst.signals import RunInterrupted
+
+pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
+METHODS = bidst.list_methods()
+DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}  # these must change topology in a tiny run
+
+
+@pytest.fixture(scope="module")
+def single(scratch: Path) -> dict[str, Path]:
+    """One uninterrupted single-process run per method (made on first use)."""
+    root = scratch / "single"
+
+    class Runs(dict):
+        def __missing__(self, method: str) -> Path:
+            run = root / method
+            train(tiny_config(method), run)
+            self[method] = run
+            return run
+
+    return Runs()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_single_process_matches_uninterrupted(method, single, scratch):
+    full = single[method]
+    if method in DYNAMIC:
+        assert change_steps(full), f"{method} never changed its topology"
+    for stop in stop_steps(full):  # just before and just after a topology change
+        part = scratch / f"{method}-stop{stop}"
+        stopped_copy(full, part, stop)
+        train(tiny_config(method), part, resume=True)
+        assert_same_run(full, part)
+
+
+# -- 2-process DDP ----------------------------------------------------------------------------------------------
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of named tensors' bytes, to compare what two ranks hold."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _own_loop(method: str) -> list[str]:
+    """A user's own DDP loop through the Python API, on per-rank data: mask digests after every change."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + dist.get_rank())  # every rank draws different data
+    x, y = torch.randn(240, 16, generator=g), torch.randint(0, 4, (240,), generator=g)
+    sp = bidst.sparsify(model, optimizer, method, 0.8, total_steps=30, init_batch=(x[:24], y[:24]),
+                        **{k: v for k, v in {"interval": 5, "interval_unit": "steps", "iterations": 5}.items()
+                           if k in bidst.method_options(method)})
+    digests = [_digest(sp.masks)]
+    for i in range(30):
+        loss = nn.functional.cross_entropy(model(x[8 * i : 8 * i + 8]), y[8 * i : 8 * i + 8])
+        optimizer.zero_grad()
+        loss.backward()
+        if sp.step():
+            digests.append(_digest(sp.masks))
+    return digests
+
+
+def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
+    """One DDP rank: for each method a full run, a resumed copy and an own-loop run; records what each rank saw."""
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    reuse_datasets()
+    seen: dict[str, list] = {}
+    current: list = []
+    sigterm_after: list[int] = []  # rank 1 sends itself SIGTERM after this step
+    original = Sparsifier.step
+
+    def recording_step(self: Sparsifier, scaler: torch.amp.GradScaler | None = None) -> bool:
+        changed = original(self, scaler)
+        if changed:
+            current.append([self.step_count, _digest(self.masks)])
+        current[:] = [c for c in current if c[0] != "final"] + [["final", _digest(self.model.module.state_dict())]]
+        if rank == 1 and [self.step_count] == sigterm_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return changed
+
+    Sparsifier.step = recording_step  # type: ignore[method-assign]
+    out = Path(root)
+    for method in methods:
+        current = seen[method] = []
+        full = out / f"{method}-full"
+        train(tiny_config(method), full)
+        dist.barrier()  # rank 0 has written the whole run folder
+        stop = stop_steps(full)[0]
+        if rank == 0:
+            stopped_copy(full, out / f"{method}-part", stop)
+        dist.barrier()
+        current = []  # the resumed run's changes are checked through its files
+        train(tiny_config(method), out / f"{method}-part", resume=True)
+        seen[f"{method}/own-loop"] = _own_loop(method)
+    # SIGTERM reaches rank 1 alone: both ranks checkpoint after the same step and stop; the resumed run is the full one
+    sigterm_after.append(6)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(tiny_config("rigl"), out / "sigterm")
+    sigterm_after.clear()
+    seen["sigterm"] = [str(stopped.value), stopped.value.exit_code]
+    train(tiny_config("rigl"), out / "sigterm", resume=True)
+    seen["errors"] = [_error(lambda: train(tiny_config("rigl", "batch_size=63"), out / "odd-batch")),
+                      _error(lambda: _sparsify_seeded(rank))]
+    # a NaN image on one rank's shard: both ranks stop at the same step, then both skip it on resume
+    get_batch = TensorImageDataset.get_batch
+    TensorImageDataset.get_batch = lambda self, i, g: _nan_at(get_batch(self, i, g), i, 100, len(self) == 512)
+    seen["errors"].append(_error(lambda: train(tiny_config("rigl"), out / "nan")))
+    seen["odd-eval"] = _sharded_eval()
+    seen["nan-skip"] = [train(tiny_config("rigl", "on_nonfinite=skip"), out / "nan", resume=True)["skipped_steps"]]
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def _error(fn: Callable[[], object]) -> str:
+    """The message of the BidstError `fn` raises."""
+    with pytest.raises(BidstError) as info:
+        fn()
+    return str(info.value)
+
+
+def _sharded_eval() -> list[float]:
+    """Accuracy on 1001 items (an odd split) by sharded `evaluate`, and by one plain pass over all of them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    test_set = TensorImageDataset.subset(LOAD_DATA(tiny_config("dense"))[2], torch.arange(1001))
+    x, y = test_set.get_batch(torch.arange(1001), None)
+    with torch.no_grad():
+        plain = 100.0 * int((net(x).argmax(1) == y).sum()) / 1001
+    return [evaluate(net, test_set, torch.device("cpu"), tiny_config("dense")), plain]
+
+
+def _sparsify_seeded(seed: int) -> Sparsifier:
+    """A sparsifier whose mask generator is seeded with `seed` (the rank: a user error under DDP)."""
+    model = nn.Linear(8, 8)
+    return bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.5, total_steps=1, seed=seed)
+
+
+def _nan_at(batch: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, item: int, active: bool) -> tuple:
+    """`batch` with the image of `item` made NaN (if `active`)."""
+    if active:
+        batch[0][indices == item] = float("nan")
+    return batch
+
+
+@pytest.fixture(scope="module")
+def ddp(scratch: Path) -> Path:
+    """Every method run by 2 gloo processes (one spawn for all, to keep start-up costs down)."""
+    root = scratch / "ddp"
+    root.mkdir()
+    mp.spawn(_worker, args=(2, str(root), METHODS), nprocs=2, join=True)
+    return root
+
+
+def _seen(ddp: Path, rank: int) -> dict[str, list]:
+    """What rank `rank` recorded in the DDP fixture."""
+    return json.loads((ddp / f"rank{rank}.json").read_text())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_masks_identical_on_every_rank(method, ddp):
+    r0, r1 = _seen(ddp, 0), _seen(ddp, 1)
+    assert r0[method] == r1[method]  # mask digests after every topology change, and the final weights
+    changes = [step for step, _ in r0[method] if step != "final"]
+    assert changes == change_steps(ddp / f"{method}-full")
+    if method in DYNAMIC:
+        assert changes
+    own = r0[f"{method}/own-loop"]
+    assert own == r1[f"{method}/own-loop"]
+    if method in DYNAMIC:
+        assert len(set(own)) > 1  # the masks did change, identically on both ranks
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_matches_single_process_with_the_same_global_batch(method, ddp, single):
+    """Tolerance: weights within 1e-5, masks identical, losses within 1e-5 relative (only float rounding differs)."""
+    a, b = final_state(single[method]), final_state(ddp / f"{method}-full")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-5)
+    for key in a["sparsifier"]["masks"]:
+        assert torch.equal(a["sparsifier"]["masks"][key], b["sparsifier"]["masks"][key]), key
+    lines = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+             for run in (single[method], ddp / f"{method}-full")]
+    assert len(lines[0]) == len(lines[1])
+    for x, y in zip(*lines):
+        for key in ("loss", "train_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5)
+        if "test_acc" in x:
+            assert abs(x["test_acc"] - y["test_acc"]) <= 0.1  # at most 2 of 2000 predictions flip
+    # the meter counts the FLOPs of the global batch, as one process does (a method's own work, as SNFS's
+    # momentum, is done on every rank and counted once per rank)
+    one, two = (json.loads((run / "summary.json").read_text()) for run in (single[method], ddp / f"{method}-full"))
+    assert two["inference_flops"] == one["inference_flops"]
+    meter_phases = set(one["flops"]) - set(a["sparsifier"]["costs"]) - {"total", "relative_to_dense"}
+    assert {"forward", "backward", "dense_reference"} <= meter_phases
+    for phase in meter_phases:
+        assert two["flops"][phase] == pytest.approx(one["flops"][phase], rel=1e-9), phase
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_resume_matches_uninterrupted(method, ddp):
+    assert_same_run(ddp / f"{method}-full", ddp / f"{method}-part")
+
+
+def test_ddp_sigterm_on_one_rank_stops_all_at_the_same_step(ddp):
+    assert _seen(ddp, 0)["sigterm"] == _seen(ddp, 1)["sigterm"] == [
+        "stopped by SIGTERM after step 7; a checkpoint was saved, continue with --resume", 143]
+    assert_same_run(ddp / "rigl-full", ddp / "sigterm")
+
+
+def test_ddp_only_rank0_writes_and_faults_stop_every_rank(ddp):
+    full = ddp / "rigl-full"
+    assert sorted(p.name for p in full.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "summary.json"]
+    assert json.loads((full / "summary.json").read_text())["processes"] == 2
+    assert len(checkpoints(full)) == 16
+    errors = _seen(ddp, 0)["errors"]
+    assert errors == _seen(ddp, 1)["errors"]  # every rank stops, with the same message
+    odd_batch, seeded_apart, nan_loss = errors
+    assert "batch_size 63 (the global batch) must be divisible by the 2 processes" in odd_batch
+    assert not (ddp / "odd-batch").exists()
+    assert "DDP ranks disagree on weight" in seeded_apart and "after the initial masks" in seeded_apart
+    assert "non-finite loss (nan) at step" in nan_loss
+    assert _seen(ddp, 0)["nan-skip"] == _seen(ddp, 1)["nan-skip"] == [2]
+    sharded, plain = _seen(ddp, 0)["odd-eval"]
+    assert sharded == plain and _seen(ddp, 1)["odd-eval"] == [sharded, plain]  # no padded item counted twice
+
+
+def test_torchrun_two_nodes_equals_spawned_ddp(ddp, tmp_path):
+    """The README's multi-node `torchrun -m bidst train`, as two 1-process "nodes" on this machine: the same run."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bidst.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
+               "-m", "bidst", "train", *tiny_args("rigl"), "--run-dir", str(run), "--json"]
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    summaries = [line for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # rank 0 alone reports
+    assert_same_run(ddp / "rigl-full", run)

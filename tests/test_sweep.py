@@ -1,0 +1,204 @@
+"""bidst sweep driven by a fake trainer: expansion, validation, failure, and kill-then-rerun resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bidst import report, sweep
+from bidst.errors import BidstError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# A stand-in for `bidst train` with its folder rules (a new run needs an empty folder, a resumed
+# one its config.yaml): writes config and a checkpoint, sleeps, then metrics and summary.json
+# (atomically); appends "start"/"done" lines to $FAKE_COUNTER; fails for method=broken.
+FAKE_TRAINER = r'''
+import json, os, sys, time, pathlib, yaml
+args = sys.argv[1:]
+run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
+base = yaml.safe_load(pathlib.Path(args[args.index("--config") + 1]).read_text())
+overrides = args[args.index("--config") + 2 : args.index("--run-dir")]
+config = dict(base, **{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in overrides)})
+resume = "--resume" in args
+with open(os.environ["FAKE_COUNTER"], "a") as f:
+    f.write(f"start {run_dir} {resume}\n")
+if config["method"] == "broken" or (run_dir.exists() and any(run_dir.iterdir())) != resume:
+    sys.exit(3)
+run_dir.mkdir(parents=True, exist_ok=True)
+(run_dir / "checkpoints").mkdir(exist_ok=True)  # before config.yaml: leaves a folder a sweep must clear
+(run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+(run_dir / "checkpoints" / "last.pt").write_text("step 1")
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0.3")))
+acc = round(0.5 + config["sparsity"] / 4 + config["seed"] / 100 + (config["method"] == "rigl") / 10, 6)
+epochs = [{"kind": "epoch", "epoch": e, "step": e, "test_acc": acc * e / 2} for e in (1, 2)]
+(run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
+summary = dict(method=config["method"], sparsity=config["sparsity"], seed=config["seed"], final_test_acc=acc,
+               best_val_acc=acc, epochs=config["epochs"], flops={"total": 1.0 - config["sparsity"]})
+(run_dir / "summary.tmp").write_text(json.dumps(summary))
+os.replace(run_dir / "summary.tmp", run_dir / "summary.json")
+with open(os.environ["FAKE_COUNTER"], "a") as f:
+    f.write(f"done {run_dir}\n")
+'''
+
+GRID = {"method": ["set", "rigl"], "sparsity": [0.5, 0.9], "seed": [0, 1]}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    trainer = tmp_path / "fake_train.py"
+    trainer.write_text(FAKE_TRAINER)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"method": "dense", "sparsity": 0.0, "seed": 0, "epochs": 2}))
+    counter = tmp_path / "counter.txt"
+    counter.touch()
+    monkeypatch.setenv("FAKE_COUNTER", str(counter))
+    monkeypatch.setenv("PYTHONPATH", SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return tmp_path, [sys.executable, str(trainer)], counter
+
+
+def write_sweep(folder: Path, name: str, out: str, **extra) -> Path:
+    spec = {"base": "recipe.yaml", "out": out, "grid": GRID, **extra}
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def events(counter: Path) -> list[list[str]]:
+    return [line.split() for line in counter.read_text().splitlines()]
+
+
+def test_expansion_names_and_override_precedence(env):
+    folder, _, _ = env
+    path = write_sweep(folder, "s.yaml", "out", overrides={"epochs": 10, "method_args": {"alpha": 0.3}},
+                       method_overrides={"rigl": {"epochs": 8}})
+    spec = sweep.load_sweep(path)
+    assert [r.name for r in spec.runs][:2] == ["method=set/sparsity=0.5/seed=0", "method=set/sparsity=0.5/seed=1"]
+    rigl = next(r for r in spec.runs if r.name == "method=rigl/sparsity=0.9/seed=1")
+    assert rigl.overrides == ("epochs=8", "method_args.alpha=0.3", "method=rigl", "sparsity=0.9", "seed=1")
+    assert len(spec.runs) == 8
+    assert rigl.run_dir == folder / "out" / rigl.name
+    cmd = sweep.train_command(spec, rigl, ["train"])
+    assert cmd == ["train", "--config", str(folder / "recipe.yaml"), *rigl.overrides, "--run-dir", str(rigl.run_dir)]
+
+
+@given(st.one_of(st.floats(allow_nan=False), st.integers(), st.booleans(), st.none(),
+                 st.lists(st.integers(), max_size=3)))
+def test_override_values_read_back_as_yaml(value):
+    assert yaml.safe_load(sweep.yaml_value(value)) == value
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"out": "o", "grid": GRID}, "missing base"),
+        ({"base": "recipe.yaml", "out": "o", "grid": {"seed": 3}}, "grid.seed must be a non-empty list"),
+        ({"base": "nowhere.yaml", "out": "o", "grid": GRID}, "does not exist"),
+        ({"base": "recipe.yaml", "out": "o", "grid": GRID, "gird": 1}, "unknown key"),
+        ({"base": "recipe.yaml", "out": "o", "grid": GRID, "method_overrides": {"snfs": {}}}, "not in grid.method"),
+        ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "grid.seed repeats a value"),
+    ],
+)
+def test_invalid_sweep_files_are_one_line_errors(env, capsys, spec, message):
+    folder, train_cmd, _ = env
+    path = folder / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(BidstError, match=message):
+        sweep.load_sweep(path)
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_method_override_of_a_grid_key_collapses_its_runs(env):
+    folder, _, _ = env
+    spec = sweep.load_sweep(write_sweep(folder, "s.yaml", "out", grid={**GRID, "method": ["dense", "rigl"]},
+                                        method_overrides={"dense": {"sparsity": 0.0}}))
+    names = [r.name for r in spec.runs]
+    assert names[:2] == ["method=dense/sparsity=0.0/seed=0", "method=dense/sparsity=0.0/seed=1"]
+    assert len(names) == 2 + 4 and spec.runs[0].overrides == ("method=dense", "sparsity=0.0", "seed=0")
+
+
+def test_failed_runs_are_reported_and_others_finish(env, capsys):
+    folder, train_cmd, _ = env
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["broken", "set"], "sparsity": [0.5], "seed": [0]}}))
+    assert sweep.main([str(path), "--jobs", "2"], train_cmd=train_cmd) == 1
+    assert "method=broken/sparsity=0.5/seed=0" in capsys.readouterr().err
+    assert (folder / "out/method=set/sparsity=0.5/seed=0/summary.json").exists()
+    assert (folder / "out/method=broken/sparsity=0.5/seed=0.log").read_text().startswith("$ ")
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def start_sweep(path: Path, train_cmd: list[str]) -> subprocess.Popen:
+    code = f"import sys; from bidst.sweep import main; sys.exit(main([{str(path)!r}, '--jobs', '2'], train_cmd={train_cmd!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE, text=True)
+
+
+def report_rows(out: Path) -> list[dict]:
+    return report.summarize(report.find_runs([out]))[1]
+
+
+@pytest.mark.parametrize("stop", ["sigkill_group", "sigterm"])
+def test_interrupted_sweep_resumes_without_redoing_finished_runs(env, capsys, stop):
+    folder, train_cmd, counter = env
+    interrupted = write_sweep(folder, "a.yaml", "interrupted")
+    proc = start_sweep(interrupted, train_cmd)
+    def mid_way() -> bool:  # some runs finished and one started (its config written) but not finished
+        seen = events(counter)
+        done = {e[1] for e in seen if e[0] == "done"}
+        running = {e[1] for e in seen if e[0] == "start"} - done
+        return len(done) >= 2 and any((Path(r) / "config.yaml").exists() for r in running)
+
+    wait_for(mid_way)
+    if stop == "sigkill_group":
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running children die at once
+        proc.wait()
+    else:
+        proc.send_signal(signal.SIGTERM)  # handled like Ctrl-C: children terminated, one-line message
+        assert proc.wait(timeout=30) == 1
+        assert "interrupted:" in proc.stderr.read()
+    proc.stderr.close()
+    time.sleep(0.5)  # no child may still be running and finish behind our back
+    before = events(counter)
+    run_dirs = {str(r.run_dir) for r in sweep.load_sweep(interrupted).runs}
+    finished = {r for r in run_dirs if (Path(r) / "summary.json").exists()}
+    started = {r for r in run_dirs - finished if (Path(r) / "config.yaml").exists()}
+    assert 2 <= len(finished) < 8 and started
+
+    assert sweep.main([str(interrupted), "--jobs", "2"], train_cmd=train_cmd) == 0
+    after = [e for e in events(counter)[len(before):] if e[0] == "start"]
+    assert {e[1] for e in after} == run_dirs - finished  # nothing finished is redone, the rest is
+    assert all(e[2] == str(e[1] in started) for e in after)  # started runs resume, new ones start afresh
+    assert all((Path(r) / "summary.json").exists() for r in run_dirs)
+
+    straight = write_sweep(folder, "b.yaml", "straight")
+    assert sweep.main([str(straight), "--jobs", "2"], train_cmd=train_cmd) == 0
+    assert report_rows(folder / "interrupted") == report_rows(folder / "straight")
+    assert sweep.main([str(straight), "--dry-run"], train_cmd=train_cmd) == 0
+    assert capsys.readouterr().out.count("done ") == 8
+
+
+def test_a_folder_left_before_the_config_was_saved_is_started_afresh(env):
+    folder, train_cmd, counter = env
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0]}}))
+    run_dir = folder / "out/method=set/sparsity=0.5/seed=0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml.tmp").write_text("half")
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 0
+    assert events(counter)[0][2] == "False" and (run_dir / "summary.json").exists()
