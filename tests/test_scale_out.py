@@ -111,8 +111,10 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     sigterm_after: list[int] = []  # rank 1 sends itself SIGTERM after this step
     original = Sparsifier.step
 
-    def recording_step(self: Sparsifier, scaler: torch.amp.GradScaler | None = None) -> bool:
-        changed = original(self, scaler)
+    def recording_step(
+        self: Sparsifier, scaler: torch.amp.GradScaler | None = None, batch: tuple[torch.Tensor, ...] | None = None
+    ) -> bool:
+        changed = original(self, scaler, batch)
         if changed:
             current.append([self.step_count, _digest(self.masks)])
         current[:] = [c for c in current if c[0] != "final"] + [["final", _digest(self.model.module.state_dict())]]
