@@ -67,7 +67,6 @@ class BiDST:
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
-    _rows: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
     _extra_pass: bool = field(default=False, init=False, repr=False)
 
@@ -141,8 +140,6 @@ class BiDST:
 
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         """Learn scores and shadow weights from this step's backward pass; at a check, commit by the flag."""
-        for name, caught in self._captures.items():
-            self._rows[name] = sum(output_rows(sp.modules[name], gout) for _, _, gout in caught if gout is not None)
         if self.learns(step, sp):
             self.learn(sp, step)
         self._captures.clear()
@@ -162,7 +159,6 @@ class BiDST:
         return {
             "layers": {n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in self._layers.items()},
             "learn_steps": self._learn_steps,
-            "rows": dict(self._rows),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,18 +167,13 @@ class BiDST:
             device = self._layers[name]["pos"].device if name in self._layers else torch.device("cpu")
             self._layers[name] = {k: v.clone().to(device) for k, v in saved.items()}
         self._learn_steps = int(state["learn_steps"])
-        self._rows = {n: int(v) for n, v in state["rows"].items()}
 
     # -- capture -----------------------------------------------------------------------
     def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
-        """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient.
-
-        It captures at learning steps (and at dense-gradient steps, whose cost depends on the output size).
-        """
+        """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient."""
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            step = sp.step_count + 1
-            wanted = self._extra_pass or self.learns(step, sp) or self.wants_dense_grad(step, sp)
+            wanted = self._extra_pass or self.learns(sp.step_count + 1, sp)
             if not (wanted and torch.is_grad_enabled() and output.requires_grad):
                 return
             entry: list[Any] = [inputs[0].detach(), sp.params[name].detach().view(-1)[self._layers[name]["pos"]], None]
@@ -239,10 +230,10 @@ class BiDST:
         for name, caught in entries.items():
             state = self._layers[name]
             active = sp.masks[name].view(-1)[state["pos"]]
-            self._rows[name] = sum(output_rows(sp.modules[name], gout) for _, _, gout in caught)
+            rows = sum(output_rows(sp.modules[name], gout) for _, _, gout in caught)
             grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
             thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
-            sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * self._rows[name] + SCORE_FLOPS * active.numel())
+            sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * rows + SCORE_FLOPS * active.numel())
             noise = random_scores(state["psi"].shape, sp.rng, active.device).clamp_(1e-6, 1 - 1e-6)
             relaxed[name] = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
         if self.hypergradient == "unrolled" and entries:
