@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    try:
+        sparsities = [float(x) for x in args.sparsities.split(",")]
+    except ValueError:
+        ap.error(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}")
+    if not all(0.0 <= x < 1.0 for x in sparsities):
+        ap.error(f"--sparsities must lie in [0, 1), got {args.sparsities}")
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures one thread only")
     torch.set_num_threads(args.threads)
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for line in out:
         print(line)
-    run(models, [float(s) for s in args.sparsities.split(",")], timer, not args.no_layers, out)
+    run(models, sparsities, timer, not args.no_layers, out)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(out) + "\n")
