@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import types
+
 import pytest
 import torch
 from torch import nn
 
 import bidst
 from bidst.budget import layer_rows, matched_steps, planned_flops
+from bidst.sampled import output_rows as sampled_rows
 from bidst.sampled import sampled_weight_grad
 from conftest import TinyNet, make_data
 
@@ -285,6 +289,43 @@ def test_recorded_costs_match_the_plan_and_match_flops_shortens():
     assert sum(planned_flops(sp, sp.method, rows, steps + 1).values()) > rigl
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "grad_norm"])
+@pytest.mark.parametrize("module,shape", [(nn.Linear(7, 5), (16, 7)), (nn.Conv2d(3, 4, 3, padding=1), (4, 3, 5, 5))])
+def test_row_subset_estimate_is_unbiased_and_exact_at_full_rows(module, shape, sampling):
+    torch.manual_seed(0)
+    x, g = _capture(module, torch.randn(shape))
+    g = g.clone()
+    g[0] = 0.0  # some rows have no gradient
+    pos = torch.arange(module.weight.numel())
+    full = sampled_weight_grad(module, x, g, pos)
+    sp = types.SimpleNamespace(rng=torch.Generator().manual_seed(1))
+    method = bidst.create_method("bidst", mask_rows=1.0, row_sampling=sampling)
+    assert method.row_subset(sp, module, g) == (None, None)  # mask_rows 1: every row, the exact gradient
+    method = bidst.create_method("bidst", mask_rows=0.25, row_sampling=sampling)
+    draws = []
+    for _ in range(3000):
+        rows, weights = method.row_subset(sp, module, g)
+        assert rows.numel() == method.sub_rows(sampled_rows(module, g)) < sampled_rows(module, g)
+        draws.append(sampled_weight_grad(module, x, g, pos, rows, weights))
+    mean = torch.stack(draws).mean(0)
+    spread = torch.stack(draws).std(0) / math.sqrt(len(draws))
+    assert torch.all((mean - full).abs() <= 5 * spread + 1e-6), "the row-subset estimate must be unbiased"
+    assert not torch.allclose(draws[0], full, atol=1e-4)  # and it is an estimate, not the full sum
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "grad_norm"])
+def test_sub_batched_mask_learning_costs_match_the_plan(sampling):
+    sp, model, _ = _train(steps=40, mask_interval=5, learn_every=1, mask_rows=0.2, row_sampling=sampling,
+                          explore_ratio=1.0)
+    x, _ = make_data(32)
+    rows = layer_rows(model, sp.modules, x)
+    plan = planned_flops(sp, sp.method, rows, sp.total_steps)
+    assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
+    full = bidst.create_method("bidst", learn_every=1, explore_ratio=1.0)
+    assert plan["mask_learning"] < 0.5 * planned_flops(sp, full, rows, sp.total_steps)["mask_learning"]
+    assert any(bool((s["shadow"] != 0).any()) for s in sp.method._layers.values())
+
+
 def test_no_capture_without_grad_and_control_keeps_scores_zero():
     sp, model, _ = _train(steps=20, mask_interval=5, mask_lr=0.0)
     assert all(bool((s["psi"] == 0).all()) for s in sp.method._layers.values())
@@ -301,6 +342,10 @@ def test_bad_options_are_clear_errors():
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, hypergradient="second")
     with pytest.raises(bidst.BidstError, match="explore_ratio"):
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, explore_ratio=-1.0)
+    with pytest.raises(bidst.BidstError, match="mask_rows"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, mask_rows=1.5)
+    with pytest.raises(bidst.BidstError, match="row_sampling"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, row_sampling="importance")
 
 
 def test_every_bidst_recipe_loads_with_valid_options():

@@ -40,10 +40,22 @@ def _row_products(
     return out
 
 
-def _linear(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """dL/dW[o, i] = sum over all leading dims of g[..., o] * x[..., i]."""
-    xt = x.reshape(-1, module.in_features).t().contiguous()  # (in, rows)
-    gt = g.reshape(-1, module.out_features).t().contiguous()  # (out, rows)
+def _linear(
+    module: nn.Linear,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    pos: torch.Tensor,
+    rows: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """dL/dW[o, i] = sum over all leading dims (or over the rows `rows` of them) of g[..., o] * x[..., i]."""
+    x2, g2 = x.reshape(-1, module.in_features), g.reshape(-1, module.out_features)
+    if rows is not None:
+        x2, g2 = x2.index_select(0, rows), g2.index_select(0, rows)
+    if weights is not None:
+        g2 = g2.float() * weights.unsqueeze(1)
+    xt = x2.t().contiguous()  # (in, rows)
+    gt = g2.t().contiguous()  # (out, rows)
     return _row_products(gt, xt, pos // module.in_features, pos % module.in_features)
 
 
@@ -70,8 +82,17 @@ def _conv_geometry(module: nn.Conv1d | nn.Conv2d) -> tuple[Pair, Pair, Pair, tup
     return kernel, stride, dilation, (left, right, top, bottom)
 
 
-def _conv(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _conv(
+    module: nn.Conv1d | nn.Conv2d,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    pos: torch.Tensor,
+    rows: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> torch.Tensor:
     """dL/dW[o, c, a, b] = sum_{n, y, x} g[n, o, y, x] * xpad[n, ch(o, c), y*s + a*d, x*s + b*d].
+
+    With `rows`, the sum runs over those output rows (flat indices of (n, y, x)) only.
 
     Only the kernel offsets and input channels that some position needs are gathered, one offset
     at a time, so the cost is that of the products at `pos`, never a dense weight gradient.
@@ -83,7 +104,10 @@ def _conv(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, g: torch.Tensor, pos: 
     xpad = F.pad(x, pads, mode=mode) if any(pads) else x
     out_ch, ho, wo = g.shape[1:]
     cin_g = module.in_channels // module.groups
-    gt = g.permute(1, 0, 2, 3).reshape(out_ch, -1).contiguous()  # (out, rows)
+    gt = g.permute(1, 0, 2, 3).reshape(out_ch, -1)  # (out, rows)
+    gt = (gt if rows is None else gt.index_select(1, rows)).contiguous()
+    if weights is not None:
+        gt = gt.float() * weights.unsqueeze(0)
     o = pos // (cin_g * kh * kw)
     rest = pos % (cin_g * kh * kw)
     channel = (o // (out_ch // module.groups)) * cin_g + rest // (kh * kw)
@@ -93,28 +117,49 @@ def _conv(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, g: torch.Tensor, pos: 
         where = (offset == off).nonzero().squeeze(1)
         a, b = divmod(off, kw)
         window = xpad[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, b * dw : b * dw + sw * (wo - 1) + 1 : sw]
-        needed, rows = torch.unique(channel[where], return_inverse=True)
+        needed, which = torch.unique(channel[where], return_inverse=True)
         xt = window.index_select(1, needed).permute(1, 0, 2, 3).reshape(needed.numel(), -1)  # (needed, rows)
-        out[where] = _row_products(gt, xt, o[where], rows)
+        if rows is not None:
+            xt = xt.index_select(1, rows)
+        out[where] = _row_products(gt, xt, o[where], which)
     return out
 
 
 def sampled_weight_grad(
-    module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, flat_positions: torch.Tensor
+    module: nn.Module,
+    inputs: torch.Tensor,
+    grad_output: torch.Tensor,
+    flat_positions: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dL/dW of `module` at `flat_positions` of its weight, from its input and output gradient.
 
     Supports nn.Linear (any leading dims) and nn.Conv1d/nn.Conv2d (stride, padding, dilation,
-    groups, padding modes). Returns a float32 tensor of len(flat_positions) values.
+    groups, padding modes). Returns a float32 tensor of len(flat_positions) values. `rows`, if
+    given, restricts the sum to those output rows (flat indices into output positions × batch, in
+    the order of `output_rows`): the partial sum over a row subset, at 2·len(rows) FLOPs per position
+    (rows may repeat); `row_weights` (one per row of `rows`) weights each row's term.
     """
     pos = flat_positions.to(grad_output.device, torch.long)
+    if rows is not None:
+        rows = rows.to(grad_output.device, torch.long)
+    weights = None if row_weights is None else row_weights.to(grad_output.device, torch.float32)
     if pos.numel() == 0:
         return torch.zeros(0, dtype=torch.float32, device=grad_output.device)
     if isinstance(module, nn.Linear):
-        return _linear(module, inputs, grad_output, pos)
+        return _linear(module, inputs, grad_output, pos, rows, weights)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return _conv(module, inputs, grad_output, pos)
+        return _conv(module, inputs, grad_output, pos, rows, weights)
     raise BidstError(f"sampled weight gradients support Linear, Conv1d and Conv2d, not {type(module).__name__}")
+
+
+def output_row_norms(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each output row's gradient (over output features/channels), in `rows` order."""
+    if isinstance(module, nn.Linear):
+        return grad_output.reshape(-1, grad_output.shape[-1]).float().norm(dim=1)
+    channels = grad_output.shape[1]
+    return grad_output.movedim(1, -1).reshape(-1, channels).float().norm(dim=1)
 
 
 def output_rows(module: nn.Module, grad_output: torch.Tensor) -> int:

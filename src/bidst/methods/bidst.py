@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import BidstError
-from ..sampled import output_rows, sampled_weight_grad
+from ..sampled import output_row_norms, output_rows, sampled_weight_grad
 from ..schedules import cosine_decay, is_update_step
 from ..scores import grow_highest, random_scores
 from .base import METHODS, require_choice, require_range
@@ -64,6 +64,8 @@ class BiDST:
     implicit_coef: float = 0.0  # 1/λ of implicit_diag; 0: 1 / the optimizer's weight decay
     unroll_eps: float = 0.01  # unrolled: finite-difference step, divided by the vector's norm (DARTS)
     learn_every: int = 5  # learn scores and shadow weights every this many steps (mask-learning cost / n)
+    mask_rows: float = 1.0  # share of the output rows (batch × positions) the sampled gradient at E sums over
+    row_sampling: str = "uniform"  # how those rows are drawn: uniform (without replacement) | grad_norm (∝ |dL/dy_r|)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
@@ -90,6 +92,8 @@ class BiDST:
         require_range(self.name, "implicit_coef", self.implicit_coef, 0.0, float("inf"))
         require_range(self.name, "unroll_eps", self.unroll_eps, 1e-12, float("inf"))
         require_range(self.name, "learn_every", self.learn_every, 1, float("inf"))
+        require_range(self.name, "mask_rows", self.mask_rows, 1e-9, 1.0)
+        require_choice(self.name, "row_sampling", self.row_sampling, ("uniform", "grad_norm"))
         if not isinstance(self.mask_interval, int) or not isinstance(self.learn_every, int):
             raise BidstError("options 'mask_interval' and 'learn_every' of method 'bidst' must be integers")
 
@@ -110,6 +114,10 @@ class BiDST:
         """τ annealed geometrically from tau_start to tau_end over the learning phase."""
         progress = min(1.0, step / max(1, self.stop_step(sp)))
         return self.tau_start * (self.tau_end / self.tau_start) ** progress
+
+    def sub_rows(self, rows: int) -> int:
+        """Rows the sampled gradient at E sums over, out of `rows`: round(mask_rows·rows), at least 1."""
+        return rows if self.mask_rows >= 1.0 else min(rows, max(1, round(self.mask_rows * rows)))
 
     def explore_size(self, sp: Sparsifier, name: str) -> int:
         """|E| of a layer: ⌈ρ·k⌉, at most the inactive positions."""
@@ -204,13 +212,42 @@ class BiDST:
         sampled = ~active if actives_from_grad else torch.ones_like(active)
         where = sampled.nonzero().squeeze(1)
         for x, _, gout in entries:
-            grads[where] += sampled_weight_grad(module, x, gout, state["pos"][where]).to(grads)
+            rows, weights = (self.row_subset(sp, module, gout) if actives_from_grad else (None, None))
+            grads[where] += sampled_weight_grad(module, x, gout, state["pos"][where], rows, weights).to(grads)
         sp.all_reduce_mean(grads)
         if actives_from_grad:
             grad = sp.params[name].grad
             if grad is not None:
                 grads[active] = grad.detach().view(-1)[state["pos"][active]].float()
         return grads
+
+    def row_subset(
+        self, sp: Sparsifier, module: nn.Module, gout: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rows (and their weights) for an unbiased estimate of the sampled gradient from `sub_rows` rows.
+
+        `uniform`: rows without replacement, each weighted total/n. `grad_norm`: n rows with
+        replacement, row r with probability p_r ∝ |dL/dy_r| (the output gradient's norm, which
+        the standard approximate-matrix-product sampling uses), weighted 1/(n·p_r); rows whose
+        output gradient is zero contribute nothing and are never drawn. Random numbers come from
+        the engine's generator, a fixed count per call (the same on every rank).
+        """
+        total = output_rows(module, gout)
+        n = self.sub_rows(total)
+        if n >= total:
+            return None, None
+        if self.row_sampling == "grad_norm":
+            norms = output_row_norms(module, gout).cpu().double()
+            u = torch.rand(n, generator=sp.rng, dtype=torch.float64)
+            mass = float(norms.sum())
+            if mass > 0:
+                p = norms / mass
+                rows = torch.searchsorted(p.cumsum(0), u * float(p.sum())).clamp_(max=total - 1)
+                rows = torch.where(p[rows] > 0, rows, p.nonzero().squeeze(1)[-1])  # guard rounding at the ends
+                return rows, (1.0 / (n * p[rows])).float()
+            return (u * total).long().clamp_(max=total - 1), torch.full((n,), total / n)
+        rows = torch.randperm(total, generator=sp.rng)[:n]
+        return rows, torch.full((n,), total / n)
 
     # -- the upper and lower level -----------------------------------------------------
     def learn(self, sp: Sparsifier, step: int) -> None:
@@ -230,7 +267,11 @@ class BiDST:
         for name, caught in entries.items():
             state = self._layers[name]
             active = sp.masks[name].view(-1)[state["pos"]]
-            rows = sum(output_rows(sp.modules[name], gout) for _, _, gout in caught)
+            module = sp.modules[name]
+            rows = sum(self.sub_rows(output_rows(module, gout)) for _, _, gout in caught)
+            if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:  # the output-gradient row norms
+                rows_all = sum(output_rows(module, gout) for _, _, gout in caught)
+                sp.add_cost("mask_learning", 2.0 * rows_all * int(module.weight.shape[0]))
             grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
             thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
             sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * rows + SCORE_FLOPS * active.numel())
@@ -471,7 +512,9 @@ class BiDST:
         for name in sp.sparse_names():
             k = sp.budgets[name]
             e = self.explore_size(sp, name)
-            mask += 2.0 * e * rows[name] + SCORE_FLOPS * (k + e)
+            mask += 2.0 * e * self.sub_rows(rows[name]) + SCORE_FLOPS * (k + e)
+            if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:
+                mask += 2.0 * rows[name] * int(sp.modules[name].weight.shape[0])
             unrolled += UNROLLED_PASSES * (4.0 * k + 2.0 * (k + e)) * rows[name]
         costs = {"mask_learning": learn_steps * mask}
         if self.hypergradient == "unrolled":
