@@ -326,6 +326,47 @@ def test_sub_batched_mask_learning_costs_match_the_plan(sampling):
     assert any(bool((s["shadow"] != 0).any()) for s in sp.method._layers.values())
 
 
+@pytest.mark.parametrize("refresh", [0.0, 0.5, 1.0])
+def test_explore_refresh_replaces_that_share_of_the_candidates_not_grown(refresh):
+    sp, _, _ = _train(steps=8, mask_interval=100, learn_every=1, explore_refresh=refresh)
+    method = sp.method
+    dense = {n: torch.randn(sp.params[n].shape) for n in sp.sparse_names()}
+    before = {n: set(s["pos"][~sp.masks[n].view(-1)[s["pos"]]].tolist()) for n, s in method._layers.items()}
+    record: list = []
+    change = sp.change
+    sp.change = lambda name, drop, grow, values=None: (record.append((name, set(grow.tolist()))), change(name, drop, grow, values))
+    assert method.commit(sp, 1, dense)
+    for name, grown in record:
+        state = method._layers[name]
+        after = set(state["pos"][~sp.masks[name].view(-1)[state["pos"]]].tolist())
+        kept = len(before[name] & after)
+        rest = len(before[name]) - len(grown)
+        assert kept == rest - int(refresh * rest)  # the stale ones left, refilled to the same size
+        assert len(after) == len(before[name]) == method.explore_size(sp, name)
+    assert all(torch.equal(sp.masks[n].sum(), torch.tensor(sp.budgets[n])) for n in sp.masks)
+
+
+def test_check_grad_steps_shadows_with_the_dense_gradient_and_costs_match_the_plan():
+    sp, model, _ = _train(steps=30, mask_interval=5, learn_every=3, check_grad=True, explore_refresh=0.3)
+    x, _ = make_data(32)
+    rows = layer_rows(model, sp.modules, x)
+    plan = planned_flops(sp, sp.method, rows, sp.total_steps)
+    assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
+    without = planned_flops(sp, bidst.create_method("bidst", learn_every=3, mask_interval=5), rows, sp.total_steps)
+    assert plan["mask_learning"] > without["mask_learning"]
+    # after step 1 (no learning step yet: learn_every 3) the candidates already carry −η·g of that step
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=30, seed=0, learn_every=3, check_grad=True)
+    x, y = make_data(32)
+    nn.functional.cross_entropy(model(x), y).backward()
+    sp.step()
+    for name, state in sp.method._layers.items():
+        explore = ~sp.masks[name].view(-1)[state["pos"]]
+        assert bool((state["shadow"][explore] != 0).all())
+
+
 def test_no_capture_without_grad_and_control_keeps_scores_zero():
     sp, model, _ = _train(steps=20, mask_interval=5, mask_lr=0.0)
     assert all(bool((s["psi"] == 0).all()) for s in sp.method._layers.values())

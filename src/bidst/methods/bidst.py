@@ -66,6 +66,8 @@ class BiDST:
     learn_every: int = 5  # learn scores and shadow weights every this many steps (mask-learning cost / n)
     mask_rows: float = 1.0  # share of the output rows (batch × positions) the sampled gradient at E sums over
     row_sampling: str = "uniform"  # how those rows are drawn: uniform (without replacement) | grad_norm (∝ |dL/dy_r|)
+    explore_refresh: float = 0.0  # at a commit, also replace this share of the non-grown E (lowest-ranked) by fresh picks
+    check_grad: bool = False  # the dense gradient of step 1 and the checks also steps the shadow weights at E (exact)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
@@ -94,6 +96,9 @@ class BiDST:
         require_range(self.name, "learn_every", self.learn_every, 1, float("inf"))
         require_range(self.name, "mask_rows", self.mask_rows, 1e-9, 1.0)
         require_choice(self.name, "row_sampling", self.row_sampling, ("uniform", "grad_norm"))
+        require_range(self.name, "explore_refresh", self.explore_refresh, 0.0, 1.0)
+        if not isinstance(self.check_grad, bool):
+            raise BidstError("option 'check_grad' of method 'bidst' must be true or false")
         if not isinstance(self.mask_interval, int) or not isinstance(self.learn_every, int):
             raise BidstError("options 'mask_interval' and 'learn_every' of method 'bidst' must be integers")
 
@@ -152,15 +157,32 @@ class BiDST:
             self.learn(sp, step)
         self._captures.clear()
         if step == 1 and dense_grads is not None:  # the first exploration set by gradient, not at random
+            if self.uses_check_grad(dense_grads):
+                for name in self._layers:
+                    sp.add_cost("mask_learning", 2.0 * self.explore_size(sp, name))
             for name, state in self._layers.items():
                 self.remove_entries(state, (~sp.masks[name].view(-1)[state["pos"]]).nonzero().squeeze(1))
                 self.add_candidates(sp, name, state["pos"][:0], dense_grads)
         changed = False
         if self.is_check(step, sp):
+            if self.uses_check_grad(dense_grads):
+                self.shadow_step_dense(sp, cast(dict, dense_grads))
             changed = self.commit(sp, step, dense_grads)
         if step >= self.stop_step(sp):
             self.remove_hooks()
         return changed
+
+    def uses_check_grad(self, dense_grads: dict[str, torch.Tensor] | None) -> bool:
+        """Whether this step's dense gradient (step 1 or a check, explore: gradient) also steps the shadow weights."""
+        return self.check_grad and self.explore == "gradient" and dense_grads is not None
+
+    def shadow_step_dense(self, sp: Sparsifier, dense_grads: dict[str, torch.Tensor]) -> None:
+        """θ_E ← θ_E − η·g_E with the exact (full-batch) gradient the engine computed at this check; costed."""
+        for name, state in self._layers.items():
+            explore = ~sp.masks[name].view(-1)[state["pos"]]
+            lr = float(self.param_group(sp, name)["lr"])
+            state["shadow"][explore] -= lr * dense_grads[name].view(-1)[state["pos"][explore]].float()
+            sp.add_cost("mask_learning", 2.0 * self.explore_size(sp, name))
 
     def state_dict(self) -> dict[str, Any]:
         """Candidate positions, scores, shadow weights and score-optimizer moments per layer."""
@@ -442,9 +464,13 @@ class BiDST:
                 drop, grow = drop[:n], grow[:n]
             if n == 0 or n < self.min_swap_fraction * k:
                 continue
+            stale = exp_idx[:0]
+            if self.explore_refresh > 0:  # the lowest-ranked candidates that were not grown make room for fresh ones
+                rest = exp_idx[~torch.isin(exp_idx, grow)]
+                stale = rest[torch.sort(rank[rest], stable=True).indices[: int(self.explore_refresh * rest.numel())]]
             values = state["shadow"][grow] if self.grow_init == "shadow" else None
             sp.change(name, state["pos"][drop], state["pos"][grow], values)
-            self.refill(sp, name, drop, grow, dense_grads)
+            self.refill(sp, name, drop, grow, dense_grads, stale)
             changed = True
         return changed
 
@@ -455,12 +481,14 @@ class BiDST:
         drop: torch.Tensor,
         grow: torch.Tensor,
         dense_grads: dict[str, torch.Tensor] | None,
+        stale: torch.Tensor | None = None,
     ) -> None:
-        """After a commit: dropped entries leave C, grown ones lose their shadow, E is refilled to ⌈ρ·k⌉."""
+        """After a commit: dropped (and `stale`) entries leave C, grown ones lose their shadow, E is refilled to ⌈ρ·k⌉."""
         state = self._layers[name]
-        dropped = state["pos"][drop]
+        leaving = drop if stale is None else torch.cat([drop, stale])
+        dropped = state["pos"][leaving]
         state["shadow"][grow] = 0.0
-        self.remove_entries(state, drop)
+        self.remove_entries(state, leaving)
         self.add_candidates(sp, name, dropped, dense_grads)
 
     @staticmethod
@@ -497,7 +525,11 @@ class BiDST:
             threshold = state["psi"][mask[state["pos"]]].min()
             neutral = float(torch.nextafter(threshold, torch.tensor(-math.inf, device=threshold.device)))
         zeros = torch.zeros(missing, device=mask.device)
-        additions = {"pos": new, "psi": zeros + neutral, "shadow": zeros, "m1": zeros, "m2": zeros}
+        shadow = zeros
+        if self.uses_check_grad(dense_grads):  # the gradient they were picked by is their first shadow step
+            lr = float(self.param_group(sp, name)["lr"])
+            shadow = -lr * cast(dict, dense_grads)[name].view(-1)[new].float()
+        additions = {"pos": new, "psi": zeros + neutral, "shadow": shadow, "m1": zeros, "m2": zeros}
         for key in LAYER_KEYS:
             state[key] = torch.cat([state[key], additions[key].to(state[key].dtype)])
 
@@ -517,6 +549,9 @@ class BiDST:
                 mask += 2.0 * rows[name] * int(sp.modules[name].weight.shape[0])
             unrolled += UNROLLED_PASSES * (4.0 * k + 2.0 * (k + e)) * rows[name]
         costs = {"mask_learning": learn_steps * mask}
+        if self.check_grad and self.explore == "gradient":  # one exact shadow step per dense gradient
+            dense_steps = sum(1 for s in range(1, sp.total_steps + 1) if self.wants_dense_grad(s, sp))
+            costs["mask_learning"] += dense_steps * sum(2.0 * self.explore_size(sp, n) for n in sp.sparse_names())
         if self.hypergradient == "unrolled":
             costs["unrolled"] = learn_steps * unrolled
         return costs
