@@ -367,6 +367,31 @@ def test_check_grad_steps_shadows_with_the_dense_gradient_and_costs_match_the_pl
         assert bool((state["shadow"][explore] != 0).all())
 
 
+def test_consistency_ranks_a_steady_candidate_above_a_noisy_one_of_equal_shadow():
+    sp, _, _ = _train(steps=10, mask_interval=100, learn_every=1, consistency=1.0)
+    method = sp.method
+    name = max(method._layers, key=lambda n: method._layers[n]["pos"].numel())
+    state = method._layers[name]
+    explore = (~sp.masks[name].view(-1)[state["pos"]]).nonzero().squeeze(1)
+    assert explore.numel() >= 2
+    steady, noisy = explore[0], explore[1]
+    state["shadow"][steady] = state["shadow"][noisy] = 0.1
+    state["psi"][steady] = state["psi"][noisy] = 0.0
+    state["sq"][steady], state["sq"][noisy] = 10 * 0.01**2, 0.1**2  # ten steps of 0.01 against noise of net 0.1
+    rank = method.ranking(sp, name)
+    assert rank[steady] > rank[noisy]
+    assert float(rank[steady] - rank[noisy]) == pytest.approx(0.5 * math.log(10), rel=1e-4)
+    method.consistency = 0.0
+    plain = method.ranking(sp, name)
+    assert float(plain[steady]) == float(plain[noisy])  # without it they tie
+    # recorded costs still equal the plan with the extra accumulator
+    sp, model, _ = _train(steps=30, mask_interval=5, learn_every=2, consistency=1.0)
+    rows = layer_rows(model, sp.modules, make_data(32)[0])
+    plan = planned_flops(sp, sp.method, rows, sp.total_steps)
+    assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
+    assert any(bool((s["sq"] > 0).any()) for s in sp.method._layers.values())
+
+
 def test_no_capture_without_grad_and_control_keeps_scores_zero():
     sp, model, _ = _train(steps=20, mask_interval=5, mask_lr=0.0)
     assert all(bool((s["psi"] == 0).all()) for s in sp.method._layers.values())

@@ -32,7 +32,8 @@ UNROLLED_PASSES = 3  # one pass at the virtual step, two for the finite-differen
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 HYPERGRADIENTS = ("first_order", "implicit_diag", "unrolled", "second_order_diag")
-LAYER_KEYS = ("pos", "psi", "shadow", "m1", "m2")  # per-layer state, aligned over the candidate set
+LAYER_KEYS = ("pos", "psi", "shadow", "m1", "m2", "sq")  # per-layer state, aligned over the candidate set
+CONSISTENCY_FLOPS = 3  # per candidate and learning step: square the shadow step, accumulate
 
 
 @METHODS.register("bidst")
@@ -68,6 +69,7 @@ class BiDST:
     row_sampling: str = "uniform"  # how those rows are drawn: uniform (without replacement) | grad_norm (∝ |dL/dy_r|)
     explore_refresh: float = 0.0  # at a commit, also replace this share of the non-grown E (lowest-ranked) by fresh picks
     check_grad: bool = False  # the dense gradient of step 1 and the checks also steps the shadow weights at E (exact)
+    consistency: float = 0.0  # γ: candidates rank by ψ + log|θ_E| + γ·log(|Σ steps| / √Σ steps²) (sign consistency)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
@@ -97,6 +99,7 @@ class BiDST:
         require_range(self.name, "mask_rows", self.mask_rows, 1e-9, 1.0)
         require_choice(self.name, "row_sampling", self.row_sampling, ("uniform", "grad_norm"))
         require_range(self.name, "explore_refresh", self.explore_refresh, 0.0, 1.0)
+        require_range(self.name, "consistency", self.consistency, 0.0, float("inf"))
         if not isinstance(self.check_grad, bool):
             raise BidstError("option 'check_grad' of method 'bidst' must be true or false")
         if not isinstance(self.mask_interval, int) or not isinstance(self.learn_every, int):
@@ -144,7 +147,7 @@ class BiDST:
             pos = torch.cat([active, explore])
             zeros = torch.zeros(pos.numel(), device=mask.device)
             self._layers[name] = {"pos": pos, "psi": zeros.clone(), "shadow": zeros.clone(),
-                                  "m1": zeros.clone(), "m2": zeros.clone()}
+                                  "m1": zeros.clone(), "m2": zeros.clone(), "sq": zeros.clone()}
             self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
 
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
@@ -181,7 +184,10 @@ class BiDST:
         for name, state in self._layers.items():
             explore = ~sp.masks[name].view(-1)[state["pos"]]
             lr = float(self.param_group(sp, name)["lr"])
-            state["shadow"][explore] -= lr * dense_grads[name].view(-1)[state["pos"][explore]].float()
+            delta = lr * dense_grads[name].view(-1)[state["pos"][explore]].float()
+            state["shadow"][explore] -= delta
+            if self.consistency > 0:
+                state["sq"][explore] += delta * delta
             sp.add_cost("mask_learning", 2.0 * self.explore_size(sp, name))
 
     def state_dict(self) -> dict[str, Any]:
@@ -196,6 +202,7 @@ class BiDST:
         for name, saved in state["layers"].items():
             device = self._layers[name]["pos"].device if name in self._layers else torch.device("cpu")
             self._layers[name] = {k: v.clone().to(device) for k, v in saved.items()}
+            self._layers[name].setdefault("sq", torch.zeros_like(self._layers[name]["shadow"]))  # older states
         self._learn_steps = int(state["learn_steps"])
 
     # -- capture -----------------------------------------------------------------------
@@ -297,6 +304,8 @@ class BiDST:
             grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
             thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
             sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * rows + SCORE_FLOPS * active.numel())
+            if self.consistency > 0:
+                sp.add_cost("mask_learning", CONSISTENCY_FLOPS * int((~active).sum()))
             noise = random_scores(state["psi"].shape, sp.rng, active.device).clamp_(1e-6, 1 - 1e-6)
             relaxed[name] = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
         if self.hypergradient == "unrolled" and entries:
@@ -361,7 +370,10 @@ class BiDST:
         explore = ~sp.masks[name].view(-1)[state["pos"]]
         lr = float(self.param_group(sp, name)["lr"])
         shadow = state["shadow"]
-        shadow[explore] -= lr * (grads[explore] + self.shadow_decay * shadow[explore])
+        delta = lr * (grads[explore] + self.shadow_decay * shadow[explore])
+        shadow[explore] -= delta
+        if self.consistency > 0:
+            state["sq"][explore] += delta * delta
 
     # -- the unrolled hypergradient ----------------------------------------------------
     def unrolled_mask_grads(
@@ -442,7 +454,11 @@ class BiDST:
             return state["psi"].clone()
         active = sp.masks[name].view(-1)[state["pos"]]
         theta = torch.where(active, sp.params[name].detach().view(-1)[state["pos"]].float(), state["shadow"])
-        return state["psi"] + theta.abs().log()
+        rank = state["psi"] + theta.abs().log()
+        if self.consistency > 0:  # |Σ steps| / √(Σ steps²): √T for a steady push, about 1 for noise
+            ratio = state["shadow"].abs() / state["sq"].sqrt().clamp_min(1e-30)
+            rank = torch.where(active, rank, rank + self.consistency * ratio.clamp_min(1e-30).log())
+        return rank
 
     def commit(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         """Per layer: swap the lowest-ranked actives for the highest-ranked candidates if the flag holds."""
@@ -529,7 +545,7 @@ class BiDST:
         if self.uses_check_grad(dense_grads):  # the gradient they were picked by is their first shadow step
             lr = float(self.param_group(sp, name)["lr"])
             shadow = -lr * cast(dict, dense_grads)[name].view(-1)[new].float()
-        additions = {"pos": new, "psi": zeros + neutral, "shadow": shadow, "m1": zeros, "m2": zeros}
+        additions = {"pos": new, "psi": zeros + neutral, "shadow": shadow, "m1": zeros, "m2": zeros, "sq": shadow**2}
         for key in LAYER_KEYS:
             state[key] = torch.cat([state[key], additions[key].to(state[key].dtype)])
 
@@ -545,6 +561,8 @@ class BiDST:
             k = sp.budgets[name]
             e = self.explore_size(sp, name)
             mask += 2.0 * e * self.sub_rows(rows[name]) + SCORE_FLOPS * (k + e)
+            if self.consistency > 0:
+                mask += CONSISTENCY_FLOPS * e
             if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:
                 mask += 2.0 * rows[name] * int(sp.modules[name].weight.shape[0])
             unrolled += UNROLLED_PASSES * (4.0 * k + 2.0 * (k + e)) * rows[name]
