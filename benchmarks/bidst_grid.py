@@ -7,6 +7,7 @@ mean ± std, training FLOPs relative to dense, topology changes and the ablation
 
     python benchmarks/bidst_grid.py --out runs/bidst-grid --jobs 2       # about an hour on 2 CPU cores
     python benchmarks/bidst_grid.py --out runs/bidst-grid --report-only  # tables from what has finished
+    python benchmarks/bidst_grid.py --only bidst,bidst-control --jobs 1  # train these labels, leave the docs
 """
 
 from __future__ import annotations
@@ -245,10 +246,19 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from finished runs")
     parser.add_argument("--limit", type=int, default=0, help="train only the first N runs of the grid (0: all)")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--only", default="", help="comma-separated labels: train only these, rewrite no tables")
     args = parser.parse_args()
+    only = [label for label in args.only.split(",") if label]
+    labels = {run.label for run in grid()}
+    if unknown := [label for label in only if label not in labels]:
+        parser.error(f"unknown label(s) for --only: {', '.join(unknown)} (labels: {', '.join(sorted(labels))})")
     if not args.report_only:
+        runs = [run for run in grid()[: args.limit or None] if not only or run.label in only]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda run: train(run, args.out), grid()[: args.limit or None]))
+            list(pool.map(lambda run: train(run, args.out), runs))
+    if only:  # the tables need every run of the grid; a partial set would overwrite them with gaps
+        print(f"trained {', '.join(only)} in {args.out}; tables not rewritten")
+        return
     write_results(report(args.out), args.results)
     print(f"wrote {args.results}")
 
