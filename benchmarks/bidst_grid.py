@@ -45,6 +45,7 @@ METHODS: dict[str, list[str]] = {  # every schedule revises the topology every 1
     "static": ["method=static"],
     "set": ["method=set"],
     "rigl": ["method=rigl"],
+    "rigl drop_fraction=0.7": ["method=rigl", "method_args.drop_fraction=0.7"],  # BiDST's default α, for fairness
     "snfs": ["method=snfs"],
     "mest": ["method=mest", "method_args.interval=100", "method_args.interval_unit=steps"],
     "bidst": BIDST,

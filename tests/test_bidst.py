@@ -227,7 +227,7 @@ def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, *
 @pytest.mark.parametrize("swap,frac", [("forced", 0.1), ("capped", 0.0)])
 def test_commit_only_when_flag_holds_and_active_count_fixed(swap, frac):
     record: list = []
-    sp, _, _ = _train(steps=32, record=record, mask_interval=4, min_swap_fraction=frac, swap=swap)
+    sp, _, _ = _train(steps=32, record=record, mask_interval=4, min_swap_fraction=frac, swap=swap, drop_fraction=0.3)
     assert record, "some layer should commit"
     for step, name, swaps, budget in record:
         assert step % 4 == 0 and step <= int(0.75 * 32)
@@ -239,7 +239,7 @@ def test_commit_only_when_flag_holds_and_active_count_fixed(swap, frac):
 
 def test_flag_never_up_means_no_commit():
     none: list = []
-    _train(steps=20, record=none, mask_interval=5, min_swap_fraction=0.5)  # α·k never reaches half of the actives
+    _train(steps=20, record=none, mask_interval=5, min_swap_fraction=0.5, drop_fraction=0.3)  # α·k < half the actives
     assert none == []
 
 

@@ -47,7 +47,7 @@ class BiDST:
 
     name: ClassVar[str] = "bidst"
     default_distribution: ClassVar[str] = "erk"
-    explore_ratio: float = 0.5  # ρ: ⌈ρ·k⌉ inactive exploration candidates per layer
+    explore_ratio: float = 1.0  # ρ: ⌈ρ·k⌉ inactive exploration candidates per layer
     explore: str = "gradient"  # refill E at a commit by dense-gradient magnitude (counted) or "random"
     tau_start: float = 1.0  # temperature of the Gumbel-sigmoid relaxation at the start ...
     tau_end: float = 1.0  # ... annealed geometrically to this at stop_fraction (0.1 was no better on val)
@@ -57,14 +57,14 @@ class BiDST:
     mask_interval: int = 100  # steps between checks of the topology flag (RigL's ΔT)
     min_swap_fraction: float = 0.01  # a layer commits only if it swaps at least this share of its actives
     swap: str = "forced"  # forced: exactly α·k swaps; capped: at most α·k, where a candidate outranks an active
-    drop_fraction: float = 0.3  # α at step 0, cosine-decayed to 0 at stop_fraction
+    drop_fraction: float = 0.7  # α at step 0, cosine-decayed to 0 at stop_fraction (RigL's 0.3 was worse on val)
     stop_fraction: float = 0.75  # no mask learning nor topology change after this share of training
     grow_init: str = "zero"  # new active weights start at zero or at their shadow value ("shadow")
     rank: str = "psi_plus_log_magnitude"  # ranking for the hard top-k: psi | psi_plus_log_magnitude
     hypergradient: str = "first_order"  # first_order | implicit_diag | unrolled | second_order_diag
     implicit_coef: float = 0.0  # 1/λ of implicit_diag; 0: 1 / the optimizer's weight decay
     unroll_eps: float = 0.01  # unrolled: finite-difference step, divided by the vector's norm (DARTS)
-    learn_every: int = 5  # learn scores and shadow weights every this many steps (mask-learning cost / n)
+    learn_every: int = 10  # learn scores and shadow weights every this many steps (mask-learning cost / n)
     mask_rows: float = 1.0  # share of the output rows (batch × positions) the sampled gradient at E sums over
     row_sampling: str = "uniform"  # how those rows are drawn: uniform (without replacement) | grad_norm (∝ |dL/dy_r|)
     explore_refresh: float = 0.0  # at a commit, also replace this share of the non-grown E (lowest-ranked) by fresh picks
