@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bidst
-from bidst.backend import supports
+from bidst.backend import BatchInnermostLinear, supports
 from bidst.methods import METHODS
 from bidst.sparse import SparseConv2d, SparseLinear
 
@@ -58,7 +58,7 @@ def test_sparse_backend_follows_masked_step_for_step(method, opt_name):
     steps = 12
     runs = [build(b, method, opt_name, steps) for b in ("masked", "sparse")]
     (dm, dopt, dsp), (sm, sopt, ssp) = runs
-    assert set(ssp.sparse_layers) == set(ssp.sparse_names())
+    assert set(ssp.sparse_layers) == {n for n in ssp.sparse_names() if ssp.target_densities[n] < 1.0}
     x, y = make_data(256)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -138,6 +138,20 @@ def test_sparse_layers_replace_the_dense_ones_and_the_optimizer_entries():
     assert held == {id(p) for p in model.parameters()}
     assert sp.params["fc1.weight"] is model.fc1.values and sp.modules["fc1.weight"] is model.fc1
     assert [r.shape for r in sp.report()] == [(8, 1, 3, 3), (16, 8, 3, 3), (32, 256), (4, 32)]
+
+
+def test_layers_at_density_one_stay_dense_and_dense_linears_take_batch_innermost_inputs():
+    """ERK puts conv1 (72 weights) at density 1: it is not swapped; fc2, kept dense, becomes a BatchInnermostLinear."""
+    model, opt, sp = build("sparse", "rigl", "sgd", 10, sparsity=0.5, distribution="erk", dense_last=True)
+    assert sp.target_densities["conv1.weight"] == 1.0 and type(model.conv1) is nn.Conv2d
+    assert "conv1.weight" not in sp.sparse_layers and isinstance(model.conv2, SparseConv2d)
+    assert isinstance(model.fc2, BatchInnermostLinear)
+    x = torch.randn(16, 32).t().contiguous().t().requires_grad_(True)  # batch-innermost, as sparse layers emit
+    reference = nn.functional.linear(x.detach().contiguous(), model.fc2.weight, model.fc2.bias)
+    out = model.fc2(x)
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, 2 * reference @ model.fc2.weight)
 
 
 def test_sparse_checkpoint_roundtrip_continues_identically():

@@ -143,7 +143,8 @@ class Sparsifier:
 
     def _swap_in(self) -> None:
         """Replace the changeable layers by sparse twins, their weights in the optimizer by the compact values."""
-        names = self.sparse_names()
+        # a layer at target density 1 computes faster dense, and a fixed-budget method never thins it
+        names = [n for n in self.sparse_names() if self.target_densities[n] < 1.0]
         backends.check_layers({n: self.modules[n] for n in names})
         self.sparse_layers = backends.swap_in(_unwrap(self.model), self.optimizer, {n: self.masks[n] for n in names})
         for name, layer in self.sparse_layers.items():
