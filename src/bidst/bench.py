@@ -117,7 +117,12 @@ def random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) ->
 
 
 def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Step, Step]:
-    """(dense step, sparse step) closures: forward and backward for input, weight and bias of one layer."""
+    """(dense step, sparse step) closures: forward and backward for input, weight and bias of one layer.
+
+    Each backend gets its input and output gradient in the memory layout it sees inside a model:
+    contiguous for dense; for sparse Linear layers batch-innermost, the layout the sparse layer
+    before it emits (the first sparse layer of a model pays one transpose more, in the whole step).
+    """
     if layer.kind == "linear":
         shape: tuple[int, ...] = (layer.cout, layer.cin)
         x = torch.randn(layer.batch, layer.cin, generator=gen)
@@ -125,6 +130,7 @@ def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Ste
         shape = (layer.cout, layer.cin, layer.k, layer.k)
         x = torch.randn(layer.batch, layer.cin, layer.size, layer.size, generator=gen)
     x.requires_grad_(True)
+    xs = x.detach().t().contiguous().t().requires_grad_(True) if layer.kind == "linear" else x
     mask = random_mask(shape, density, gen)
     w = (torch.randn(shape, generator=gen) * mask).requires_grad_(True)
     b = torch.zeros(layer.cout, requires_grad=True)
@@ -138,19 +144,20 @@ def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Ste
 
     def sparse_fwd() -> torch.Tensor:
         if layer.kind == "linear":
-            return sparse_linear(x, values, structure, b)
+            return sparse_linear(xs, values, structure, b)
         return sparse_conv2d(x, values, structure, b, layer.stride, layer.padding)
 
     gy = torch.randn_like(dense_fwd().detach())
+    gys = gy.t().contiguous().t() if layer.kind == "linear" else gy
 
-    def step(fwd: Callable[[], torch.Tensor]) -> Step:
+    def step(fwd: Callable[[], torch.Tensor], grad: torch.Tensor) -> Step:
         def run() -> None:
-            x.grad = w.grad = b.grad = values.grad = None
-            fwd().backward(gy)
+            x.grad = xs.grad = w.grad = b.grad = values.grad = None
+            fwd().backward(grad)
 
         return run
 
-    return step(dense_fwd), step(sparse_fwd)
+    return step(dense_fwd, gy), step(sparse_fwd, gys)
 
 
 @dataclass
