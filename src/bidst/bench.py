@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -25,12 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import atomic_write
 from .engine import sparsify
 from .models import create_model
 from .sparse import SparseStructure, sparse_conv2d, sparse_linear
 
 Step = Callable[[], None]
 UPDATE_INTERVAL = 100  # RigL's default topology-update interval, in steps
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,55 @@ def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, 
             emit(f"| {layer.name} | {layer.count} | " + " | ".join(cells) + " |")
 
 
+def profile(models: list[str], sparsities: list[float], out: list[str], steps: int = 10, top: int = 8) -> None:
+    """Append, per model and sparsity, where a regular sparse training step spends its time (torch.profiler).
+
+    Numba kernels run inside the sparse autograd functions, so their time is those rows' self time.
+    """
+    gen = torch.Generator().manual_seed(0)
+    out.append("\n### Where a sparse step's time goes (torch.profiler, self time per step)\n")
+    for name in models:
+        for s in sparsities:
+            step = training_steps(name, 1.0 - s, 10**9, gen, time.perf_counter)[1]
+            for _ in range(3):
+                step()
+            with torch.profiler.profile() as prof:
+                for _ in range(steps):
+                    step()
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events)
+            out.append(f"{name} at {s:.0%}: {total / steps / 1e3:.2f} ms per step under the profiler\n")
+            out.append("| operation | calls per step | ms per step | share |")
+            out.append("| --- | --- | --- | --- |")
+            for e in events[:top]:
+                out.append(f"| `{e.key}` | {e.count / steps:g} | {e.self_cpu_time_total / steps / 1e3:.2f} | "
+                           f"{100 * e.self_cpu_time_total / total:.1f}% |")  # fmt: skip
+            out.append("")
+    print("\n".join(out[-1 - len(models) * len(sparsities) * (top + 4):]), flush=True)
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """Write the report to `path`, or only between its bench markers if the file has them (prose kept)."""
+    text = "\n".join(lines) + "\n"
+    old = path.read_text() if path.exists() else ""
+    start, end = MARKERS
+    if start in old and end in old:
+        text = old[: old.index(start) + len(start)] + "\n" + text + old[old.index(end) :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `bidst bench`; returns the exit code."""
     ap = argparse.ArgumentParser(prog="bidst bench", description=__doc__.splitlines()[0])
@@ -276,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stat", choices=["median", "min"], default="min", help="min resists a busy machine")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu", help="cpu: process time (one thread only)")
     ap.add_argument("--no-layers", action="store_true", help="whole steps only")
-    ap.add_argument("--out", help="write the Markdown report here (e.g. docs/performance.md)")
+    ap.add_argument("--profile", action="store_true", help="also profile a regular sparse step per model and sparsity")
+    ap.add_argument("--out", help="write the Markdown report here (between its bench markers if it has them)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in MODELS]
@@ -298,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Performance: the sparse backend against dense",
         "",
         f"Command: `bidst bench {' '.join(argv if argv is not None else sys.argv[2:])}`".rstrip() + "  ",
-        (f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} thread(s), "
+        (f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} thread(s) used, "
          f"torch {torch.__version__}, numba {numba.__version__}, Python {platform.python_version()}  "),
         (f"Timing: {args.stat} of {args.reps} interleaved repetitions, {args.clock} clock. Ratios below 1 mean the "
          "sparse backend is faster."),
@@ -306,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in out:
         print(line)
     run(models, sparsities, timer, not args.no_layers, out)
+    if args.profile:
+        profile(models, sparsities, out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(out) + "\n")
+        write_report(Path(args.out), out)
     return 0
