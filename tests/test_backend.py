@@ -18,6 +18,7 @@ from torch import nn
 import bidst
 from bidst.backend import BatchInnermostLinear, supports
 from bidst.methods import METHODS
+from bidst.methods.rigl import RigL
 from bidst.sparse import SparseConv2d, SparseLinear
 
 SPARSE_METHODS = [m for m in bidst.list_methods() if supports(METHODS.get(m), "sparse")]
@@ -207,3 +208,33 @@ def test_backend_errors(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     with pytest.raises(bidst.BidstError, match="single-process"):
         bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, backend="sparse")
+
+
+class SampledRigL(RigL):
+    """RigL that also asks, every step, for the gradient at a few inactive positions of each layer."""
+
+    def sampled_positions(self, step: int, sp) -> dict[str, torch.Tensor]:
+        return {n: (~sp.masks[n]).view(-1).nonzero().squeeze(1)[step % 3 :: 5] for n in sp.sparse_names()}
+
+
+def test_sampled_positions_come_back_as_the_dense_gradient_there():
+    """A method's `sampled_positions` are served by the sparse kernels (or read off a captured dense gradient)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    dense = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.Sparsifier(model, opt, SampledRigL(interval=2), sparsity=0.8, total_steps=8, backend="sparse")
+    x, y = make_data(32)
+    for step in range(1, 7):
+        positions = {n: p.clone() for n, p in sp._sampled_requested.items()}
+        with torch.no_grad():  # the dense twin holds the sparse model's current weights
+            for name, param in dense.named_parameters():
+                param.copy_(sp.weight(name) if name in sp.sparse_layers else dict(model.named_parameters())[name])
+        loss = nn.functional.cross_entropy(dense(x), y)
+        grads = dict(zip(positions, torch.autograd.grad(loss, [dense.get_parameter(n) for n in positions])))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+        assert set(sp.sampled_grads) == set(positions) == set(sp.sparse_layers) and sp.captured_dense_grad == (step % 2 == 0)
+        for name, pos in positions.items():
+            torch.testing.assert_close(sp.sampled_grads[name], grads[name].reshape(-1)[pos], **TOL)
