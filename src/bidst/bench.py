@@ -29,7 +29,7 @@ from torch import nn
 from .checkpoint import atomic_write
 from .engine import sparsify
 from .models import create_model
-from .sparse import SparseStructure, sparse_conv2d, sparse_linear
+from .sparse import SparseModule, SparseStructure, sparse_conv2d, sparse_linear
 
 Step = Callable[[], None]
 UPDATE_INTERVAL = 100  # RigL's default topology-update interval, in steps
@@ -187,10 +187,19 @@ class Timer:
         return self.stat(td), self.stat(ts)
 
 
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters, optimizer tensors (momentum buffers, moments) and sparse layers' index arrays."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    indices = sum(m.structure.nbytes() for m in model.modules() if isinstance(m, SparseModule))
+    return params + indices + sum(
+        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+    )
+
+
 def training_steps(
     model_name: str, density: float, interval: int, gen: torch.Generator, clock: Callable[[], float]
-) -> tuple[Step, Step, Callable[[], float]]:
-    """(dense step, sparse step, seconds rebuilding so far) for a whole training step of a model.
+) -> tuple[Step, Step, Callable[[], float], Callable[[], float]]:
+    """(dense step, sparse step, seconds rebuilding so far, sparse / dense parameter + optimizer bytes).
 
     The sparse step runs RigL through a `backend="sparse"` Sparsifier with topology updates every
     `interval` steps (uniform masks at `density`, first conv and classifier dense); `clock` times its rebuilds.
@@ -218,7 +227,8 @@ def training_steps(
         F.cross_entropy(sparse(x), target).backward()
         sp.step()
 
-    return dense_step, sparse_step, lambda: sp.rebuild_seconds
+    memory = lambda: state_bytes(sparse, sparse_opt) / state_bytes(dense, dense_opt)  # noqa: E731
+    return dense_step, sparse_step, lambda: sp.rebuild_seconds, memory
 
 
 def ratio_row(results: dict[str, dict[str, float]], sparsities: list[float], key: str = "ratio") -> str:
@@ -237,24 +247,27 @@ def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, 
     emit("\n### Whole training step, sparse / dense time (forward, loss, backward, optimizer, RigL)\n")
     emit(f"Amortised over RigL's {UPDATE_INTERVAL}-step update interval; `update` is one update step alone (dense "
          "gradient, drop/grow, rebuild) over a dense step; `rebuild` is the share of training time spent rebuilding "
-         "sparse structures and optimizer state at the default interval.\n")
+         "sparse structures and optimizer state at the default interval; `memory` is the bytes of parameters, "
+         "optimizer state (momentum) and, for sparse, the index arrays, sparse over dense.\n")
     emit("| model | | " + head[2:])
     emit("|" + " --- |" * (len(sparsities) + 2))
     for name in models:
         rows: dict[str, dict[str, float]] = {}
         for s in sparsities:
             td, ts = timer.interleaved(*training_steps(name, 1.0 - s, 10**9, gen, timer.clock)[:2])
-            dense_u, sparse_u, rebuilt = training_steps(name, 1.0 - s, 1, gen, timer.clock)
+            dense_u, sparse_u, rebuilt, memory = training_steps(name, 1.0 - s, 1, gen, timer.clock)
             before = rebuilt()
             _, tu = timer.interleaved(dense_u, sparse_u)
             per_update = (rebuilt() - before) / (timer.reps + 1)
             amortised = ts + (tu - ts) / UPDATE_INTERVAL
             rows[str(s)] = {"ratio": amortised / td, "regular": ts / td, "update": tu / td,
-                            "rebuild": per_update / (UPDATE_INTERVAL * amortised), "dense_ms": td * 1e3}
+                            "rebuild": per_update / (UPDATE_INTERVAL * amortised), "dense_ms": td * 1e3,
+                            "memory": memory()}
         emit(f"| {name} | step | {ratio_row(rows, sparsities)} |")
         emit(f"| | update | {ratio_row(rows, sparsities, 'update')} |")
         emit("| | rebuild | " + " | ".join(f"{100 * rows[str(s)]['rebuild']:.3f}%" for s in sparsities) + " |")
         emit("| | dense ms | " + " | ".join(f"{rows[str(s)]['dense_ms']:.1f}" for s in sparsities) + " |")
+        emit(f"| | memory | {ratio_row(rows, sparsities, 'memory')} |")
     if not layers:
         return
     emit("\n### Per layer shape, sparse / dense time (forward + input grad + weight grad)\n")
