@@ -238,3 +238,32 @@ def test_sampled_positions_come_back_as_the_dense_gradient_there():
         assert set(sp.sampled_grads) == set(positions) == set(sp.sparse_layers) and sp.captured_dense_grad == (step % 2 == 0)
         for name, pos in positions.items():
             torch.testing.assert_close(sp.sampled_grads[name], grads[name].reshape(-1)[pos], **TOL)
+
+
+@pytest.mark.parametrize("hypergradient", ["first_order", "second_order_diag"])
+def test_bidst_learns_the_same_scores_and_shadows_on_both_backends(hypergradient):
+    """BiDST's candidates' gradients come from the kernels under `sparse` and from captures under `masked`."""
+    steps = 16
+    # SGD on the scores: Adam's m1/sqrt(m2) would amplify float rounding where a gradient is ~0
+    options = {"learn_every": 1, "mask_interval": 4, "explore_ratio": 1.0, "hypergradient": hypergradient,
+               "mask_optimizer": "sgd", "mask_lr": 10.0}
+    runs = [build(b, "bidst", "sgd", steps, **options) for b in ("masked", "sparse")]
+    x, y = make_data(256)
+    for step in range(steps):
+        for model, opt, sp in runs:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[step * 16 : step * 16 + 32]), y[step * 16 : step * 16 + 32]).backward()
+            sp.step()
+    (_, _, masked), (_, _, sparse) = runs
+    assert sparse.topology_changes == masked.topology_changes >= 2 and sparse.costs == pytest.approx(masked.costs)
+    for name, state in masked.method._layers.items():
+        other = sparse.method._layers[name]
+        assert torch.equal(state["pos"], other["pos"]) and torch.equal(masked.masks[name], sparse.masks[name])
+        assert bool(masked.masks[name].all()) or state["psi"].abs().sum() > 0  # learned where there are candidates
+        for key in ("psi", "shadow"):
+            torch.testing.assert_close(other[key], state[key], rtol=1e-3, atol=1e-4)
+
+
+def test_bidst_unrolled_needs_the_masked_backend():
+    with pytest.raises(bidst.BidstError, match="unrolled.*backend 'masked'"):
+        build("sparse", "bidst", "sgd", 10, hypergradient="unrolled")
