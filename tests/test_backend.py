@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bidst
-from bidst.backend import supports
+from bidst.backend import BatchInnermostLinear, supports
 from bidst.methods import METHODS
+from bidst.methods.rigl import RigL
 from bidst.sparse import SparseConv2d, SparseLinear
 
 SPARSE_METHODS = [m for m in bidst.list_methods() if supports(METHODS.get(m), "sparse")]
@@ -58,7 +59,7 @@ def test_sparse_backend_follows_masked_step_for_step(method, opt_name):
     steps = 12
     runs = [build(b, method, opt_name, steps) for b in ("masked", "sparse")]
     (dm, dopt, dsp), (sm, sopt, ssp) = runs
-    assert set(ssp.sparse_layers) == set(ssp.sparse_names())
+    assert set(ssp.sparse_layers) == {n for n in ssp.sparse_names() if ssp.target_densities[n] < 1.0}
     x, y = make_data(256)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -140,6 +141,20 @@ def test_sparse_layers_replace_the_dense_ones_and_the_optimizer_entries():
     assert [r.shape for r in sp.report()] == [(8, 1, 3, 3), (16, 8, 3, 3), (32, 256), (4, 32)]
 
 
+def test_layers_at_density_one_stay_dense_and_dense_linears_take_batch_innermost_inputs():
+    """ERK puts conv1 (72 weights) at density 1: it is not swapped; fc2, kept dense, becomes a BatchInnermostLinear."""
+    model, opt, sp = build("sparse", "rigl", "sgd", 10, sparsity=0.5, distribution="erk", dense_last=True)
+    assert sp.target_densities["conv1.weight"] == 1.0 and type(model.conv1) is nn.Conv2d
+    assert "conv1.weight" not in sp.sparse_layers and isinstance(model.conv2, SparseConv2d)
+    assert isinstance(model.fc2, BatchInnermostLinear)
+    x = torch.randn(16, 32).t().contiguous().t().requires_grad_(True)  # batch-innermost, as sparse layers emit
+    reference = nn.functional.linear(x.detach().contiguous(), model.fc2.weight, model.fc2.bias)
+    out = model.fc2(x)
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, 2 * reference @ model.fc2.weight)
+
+
 def test_sparse_checkpoint_roundtrip_continues_identically():
     model, opt, sp = build("sparse", "rigl", "adam", 12)
     x, y = make_data(64)
@@ -193,3 +208,62 @@ def test_backend_errors(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     with pytest.raises(bidst.BidstError, match="single-process"):
         bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, backend="sparse")
+
+
+class SampledRigL(RigL):
+    """RigL that also asks, every step, for the gradient at a few inactive positions of each layer."""
+
+    def sampled_positions(self, step: int, sp) -> dict[str, torch.Tensor]:
+        return {n: (~sp.masks[n]).view(-1).nonzero().squeeze(1)[step % 3 :: 5] for n in sp.sparse_names()}
+
+
+def test_sampled_positions_come_back_as_the_dense_gradient_there():
+    """A method's `sampled_positions` are served by the sparse kernels (or read off a captured dense gradient)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    dense = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.Sparsifier(model, opt, SampledRigL(interval=2), sparsity=0.8, total_steps=8, backend="sparse")
+    x, y = make_data(32)
+    for step in range(1, 7):
+        positions = {n: p.clone() for n, p in sp._sampled_requested.items()}
+        with torch.no_grad():  # the dense twin holds the sparse model's current weights
+            for name, param in dense.named_parameters():
+                param.copy_(sp.weight(name) if name in sp.sparse_layers else dict(model.named_parameters())[name])
+        loss = nn.functional.cross_entropy(dense(x), y)
+        grads = dict(zip(positions, torch.autograd.grad(loss, [dense.get_parameter(n) for n in positions])))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+        assert set(sp.sampled_grads) == set(positions) == set(sp.sparse_layers) and sp.captured_dense_grad == (step % 2 == 0)
+        for name, pos in positions.items():
+            torch.testing.assert_close(sp.sampled_grads[name], grads[name].reshape(-1)[pos], **TOL)
+
+
+@pytest.mark.parametrize("hypergradient", ["first_order", "second_order_diag"])
+def test_bidst_learns_the_same_scores_and_shadows_on_both_backends(hypergradient):
+    """BiDST's candidates' gradients come from the kernels under `sparse` and from captures under `masked`."""
+    steps = 16
+    # SGD on the scores: Adam's m1/sqrt(m2) would amplify float rounding where a gradient is ~0
+    options = {"learn_every": 1, "mask_interval": 4, "explore_ratio": 1.0, "hypergradient": hypergradient,
+               "mask_optimizer": "sgd", "mask_lr": 10.0}
+    runs = [build(b, "bidst", "sgd", steps, **options) for b in ("masked", "sparse")]
+    x, y = make_data(256)
+    for step in range(steps):
+        for model, opt, sp in runs:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[step * 16 : step * 16 + 32]), y[step * 16 : step * 16 + 32]).backward()
+            sp.step()
+    (_, _, masked), (_, _, sparse) = runs
+    assert sparse.topology_changes == masked.topology_changes >= 2 and sparse.costs == pytest.approx(masked.costs)
+    for name, state in masked.method._layers.items():
+        other = sparse.method._layers[name]
+        assert torch.equal(state["pos"], other["pos"]) and torch.equal(masked.masks[name], sparse.masks[name])
+        assert bool(masked.masks[name].all()) or state["psi"].abs().sum() > 0  # learned where there are candidates
+        for key in ("psi", "shadow"):
+            torch.testing.assert_close(other[key], state[key], rtol=1e-3, atol=1e-4)
+
+
+def test_bidst_unrolled_needs_the_masked_backend():
+    with pytest.raises(bidst.BidstError, match="unrolled.*backend 'masked'"):
+        build("sparse", "bidst", "sgd", 10, hypergradient="unrolled")

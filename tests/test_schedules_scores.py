@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from bidst.methods.common import allocate
 from bidst.schedules import cosine_decay, cubic_sparsity, is_update_step, linear_decay
-from bidst.scores import drop_lowest, grow_highest, set_drop
+from bidst.scores import _top, _top_torch, drop_lowest, grow_highest, set_drop
 
 
 def test_cosine_decay_endpoints_and_midpoint():
@@ -55,6 +55,27 @@ def test_ties_are_broken_by_index():
     scores = torch.zeros(10)
     eligible = torch.ones(10, dtype=torch.bool)
     assert grow_highest(scores, eligible, 3).tolist() == [0, 1, 2]
+
+
+SCORE = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 3e38, float("inf"), float("-inf")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.one_of(SCORE, st.floats(-1e6, 1e6, width=32)), min_size=1, max_size=300), data=st.data())
+def test_numba_selection_equals_the_torch_reference(values, data):
+    """bidst._select (CPU) and the torch path pick the same positions in the same order, ties and infinities included."""
+    scores = torch.tensor(values, dtype=torch.float32)
+    eligible = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(values), max_size=len(values))))
+    if not eligible.any():
+        eligible[0] = True
+    k = data.draw(st.integers(1, int(eligible.sum())))
+    for largest in (True, False):
+        chosen = _top(scores, eligible, k, largest)
+        assert torch.equal(chosen, _top_torch(scores, eligible, k, largest))
+        assert chosen.numel() == k and bool(eligible[chosen].all())
+        worst = scores[chosen].min() if largest else scores[chosen].max()
+        rest = scores[eligible & ~torch.isin(torch.arange(len(values)), chosen)]
+        assert bool((rest <= worst).all() if largest else (rest >= worst).all())
 
 
 def test_too_many_positions_raises():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -25,12 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import atomic_write
 from .engine import sparsify
 from .models import create_model
-from .sparse import SparseStructure, sparse_conv2d, sparse_linear
+from .sparse import SparseModule, SparseStructure, sparse_conv2d, sparse_linear
 
 Step = Callable[[], None]
 UPDATE_INTERVAL = 100  # RigL's default topology-update interval, in steps
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,12 @@ def random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) ->
 
 
 def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Step, Step]:
-    """(dense step, sparse step) closures: forward and backward for input, weight and bias of one layer."""
+    """(dense step, sparse step) closures: forward and backward for input, weight and bias of one layer.
+
+    Each backend gets its input and output gradient in the memory layout it sees inside a model:
+    contiguous for dense; for sparse Linear layers batch-innermost, the layout the sparse layer
+    before it emits (the first sparse layer of a model pays one transpose more, in the whole step).
+    """
     if layer.kind == "linear":
         shape: tuple[int, ...] = (layer.cout, layer.cin)
         x = torch.randn(layer.batch, layer.cin, generator=gen)
@@ -125,6 +133,7 @@ def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Ste
         shape = (layer.cout, layer.cin, layer.k, layer.k)
         x = torch.randn(layer.batch, layer.cin, layer.size, layer.size, generator=gen)
     x.requires_grad_(True)
+    xs = x.detach().t().contiguous().t().requires_grad_(True) if layer.kind == "linear" else x
     mask = random_mask(shape, density, gen)
     w = (torch.randn(shape, generator=gen) * mask).requires_grad_(True)
     b = torch.zeros(layer.cout, requires_grad=True)
@@ -138,19 +147,20 @@ def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Ste
 
     def sparse_fwd() -> torch.Tensor:
         if layer.kind == "linear":
-            return sparse_linear(x, values, structure, b)
+            return sparse_linear(xs, values, structure, b)
         return sparse_conv2d(x, values, structure, b, layer.stride, layer.padding)
 
     gy = torch.randn_like(dense_fwd().detach())
+    gys = gy.t().contiguous().t() if layer.kind == "linear" else gy
 
-    def step(fwd: Callable[[], torch.Tensor]) -> Step:
+    def step(fwd: Callable[[], torch.Tensor], grad: torch.Tensor) -> Step:
         def run() -> None:
-            x.grad = w.grad = b.grad = values.grad = None
-            fwd().backward(gy)
+            x.grad = xs.grad = w.grad = b.grad = values.grad = None
+            fwd().backward(grad)
 
         return run
 
-    return step(dense_fwd), step(sparse_fwd)
+    return step(dense_fwd, gy), step(sparse_fwd, gys)
 
 
 @dataclass
@@ -177,10 +187,19 @@ class Timer:
         return self.stat(td), self.stat(ts)
 
 
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters, optimizer tensors (momentum buffers, moments) and sparse layers' index arrays."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    indices = sum(m.structure.nbytes() for m in model.modules() if isinstance(m, SparseModule))
+    return params + indices + sum(
+        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+    )
+
+
 def training_steps(
     model_name: str, density: float, interval: int, gen: torch.Generator, clock: Callable[[], float]
-) -> tuple[Step, Step, Callable[[], float]]:
-    """(dense step, sparse step, seconds rebuilding so far) for a whole training step of a model.
+) -> tuple[Step, Step, Callable[[], float], Callable[[], float]]:
+    """(dense step, sparse step, seconds rebuilding so far, sparse / dense parameter + optimizer bytes).
 
     The sparse step runs RigL through a `backend="sparse"` Sparsifier with topology updates every
     `interval` steps (uniform masks at `density`, first conv and classifier dense); `clock` times its rebuilds.
@@ -208,7 +227,8 @@ def training_steps(
         F.cross_entropy(sparse(x), target).backward()
         sp.step()
 
-    return dense_step, sparse_step, lambda: sp.rebuild_seconds
+    memory = lambda: state_bytes(sparse, sparse_opt) / state_bytes(dense, dense_opt)  # noqa: E731
+    return dense_step, sparse_step, lambda: sp.rebuild_seconds, memory
 
 
 def ratio_row(results: dict[str, dict[str, float]], sparsities: list[float], key: str = "ratio") -> str:
@@ -227,24 +247,27 @@ def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, 
     emit("\n### Whole training step, sparse / dense time (forward, loss, backward, optimizer, RigL)\n")
     emit(f"Amortised over RigL's {UPDATE_INTERVAL}-step update interval; `update` is one update step alone (dense "
          "gradient, drop/grow, rebuild) over a dense step; `rebuild` is the share of training time spent rebuilding "
-         "sparse structures and optimizer state at the default interval.\n")
+         "sparse structures and optimizer state at the default interval; `memory` is the bytes of parameters, "
+         "optimizer state (momentum) and, for sparse, the index arrays, sparse over dense.\n")
     emit("| model | | " + head[2:])
     emit("|" + " --- |" * (len(sparsities) + 2))
     for name in models:
         rows: dict[str, dict[str, float]] = {}
         for s in sparsities:
             td, ts = timer.interleaved(*training_steps(name, 1.0 - s, 10**9, gen, timer.clock)[:2])
-            dense_u, sparse_u, rebuilt = training_steps(name, 1.0 - s, 1, gen, timer.clock)
+            dense_u, sparse_u, rebuilt, memory = training_steps(name, 1.0 - s, 1, gen, timer.clock)
             before = rebuilt()
             _, tu = timer.interleaved(dense_u, sparse_u)
             per_update = (rebuilt() - before) / (timer.reps + 1)
             amortised = ts + (tu - ts) / UPDATE_INTERVAL
             rows[str(s)] = {"ratio": amortised / td, "regular": ts / td, "update": tu / td,
-                            "rebuild": per_update / (UPDATE_INTERVAL * amortised), "dense_ms": td * 1e3}
+                            "rebuild": per_update / (UPDATE_INTERVAL * amortised), "dense_ms": td * 1e3,
+                            "memory": memory()}
         emit(f"| {name} | step | {ratio_row(rows, sparsities)} |")
         emit(f"| | update | {ratio_row(rows, sparsities, 'update')} |")
         emit("| | rebuild | " + " | ".join(f"{100 * rows[str(s)]['rebuild']:.3f}%" for s in sparsities) + " |")
         emit("| | dense ms | " + " | ".join(f"{rows[str(s)]['dense_ms']:.1f}" for s in sparsities) + " |")
+        emit(f"| | memory | {ratio_row(rows, sparsities, 'memory')} |")
     if not layers:
         return
     emit("\n### Per layer shape, sparse / dense time (forward + input grad + weight grad)\n")
@@ -259,6 +282,55 @@ def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, 
             emit(f"| {layer.name} | {layer.count} | " + " | ".join(cells) + " |")
 
 
+def profile(models: list[str], sparsities: list[float], out: list[str], steps: int = 10, top: int = 8) -> None:
+    """Append, per model and sparsity, where a regular sparse training step spends its time (torch.profiler).
+
+    Numba kernels run inside the sparse autograd functions, so their time is those rows' self time.
+    """
+    gen = torch.Generator().manual_seed(0)
+    out.append("\n### Where a sparse step's time goes (torch.profiler, self time per step)\n")
+    for name in models:
+        for s in sparsities:
+            step = training_steps(name, 1.0 - s, 10**9, gen, time.perf_counter)[1]
+            for _ in range(3):
+                step()
+            with torch.profiler.profile() as prof:
+                for _ in range(steps):
+                    step()
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events)
+            out.append(f"{name} at {s:.0%}: {total / steps / 1e3:.2f} ms per step under the profiler\n")
+            out.append("| operation | calls per step | ms per step | share |")
+            out.append("| --- | --- | --- | --- |")
+            for e in events[:top]:
+                out.append(f"| `{e.key}` | {e.count / steps:g} | {e.self_cpu_time_total / steps / 1e3:.2f} | "
+                           f"{100 * e.self_cpu_time_total / total:.1f}% |")  # fmt: skip
+            out.append("")
+    print("\n".join(out[-1 - len(models) * len(sparsities) * (top + 4):]), flush=True)
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """Write the report to `path`, or only between its bench markers if the file has them (prose kept)."""
+    text = "\n".join(lines) + "\n"
+    old = path.read_text() if path.exists() else ""
+    start, end = MARKERS
+    if start in old and end in old:
+        text = old[: old.index(start) + len(start)] + "\n" + text + old[old.index(end) :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `bidst bench`; returns the exit code."""
     ap = argparse.ArgumentParser(prog="bidst bench", description=__doc__.splitlines()[0])
@@ -269,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stat", choices=["median", "min"], default="min", help="min resists a busy machine")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu", help="cpu: process time (one thread only)")
     ap.add_argument("--no-layers", action="store_true", help="whole steps only")
-    ap.add_argument("--out", help="write the Markdown report here (e.g. docs/performance.md)")
+    ap.add_argument("--profile", action="store_true", help="also profile a regular sparse step per model and sparsity")
+    ap.add_argument("--out", help="write the Markdown report here (between its bench markers if it has them)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in MODELS]
@@ -291,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Performance: the sparse backend against dense",
         "",
         f"Command: `bidst bench {' '.join(argv if argv is not None else sys.argv[2:])}`".rstrip() + "  ",
-        (f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} thread(s), "
+        (f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} thread(s) used, "
          f"torch {torch.__version__}, numba {numba.__version__}, Python {platform.python_version()}  "),
         (f"Timing: {args.stat} of {args.reps} interleaved repetitions, {args.clock} clock. Ratios below 1 mean the "
          "sparse backend is faster."),
@@ -299,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in out:
         print(line)
     run(models, sparsities, timer, not args.no_layers, out)
+    if args.profile:
+        profile(models, sparsities, out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(out) + "\n")
+        write_report(Path(args.out), out)
     return 0

@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = 0  # model init, data order and mask decisions
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.amp)
-    threads: int = 0  # torch CPU threads; 0: PyTorch's default
+    threads: int = 0  # torch and Numba CPU threads; 0: their defaults (all cores)
     num_workers: int = 0  # data-loading worker processes
     log_every: int = 50  # steps between step lines in metrics.jsonl
     iou_interval: int = 5  # epochs between the mask snapshots whose IoU is logged (BiDST's Figure 4)

@@ -98,6 +98,8 @@ class Sparsifier:
         self.rebuild_seconds = 0.0  # time spent resizing sparse layers and optimizer state at topology changes
         self.clock: Callable[[], float] = time.perf_counter  # times the rebuilds (benchmarks use CPU time)
         self._dense_grad_requested = False  # sparse backend: the next backward captures dense gradients
+        self._sampled_requested: dict[str, torch.Tensor] = {}  # sparse backend: positions sampled in the next backward
+        self.sampled_grads: dict[str, torch.Tensor] = {}  # the last step's gradients at those positions
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
 
         self.params: dict[str, nn.Parameter] = {}
@@ -143,20 +145,44 @@ class Sparsifier:
 
     def _swap_in(self) -> None:
         """Replace the changeable layers by sparse twins, their weights in the optimizer by the compact values."""
-        names = self.sparse_names()
+        # a layer at target density 1 computes faster dense, and a fixed-budget method never thins it
+        names = [n for n in self.sparse_names() if self.target_densities[n] < 1.0]
         backends.check_layers({n: self.modules[n] for n in names})
         self.sparse_layers = backends.swap_in(_unwrap(self.model), self.optimizer, {n: self.masks[n] for n in names})
         for name, layer in self.sparse_layers.items():
             self.params[name] = layer.values
             self.modules[name] = layer
-        self._request_dense_grads(self.step_count + 1)
+        self._request_grads(self.step_count + 1)
 
-    def _request_dense_grads(self, step: int) -> None:
-        """Sparse backend: ask the sparse layers for dense gradients in the coming backward if `step` needs them."""
+    def _request_grads(self, step: int) -> None:
+        """Sparse backend: ask the sparse layers for what step `step`'s method needs from the coming backward.
+
+        The dense gradient if `wants_dense_grad`, and the gradient at the positions that an optional
+        `method.sampled_positions(step, sp)` names (a sampled product, e.g. BiDST's candidates); those
+        come back in `sampled_grads` (read off the dense gradient when one is captured anyway).
+        """
         self._dense_grad_requested = bool(self.sparse_layers) and self.method.wants_dense_grad(step, self)
-        if self._dense_grad_requested:
-            for layer in self.sparse_layers.values():
+        wanted = getattr(self.method, "sampled_positions", None)
+        positions = wanted(step, self) if self.sparse_layers and wanted is not None else None
+        self._sampled_requested = {n: p for n, p in (positions or {}).items() if n in self.sparse_layers}
+        for name, layer in self.sparse_layers.items():
+            if self._dense_grad_requested:
                 layer.request_sampled_grad(None)
+            elif name in self._sampled_requested:
+                layer.request_sampled_grad(self._sampled_requested[name])
+
+    def _take_sampled_grads(self, dense_grads: dict[str, torch.Tensor] | None, scale: float) -> None:
+        """Fill `sampled_grads` with the gradient at the positions requested for this step (divided by the loss scale)."""
+        self.sampled_grads = {}
+        for name, positions in self._sampled_requested.items():
+            if dense_grads is not None:
+                self.sampled_grads[name] = dense_grads[name].reshape(-1)[positions.to(dense_grads[name].device)]
+                continue
+            grad = self.sparse_layers[name].take_sampled_grad()
+            values = self.sparse_layers[name].values
+            if grad is None:
+                grad = torch.zeros(positions.numel(), dtype=values.dtype, device=values.device)
+            self.sampled_grads[name] = grad.detach() / scale if scale != 1.0 else grad.detach()
 
     # -- helpers for methods -------------------------------------------------------------
     def sparse_names(self) -> list[str]:
@@ -307,9 +333,9 @@ class Sparsifier:
             scaler.unscale_(self.optimizer)
         dense_grads: dict[str, torch.Tensor] | None = None
         finite = True
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
         wants = self._dense_grad_requested if self.sparse_layers else self.method.wants_dense_grad(step, self)
         if wants:
-            scale = float(scaler.get_scale()) if scaler is not None else 1.0
             dense_grads = {}
             for name, param in self.params.items():
                 layer = self.sparse_layers.get(name)
@@ -319,6 +345,7 @@ class Sparsifier:
                     grad = param.grad if param.grad is not None else torch.zeros_like(param)
                     dense_grads[name] = grad.detach().clone()
                 finite = finite and bool(torch.isfinite(dense_grads[name]).all())
+        self._take_sampled_grads(dense_grads, scale)
         with torch.no_grad():
             for name, param in self.params.items():
                 if param.grad is not None and name not in self.sparse_layers:
@@ -339,7 +366,7 @@ class Sparsifier:
             self.topology_changes += 1
             self.check_invariants()
             self.check_ranks_agree(f"after the topology change at step {step}")
-        self._request_dense_grads(step + 1)
+        self._request_grads(step + 1)
         return changed
 
     # -- inspection ---------------------------------------------------------------------
@@ -395,7 +422,7 @@ class Sparsifier:
         self.method.load_state_dict(state["method_state"])
         self.apply_masks()
         self.check_invariants()
-        self._request_dense_grads(self.step_count + 1)
+        self._request_grads(self.step_count + 1)
 
 
 def sparsify(

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numba
 import torch
 import yaml
 from torch import nn
@@ -208,8 +209,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))  # refuses before any work is done
-    if cfg.threads > 0:
+    if cfg.threads > 0:  # the sparse backend's Numba kernels too: more threads than free cores stall them
         torch.set_num_threads(cfg.threads)
+        numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
     torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams
 
     # data: each rank reads its DistributedSampler-style shard of every global batch

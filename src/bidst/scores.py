@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import torch
 
+from ._select import top_k
+
 
 def _top(scores: torch.Tensor, eligible: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Flat indices of the k eligible entries with the largest (or smallest) score; ties by index."""
+    """Flat indices of the k eligible entries with the largest (or smallest) score, best first; ties by index."""
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    n_eligible = int(eligible.sum())
-    if k > n_eligible:
-        raise ValueError(f"asked for {k} positions but only {n_eligible} are eligible")
+    flat, ok = scores.detach().flatten().float(), eligible.flatten()
+    if flat.device.type == "cpu":  # two linear passes in Numba (see bidst._select)
+        chosen = torch.from_numpy(top_k(flat.contiguous().numpy(), ok.contiguous().numpy(), k, largest))
+        if chosen.numel() == k:
+            return chosen
+    elif int(ok.sum()) >= k:
+        return _top_torch(flat, ok, k, largest)
+    raise ValueError(f"asked for {k} positions but only {int(ok.sum())} are eligible")
+
+
+def _top_torch(flat: torch.Tensor, eligible: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The same selection in torch ops, for accelerators (and as the reference of bidst._select's tests)."""
     fill = float("-inf") if largest else float("inf")
-    s = torch.where(eligible.flatten(), scores.flatten().float(), torch.full_like(scores.flatten().float(), fill))
+    s = torch.where(eligible, flat, torch.full_like(flat, fill))
     # O(n) selection instead of a full sort: everything strictly better than the k-th score, then its ties by index
     kth = torch.topk(s, k, largest=largest, sorted=False).values
     kth = kth.min() if largest else kth.max()
-    better = ((s > kth) if largest else (s < kth)).nonzero().squeeze(1)
-    ties = (s == kth).nonzero().squeeze(1)[: k - better.numel()]
+    better = (((s > kth) if largest else (s < kth)) & eligible).nonzero().squeeze(1)
+    ties = ((s == kth) & eligible).nonzero().squeeze(1)[: k - better.numel()]
     chosen = torch.sort(torch.cat([better, ties])).values
     return chosen[torch.sort(s[chosen], descending=largest, stable=True).indices]
 

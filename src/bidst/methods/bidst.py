@@ -47,6 +47,7 @@ class BiDST:
 
     name: ClassVar[str] = "bidst"
     default_distribution: ClassVar[str] = "erk"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # sparse: candidates' gradients from the kernels
     explore_ratio: float = 1.0  # ρ: ⌈ρ·k⌉ inactive exploration candidates per layer
     explore: str = "gradient"  # refill E at a commit by dense-gradient magnitude (counted) or "random"
     tau_start: float = 1.0  # temperature of the Gumbel-sigmoid relaxation at the start ...
@@ -75,6 +76,7 @@ class BiDST:
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
     _extra_pass: bool = field(default=False, init=False, repr=False)
+    _shapes: dict[str, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)  # sparse: (rows, batch)
 
     def validate(self) -> None:
         """Check every option's range and choices."""
@@ -135,6 +137,10 @@ class BiDST:
     # -- the Method protocol -----------------------------------------------------------
     def setup(self, sp: Sparsifier) -> None:
         """Random ERK masks, random initial exploration sets, zero scores; hooks on every sparse layer."""
+        if sp.backend == "sparse" and self.hypergradient == "unrolled":
+            raise BidstError("hypergradient 'unrolled' sets trial weights in dense layers: use backend 'masked'")
+        if sp.backend == "sparse" and self.mask_rows < 1.0:
+            raise BidstError("mask_rows < 1 subsamples captured rows, which backend 'sparse' does not capture: use 'masked'")
         sp.random_masks()
         for name in sp.sparse_names():
             module = sp.modules[name]
@@ -148,7 +154,8 @@ class BiDST:
             zeros = torch.zeros(pos.numel(), device=mask.device)
             self._layers[name] = {"pos": pos, "psi": zeros.clone(), "shadow": zeros.clone(),
                                   "m1": zeros.clone(), "m2": zeros.clone(), "sq": zeros.clone()}
-            self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
+            if sp.backend == "masked":  # the sparse backend's kernels serve the candidates (sampled_positions)
+                self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
 
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
         """The dense gradient is needed only to choose E by gradient: at step 1 and at flag checks."""
@@ -204,6 +211,40 @@ class BiDST:
             self._layers[name] = {k: v.clone().to(device) for k, v in saved.items()}
             self._layers[name].setdefault("sq", torch.zeros_like(self._layers[name]["shadow"]))  # older states
         self._learn_steps = int(state["learn_steps"])
+
+    def sampled_positions(self, step: int, sp: Sparsifier) -> dict[str, torch.Tensor] | None:
+        """Sparse backend: at learning steps, the exploration candidates E, whose gradient the kernels sample."""
+        if not self.learns(step, sp):
+            return None
+        if not self._hooks:  # the sparse layers exist now: note their output rows and batch on learning steps
+            for name in self._layers:
+                self._hooks.append(sp.modules[name].register_forward_hook(self._shape_hook(sp, name)))
+        return {n: s["pos"][~sp.masks[n].view(-1)[s["pos"]]] for n, s in self._layers.items()}
+
+    def _shape_hook(self, sp: Sparsifier, name: str) -> Any:
+        """A forward hook keeping (output rows, batch) of a sparse layer on learning steps, for costs and Fisher."""
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
+                self._shapes[name] = (output_rows(module, output), inputs[0].shape[0])
+
+        return hook
+
+    @staticmethod
+    def weights_at(sp: Sparsifier, name: str, positions: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """The weights (or, with `grad`, their gradients) of layer `name` at flat `positions`, 0 where inactive."""
+        layer = sp.sparse_layers.get(name)
+        if layer is None:
+            source = sp.params[name].grad if grad else sp.params[name]
+            if source is None:
+                return torch.zeros(positions.numel(), device=positions.device)
+            return source.detach().view(-1)[positions].float()
+        source = layer.values.grad if grad else layer.values
+        flat = layer.structure.flat_indices(positions.device)
+        if source is None or flat.numel() == 0:
+            return torch.zeros(positions.numel(), device=positions.device)
+        slot = torch.searchsorted(flat, positions).clamp_(max=flat.numel() - 1)
+        return torch.where(flat[slot] == positions, source.detach()[slot].float(), 0.0)
 
     # -- capture -----------------------------------------------------------------------
     def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
@@ -292,29 +333,37 @@ class BiDST:
         """From this step's captures: dL/dψ through σ((ψ+G)/τ) (straight-through) and g, both over C, per layer."""
         entries = {n: e for n, e in self._captures.items() if e and all(item[2] is not None for item in e)}
         tau = self.temperature(step, sp)
-        grads, thetas, relaxed = {}, {}, {}
-        for name, caught in entries.items():
+        grads, thetas, relaxed, batches = {}, {}, {}, {}
+        for name in [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._shapes)]:
             state = self._layers[name]
             active = sp.masks[name].view(-1)[state["pos"]]
+            if bool(active.all()):  # no candidates (a layer at density 1): nothing to rank against, no swap possible
+                continue
             module = sp.modules[name]
-            rows = sum(self.sub_rows(output_rows(module, gout)) for _, _, gout in caught)
-            if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:  # the output-gradient row norms
-                rows_all = sum(output_rows(module, gout) for _, _, gout in caught)
-                sp.add_cost("mask_learning", 2.0 * rows_all * int(module.weight.shape[0]))
-            grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
-            thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
+            if name in entries:  # masked: sampled products from the captured inputs and output gradients
+                caught = entries[name]
+                rows, batches[name] = sum(self.sub_rows(output_rows(module, g)) for _, _, g in caught), caught[0][0].shape[0]
+                if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:  # the output-gradient row norms
+                    rows_all = sum(output_rows(module, gout) for _, _, gout in caught)
+                    sp.add_cost("mask_learning", 2.0 * rows_all * int(module.weight.shape[0]))
+                grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
+                thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
+            else:  # sparse: the kernels sampled E in the backward; the actives' gradient is the values' gradient
+                rows, batches[name] = self._shapes[name]
+                grads[name] = self.weights_at(sp, name, state["pos"], grad=True)
+                grads[name][~active] = sp.sampled_grads[name].to(grads[name])
+                thetas[name] = torch.where(active, self.weights_at(sp, name, state["pos"]), state["shadow"])
             sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * rows + SCORE_FLOPS * active.numel())
             if self.consistency > 0:
                 sp.add_cost("mask_learning", CONSISTENCY_FLOPS * int((~active).sum()))
             noise = random_scores(state["psi"].shape, sp.rng, active.device).clamp_(1e-6, 1 - 1e-6)
             relaxed[name] = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
+        self._shapes.clear()
         if self.hypergradient == "unrolled" and entries:
-            mask_grads = self.unrolled_mask_grads(sp, grads, thetas, entries)
+            mask_grads = self.unrolled_mask_grads(sp, grads, thetas, {n: entries[n] for n in grads})
         else:
-            mask_grads = {
-                n: self.mask_grad(sp, n, grads[n], thetas[n], relaxed[n], e[0][0].shape[0]) for n, e in entries.items()
-            }
-        return {n: mask_grads[n] * relaxed[n] * (1 - relaxed[n]) / tau for n in entries}, grads
+            mask_grads = {n: self.mask_grad(sp, n, grads[n], thetas[n], relaxed[n], batches[n]) for n in grads}
+        return {n: mask_grads[n] * relaxed[n] * (1 - relaxed[n]) / tau for n in grads}, grads
 
     def mask_grad(
         self, sp: Sparsifier, name: str, grads: torch.Tensor, theta: torch.Tensor, relaxed: torch.Tensor, batch: int
@@ -453,7 +502,7 @@ class BiDST:
         if self.rank == "psi":
             return state["psi"].clone()
         active = sp.masks[name].view(-1)[state["pos"]]
-        theta = torch.where(active, sp.params[name].detach().view(-1)[state["pos"]].float(), state["shadow"])
+        theta = torch.where(active, self.weights_at(sp, name, state["pos"]), state["shadow"])
         rank = state["psi"] + theta.abs().log()
         if self.consistency > 0:  # |Σ steps| / √(Σ steps²): √T for a steady push, about 1 for noise
             ratio = state["shadow"].abs() / state["sq"].sqrt().clamp_min(1e-30)
@@ -560,6 +609,8 @@ class BiDST:
         for name in sp.sparse_names():
             k = sp.budgets[name]
             e = self.explore_size(sp, name)
+            if e == 0:  # score_grads skips layers without candidates
+                continue
             mask += 2.0 * e * self.sub_rows(rows[name]) + SCORE_FLOPS * (k + e)
             if self.consistency > 0:
                 mask += CONSISTENCY_FLOPS * e

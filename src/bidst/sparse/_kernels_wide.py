@@ -230,13 +230,50 @@ def wide_backward(
             if pos_rows.shape[0]:
                 _prep_image(xf, n, cc, h, w, xbuf, s, top, left, hs, ws, kh0, kw0)
                 src, d_off, dplane = (dbuf, dt * wd + dl, hd * wd) if shared else (wbuf, 0, ho * ws)
-                for k in range(pos_rows.shape[0]):
-                    d0 = uint64(pos_rows[k] * dplane + d_off)
-                    x0 = uint64(xoff[k])
-                    acc_k = np.float32(0.0)
-                    for j in range(uint64(wspan)):
-                        acc_k += src[d0 + j] * xbuf[x0 + j]
-                    grad_w[t, k] += acc_k
+                _positions_grad(src, xbuf, pos_rows, xoff, dplane, d_off, wspan, grad_w[t])
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _positions_grad(
+    src: np.ndarray, xbuf: np.ndarray, rows: np.ndarray, xoff: np.ndarray, dplane: int, d_off: int, span: int, out: np.ndarray
+) -> None:
+    """out[k] += dot(src row rows[k] (from d_off), xbuf from xoff[k]) over `span`; up to four consecutive
+    positions of the same output channel share each load of the output gradient."""
+    k, npos = 0, rows.shape[0]
+    while k < npos:
+        r = rows[k]
+        d0 = uint64(r * dplane + d_off)
+        if k + 4 <= npos and rows[k + 1] == r and rows[k + 2] == r and rows[k + 3] == r:
+            x0, x1, x2, x3 = uint64(xoff[k]), uint64(xoff[k + 1]), uint64(xoff[k + 2]), uint64(xoff[k + 3])
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(uint64(span)):
+                g = src[d0 + j]
+                a0 += g * xbuf[x0 + j]
+                a1 += g * xbuf[x1 + j]
+                a2 += g * xbuf[x2 + j]
+                a3 += g * xbuf[x3 + j]
+            out[k] += a0
+            out[k + 1] += a1
+            out[k + 2] += a2
+            out[k + 3] += a3
+            k += 4
+        elif k + 2 <= npos and rows[k + 1] == r:
+            x0, x1 = uint64(xoff[k]), uint64(xoff[k + 1])
+            a0 = a1 = np.float32(0.0)
+            for j in range(uint64(span)):
+                g = src[d0 + j]
+                a0 += g * xbuf[x0 + j]
+                a1 += g * xbuf[x1 + j]
+            out[k] += a0
+            out[k + 1] += a1
+            k += 2
+        else:
+            x0 = uint64(xoff[k])
+            a0 = np.float32(0.0)
+            for j in range(uint64(span)):
+                a0 += src[d0 + j] * xbuf[x0 + j]
+            out[k] += a0
+            k += 1
 
 
 @njit(cache=True)

@@ -72,7 +72,7 @@ def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: T
     if x.shape[-1] != in_f:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {in_f}")
     if not uses_kernels(x, values, bias, structure=structure):
-        return F.linear(x, masked_dense_weight(values, structure), bias)
+        return F.linear(x.contiguous(), masked_dense_weight(values, structure), bias)
     lead = x.shape[:-1]
     y = _SparseLinearFn.apply(x.reshape(-1, in_f), values.contiguous(), bias, structure)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)

@@ -231,6 +231,12 @@ class SparseStructure:
             self._by_input = InputIndex(ptr, perm, rows, cols, tcols)
         return self._by_input
 
+    def nbytes(self) -> int:
+        """Bytes of the index arrays held now (positions, CSR, the input-channel index and strided twins, if built)."""
+        arrays = [self.flat, self.indptr, self.rows, self.cols, *(self._by_input or ())]
+        arrays += [perm for _, perm in self._s2d.values()]
+        return sum(a.nbytes for a in arrays) + sum(twin.nbytes() for twin, _ in self._s2d.values())
+
     def s2d_positions(self, flat: np.ndarray, stride: int) -> np.ndarray:
         """Flat positions of a conv weight mapped into its space-to-depth twin (see `space_to_depth`)."""
         _, cin_g, kh, kw = self.shape

@@ -1,0 +1,32 @@
+"""`bidst bench`: a tiny run writes its tables, keeps the prose around its markers, and rejects bad input."""
+
+from __future__ import annotations
+
+import numba
+import pytest
+
+from bidst.bench import MARKERS, main
+
+
+def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
+    threads = numba.get_num_threads()
+    report = tmp_path / "performance.md"
+    report.write_text(f"# Title\n\nprose before\n\n{MARKERS[0]}\nold table\n{MARKERS[1]}\n\nprose after\n")
+    assert main(["--models", "MLP 1024x3", "--sparsities", "0.9", "--no-layers", "--reps", "1", "--profile",
+                 "--out", str(report)]) == 0  # fmt: skip
+    text = report.read_text()
+    assert text.startswith("# Title\n\nprose before\n") and text.endswith(f"{MARKERS[1]}\n\nprose after\n")
+    assert "old table" not in text
+    step_row = next(line for line in text.splitlines() if line.startswith("| MLP 1024x3 | step |"))
+    assert 0.0 < float(step_row.split("|")[3]) < 10.0
+    assert "| `_SparseLinearFn" in text  # the profile names the sparse kernels' autograd functions
+    numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("args", [["--sparsities", "0.9,x"], ["--sparsities", "1.0"], ["--models", "AlexNet"],
+                                  ["--threads", "2", "--clock", "cpu"]])  # fmt: skip
+def test_bench_bad_input_is_a_usage_error(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
