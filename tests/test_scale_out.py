@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,6 +153,7 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     seen["odd-eval"] = _sharded_eval()
     seen["nan-skip"] = [train(tiny_config("rigl", "on_nonfinite=skip"), out / "nan", resume=True)["skipped_steps"]]
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()  # as bidst.distributed.launch does: tearing down gloo while the other rank still uses it can abort
     dist.destroy_process_group()
 
 
@@ -270,20 +272,32 @@ def test_ddp_only_rank0_writes_and_faults_stop_every_rank(ddp):
 
 
 def test_torchrun_two_nodes_equals_spawned_ddp(ddp, tmp_path):
-    """The README's multi-node `torchrun -m bidst train`, as two 1-process "nodes" on this machine: the same run."""
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    """The README's multi-node `torchrun -m bidst train`, as two 1-process "nodes" on this machine: the same run.
+
+    A launch that fails inside torchrun's own rendezvous (about 1 in 30 here: a freshly found free
+    port taken again, or the store's host agent leaving first) is retried once, on a new port.
+    """
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bidst.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
-               "-m", "bidst", "train", *tiny_args("rigl"), "--run-dir", str(run), "--json"]
-    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+
+    def launch() -> tuple[list[int], list[tuple[str, str]]]:
+        with socket.socket() as sock:  # a free port for node 0's store
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                     "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                     "-m", "bidst", "train", *tiny_args("rigl"), "--run-dir", str(run), "--json"]
+                    for node in range(2)]  # fmt: skip
+        nodes = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+        outputs = [node.communicate(timeout=300) for node in nodes]
+        return [node.returncode for node in nodes], outputs
+
+    codes, outputs = launch()
+    if codes != [0, 0] and not (run / "summary.json").exists() and "torch.distributed" in outputs[0][1] + outputs[1][1]:
+        shutil.rmtree(run, ignore_errors=True)
+        codes, outputs = launch()
+    assert codes == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     summaries = [line for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # rank 0 alone reports
     assert_same_run(ddp / "rigl-full", run)

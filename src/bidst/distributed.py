@@ -43,10 +43,14 @@ def launch(device: torch.device) -> Iterator[torch.device]:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except (RuntimeError, ValueError) as exc:
             raise BidstError(f"cannot join the process group: {str(exc).strip().splitlines()[0]}") from None
+    done = False
     try:
         yield device
+        done = True
     finally:
         if created:
+            if done:  # no rank tears down its transport while another still uses it (gloo aborted at exit)
+                dist.barrier()
             dist.destroy_process_group()
 
 
