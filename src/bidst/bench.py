@@ -288,6 +288,7 @@ def profile(models: list[str], sparsities: list[float], out: list[str], steps: i
     Numba kernels run inside the sparse autograd functions, so their time is those rows' self time.
     """
     gen = torch.Generator().manual_seed(0)
+    first = len(out)
     out.append("\n### Where a sparse step's time goes (torch.profiler, self time per step)\n")
     for name in models:
         for s in sparsities:
@@ -306,7 +307,7 @@ def profile(models: list[str], sparsities: list[float], out: list[str], steps: i
                 out.append(f"| `{e.key}` | {e.count / steps:g} | {e.self_cpu_time_total / steps / 1e3:.2f} | "
                            f"{100 * e.self_cpu_time_total / total:.1f}% |")  # fmt: skip
             out.append("")
-    print("\n".join(out[-1 - len(models) * len(sparsities) * (top + 4):]), flush=True)
+    print("\n".join(out[first:]), flush=True)
 
 
 def write_report(path: Path, lines: list[str]) -> None:
