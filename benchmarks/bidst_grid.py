@@ -8,6 +8,12 @@ mean ± std, training FLOPs relative to dense, topology changes and the ablation
     python benchmarks/bidst_grid.py --out runs/bidst-grid --jobs 2       # about an hour on 2 CPU cores
     python benchmarks/bidst_grid.py --out runs/bidst-grid --report-only  # tables from what has finished
     python benchmarks/bidst_grid.py --only bidst,bidst-control --jobs 1  # train these labels, leave the docs
+
+The same grid longer, on a GPU, into its own section of docs/results.md (main grid only, every run
+stopped at the deadline; `--set` adds any `bidst train` override to every run):
+
+    python benchmarks/bidst_grid.py --model resnet20 --epochs 8 --no-ablations --jobs 14 --deadline 420 \
+        --section gpu-grid --out runs/gpu-grid --set device=cuda
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +41,9 @@ from bidst.engine import sparsify
 from bidst.models import create_model
 
 RECIPE = "configs/fashion-mnist.yaml"
-COMMON = ["model=mlp", "epochs=3", "distribution=erk", "threads=1", "progress=false", "log_every=1000"]
 SPARSITIES = (0.9, 0.95, 0.98)
 SEEDS = (0, 1, 2)
 TRAIN_ITEMS = 60000  # Fashion-MNIST's training split, before the validation carve-out
-MARKERS = ("<!-- grid:start -->", "<!-- grid:end -->")
 BIDST = ["method=bidst", "match_flops=rigl"]
 METHODS: dict[str, list[str]] = {  # every schedule revises the topology every 100 steps (about 9 times per run)
     "dense": ["method=dense"],
@@ -70,6 +75,20 @@ ABLATIONS: dict[str, list[str]] = {  # at 95% sparsity; 'bidst', 'bidst-control'
 
 
 @dataclass(frozen=True)
+class Setup:
+    """What every run of a grid shares: the model, the epochs and extra `bidst train` overrides."""
+
+    model: str = "mlp"
+    epochs: int = 3
+    extra: tuple[str, ...] = ()
+    ablations: bool = True
+
+    def common(self) -> list[str]:
+        return [f"model={self.model}", f"epochs={self.epochs}", "distribution=erk", "threads=1", "progress=false",
+                "log_every=1000", *self.extra]
+
+
+@dataclass(frozen=True)
 class Run:
     """One training run of the grid: a label, its CLI overrides and where it writes."""
 
@@ -77,32 +96,38 @@ class Run:
     sparsity: float
     seed: int
     overrides: tuple[str, ...]
+    setup: Setup = Setup()
 
     def folder(self, out: Path) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label)
         return out / "runs" / f"{safe}-sp{round(self.sparsity * 100)}-s{self.seed}"
 
     def command(self, out: Path) -> list[str]:
-        args = [*COMMON, *self.overrides, f"sparsity={self.sparsity}", f"seed={self.seed}"]
+        args = [*self.setup.common(), *self.overrides, f"sparsity={self.sparsity}", f"seed={self.seed}"]
         return [sys.executable, "-m", "bidst", "train", "--config", RECIPE, *args, "--run-dir", str(self.folder(out))]
 
 
-def grid() -> list[Run]:
-    """The main grid (dense once per seed), then the ablations at 95%, in the order they are run."""
-    runs = [Run("dense", 0.0, s, tuple(METHODS["dense"])) for s in SEEDS]
-    for sparsity in (0.98, 0.95, 0.9):
-        for label, overrides in METHODS.items():
-            if label != "dense":
-                runs += [Run(label, sparsity, s, tuple(overrides)) for s in SEEDS]
-    for label, overrides in ABLATIONS.items():
-        runs += [Run(label, 0.95, s, tuple(overrides)) for s in SEEDS]
+def grid(setup: Setup = Setup()) -> list[Run]:
+    """The main grid (dense once per seed), then the ablations at 95%, seed by seed in the order they
+    are run, so that a grid stopped early holds whole seeds."""
+    runs = []
+    for s in SEEDS:
+        runs.append(Run("dense", 0.0, s, tuple(METHODS["dense"]), setup))
+        for sparsity in (0.98, 0.95, 0.9):
+            runs += [Run(label, sparsity, s, tuple(args), setup) for label, args in METHODS.items() if label != "dense"]
+    if setup.ablations:
+        runs += [Run(label, 0.95, s, tuple(args), setup) for s in SEEDS for label, args in ABLATIONS.items()]
     return runs
 
 
-def train(run: Run, out: Path) -> None:
-    """Train `run` unless it finished before; a half-written folder is replaced."""
+def train(run: Run, out: Path, stop_at: float = float("inf")) -> None:
+    """Train `run` unless it finished before; a half-written folder is replaced. At `stop_at`
+    (time.monotonic()) a run still going is killed and one not started is skipped."""
     folder = run.folder(out)
     if (folder / "summary.json").exists():
+        return
+    if time.monotonic() >= stop_at:
+        print(f"skip {folder.name} (deadline)", flush=True)
         return
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
@@ -110,8 +135,15 @@ def train(run: Run, out: Path) -> None:
     log = folder.with_suffix(".log")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as f:  # the code of this checkout, even where another one is pip-installed
-        done = subprocess.run(run.command(out), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
-    print(f"{'ok ' if done.returncode == 0 else 'ERR'} {folder.name}", flush=True)
+        child = subprocess.Popen(run.command(out), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait(timeout=None if stop_at == float("inf") else max(0.0, stop_at - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            print(f"cut {folder.name} (deadline)", flush=True)
+            return
+    print(f"{'ok ' if code == 0 else 'ERR'} {folder.name}", flush=True)
 
 
 def run_flops(folder: Path, summary: dict) -> dict[str, float]:
@@ -128,10 +160,10 @@ def run_flops(folder: Path, summary: dict) -> dict[str, float]:
     return plan
 
 
-def collect(out: Path) -> dict[tuple[str, float], list[dict]]:
+def collect(out: Path, setup: Setup) -> dict[tuple[str, float], list[dict]]:
     """Finished runs grouped by (label, sparsity), each summary with its planned 'flops'."""
     groups: dict[tuple[str, float], list[dict]] = {}
-    for run in grid():
+    for run in grid(setup):
         path = run.folder(out) / "summary.json"
         if path.exists():
             summary = json.loads(path.read_text())
@@ -169,16 +201,16 @@ def sparsity_table(groups: dict[tuple[str, float], list[dict]], columns: tuple[s
     return lines
 
 
-def report(out: Path) -> str:
+def report(out: Path, setup: Setup = Setup(), command: str = "python benchmarks/bidst_grid.py --jobs 2") -> str:
     """The generated Markdown: main table, target checks, ablations, and how to regenerate them."""
-    groups = collect(out)
+    groups = collect(out, setup)
     finished = sum(len(v) for v in groups.values())
-    planned = len(grid())
-    lines = [f"Generated by `python benchmarks/bidst_grid.py --jobs 2` (runs in `{out.name}`) "
+    planned = len(grid(setup))
+    lines = [f"Generated by `{command}` (runs in `{out.name}`) "
              f"({finished} of {planned} runs finished" + ("" if finished == planned else ": **PARTIAL**") + ").",
              "", ("Test accuracy (%) mean ± std over seeds 0, 1, 2; "
                   "FLOPs = training FLOPs (forward, backward, dense gradients, mask learning, unrolled passes) "
-                  "relative to dense training for 3 epochs; changes = topology changes."), ""]
+                  f"relative to dense training for {setup.epochs} epochs; changes = topology changes."), ""]
     lines += sparsity_table(groups, ("test", "FLOPs", "changes"), lambda runs: [
         mean_std([r["final_test_acc"] for r in runs]), f"{costs(runs)[0]:.3f}x", f"{costs(runs)[2]:.0f}"])
     lines += ["", ("Validation accuracy, steps trained, mask learning as a share of the training FLOPs, and wall-clock "
@@ -213,24 +245,25 @@ def report(out: Path) -> str:
     if shares:
         lines.append(f"- mask learning {100 * max(shares):.2f}% of training FLOPs at most (target ≤ 3%: "
                      f"{'met' if max(shares) <= 0.03 else 'not met'})")
-    lines += ["", "Ablations at 95% sparsity (BiDST rows run with `match_flops=rigl` unless said otherwise):", "",
-              "| variant | test | val | FLOPs | steps | mask learning | changes |", "|" + " --- |" * 7]
-    for label in ["bidst", "bidst-control", "rigl", *ABLATIONS]:
-        runs = groups.get((label, 0.95), [])
-        if runs:
-            rel, share, changes = costs(runs)
-            test, val = mean_std([r["final_test_acc"] for r in runs]), mean_std([r["final_val_acc"] for r in runs])
-            steps = statistics.mean(r["steps"] for r in runs)
-            lines.append(f"| {label} | {test} | {val} | {rel:.3f}x | {steps:.0f} | {100 * share:.1f}% | {changes:.0f} |")
-    example = Run("bidst", 0.98, 0, tuple(METHODS["bidst"]))
+    if setup.ablations:
+        lines += ["", "Ablations at 95% sparsity (BiDST rows run with `match_flops=rigl` unless said otherwise):", "",
+                  "| variant | test | val | FLOPs | steps | mask learning | changes |", "|" + " --- |" * 7]
+        for label in ["bidst", "bidst-control", "rigl", *ABLATIONS]:
+            runs = groups.get((label, 0.95), [])
+            if runs:
+                rel, share, changes = costs(runs)
+                test, val = mean_std([r["final_test_acc"] for r in runs]), mean_std([r["final_val_acc"] for r in runs])
+                steps = statistics.mean(r["steps"] for r in runs)
+                lines.append(f"| {label} | {test} | {val} | {rel:.3f}x | {steps:.0f} | {100 * share:.1f}% | {changes:.0f} |")
+    example = Run("bidst", 0.98, 0, tuple(METHODS["bidst"]), setup)
     lines += ["", "One run by hand (what the script runs for each cell, here BiDST at 98%, seed 0):", "", "```",
-              " ".join(["python", *example.command(Path("runs/bidst-grid"))[1:]]), "```"]
+              " ".join(["python", *example.command(Path("runs") / out.name)[1:]]), "```"]
     return "\n".join(lines)
 
 
-def write_results(text: str, path: Path) -> None:
-    """Replace the text between the grid markers of `path` (appending them if missing)."""
-    start, end = MARKERS
+def write_results(text: str, path: Path, section: str = "grid") -> None:
+    """Replace the text between the `section` markers of `path` (appending them if missing)."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     old = path.read_text() if path.exists() else ""
     if start in old and end in old:
         head, rest = old.split(start, 1)
@@ -247,20 +280,35 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from finished runs")
     parser.add_argument("--limit", type=int, default=0, help="train only the first N runs of the grid (0: all)")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--section", default="grid", help="the results file's <!-- NAME:start/end --> markers to rewrite")
     parser.add_argument("--only", default="", help="comma-separated labels: train only these, rewrite no tables")
+    parser.add_argument("--model", default="mlp", help="the model of every run (`bidst models`)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the dense and baseline runs")
+    parser.add_argument("--no-ablations", action="store_true", help="the main grid only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--deadline", type=float, default=0.0,
+                        help="seconds from now at which runs still going are killed and the rest skipped (0: none)")
     args = parser.parse_args()
+    if bad := [item for item in args.set if "=" not in item]:
+        parser.error(f"--set needs KEY=VALUE, got {bad[0]!r}")
+    setup = Setup(args.model, args.epochs, tuple(args.set), not args.no_ablations)
     only = [label for label in args.only.split(",") if label]
-    labels = {run.label for run in grid()}
+    labels = {run.label for run in grid(setup)}
     if unknown := [label for label in only if label not in labels]:
         parser.error(f"unknown label(s) for --only: {', '.join(unknown)} (labels: {', '.join(sorted(labels))})")
     if not args.report_only:
-        runs = [run for run in grid()[: args.limit or None] if not only or run.label in only]
+        stop_at = time.monotonic() + args.deadline if args.deadline > 0 else float("inf")
+        runs = [run for run in grid(setup)[: args.limit or None] if not only or run.label in only]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda run: train(run, args.out), runs))
+            list(pool.map(lambda run: train(run, args.out, stop_at), runs))
     if only:  # the tables need every run of the grid; a partial set would overwrite them with gaps
         print(f"trained {', '.join(only)} in {args.out}; tables not rewritten")
         return
-    write_results(report(args.out), args.results)
+    flags = [f"--{k} {v}" for k, v, default in (("model", args.model, "mlp"), ("epochs", args.epochs, 3)) if v != default]
+    flags += ["--no-ablations"] * args.no_ablations + [f"--set {item}" for item in args.set]
+    flags += [f"--deadline {args.deadline:g}"] * (args.deadline > 0) + [f"--section {args.section}"] * (args.section != "grid")
+    command = " ".join(["python benchmarks/bidst_grid.py", *flags, f"--jobs {args.jobs}"])
+    write_results(report(args.out, setup, command), args.results, args.section)
     print(f"wrote {args.results}")
 
 
