@@ -132,7 +132,7 @@ def train(run: Run, out: Path, stop_at: float = float("inf")) -> None:
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    log = folder.with_suffix(".log")
+    log = folder.parent / f"{folder.name}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as f:  # the code of this checkout, even where another one is pip-installed
         child = subprocess.Popen(run.command(out), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)

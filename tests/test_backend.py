@@ -217,13 +217,16 @@ class SampledRigL(RigL):
         return {n: (~sp.masks[n]).view(-1).nonzero().squeeze(1)[step % 3 :: 5] for n in sp.sparse_names()}
 
 
-def test_sampled_positions_come_back_as_the_dense_gradient_there():
-    """A method's `sampled_positions` are served by the sparse kernels (or read off a captured dense gradient)."""
+@pytest.mark.parametrize("backend", ["sparse", "masked"])
+def test_sampled_positions_come_back_as_the_dense_gradient_there(backend):
+    """A method's `sampled_positions` are served by the sparse kernels, read off the dense `param.grad` of
+    masked (and dense-kept) layers, or read off a captured dense gradient."""
     torch.manual_seed(0)
     model = TinyNet()
     dense = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = bidst.Sparsifier(model, opt, SampledRigL(interval=2), sparsity=0.8, total_steps=8, backend="sparse")
+    sp = bidst.Sparsifier(model, opt, SampledRigL(interval=2), sparsity=0.8, total_steps=8, backend=backend)
+    assert bool(sp.sparse_layers) == (backend == "sparse")
     x, y = make_data(32)
     for step in range(1, 7):
         positions = {n: p.clone() for n, p in sp._sampled_requested.items()}
@@ -235,7 +238,7 @@ def test_sampled_positions_come_back_as_the_dense_gradient_there():
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         sp.step()
-        assert set(sp.sampled_grads) == set(positions) == set(sp.sparse_layers) and sp.captured_dense_grad == (step % 2 == 0)
+        assert set(sp.sampled_grads) == set(positions) == set(sp.sparse_names()) and sp.captured_dense_grad == (step % 2 == 0)
         for name, pos in positions.items():
             torch.testing.assert_close(sp.sampled_grads[name], grads[name].reshape(-1)[pos], **TOL)
 

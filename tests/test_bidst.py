@@ -96,21 +96,31 @@ def _sparsified(layer: nn.Module, features: int, x_shape: tuple[int, ...], **opt
     return sp, model, method, state, x, y
 
 
+def _backward(sp: bidst.Sparsifier, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A training step's backward, and the gradients at the requested positions as `Sparsifier.step` takes them."""
+    nn.functional.cross_entropy(model(x), y).backward()
+    sp._take_sampled_grads(None, 1.0)
+
+
 LAYERS = [
     (lambda: nn.Linear(6, 5), 5, (8, 6)),
     (lambda: nn.Conv2d(2, 3, 3, padding=1, stride=2), 3 * 3 * 3, (4, 2, 5, 5)),
 ]
 
 
+# {}: E's gradient read off param.grad by the engine; mask_rows < 1 (all rows at this size): captured
+# inputs and output gradients, products at E only (bidst.sampled), the path of the unrolled mode
+@pytest.mark.parametrize("options", [{}, {"mask_rows": 0.9999}], ids=["engine", "captured"])
 @pytest.mark.parametrize("make,features,x_shape", LAYERS)
-def test_score_gradients_equal_autograd_of_relaxed_objective(make, features, x_shape):
-    sp, model, method, state, x, y = _sparsified(make(), features, x_shape)
+def test_score_gradients_equal_autograd_of_relaxed_objective(make, features, x_shape, options):
+    sp, model, method, state, x, y = _sparsified(make(), features, x_shape, **options)
     layer = model.layer
     pos, mask = state["pos"], sp.masks["layer.weight"].view(-1)
     active = mask[pos]
     theta = torch.where(active, layer.weight.detach().view(-1)[pos], state["shadow"])
     rng = sp.rng.get_state()
-    nn.functional.cross_entropy(model(x), y).backward()
+    _backward(sp, model, x, y)
+    assert bool(method._captures) == bool(options) and bool(sp.sampled_grads) != bool(options)
     psi_grads, _ = method.score_grads(sp, step=1)
     # reference: straight-through relaxed mask σ((ψ+G)/τ) with the same logistic noise, by autograd
     noise = torch.rand(pos.numel(), generator=torch.Generator().set_state(rng)).clamp(1e-6, 1 - 1e-6)
@@ -135,7 +145,7 @@ def test_implicit_diag_matches_its_formula():
         torch.manual_seed(0)
         sp, model, method, state, x, y = _sparsified(make(), features, x_shape, hypergradient=mode)
         rng = sp.rng.get_state()
-        nn.functional.cross_entropy(model(x), y).backward()
+        _backward(sp, model, x, y)
         psi_grads, grads = method.score_grads(sp, step=1)
         results[mode] = psi_grads["layer.weight"]
     noise = torch.rand(state["pos"].numel(), generator=torch.Generator().set_state(rng)).clamp(1e-6, 1 - 1e-6)
@@ -398,7 +408,7 @@ def test_no_capture_without_grad_and_control_keeps_scores_zero():
     assert any(bool((s["shadow"] != 0).any()) for s in sp.method._layers.values())  # candidates still learn
     with torch.no_grad():
         model(make_data(8)[0])
-    assert not sp.method._captures
+    assert not sp.method._captures and not sp.method._forward
 
 
 def test_bad_options_are_clear_errors():

@@ -98,7 +98,7 @@ class Sparsifier:
         self.rebuild_seconds = 0.0  # time spent resizing sparse layers and optimizer state at topology changes
         self.clock: Callable[[], float] = time.perf_counter  # times the rebuilds (benchmarks use CPU time)
         self._dense_grad_requested = False  # sparse backend: the next backward captures dense gradients
-        self._sampled_requested: dict[str, torch.Tensor] = {}  # sparse backend: positions sampled in the next backward
+        self._sampled_requested: dict[str, torch.Tensor] = {}  # positions whose gradient the next step reports
         self.sampled_grads: dict[str, torch.Tensor] = {}  # the last step's gradients at those positions
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
 
@@ -140,6 +140,8 @@ class Sparsifier:
         self.apply_masks()
         if backend == "sparse":
             self._swap_in()
+        else:
+            self._request_grads(self.step_count + 1)
         self.check_invariants()
         self.check_ranks_agree("after the initial masks")
 
@@ -155,16 +157,18 @@ class Sparsifier:
         self._request_grads(self.step_count + 1)
 
     def _request_grads(self, step: int) -> None:
-        """Sparse backend: ask the sparse layers for what step `step`'s method needs from the coming backward.
+        """Note what step `step`'s method needs from the coming backward.
 
-        The dense gradient if `wants_dense_grad`, and the gradient at the positions that an optional
-        `method.sampled_positions(step, sp)` names (a sampled product, e.g. BiDST's candidates); those
-        come back in `sampled_grads` (read off the dense gradient when one is captured anyway).
+        The gradient at the positions that an optional `method.sampled_positions(step, sp)` names (a
+        sampled product, e.g. BiDST's candidates) comes back in `sampled_grads`: the sparse kernels
+        compute it in the backward, the masked backend reads it off the dense `param.grad` that
+        autograd computes anyway (or both read it off a dense gradient captured for the method).
+        Sparse layers are also told whether to build the dense gradient (`wants_dense_grad`).
         """
         self._dense_grad_requested = bool(self.sparse_layers) and self.method.wants_dense_grad(step, self)
         wanted = getattr(self.method, "sampled_positions", None)
-        positions = wanted(step, self) if self.sparse_layers and wanted is not None else None
-        self._sampled_requested = {n: p for n, p in (positions or {}).items() if n in self.sparse_layers}
+        positions = wanted(step, self) if wanted is not None else None
+        self._sampled_requested = {n: p for n, p in (positions or {}).items() if n in self.params}
         for name, layer in self.sparse_layers.items():
             if self._dense_grad_requested:
                 layer.request_sampled_grad(None)
@@ -172,11 +176,19 @@ class Sparsifier:
                 layer.request_sampled_grad(self._sampled_requested[name])
 
     def _take_sampled_grads(self, dense_grads: dict[str, torch.Tensor] | None, scale: float) -> None:
-        """Fill `sampled_grads` with the gradient at the positions requested for this step (divided by the loss scale)."""
+        """Fill `sampled_grads` with the gradient at the positions requested for this step (unscaled).
+
+        Runs before inactive gradients are zeroed; a masked layer's `param.grad` is already unscaled.
+        """
         self.sampled_grads = {}
         for name, positions in self._sampled_requested.items():
             if dense_grads is not None:
                 self.sampled_grads[name] = dense_grads[name].reshape(-1)[positions.to(dense_grads[name].device)]
+                continue
+            if name not in self.sparse_layers:
+                grad = self.params[name].grad
+                flat = torch.zeros_like(self.params[name]).view(-1) if grad is None else grad.detach().reshape(-1)
+                self.sampled_grads[name] = flat[positions.to(flat.device)]
                 continue
             grad = self.sparse_layers[name].take_sampled_grad()
             values = self.sparse_layers[name].values

@@ -47,7 +47,7 @@ class BiDST:
 
     name: ClassVar[str] = "bidst"
     default_distribution: ClassVar[str] = "erk"
-    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # sparse: candidates' gradients from the kernels
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # candidates' gradients via sampled_positions
     explore_ratio: float = 1.0  # ρ: ⌈ρ·k⌉ inactive exploration candidates per layer
     explore: str = "gradient"  # refill E at a commit by dense-gradient magnitude (counted) or "random"
     tau_start: float = 1.0  # temperature of the Gumbel-sigmoid relaxation at the start ...
@@ -76,7 +76,8 @@ class BiDST:
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
     _extra_pass: bool = field(default=False, init=False, repr=False)
-    _shapes: dict[str, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)  # sparse: (rows, batch)
+    _forward: dict[str, tuple[int, int, torch.Tensor]] = field(  # per layer on learning steps: (rows, batch, θ over C)
+        default_factory=dict, init=False, repr=False)
 
     def validate(self) -> None:
         """Check every option's range and choices."""
@@ -125,6 +126,13 @@ class BiDST:
         progress = min(1.0, step / max(1, self.stop_step(sp)))
         return self.tau_start * (self.tau_end / self.tau_start) ** progress
 
+    def captures(self) -> bool:
+        """Whether the learning steps need the layers' inputs and output gradients (unrolled passes, row
+        subsampling), which the masked backend captures; otherwise the engine serves the candidates'
+        gradients (`sampled_positions`): the sparse kernels sample them, the masked backend reads them
+        off the dense gradient autograd computes anyway, with no host synchronisation per product."""
+        return self.hypergradient == "unrolled" or self.mask_rows < 1.0
+
     def sub_rows(self, rows: int) -> int:
         """Rows the sampled gradient at E sums over, out of `rows`: round(mask_rows·rows), at least 1."""
         return rows if self.mask_rows >= 1.0 else min(rows, max(1, round(self.mask_rows * rows)))
@@ -154,7 +162,7 @@ class BiDST:
             zeros = torch.zeros(pos.numel(), device=mask.device)
             self._layers[name] = {"pos": pos, "psi": zeros.clone(), "shadow": zeros.clone(),
                                   "m1": zeros.clone(), "m2": zeros.clone(), "sq": zeros.clone()}
-            if sp.backend == "masked":  # the sparse backend's kernels serve the candidates (sampled_positions)
+            if self.captures():  # the masked backend only (the sparse one refuses these options above)
                 self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
 
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
@@ -213,20 +221,22 @@ class BiDST:
         self._learn_steps = int(state["learn_steps"])
 
     def sampled_positions(self, step: int, sp: Sparsifier) -> dict[str, torch.Tensor] | None:
-        """Sparse backend: at learning steps, the exploration candidates E, whose gradient the kernels sample."""
-        if not self.learns(step, sp):
+        """At learning steps, the exploration candidates E, whose gradient the engine reports (see `captures`)."""
+        if self.captures() or not self.learns(step, sp):
             return None
-        if not self._hooks:  # the sparse layers exist now: note their output rows and batch on learning steps
+        if not self._hooks:  # the final layers exist now: note their shapes and θ on learning steps
             for name in self._layers:
-                self._hooks.append(sp.modules[name].register_forward_hook(self._shape_hook(sp, name)))
+                self._hooks.append(sp.modules[name].register_forward_hook(self._forward_hook(sp, name)))
         return {n: s["pos"][~sp.masks[n].view(-1)[s["pos"]]] for n, s in self._layers.items()}
 
-    def _shape_hook(self, sp: Sparsifier, name: str) -> Any:
-        """A forward hook keeping (output rows, batch) of a sparse layer on learning steps, for costs and Fisher."""
+    def _forward_hook(self, sp: Sparsifier, name: str) -> Any:
+        """A forward hook keeping (output rows, batch, θ over C) of a layer on learning steps, for the
+        hypergradient θ⊙g at the weights the gradient was taken at, and for costs and Fisher."""
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
-                self._shapes[name] = (output_rows(module, output), inputs[0].shape[0])
+                theta = self.weights_at(sp, name, self._layers[name]["pos"])
+                self._forward[name] = (output_rows(module, output), inputs[0].shape[0], theta)
 
         return hook
 
@@ -334,11 +344,12 @@ class BiDST:
         entries = {n: e for n, e in self._captures.items() if e and all(item[2] is not None for item in e)}
         tau = self.temperature(step, sp)
         grads, thetas, relaxed, batches = {}, {}, {}, {}
-        for name in [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._shapes)]:
+        for name in [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._forward)]:
             state = self._layers[name]
-            active = sp.masks[name].view(-1)[state["pos"]]
-            if bool(active.all()):  # no candidates (a layer at density 1): nothing to rank against, no swap possible
+            explore_count = state["pos"].numel() - sp.budgets[name]  # C holds every active weight
+            if explore_count == 0:  # no candidates (a layer at density 1): nothing to rank against, no swap possible
                 continue
+            active = sp.masks[name].view(-1)[state["pos"]]
             module = sp.modules[name]
             if name in entries:  # masked: sampled products from the captured inputs and output gradients
                 caught = entries[name]
@@ -348,17 +359,17 @@ class BiDST:
                     sp.add_cost("mask_learning", 2.0 * rows_all * int(module.weight.shape[0]))
                 grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
                 thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
-            else:  # sparse: the kernels sampled E in the backward; the actives' gradient is the values' gradient
-                rows, batches[name] = self._shapes[name]
+            else:  # the engine reported E's gradient; the actives' is the (masked) gradient of the weights
+                rows, batches[name], theta = self._forward[name]
                 grads[name] = self.weights_at(sp, name, state["pos"], grad=True)
                 grads[name][~active] = sp.sampled_grads[name].to(grads[name])
-                thetas[name] = torch.where(active, self.weights_at(sp, name, state["pos"]), state["shadow"])
-            sp.add_cost("mask_learning", 2.0 * int((~active).sum()) * rows + SCORE_FLOPS * active.numel())
+                thetas[name] = torch.where(active, theta, state["shadow"])
+            sp.add_cost("mask_learning", 2.0 * explore_count * rows + SCORE_FLOPS * active.numel())
             if self.consistency > 0:
-                sp.add_cost("mask_learning", CONSISTENCY_FLOPS * int((~active).sum()))
+                sp.add_cost("mask_learning", CONSISTENCY_FLOPS * explore_count)
             noise = random_scores(state["psi"].shape, sp.rng, active.device).clamp_(1e-6, 1 - 1e-6)
             relaxed[name] = torch.sigmoid((state["psi"] + noise.log() - (-noise).log1p()) / tau)
-        self._shapes.clear()
+        self._forward.clear()
         if self.hypergradient == "unrolled" and entries:
             mask_grads = self.unrolled_mask_grads(sp, grads, thetas, {n: entries[n] for n in grads})
         else:
