@@ -45,8 +45,14 @@ def grow_highest(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.
 
 
 def random_scores(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniform random scores drawn on the CPU from `generator` (same on every device and rank)."""
-    return torch.rand(shape, generator=generator).to(device)
+    """Uniform random scores drawn on the CPU from `generator` (same on every device and rank).
+
+    On CUDA they go through pinned memory asynchronously, so the host does not wait for the GPU.
+    """
+    scores = torch.rand(shape, generator=generator)
+    if torch.device(device).type == "cuda":
+        return scores.pin_memory().to(device, non_blocking=True)
+    return scores.to(device)
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:

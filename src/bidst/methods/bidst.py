@@ -227,7 +227,14 @@ class BiDST:
         if not self._hooks:  # the final layers exist now: note their shapes and θ on learning steps
             for name in self._layers:
                 self._hooks.append(sp.modules[name].register_forward_hook(self._forward_hook(sp, name)))
-        return {n: s["pos"][~sp.masks[n].view(-1)[s["pos"]]] for n, s in self._layers.items()}
+        return {n: s["pos"][self.explore_slots(sp, n)] for n, s in self._layers.items()}
+
+    def explore_slots(self, sp: Sparsifier, name: str) -> torch.Tensor:
+        """Slots of E in the layer's candidate list C, in order, found without a host synchronisation
+        (C holds every active weight, so |E| = |C| − k)."""
+        state = self._layers[name]
+        active = sp.masks[name].view(-1)[state["pos"]]
+        return torch.sort(active.to(torch.uint8), stable=True).indices[: state["pos"].numel() - sp.budgets[name]]
 
     def _forward_hook(self, sp: Sparsifier, name: str) -> Any:
         """A forward hook keeping (output rows, batch, θ over C) of a layer on learning steps, for the
@@ -362,7 +369,7 @@ class BiDST:
             else:  # the engine reported E's gradient; the actives' is the (masked) gradient of the weights
                 rows, batches[name], theta = self._forward[name]
                 grads[name] = self.weights_at(sp, name, state["pos"], grad=True)
-                grads[name][~active] = sp.sampled_grads[name].to(grads[name])
+                grads[name].masked_scatter_(~active, sp.sampled_grads[name].to(grads[name]))
                 thetas[name] = torch.where(active, theta, state["shadow"])
             sp.add_cost("mask_learning", 2.0 * explore_count * rows + SCORE_FLOPS * active.numel())
             if self.consistency > 0:
@@ -427,13 +434,12 @@ class BiDST:
     def step_shadow(self, sp: Sparsifier, name: str, grads: torch.Tensor) -> None:
         """θ_E ← θ_E − η·(g_E + β·θ_E) with the layer's current learning rate; actives keep a zero shadow."""
         state = self._layers[name]
-        explore = ~sp.masks[name].view(-1)[state["pos"]]
+        explore = (~sp.masks[name].view(-1)[state["pos"]]).to(grads.dtype)  # a 0/1 factor: no boolean indexing
         lr = float(self.param_group(sp, name)["lr"])
-        shadow = state["shadow"]
-        delta = lr * (grads[explore] + self.shadow_decay * shadow[explore])
-        shadow[explore] -= delta
+        delta = lr * (grads + self.shadow_decay * state["shadow"]) * explore
+        state["shadow"].sub_(delta)
         if self.consistency > 0:
-            state["sq"][explore] += delta * delta
+            state["sq"].add_(delta * delta)
 
     # -- the unrolled hypergradient ----------------------------------------------------
     def unrolled_mask_grads(
