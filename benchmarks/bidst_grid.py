@@ -201,7 +201,7 @@ def sparsity_table(groups: dict[tuple[str, float], list[dict]], columns: tuple[s
     return lines
 
 
-def report(out: Path, setup: Setup = Setup(), command: str = "python benchmarks/bidst_grid.py --jobs 2") -> str:
+def report(out: Path, setup: Setup = Setup(), command: str = "python benchmarks/bidst_grid.py --jobs 2", jobs: int = 2) -> str:
     """The generated Markdown: main table, target checks, ablations, and how to regenerate them."""
     groups = collect(out, setup)
     finished = sum(len(v) for v in groups.values())
@@ -214,7 +214,7 @@ def report(out: Path, setup: Setup = Setup(), command: str = "python benchmarks/
     lines += sparsity_table(groups, ("test", "FLOPs", "changes"), lambda runs: [
         mean_std([r["final_test_acc"] for r in runs]), f"{costs(runs)[0]:.3f}x", f"{costs(runs)[2]:.0f}"])
     lines += ["", ("Validation accuracy, steps trained, mask learning as a share of the training FLOPs, and wall-clock "
-                   "seconds per run (training and evaluation, on a shared CPU: only roughly comparable):"), ""]
+                   f"seconds per run (training and evaluation, with up to {jobs} runs sharing the machine: only roughly comparable):"), ""]
     lines += sparsity_table(groups, ("val", "steps", "mask learning", "wall s"), lambda runs: [
         mean_std([r["final_val_acc"] for r in runs]), f"{statistics.mean(r['steps'] for r in runs):.0f}",
         f"{100 * costs(runs)[1]:.1f}%", f"{statistics.mean(r['wall_time_s'] for r in runs):.0f}"])
@@ -308,7 +308,7 @@ def main() -> None:
     flags += ["--no-ablations"] * args.no_ablations + [f"--set {item}" for item in args.set]
     flags += [f"--deadline {args.deadline:g}"] * (args.deadline > 0) + [f"--section {args.section}"] * (args.section != "grid")
     command = " ".join(["python benchmarks/bidst_grid.py", *flags, f"--jobs {args.jobs}"])
-    write_results(report(args.out, setup, command), args.results, args.section)
+    write_results(report(args.out, setup, command, args.jobs), args.results, args.section)
     print(f"wrote {args.results}")
 
 
