@@ -211,11 +211,13 @@ def test_unrolled_matches_finite_difference_of_unrolled_loss():
     assert all(torch.count_nonzero(sp.params[n].detach()[~sp.masks[n]]) == 0 for n in names)
 
 
-def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, **options):
+def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, scale: float = 0.0, **options):
+    """BiDST on TinyNet; `scale` > 0 runs the backward through a GradScaler with that (fixed) loss scale."""
     torch.manual_seed(seed)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sp = bidst.sparsify(model, opt, "bidst", sparsity, total_steps=steps, seed=seed, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6) if scale else None
     if record is not None:
         change = sp.change
 
@@ -229,9 +231,22 @@ def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, *
     for _ in range(steps):
         idx = torch.randint(0, len(x), (32,), generator=g)
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        sp.step(batch=(x[idx], y[idx]))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        (scaler.scale(loss) if scaler else loss).backward()
+        sp.step(scaler, batch=(x[idx], y[idx]))
     return sp, model, opt
+
+
+def test_a_loss_scale_leaves_scores_and_shadows_unchanged():
+    """The candidates' gradients reach BiDST unscaled (fp16 training with a GradScaler learns the same)."""
+    plain, _, _ = _train(steps=30, mask_interval=5, learn_every=2)
+    scaled, _, _ = _train(steps=30, mask_interval=5, learn_every=2, scale=1024.0)
+    assert scaled.topology_changes == plain.topology_changes >= 2
+    for name, state in plain.method._layers.items():
+        other = scaled.method._layers[name]
+        assert torch.equal(state["pos"], other["pos"])
+        for key in ("psi", "shadow"):
+            torch.testing.assert_close(other[key], state[key], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("swap,frac", [("forced", 0.1), ("capped", 0.0)])
