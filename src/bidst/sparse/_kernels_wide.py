@@ -63,15 +63,51 @@ def _copy_phase(
             dst[d + j] = 0.0
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _place(src: np.ndarray, s0: int, h: int, w: int, dst: np.ndarray, d0: int, wd: int, top: int, left: int, want_sum: bool) -> float:
+    """dst[d0 + (top + i)*wd + left + j] = src[s0 + i*w + j] for i < h, j < w; the sum of the plane if want_sum, else 0.
+
+    Writes only the interior of a padded plane: callers zero the buffer once (see _fits), so each
+    image costs one row copy per row and no zero fill. The sum is float32 within a row and float64
+    across rows, like the bias gradient of the CHWN path.
+    """
+    total = 0.0
+    for i in range(uint64(h)):
+        sb = uint64(s0) + i * uint64(w)
+        db = uint64(d0) + (i + uint64(top)) * uint64(wd) + uint64(left)
+        if want_sum:
+            r = np.float32(0.0)
+            for j in range(uint64(w)):
+                v = src[sb + j]
+                dst[db + j] = v
+                r += v
+            total += r
+        else:
+            for j in range(uint64(w)):
+                dst[db + j] = src[sb + j]
+    return total
+
+
+@njit(inline="always")
+def _fits(s: int, top: int, left: int, h: int, w: int, hs: int, ws: int) -> bool:
+    """Whether an h x w plane placed at (top, left) lies inside an hs x ws one without a phase split (stride 1)."""
+    return s == 1 and top >= 0 and left >= 0 and top + h <= hs and left + w <= ws
+
+
 @njit(cache=True)
 def _prep_image(
     xf: np.ndarray, n: int, cc: int, h: int, w: int, buf: np.ndarray, s: int, top: int, left: int, hs: int, ws: int, kh: int, kw: int
 ) -> None:
     """buf = image n of x zero-padded by (top, left) and, for s > 1, space-to-depth: (c*s + r)*s + q planes.
 
-    Phases r >= kh or q >= kw hold no weight and are left unwritten (never read).
+    Phases r >= kh or q >= kw hold no weight and are left unwritten (never read). When the image
+    fits (_fits), only the interior is written: buf must come zeroed (np.zeros) and stay so outside it.
     """
     plane = hs * ws
+    if _fits(s, top, left, h, w, hs, ws):
+        for c in range(cc):
+            _place(xf, (n * cc + c) * h * w, h, w, buf, c * plane, ws, top, left, False)
+        return
     for c in range(cc):
         for r in range(min(s, kh)):
             for q in range(min(s, kw)):
@@ -92,10 +128,17 @@ def _conv_rows(
     kk: int,
     kw: int,
     acc: np.ndarray,
-    span: int,
+    rows: int,
+    width: int,
+    dst: np.ndarray,
+    d0: int,
+    dstride: int,
 ) -> None:
-    """acc[:span] = b + sum over slots p of row o of values[p] * src[base + offset(p) : ... + span]."""
-    for k in range(uint64(span)):
+    """dst[d0 + i*dstride + j] = b + sum over slots p of row o of values[p] * src[base + offset(p) + i*wp + j]
+    for i < rows, j < width: accumulated on the wide grid in acc (one contiguous run per slot), then
+    copied out row by row without the wp - width extra columns."""
+    span = uint64((rows - 1) * wp + width)
+    for k in range(span):
         acc[k] = b
     p = indptr[o]
     end = indptr[o + 1]
@@ -106,15 +149,18 @@ def _conv_rows(
         s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
         s3 = uint64(base + _wide_offset(cols[p + 3], kk, kw, plane, wp))
         v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-        for k in range(uint64(span)):
+        for k in range(span):
             acc[k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])
         p += 4
     while p < end:
         s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
         v0 = values[p]
-        for k in range(uint64(span)):
+        for k in range(span):
             acc[k] += v0 * src[s0 + k]
         p += 1
+    for i in range(uint64(rows)):
+        for j in range(uint64(width)):
+            dst[uint64(d0) + i * uint64(dstride) + j] = acc[i * uint64(wp) + j]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -126,27 +172,30 @@ def wide_forward(
     bias: np.ndarray,
     y: np.ndarray,
     geometry: WideGeometry,
+    nchunk: int,
 ) -> None:
-    """y (NCHW) = sparse conv of x (NCHW) with the working weight (see WideGeometry); one task per image."""
+    """y (NCHW) = sparse conv of x (NCHW) with the working weight (see WideGeometry).
+
+    The images are split into `nchunk` contiguous chunks, one task (thread) each, so that every
+    task allocates its buffers once.
+    """
     s, top, left, hs, ws, kh, kw, kh0, kw0, cout_g, cin_w = geometry
     nn, cc, h, w = x.shape
     oo, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     c2 = cc * s * s
     kk = kh * kw
     plane = hs * ws
-    span = (ho - 1) * ws + wo
     xf = x.ravel()
     yf = y.ravel()
-    for n in prange(nn):
-        buf = np.empty(c2 * plane, np.float32)
-        _prep_image(xf, n, cc, h, w, buf, s, top, left, hs, ws, kh0, kw0)
+    fits = _fits(s, top, left, h, w, hs, ws)
+    for t in prange(nchunk):
+        buf = np.zeros(c2 * plane, np.float32) if fits else np.empty(c2 * plane, np.float32)
         acc = np.empty(ho * ws, np.float32)
-        for o in range(oo):
-            _conv_rows(indptr, cols, values, o, bias[o], buf, (o // cout_g) * cin_w * plane, plane, ws, kk, kw, acc, span)
-            dst = uint64((n * oo + o) * ho * wo)
-            for i in range(uint64(ho)):
-                for j in range(uint64(wo)):
-                    yf[dst + i * uint64(wo) + j] = acc[i * uint64(ws) + j]
+        for n in range(t * nn // nchunk, (t + 1) * nn // nchunk):
+            _prep_image(xf, n, cc, h, w, buf, s, top, left, hs, ws, kh0, kw0)
+            for o in range(oo):
+                _conv_rows(indptr, cols, values, o, bias[o], buf, (o // cout_g) * cin_w * plane, plane, ws, kk, kw, acc,
+                           ho, wo, yf, (n * oo + o) * ho * wo, wo)  # fmt: skip
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -163,10 +212,11 @@ def wide_backward(
     grad_b: np.ndarray,
     geometry: WideGeometry,
     need_dx: bool,
+    need_db: bool,
     nchunk: int,
 ) -> None:
     """Input gradient dx (NCHW, if need_dx), weight gradient at working positions (pos_rows, pos_cols)
-    and bias gradient, in one pass over x and dy split into `nchunk` image chunks (one per thread).
+    and bias gradient (if need_db), in one pass over x and dy split into `nchunk` image chunks (one per thread).
 
     (t_ptr, t_cols, t_values): the transposed, flipped working weight. grad_w is (nchunk, n positions)
     and grad_b (nchunk, out channels), both float64, summed by the caller.
@@ -181,9 +231,8 @@ def wide_backward(
     dt, dl = (kh - 1 - top, kw - 1 - left) if s == 1 else (kh - 1, kw - 1)
     hd, wd = (h, w) if s == 1 else (hs, ws)  # transposed conv output
     hd, wd = hd + kh - 1, wd + kw - 1
-    wdx = wd - kw + 1
-    dspan = (hd - kh) * wd + wdx
-    shared = wd == ws and dt >= 0 and dl >= 0  # the padded dy also serves the weight gradient
+    dfits = _fits(1, dt, dl, ho, wo, hd, wd)
+    shared = wd == ws and dfits  # the padded dy also serves the weight gradient
     wspan = (ho - 1) * ws + wo
     xoff = np.empty(pos_rows.shape[0], np.int64)
     for k in range(pos_rows.shape[0]):
@@ -191,40 +240,34 @@ def wide_backward(
     xf = x.ravel()
     df = dy.ravel()
     dxf = dx.ravel()
+    xfits = _fits(s, top, left, h, w, hs, ws)
     for t in prange(nchunk):
-        xbuf = np.empty(c2 * plane, np.float32)
-        dbuf = np.empty(oo * hd * wd, np.float32)
-        wbuf = np.empty(0 if shared else oo * ho * ws, np.float32)
+        # zeroed once where only interiors are written (_place), so that their borders stay zero
+        xbuf = np.zeros(c2 * plane, np.float32) if xfits else np.empty(c2 * plane, np.float32)
+        dbuf = np.zeros(oo * hd * wd, np.float32) if dfits else np.empty(oo * hd * wd, np.float32)
+        wbuf = np.zeros(0 if shared else oo * ho * ws, np.float32)
         acc = np.empty(hd * wd, np.float32)
         cbuf = np.empty(0 if s == 1 else c2 * plane, np.float32)
         for n in range(t * nn // nchunk, (t + 1) * nn // nchunk):
             for o in range(oo):
                 s0 = (n * oo + o) * ho * wo
-                total = 0.0
-                for i in range(ho):
-                    r = np.float32(0.0)
-                    for j in range(uint64(wo)):
-                        r += df[uint64(s0 + i * wo) + j]
-                    total += r
-                grad_b[t, o] += total
-                if need_dx or shared:
-                    _copy_phase(df, s0, ho, wo, dbuf, o * hd * wd, hd, wd, 1, 0, 0, dt, dl)
-                if not shared:
-                    _copy_phase(df, s0, ho, wo, wbuf, o * ho * ws, ho, ws, 1, 0, 0, 0, 0)
+                if shared:  # the bias gradient is summed in the same pass as the copy
+                    total = _place(df, s0, ho, wo, dbuf, o * hd * wd, wd, dt, dl, need_db)
+                else:
+                    if need_dx and dfits:
+                        _place(df, s0, ho, wo, dbuf, o * hd * wd, wd, dt, dl, False)
+                    elif need_dx:
+                        _copy_phase(df, s0, ho, wo, dbuf, o * hd * wd, hd, wd, 1, 0, 0, dt, dl)
+                    total = _place(df, s0, ho, wo, wbuf, o * ho * ws, ws, 0, 0, need_db)
+                if need_db:
+                    grad_b[t, o] += total
             if need_dx:
                 for c in range(c2):
                     if s > 1 and ((c // s) % s >= kh0 or c % s >= kw0):
                         continue  # a phase no weight reads: zero gradient, written by _depth_to_space
-                    _conv_rows(t_ptr, t_cols, t_values, c, np.float32(0.0), dbuf, (c // cin_w) * cout_g * hd * wd, hd * wd, wd, kk, kw, acc, dspan)
-                    if s == 1:
-                        dst = uint64((n * cc + c) * h * w)
-                        for i in range(uint64(h)):
-                            for j in range(uint64(w)):
-                                dxf[dst + i * uint64(w) + j] = acc[i * uint64(wd) + j]
-                    else:
-                        for i in range(uint64(hs)):
-                            for j in range(uint64(ws)):
-                                cbuf[uint64(c * plane) + i * uint64(ws) + j] = acc[i * uint64(wd) + j]
+                    d0, dstride = ((n * cc + c) * h * w, w) if s == 1 else (c * plane, ws)
+                    _conv_rows(t_ptr, t_cols, t_values, c, np.float32(0.0), dbuf, (c // cin_w) * cout_g * hd * wd, hd * wd, wd,
+                               kk, kw, acc, hd - kh + 1, wd - kw + 1, dxf if s == 1 else cbuf, d0, dstride)  # fmt: skip
                 if s > 1:
                     _depth_to_space(cbuf, dxf, n, cc, h, w, s, top, left, hs, ws, kh0, kw0)
             if pos_rows.shape[0]:

@@ -87,6 +87,11 @@ def _working_positions(plan: _WidePlan, structure: SparseStructure, positions: n
     return positions if plan.perm is None else structure.s2d_positions(positions, plan.stride)
 
 
+def _chunks(n: int) -> int:
+    """Image chunks of a wide kernel call: one contiguous chunk per Numba thread."""
+    return max(1, min(n, numba.get_num_threads()))
+
+
 class _WideConvFn(torch.autograd.Function):
     """Sparse Conv2d on the fused wide kernels (square strides; see _kernels_wide)."""
 
@@ -104,8 +109,9 @@ class _WideConvFn(torch.autograd.Function):
         vals = np_view(values) if plan.perm is None else np_view(values)[plan.perm]
         y = torch.empty(n, o, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1, dtype=torch.float32)
         KW.wide_forward(
-            np_view(x), ws.indptr, ws.cols, vals, bias_array(bias, o), np_view(y), _wide_geometry(plan, structure, h, w)
-        )
+            np_view(x), ws.indptr, ws.cols, vals, bias_array(bias, o), np_view(y), _wide_geometry(plan, structure, h, w),
+            _chunks(n),
+        )  # fmt: skip
         ctx.save_for_backward(x, values)
         ctx.structure, ctx.plan, ctx.geom = structure, plan, geom
         return y
@@ -130,13 +136,13 @@ class _WideConvFn(torch.autograd.Function):
         if need_dx:
             idx = ws.by_input()
             t_ptr, t_cols, t_vals = idx.ptr, idx.tcols, vals[idx.perm]
-        nchunk = max(1, min(n, numba.get_num_threads()))
+        nchunk = _chunks(n)
         grad_w = np.zeros((nchunk, rows.size))
         grad_b = np.zeros((nchunk, o))
         dx = torch.empty((n, c, h, w) if need_dx else (0,), dtype=torch.float32)
         KW.wide_backward(
             np_view(x), np_view(dy.contiguous()), t_ptr, t_cols, t_vals, rows, cols, np_view(dx), grad_w, grad_b,
-            _wide_geometry(plan, s, h, w), need_dx, nchunk,
+            _wide_geometry(plan, s, h, w), need_dx, bool(ctx.needs_input_grad[2]), nchunk,
         )  # fmt: skip
         gw = torch.from_numpy(grad_w.sum(0).astype(np.float32))
         dv = None
