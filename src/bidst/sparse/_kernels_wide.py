@@ -142,8 +142,25 @@ def _conv_rows(
         acc[k] = b
     p = indptr[o]
     end = indptr[o + 1]
-    # four slots per pass cut the loads and stores of acc, the bottleneck of this loop
-    while p + 4 <= end:
+    # up to eight slots per pass cut the loads and stores of acc, the bottleneck of this loop; the
+    # last one to three slots share one pass too (rows at high sparsity often have no more)
+    while p + 8 <= end:
+        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
+        s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
+        s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
+        s3 = uint64(base + _wide_offset(cols[p + 3], kk, kw, plane, wp))
+        s4 = uint64(base + _wide_offset(cols[p + 4], kk, kw, plane, wp))
+        s5 = uint64(base + _wide_offset(cols[p + 5], kk, kw, plane, wp))
+        s6 = uint64(base + _wide_offset(cols[p + 6], kk, kw, plane, wp))
+        s7 = uint64(base + _wide_offset(cols[p + 7], kk, kw, plane, wp))
+        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+        v4, v5, v6, v7 = values[p + 4], values[p + 5], values[p + 6], values[p + 7]
+        for k in range(span):
+            acc[k] += ((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])) + (
+                (v4 * src[s4 + k] + v5 * src[s5 + k]) + (v6 * src[s6 + k] + v7 * src[s7 + k])
+            )
+        p += 8
+    if p + 4 <= end:
         s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
         s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
         s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
@@ -152,12 +169,25 @@ def _conv_rows(
         for k in range(span):
             acc[k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])
         p += 4
-    while p < end:
+    m = end - p
+    if m == 3:
+        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
+        s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
+        s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
+        v0, v1, v2 = values[p], values[p + 1], values[p + 2]
+        for k in range(span):
+            acc[k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + v2 * src[s2 + k]
+    elif m == 2:
+        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
+        s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
+        v0, v1 = values[p], values[p + 1]
+        for k in range(span):
+            acc[k] += v0 * src[s0 + k] + v1 * src[s1 + k]
+    elif m == 1:
         s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
         v0 = values[p]
         for k in range(span):
             acc[k] += v0 * src[s0 + k]
-        p += 1
     for i in range(uint64(rows)):
         for j in range(uint64(width)):
             dst[uint64(d0) + i * uint64(dstride) + j] = acc[i * uint64(wp) + j]
@@ -281,7 +311,8 @@ def _positions_grad(
     src: np.ndarray, xbuf: np.ndarray, rows: np.ndarray, xoff: np.ndarray, dplane: int, d_off: int, span: int, out: np.ndarray
 ) -> None:
     """out[k] += dot(src row rows[k] (from d_off), xbuf from xoff[k]) over `span`; up to four consecutive
-    positions of the same output channel share each load of the output gradient."""
+    positions of the same output channel share each load of the output gradient (three or two for
+    the last ones of a channel)."""
     k, npos = 0, rows.shape[0]
     while k < npos:
         r = rows[k]
@@ -300,6 +331,18 @@ def _positions_grad(
             out[k + 2] += a2
             out[k + 3] += a3
             k += 4
+        elif k + 3 <= npos and rows[k + 1] == r and rows[k + 2] == r:
+            x0, x1, x2 = uint64(xoff[k]), uint64(xoff[k + 1]), uint64(xoff[k + 2])
+            a0 = a1 = a2 = np.float32(0.0)
+            for j in range(uint64(span)):
+                g = src[d0 + j]
+                a0 += g * xbuf[x0 + j]
+                a1 += g * xbuf[x1 + j]
+                a2 += g * xbuf[x2 + j]
+            out[k] += a0
+            out[k + 1] += a1
+            out[k + 2] += a2
+            k += 3
         elif k + 2 <= npos and rows[k + 1] == r:
             x0, x1 = uint64(xoff[k]), uint64(xoff[k + 1])
             a0 = a1 = np.float32(0.0)
