@@ -88,7 +88,7 @@ def _working_positions(plan: _WidePlan, structure: SparseStructure, positions: n
 
 
 def _chunks(n: int) -> int:
-    """Image chunks of a wide kernel call: one contiguous chunk per Numba thread."""
+    """Task chunks of a kernel call over n tasks (images, or output rows): one contiguous chunk per Numba thread."""
     return max(1, min(n, numba.get_num_threads()))
 
 
@@ -173,7 +173,7 @@ class _ChwnConvFn(torch.autograd.Function):
         xt = _to_chwn(x)
         KC.conv_forward(
             structure.indptr, structure.cols, np_view(values), bias_array(bias, o), np_view(xt), np_view(y),
-            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g,
+            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g, _chunks(o * y.shape[2]),
         )  # fmt: skip
         ctx.save_for_backward(xt, values)
         ctx.structure, ctx.geom = structure, geom
@@ -198,8 +198,9 @@ class _ChwnConvFn(torch.autograd.Function):
             if (sh, sw) == (1, 1):  # forward conv of dy with the transposed, flipped weight
                 zeros = np.zeros(c, np.float32)
                 KC.conv_forward(
-                    idx.ptr, idx.tcols, vin, zeros, np_view(dyt), np_view(dx), 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g
-                )
+                    idx.ptr, idx.tcols, vin, zeros, np_view(dyt), np_view(dx), 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g,
+                    _chunks(c * h),
+                )  # fmt: skip
             else:
                 KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, np_view(dyt), np_view(dx), *geo)
         if ctx.needs_input_grad[1]:
