@@ -138,13 +138,35 @@ def _conv_rows(
     for i < rows, j < width: accumulated on the wide grid in acc (one contiguous run per slot), then
     copied out row by row without the wp - width extra columns."""
     span = uint64((rows - 1) * wp + width)
-    for k in range(span):
-        acc[k] = b
     p = indptr[o]
     end = indptr[o + 1]
-    # up to eight slots per pass cut the loads and stores of acc, the bottleneck of this loop; the
-    # last one to three slots share one pass too (rows at high sparsity often have no more)
-    while p + 8 <= end:
+    if p == end:
+        for k in range(span):
+            acc[k] = b
+    # the last one to three slots share one pass, done first: it sets acc (no separate pass for b)
+    m = (end - p) % 4
+    e = end - m
+    if m == 3:
+        s0 = uint64(base + _wide_offset(cols[e], kk, kw, plane, wp))
+        s1 = uint64(base + _wide_offset(cols[e + 1], kk, kw, plane, wp))
+        s2 = uint64(base + _wide_offset(cols[e + 2], kk, kw, plane, wp))
+        v0, v1, v2 = values[e], values[e + 1], values[e + 2]
+        for k in range(span):
+            acc[k] = b + ((v0 * src[s0 + k] + v1 * src[s1 + k]) + v2 * src[s2 + k])
+    elif m == 2:
+        s0 = uint64(base + _wide_offset(cols[e], kk, kw, plane, wp))
+        s1 = uint64(base + _wide_offset(cols[e + 1], kk, kw, plane, wp))
+        v0, v1 = values[e], values[e + 1]
+        for k in range(span):
+            acc[k] = b + (v0 * src[s0 + k] + v1 * src[s1 + k])
+    elif m == 1:
+        s0 = uint64(base + _wide_offset(cols[e], kk, kw, plane, wp))
+        v0 = values[e]
+        for k in range(span):
+            acc[k] = b + v0 * src[s0 + k]
+    first = m == 0  # then the first group below sets acc
+    # up to eight slots per pass cut the loads and stores of acc, the bottleneck of this loop
+    while p + 8 <= e:
         s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
         s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
         s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
@@ -155,39 +177,30 @@ def _conv_rows(
         s7 = uint64(base + _wide_offset(cols[p + 7], kk, kw, plane, wp))
         v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
         v4, v5, v6, v7 = values[p + 4], values[p + 5], values[p + 6], values[p + 7]
-        for k in range(span):
-            acc[k] += ((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])) + (
-                (v4 * src[s4 + k] + v5 * src[s5 + k]) + (v6 * src[s6 + k] + v7 * src[s7 + k])
-            )
+        if first:
+            for k in range(span):
+                acc[k] = b + (((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])) + (
+                    (v4 * src[s4 + k] + v5 * src[s5 + k]) + (v6 * src[s6 + k] + v7 * src[s7 + k])
+                ))
+            first = False
+        else:
+            for k in range(span):
+                acc[k] += ((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])) + (
+                    (v4 * src[s4 + k] + v5 * src[s5 + k]) + (v6 * src[s6 + k] + v7 * src[s7 + k])
+                )
         p += 8
-    if p + 4 <= end:
+    if p < e:  # four slots left before the tail
         s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
         s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
         s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
         s3 = uint64(base + _wide_offset(cols[p + 3], kk, kw, plane, wp))
         v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-        for k in range(span):
-            acc[k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])
-        p += 4
-    m = end - p
-    if m == 3:
-        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
-        s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
-        s2 = uint64(base + _wide_offset(cols[p + 2], kk, kw, plane, wp))
-        v0, v1, v2 = values[p], values[p + 1], values[p + 2]
-        for k in range(span):
-            acc[k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + v2 * src[s2 + k]
-    elif m == 2:
-        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
-        s1 = uint64(base + _wide_offset(cols[p + 1], kk, kw, plane, wp))
-        v0, v1 = values[p], values[p + 1]
-        for k in range(span):
-            acc[k] += v0 * src[s0 + k] + v1 * src[s1 + k]
-    elif m == 1:
-        s0 = uint64(base + _wide_offset(cols[p], kk, kw, plane, wp))
-        v0 = values[p]
-        for k in range(span):
-            acc[k] += v0 * src[s0 + k]
+        if first:
+            for k in range(span):
+                acc[k] = b + ((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k]))
+        else:
+            for k in range(span):
+                acc[k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])
     for i in range(uint64(rows)):
         for j in range(uint64(width)):
             dst[uint64(d0) + i * uint64(dstride) + j] = acc[i * uint64(wp) + j]
