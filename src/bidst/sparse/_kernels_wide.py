@@ -10,7 +10,9 @@ padded by k - 1, with the transposed, flipped weight (SparseStructure.by_input).
 
 Each image is padded (or space-to-depth transformed) into a per-task buffer that stays in cache,
 so a training step reads x, dy and writes y, dx once each, like a dense convolution: no layout
-copies in memory. Offsets are uint64 to keep Numba's wraparound checks out of hot loops.
+copies in memory. Where no phase split or crop is needed, a buffer is zeroed once per task and
+each image writes only its interior (_place): short zero-fill loops per row cost as much as the
+copy. Offsets are uint64 to keep Numba's wraparound checks out of hot loops.
 """
 
 from __future__ import annotations
