@@ -70,8 +70,8 @@ def _place(src: np.ndarray, s0: int, h: int, w: int, dst: np.ndarray, d0: int, w
     """dst[d0 + (top + i)*wd + left + j] = src[s0 + i*w + j] for i < h, j < w; the sum of the plane if want_sum, else 0.
 
     Writes only the interior of a padded plane: callers zero the buffer once (see _fits), so each
-    image costs one row copy per row and no zero fill. The sum is float32 within a row and float64
-    across rows, like the bias gradient of the CHWN path.
+    image costs one row copy per row and no zero fill. The sum (the bias gradient's share of this
+    plane) is float32 within a row and float64 across rows.
     """
     total = 0.0
     for i in range(uint64(h)):
