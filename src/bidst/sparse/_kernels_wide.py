@@ -40,20 +40,20 @@ def _wide_offset(col: int, kk: int, kw: int, plane: int, wp: int) -> int:
 def _copy_phase(
     src: np.ndarray, s0: int, h: int, w: int, dst: np.ndarray, d0: int, hd: int, wd: int, s: int, r: int, q: int, top: int, left: int
 ) -> None:
-    """dst[d0 + i*wd + j] = src[s0 + (s*i + r - top)*w + s*j + q - left], zero outside the (h, w) source plane.
+    """dst[d0 + i*wd + j] = src[s0 + (s*i + r - top)*w + s*j + q - left] where that lies inside the (h, w) source plane.
 
-    With s = 1 (r = q = 0) a zero padding by (top, left); negative shifts crop.
+    With s = 1 (r = q = 0) a zero padding by (top, left); negative shifts crop. Entries outside the
+    source plane are not written: the buffer is zeroed once per task and they stay zero, as the
+    written region depends only on the geometry.
     """
     j0, j1 = max(0, (left - q + s - 1) // s), min(wd, (w - 1 + left - q) // s + 1)
+    if j0 >= j1:
+        return
     for i in range(hd):
-        d = uint64(d0 + i * wd)
         y = s * i + r - top
-        if y < 0 or y >= h or j0 >= j1:
-            for j in range(uint64(wd)):
-                dst[d + j] = 0.0
+        if y < 0 or y >= h:
             continue
-        for j in range(uint64(j0)):
-            dst[d + j] = 0.0
+        d = uint64(d0 + i * wd)
         sb = uint64(s0 + y * w + q - left)  # may wrap below zero: only sb + s*j, s*j >= left - q, is used
         if s == 1:  # a contiguous copy, vectorized
             for j in range(uint64(j0), uint64(j1)):
@@ -61,8 +61,6 @@ def _copy_phase(
         else:
             for j in range(uint64(j0), uint64(j1)):
                 dst[d + j] = src[sb + j * uint64(s)]
-        for j in range(uint64(j1), uint64(wd)):
-            dst[d + j] = 0.0
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -102,8 +100,8 @@ def _prep_image(
 ) -> None:
     """buf = image n of x zero-padded by (top, left) and, for s > 1, space-to-depth: (c*s + r)*s + q planes.
 
-    Phases r >= kh or q >= kw hold no weight and are left unwritten (never read). When the image
-    fits (_fits), only the interior is written: buf must come zeroed (np.zeros) and stay so outside it.
+    Phases r >= kh or q >= kw hold no weight and are left unwritten (never read). Only the entries
+    that come from the image are written: buf must come zeroed (np.zeros) and stay so outside them.
     """
     plane = hs * ws
     if _fits(s, top, left, h, w, hs, ws):
@@ -232,9 +230,8 @@ def wide_forward(
     plane = hs * ws
     xf = x.ravel()
     yf = y.ravel()
-    fits = _fits(s, top, left, h, w, hs, ws)
     for t in prange(nchunk):
-        buf = np.zeros(c2 * plane, np.float32) if fits else np.empty(c2 * plane, np.float32)
+        buf = np.zeros(c2 * plane, np.float32)  # zeroed once: images write only their interior
         acc = np.empty(ho * ws, np.float32)
         for n in range(t * nn // nchunk, (t + 1) * nn // nchunk):
             _prep_image(xf, n, cc, h, w, buf, s, top, left, hs, ws, kh0, kw0)
@@ -285,11 +282,10 @@ def wide_backward(
     xf = x.ravel()
     df = dy.ravel()
     dxf = dx.ravel()
-    xfits = _fits(s, top, left, h, w, hs, ws)
     for t in prange(nchunk):
-        # zeroed once where only interiors are written (_place), so that their borders stay zero
-        xbuf = np.zeros(c2 * plane, np.float32) if xfits else np.empty(c2 * plane, np.float32)
-        dbuf = np.zeros(oo * hd * wd, np.float32) if dfits else np.empty(oo * hd * wd, np.float32)
+        # zeroed once: images write only their interior (_place, _copy_phase), the borders stay zero
+        xbuf = np.zeros(c2 * plane, np.float32)
+        dbuf = np.zeros(oo * hd * wd, np.float32)
         wbuf = np.zeros(0 if shared else oo * ho * ws, np.float32)
         acc = np.empty(hd * wd, np.float32)
         cbuf = np.empty(0 if s == 1 else c2 * plane, np.float32)
