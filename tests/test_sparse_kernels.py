@@ -179,6 +179,47 @@ def test_realistic_shapes_and_dense_sampled_grad():
         assert structure.sampled_grad is None and structure.sampled_positions is None
 
 
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, True, False)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ((8, 8, 3, 3), 1, 1, 1),  # same padding: padded input and output gradient written once per image
+        ((6, 4, 3, 3), 1, 0, 1),  # no padding
+        ((6, 4, 2, 3), 1, 3, 1),  # padding beyond the kernel: the output gradient is cropped
+        ((8, 4, 3, 3), 2, 1, 1),  # stride 2: space-to-depth
+        ((6, 1, 3, 3), 1, 1, 6),  # depthwise
+    ],
+)
+def test_wide_conv_any_subset_of_gradients(case, needs):
+    """Input, weight and bias gradients each requested or not (e.g. no bias, as in ResNets), several images per chunk."""
+    shape, stride, padding, groups = case
+    need_x, need_w, has_bias = needs
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.rand(shape, generator=gen) < 0.3
+    w = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+    x = torch.randn(5, shape[1] * groups, 13, 14, generator=gen).requires_grad_(need_x)
+    b = torch.randn(shape[0], generator=gen).requires_grad_(True) if has_bias else None
+    structure = SparseStructure.from_mask(mask, groups)
+    values = structure.gather(w).requires_grad_(need_w)
+    geo = {"stride": stride, "padding": padding}
+    saved, conv.WIDE_MIN_WIDTH = conv.WIDE_MIN_WIDTH, 1
+    try:
+        y = sparse_conv2d(x, values, structure, b, **geo)
+    finally:
+        conv.WIDE_MIN_WIDTH = saved
+    gy = torch.randn(y.shape, generator=gen)
+    y.backward(gy)
+    y_ref, dx_ref, dv_ref, db_ref, _ = reference(functools.partial(F.conv2d, groups=groups, **geo), x, w, b, gy, mask)
+    close(y, y_ref)
+    assert (x.grad is not None) == need_x and (values.grad is not None) == need_w
+    if need_x:
+        close(x.grad, dx_ref)
+    if need_w:
+        close(values.grad, dv_ref)
+    if has_bias:
+        close(b.grad, db_ref)
+
+
 def test_sampled_grad_accumulates_until_taken():
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(8, 6, generator=gen) < 0.5

@@ -69,6 +69,61 @@ def _store_row_nchw(acc: np.ndarray, yf: np.ndarray, n: int, ch: int, nch: int, 
             yf[dst + x] = acc[x * uint64(n) + b]
 
 
+@njit(cache=True)
+def _kx_order(indptr: np.ndarray, cols: np.ndarray, kk: int, kw: int) -> np.ndarray:
+    """Slot order that lists each row's slots by kernel column kx (a stable counting sort per row):
+    slots of one kx cover the same output columns, so consecutive ones can share a pass."""
+    order = np.empty(cols.shape[0], np.int64)
+    for o in range(indptr.shape[0] - 1):
+        q = indptr[o]
+        for kx in range(kw):
+            for p in range(indptr[o], indptr[o + 1]):
+                if cols[p] % kk % kw == kx:
+                    order[q] = p
+                    q += 1
+    return order
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _axpy_group(
+    acc: np.ndarray, src: np.ndarray, g: int, s0: int, s1: int, s2: int, s3: int, v0: float, v1: float, v2: float, v3: float,
+    sw: int, x0: int, x1: int, n: int,
+) -> None:
+    """acc[x*n + b] += sum over the first g (1-4) slots of v_i * src[s_i + x*sw*n + b], x in [x0, x1), b < n.
+
+    Bases s_i are uint64 and may have wrapped below zero: only the sums with x >= x0 are used.
+    """
+    if sw == 1:  # one contiguous run per slot
+        a0 = uint64(x0) * n
+        t0, t1, t2, t3 = s0 + a0, s1 + a0, s2 + a0, s3 + a0
+        ln = uint64(x1 - x0) * n
+        if g == 4:
+            for k in range(ln):
+                acc[a0 + k] += (v0 * src[t0 + k] + v1 * src[t1 + k]) + (v2 * src[t2 + k] + v3 * src[t3 + k])
+        elif g == 3:
+            for k in range(ln):
+                acc[a0 + k] += (v0 * src[t0 + k] + v1 * src[t1 + k]) + v2 * src[t2 + k]
+        elif g == 2:
+            for k in range(ln):
+                acc[a0 + k] += v0 * src[t0 + k] + v1 * src[t1 + k]
+        else:
+            for k in range(ln):
+                acc[a0 + k] += v0 * src[t0 + k]
+    else:
+        for x in range(x0, x1):
+            ao = uint64(x) * n
+            so = uint64(x * sw) * n
+            for b in range(n):
+                t = v0 * src[s0 + so + b]
+                if g > 1:
+                    t += v1 * src[s1 + so + b]
+                if g > 2:
+                    t += v2 * src[s2 + so + b]
+                if g > 3:
+                    t += v3 * src[s3 + so + b]
+                acc[ao + b] += t
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def conv_forward(
     indptr: np.ndarray,
@@ -85,8 +140,13 @@ def conv_forward(
     kw: int,
     cout_g: int,
     cin_g: int,
+    nchunk: int,
 ) -> None:
-    """y (NCHW) = sparse conv of xt (CHWN); one task per (output channel, output row)."""
+    """y (NCHW) = sparse conv of xt (CHWN); tasks (output channel, output row) in `nchunk` contiguous chunks.
+
+    A task's slots are visited by kernel column (_kx_order); up to four in-range slots of one kx,
+    which cover the same output columns, share each pass over the output row.
+    """
     hh, ww, nn = xt.shape[1], xt.shape[2], xt.shape[3]
     oo, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     n = uint64(nn)
@@ -95,27 +155,54 @@ def conv_forward(
     kk = kh * kw
     xf = xt.ravel()
     yf = y.ravel()
-    for task in prange(oo * ho):
-        o = task // ho
-        oy = task - o * ho
+    order = _kx_order(indptr, cols, kk, kw)
+    tasks = oo * ho
+    for t in prange(nchunk):
         acc = np.empty(wo * nn, np.float32)
-        acc[:] = bias[o]
-        cbase = (o // cout_g) * cin_g
-        for p in range(indptr[o], indptr[o + 1]):
-            col = cols[p]
-            ci = col // kk
-            r = col - ci * kk
-            ky = r // kw
-            kx = r - ky * kw
-            iy = oy * sh + ky - ph
-            if iy < 0 or iy >= hh:
-                continue
-            x0, x1 = _x_range(kx, pw, sw, ww, wo)
-            if x0 >= x1:
-                continue
-            src = uint64(cbase + ci) * plane + uint64(iy) * rowlen
-            _axpy_columns(acc, uint64(0), 1, xf, src + uint64((kx - pw) * nn), sw, values[p], x0, x1, n)
-        _store_row_nchw(acc, yf, nn, o, oo, oy, ho, wo)
+        for task in range(t * tasks // nchunk, (t + 1) * tasks // nchunk):
+            o = task // ho
+            oy = task - o * ho
+            acc[:] = bias[o]
+            cbase = (o // cout_g) * cin_g
+            g, gkx = 0, -1
+            s0 = s1 = s2 = s3 = uint64(0)
+            v0 = v1 = v2 = v3 = values[0] if values.shape[0] else np.float32(0.0)
+            for q in range(indptr[o], indptr[o + 1]):
+                p = order[q]
+                col = cols[p]
+                ci = col // kk
+                r = col - ci * kk
+                ky = r // kw
+                kx = r - ky * kw
+                iy = oy * sh + ky - ph
+                if iy < 0 or iy >= hh:
+                    continue
+                if g > 0 and kx != gkx:  # flush the group of the previous kernel column
+                    x0, x1 = _x_range(gkx, pw, sw, ww, wo)
+                    if x0 < x1:
+                        _axpy_group(acc, xf, g, s0, s1, s2, s3, v0, v1, v2, v3, sw, x0, x1, n)
+                    g = 0
+                gkx = kx
+                src = uint64(cbase + ci) * plane + uint64(iy) * rowlen + uint64((kx - pw) * nn)
+                if g == 0:
+                    s0, v0 = src, values[p]
+                elif g == 1:
+                    s1, v1 = src, values[p]
+                elif g == 2:
+                    s2, v2 = src, values[p]
+                else:
+                    s3, v3 = src, values[p]
+                g += 1
+                if g == 4:
+                    x0, x1 = _x_range(kx, pw, sw, ww, wo)
+                    if x0 < x1:
+                        _axpy_group(acc, xf, 4, s0, s1, s2, s3, v0, v1, v2, v3, sw, x0, x1, n)
+                    g = 0
+            if g > 0:
+                x0, x1 = _x_range(gkx, pw, sw, ww, wo)
+                if x0 < x1:
+                    _axpy_group(acc, xf, g, s0, s1, s2, s3, v0, v1, v2, v3, sw, x0, x1, n)
+            _store_row_nchw(acc, yf, nn, o, oo, oy, ho, wo)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

@@ -35,8 +35,25 @@ def spmm_t(
             yf[yo + b] = bi
         p = indptr[i]
         end = indptr[i + 1]
-        # four slots per pass cut the loads and stores of the output row, the bottleneck of this loop
-        while p + 4 <= end:
+        # up to eight slots per pass cut the loads and stores of the output row, the bottleneck of this
+        # loop; the last one to three slots share one pass too
+        while p + 8 <= end:
+            x0 = uint64(cols[p]) * nb
+            x1 = uint64(cols[p + 1]) * nb
+            x2 = uint64(cols[p + 2]) * nb
+            x3 = uint64(cols[p + 3]) * nb
+            x4 = uint64(cols[p + 4]) * nb
+            x5 = uint64(cols[p + 5]) * nb
+            x6 = uint64(cols[p + 6]) * nb
+            x7 = uint64(cols[p + 7]) * nb
+            v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+            v4, v5, v6, v7 = values[p + 4], values[p + 5], values[p + 6], values[p + 7]
+            for b in range(nb):
+                yf[yo + b] += ((v0 * xf[x0 + b] + v1 * xf[x1 + b]) + (v2 * xf[x2 + b] + v3 * xf[x3 + b])) + (
+                    (v4 * xf[x4 + b] + v5 * xf[x5 + b]) + (v6 * xf[x6 + b] + v7 * xf[x7 + b])
+                )
+            p += 8
+        if p + 4 <= end:
             x0 = uint64(cols[p]) * nb
             x1 = uint64(cols[p + 1]) * nb
             x2 = uint64(cols[p + 2]) * nb
@@ -45,12 +62,25 @@ def spmm_t(
             for b in range(nb):
                 yf[yo + b] += (v0 * xf[x0 + b] + v1 * xf[x1 + b]) + (v2 * xf[x2 + b] + v3 * xf[x3 + b])
             p += 4
-        while p < end:
+        m = end - p
+        if m == 3:
+            x0 = uint64(cols[p]) * nb
+            x1 = uint64(cols[p + 1]) * nb
+            x2 = uint64(cols[p + 2]) * nb
+            v0, v1, v2 = values[p], values[p + 1], values[p + 2]
+            for b in range(nb):
+                yf[yo + b] += (v0 * xf[x0 + b] + v1 * xf[x1 + b]) + v2 * xf[x2 + b]
+        elif m == 2:
+            x0 = uint64(cols[p]) * nb
+            x1 = uint64(cols[p + 1]) * nb
+            v0, v1 = values[p], values[p + 1]
+            for b in range(nb):
+                yf[yo + b] += v0 * xf[x0 + b] + v1 * xf[x1 + b]
+        elif m == 1:
             x0 = uint64(cols[p]) * nb
             v0 = values[p]
             for b in range(nb):
                 yf[yo + b] += v0 * xf[x0 + b]
-            p += 1
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -63,7 +93,24 @@ def sddmm_t(indptr: np.ndarray, cols: np.ndarray, at: np.ndarray, bt: np.ndarray
         ao = uint64(i) * nb
         p = indptr[i]
         end = indptr[i + 1]
-        # two slots per pass share the loads of row i
+        # four (then two) slots per pass share the loads of row i
+        while p + 4 <= end:
+            b0 = uint64(cols[p]) * nb
+            b1 = uint64(cols[p + 1]) * nb
+            b2 = uint64(cols[p + 2]) * nb
+            b3 = uint64(cols[p + 3]) * nb
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for b in range(nb):
+                a = af[ao + b]
+                s0 += a * bf[b0 + b]
+                s1 += a * bf[b1 + b]
+                s2 += a * bf[b2 + b]
+                s3 += a * bf[b3 + b]
+            out[p] = s0
+            out[p + 1] = s1
+            out[p + 2] = s2
+            out[p + 3] = s3
+            p += 4
         while p + 2 <= end:
             b0 = uint64(cols[p]) * nb
             b1 = uint64(cols[p + 1]) * nb

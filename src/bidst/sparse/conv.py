@@ -87,6 +87,11 @@ def _working_positions(plan: _WidePlan, structure: SparseStructure, positions: n
     return positions if plan.perm is None else structure.s2d_positions(positions, plan.stride)
 
 
+def _chunks(n: int) -> int:
+    """Task chunks of a kernel call over n tasks (images, or output rows): one contiguous chunk per Numba thread."""
+    return max(1, min(n, numba.get_num_threads()))
+
+
 class _WideConvFn(torch.autograd.Function):
     """Sparse Conv2d on the fused wide kernels (square strides; see _kernels_wide)."""
 
@@ -104,8 +109,9 @@ class _WideConvFn(torch.autograd.Function):
         vals = np_view(values) if plan.perm is None else np_view(values)[plan.perm]
         y = torch.empty(n, o, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1, dtype=torch.float32)
         KW.wide_forward(
-            np_view(x), ws.indptr, ws.cols, vals, bias_array(bias, o), np_view(y), _wide_geometry(plan, structure, h, w)
-        )
+            np_view(x), ws.indptr, ws.cols, vals, bias_array(bias, o), np_view(y), _wide_geometry(plan, structure, h, w),
+            _chunks(n),
+        )  # fmt: skip
         ctx.save_for_backward(x, values)
         ctx.structure, ctx.plan, ctx.geom = structure, plan, geom
         return y
@@ -130,13 +136,13 @@ class _WideConvFn(torch.autograd.Function):
         if need_dx:
             idx = ws.by_input()
             t_ptr, t_cols, t_vals = idx.ptr, idx.tcols, vals[idx.perm]
-        nchunk = max(1, min(n, numba.get_num_threads()))
+        nchunk = _chunks(n)
         grad_w = np.zeros((nchunk, rows.size))
         grad_b = np.zeros((nchunk, o))
         dx = torch.empty((n, c, h, w) if need_dx else (0,), dtype=torch.float32)
         KW.wide_backward(
             np_view(x), np_view(dy.contiguous()), t_ptr, t_cols, t_vals, rows, cols, np_view(dx), grad_w, grad_b,
-            _wide_geometry(plan, s, h, w), need_dx, nchunk,
+            _wide_geometry(plan, s, h, w), need_dx, bool(ctx.needs_input_grad[2]), nchunk,
         )  # fmt: skip
         gw = torch.from_numpy(grad_w.sum(0).astype(np.float32))
         dv = None
@@ -167,7 +173,7 @@ class _ChwnConvFn(torch.autograd.Function):
         xt = _to_chwn(x)
         KC.conv_forward(
             structure.indptr, structure.cols, np_view(values), bias_array(bias, o), np_view(xt), np_view(y),
-            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g,
+            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g, _chunks(o * y.shape[2]),
         )  # fmt: skip
         ctx.save_for_backward(xt, values)
         ctx.structure, ctx.geom = structure, geom
@@ -192,8 +198,9 @@ class _ChwnConvFn(torch.autograd.Function):
             if (sh, sw) == (1, 1):  # forward conv of dy with the transposed, flipped weight
                 zeros = np.zeros(c, np.float32)
                 KC.conv_forward(
-                    idx.ptr, idx.tcols, vin, zeros, np_view(dyt), np_view(dx), 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g
-                )
+                    idx.ptr, idx.tcols, vin, zeros, np_view(dyt), np_view(dx), 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g,
+                    _chunks(c * h),
+                )  # fmt: skip
             else:
                 KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, np_view(dyt), np_view(dx), *geo)
         if ctx.needs_input_grad[1]:
