@@ -17,6 +17,8 @@ def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
     text = report.read_text()
     assert text.startswith("# Title\n\nprose before\n") and text.endswith(f"{MARKERS[1]}\n\nprose after\n")
     assert "old table" not in text
+    assert [line for line in text.splitlines() if line.startswith("# ")] == ["# Title"]  # the file's own title only
+    assert text.split(MARKERS[0])[1].startswith("\nCommand: `bidst bench")
     step_row = next(line for line in text.splitlines() if line.startswith("| MLP 1024x3 | step |"))
     assert 0.0 < float(step_row.split("|")[3]) < 10.0
     assert "| `_SparseLinearFn" in text  # the profile names the sparse kernels' autograd functions

@@ -311,12 +311,15 @@ def profile(models: list[str], sparsities: list[float], out: list[str], steps: i
 
 
 def write_report(path: Path, lines: list[str]) -> None:
-    """Write the report to `path`, or only between its bench markers if the file has them (prose kept)."""
-    text = "\n".join(lines) + "\n"
+    """Write the report to `path`, or only between its bench markers if the file has them (prose and
+    the file's own title kept: the report's title line is left out there)."""
     old = path.read_text() if path.exists() else ""
     start, end = MARKERS
     if start in old and end in old:
-        text = old[: old.index(start) + len(start)] + "\n" + text + old[old.index(end) :]
+        body = lines[2:] if lines[0].startswith("# ") and not lines[1] else lines
+        text = old[: old.index(start) + len(start)] + "\n" + "\n".join(body) + "\n" + old[old.index(end) :]
+    else:
+        text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(text.encode()))
 
