@@ -17,6 +17,15 @@ from ._kernels_linear import FASTMATH
 
 
 @njit(inline="always")
+def _unpack(col: int, kk: int, kw: int) -> tuple[int, int, int]:
+    """(input channel in group, ky, kx) of a weight column index ci * kh * kw + ky * kw + kx."""
+    ci = col // kk
+    r = col - ci * kk
+    ky = r // kw
+    return ci, ky, r - ky * kw
+
+
+@njit(inline="always")
 def _x_range(kx: int, pw: int, sw: int, w: int, wo: int) -> tuple[int, int]:
     """Output columns x whose input column x*sw + kx - pw lies inside [0, w)."""
     x0 = max(0, (pw - kx + sw - 1) // sw)
@@ -170,10 +179,7 @@ def conv_forward(
             for q in range(indptr[o], indptr[o + 1]):
                 p = order[q]
                 col = cols[p]
-                ci = col // kk
-                r = col - ci * kk
-                ky = r // kw
-                kx = r - ky * kw
+                ci, ky, kx = _unpack(col, kk, kw)
                 iy = oy * sh + ky - ph
                 if iy < 0 or iy >= hh:
                     continue
@@ -238,9 +244,7 @@ def conv_input_grad(
         iy = task - c * hh
         acc = np.zeros(ww * nn, np.float32)
         for q in range(in_ptr[c], in_ptr[c + 1]):
-            r = in_cols[q] % kk
-            ky = r // kw
-            kx = r - ky * kw
+            _, ky, kx = _unpack(in_cols[q], kk, kw)
             t = iy + ph - ky
             if t < 0:
                 continue
@@ -285,10 +289,7 @@ def conv_sampled_grad(
     for k in prange(rows.shape[0]):
         o = rows[k]
         col = cols[k]
-        ci = col // kk
-        r = col - ci * kk
-        ky = r // kw
-        kx = r - ky * kw
+        ci, ky, kx = _unpack(col, kk, kw)
         c = (o // cout_g) * cin_g + ci
         x0, x1 = _x_range(kx, pw, sw, ww, wo)
         total = 0.0  # float64 across rows; float32 (vectorized) within a row
