@@ -304,3 +304,15 @@ def test_dense_weights_take_the_dense_path(monkeypatch):
     assert uses_kernels(x, structure=s)
     monkeypatch.setattr(_common, "DENSE_ABOVE", 0.3)
     assert not uses_kernels(x, structure=s)
+    # that path multiplies a batch-innermost input (a sparse layer's output) without copying it
+    values = torch.randn(s.nnz, requires_grad=True)
+    x = torch.randn(8, 5).t().requires_grad_(True)  # (batch 5, features 8), batch innermost
+    bias = torch.randn(8)
+    out = sparse_linear(x, values, s, bias)
+    assert out.t().is_contiguous()  # batch innermost, as the kernels' outputs
+    weight = s.to_dense(values)
+    reference = torch.nn.functional.linear(x.detach().contiguous(), weight.detach(), bias)
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, 2 * reference @ weight.detach())
+    assert x.grad.t().is_contiguous()  # the layer before gets its output gradient in its own layout

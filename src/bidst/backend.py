@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .errors import BidstError
 from .sparse import SparseModule, SparseStructure, to_sparse_modules
+from .sparse.linear import linear_any_layout
 
 BACKENDS = ("masked", "sparse")
 
@@ -97,11 +98,7 @@ class BatchInnermostLinear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2 and x.device.type == "cpu" and x.shape[0] > 1 and not x.is_contiguous() and x.t().is_contiguous():
-            xt = x.t()
-            out = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), self.weight, xt)
-            return out.t()
-        return super().forward(x)
+        return linear_any_layout(x, self.weight, self.bias)
 
 
 def dense_grad(layer: SparseModule, scale: float) -> Tensor:
