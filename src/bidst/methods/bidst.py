@@ -229,12 +229,14 @@ class BiDST:
                 self._hooks.append(sp.modules[name].register_forward_hook(self._forward_hook(sp, name)))
         return {n: s["pos"][self.explore_slots(sp, n)] for n, s in self._layers.items()}
 
+    def explore_count(self, sp: Sparsifier, name: str) -> int:
+        """|E| of a layer now, without looking at the masks: C holds every active weight, so |C| − k."""
+        return self._layers[name]["pos"].numel() - sp.budgets[name]
+
     def explore_slots(self, sp: Sparsifier, name: str) -> torch.Tensor:
-        """Slots of E in the layer's candidate list C, in order, found without a host synchronisation
-        (C holds every active weight, so |E| = |C| − k)."""
-        state = self._layers[name]
-        active = sp.masks[name].view(-1)[state["pos"]]
-        return torch.sort(active.to(torch.uint8), stable=True).indices[: state["pos"].numel() - sp.budgets[name]]
+        """Slots of E in the layer's candidate list C, in order, found without a host synchronisation."""
+        active = sp.masks[name].view(-1)[self._layers[name]["pos"]]
+        return torch.sort(active.to(torch.uint8), stable=True).indices[: self.explore_count(sp, name)]
 
     def _forward_hook(self, sp: Sparsifier, name: str) -> Any:
         """A forward hook keeping (output rows, batch, θ over C) of a layer on learning steps, for the
@@ -353,7 +355,7 @@ class BiDST:
         grads, thetas, relaxed, batches = {}, {}, {}, {}
         for name in [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._forward)]:
             state = self._layers[name]
-            explore_count = state["pos"].numel() - sp.budgets[name]  # C holds every active weight
+            explore_count = self.explore_count(sp, name)
             if explore_count == 0:  # no candidates (a layer at density 1): nothing to rank against, no swap possible
                 continue
             active = sp.masks[name].view(-1)[state["pos"]]
