@@ -190,11 +190,25 @@ def _nan_at(batch: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, ite
 
 @pytest.fixture(scope="module")
 def ddp(scratch: Path) -> Path:
-    """Every method run by 2 gloo processes (one spawn for all, to keep start-up costs down)."""
-    root = scratch / "ddp"
-    root.mkdir()
-    mp.spawn(_worker, args=(2, str(root), METHODS), nprocs=2, join=True)
-    return root
+    """Every method run by 2 gloo processes (one spawn for all, to keep start-up costs down).
+
+    Gloo can abort a process as it exits ("terminate called without an active exception", about one
+    spawn in twenty on the CI machine class, after the barrier before teardown). A rank that wrote its
+    record has finished its work, so such an abort after both records counts as done; an abort
+    before them is retried once, from scratch. A real failure fails both tries.
+    """
+    for attempt in (1, 2):
+        root = scratch / f"ddp{attempt}"
+        root.mkdir()
+        try:
+            mp.spawn(_worker, args=(2, str(root), METHODS), nprocs=2, join=True)
+            return root
+        except mp.ProcessExitedException as error:
+            if error.signal_name == "SIGABRT" and all((root / f"rank{r}.json").exists() for r in (0, 1)):
+                return root
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _seen(ddp: Path, rank: int) -> dict[str, list]:
