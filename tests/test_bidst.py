@@ -491,6 +491,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         first = mine.clone()
         dist.broadcast(first, 0)
         torch.save({"same": torch.equal(mine, first), "changes": sp.topology_changes}, f"{out}.{rank}")
+        dist.barrier()  # as bidst.distributed.launch does: tearing gloo down while the other rank uses it can abort
     finally:
         dist.destroy_process_group()
 
