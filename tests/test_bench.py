@@ -5,14 +5,14 @@ from __future__ import annotations
 import numba
 import pytest
 
-from bidst.bench import MARKERS, main
+from bidst.bench import MARKERS, Timer, main
 
 
 def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
     threads = numba.get_num_threads()
     report = tmp_path / "performance.md"
     report.write_text(f"# Title\n\nprose before\n\n{MARKERS[0]}\nold table\n{MARKERS[1]}\n\nprose after\n")
-    assert main(["--models", "MLP 1024x3", "--sparsities", "0.9", "--no-layers", "--reps", "1", "--profile",
+    assert main(["--models", "MLP 1024x3", "--sparsities", "0.9", "--no-layers", "--reps", "1", "--block", "1", "--profile",
                  "--out", str(report)]) == 0  # fmt: skip
     text = report.read_text()
     assert text.startswith("# Title\n\nprose before\n") and text.endswith(f"{MARKERS[1]}\n\nprose after\n")
@@ -26,9 +26,21 @@ def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("args", [["--sparsities", "0.9,x"], ["--sparsities", "1.0"], ["--models", "AlexNet"],
-                                  ["--threads", "2", "--clock", "cpu"]])  # fmt: skip
+                                  ["--threads", "2", "--clock", "cpu"], ["--block", "0"], ["--reps", "0"]])  # fmt: skip
 def test_bench_bad_input_is_a_usage_error(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_timer_runs_blocks_of_consecutive_steps_and_reports_the_mean_step():
+    calls: list[str] = []
+    ticks = iter(range(1000))
+    timer = Timer(clock=lambda: float(next(ticks)), stat=min, reps=2, block=3)
+    dense = lambda: calls.append("d")  # noqa: E731
+    sparse = lambda: calls.append("s")  # noqa: E731
+    td, ts = timer.interleaved(dense, sparse)
+    assert "".join(calls) == "ds" + "dddsss" * 2  # one warm-up each, then alternating blocks
+    assert calls.count("s") == timer.steps == 7
+    assert td == ts == 1 / 3  # each block spans one clock tick over three steps
