@@ -1,0 +1,128 @@
+"""Where one sparse layer's training step spends its time, against dense: the profile behind a missed per-layer target.
+
+For one Conv2d or Linear shape and each sparsity, in one process on an idle machine:
+
+- `dense` / `sparse`: a layer step (forward + input grad + weight grad), timed as `bidst bench` does
+  (alternating blocks of consecutive steps, median), and their ratio;
+- `kernels`: the self time of the sparse autograd functions (the Numba kernels and their Python
+  glue) in a sparse step, from torch.profiler; the rest of the step is autograd, allocation and
+  the output-gradient bookkeeping;
+- `empty`: the sparse step with no active weight at all, i.e. the passes that do not shrink with
+  density (padded copies, output writes, zero fills) plus the fixed overhead;
+- `faults`: minor page faults per step, dense / sparse: glibc hands large freed blocks back to the
+  OS, so fresh activations are mapped in again page by page;
+- `retained`: dense, sparse and their ratio again after `mallopt` makes glibc keep freed memory
+  (what jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends, also do).
+
+    python benchmarks/layer_breakdown.py                      # ResNet-32's 16->16 3x3 @32, batch 64, 2 threads
+    python benchmarks/layer_breakdown.py --layer conv:64:64:8 --sparsities 0.9,0.98
+    python benchmarks/layer_breakdown.py --layer linear:1024:1024 --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import resource
+import statistics
+import sys
+import time
+
+import numba
+import torch
+
+from bidst.bench import Layer, Step, Timer, layer_steps
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit
+
+
+def parse_layer(spec: str, batch: int) -> Layer:
+    """`conv:CIN:COUT:SIZE[:K[:STRIDE]]` or `linear:IN:OUT` as a bench Layer."""
+    kind, *numbers = spec.split(":")
+    try:
+        values = [int(v) for v in numbers]
+    except ValueError:
+        raise SystemExit(f"layer_breakdown: --layer {spec!r}: sizes must be integers") from None
+    if kind == "conv" and 3 <= len(values) <= 5:
+        cin, cout, size, *rest = values
+        k, stride = (rest + [3, 1][len(rest):])[:2]
+        return Layer(f"Conv {cin}->{cout} {k}x{k} s{stride} @{size}, b{batch}", "conv", batch, cin, cout, size, k, stride)
+    if kind == "linear" and len(values) == 2:
+        return Layer(f"Linear {values[0]}->{values[1]}, b{batch}", "linear", batch, values[0], values[1])
+    raise SystemExit(f"layer_breakdown: --layer {spec!r}: expected conv:CIN:COUT:SIZE[:K[:STRIDE]] or linear:IN:OUT")
+
+
+def faults_per_step(step: Step, steps: int = 6) -> float:
+    """Minor page faults per call of `step`, after one warm-up call."""
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+
+def kernel_ms(step: Step, steps: int = 10) -> float:
+    """Milliseconds per step of self time in the sparse autograd functions (names ending in Fn / FnBackward)."""
+    for _ in range(2):
+        step()
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            step()
+    own = [e for e in prof.key_averages() if e.key.startswith("_") and e.key.endswith(("Fn", "FnBackward"))]
+    return sum(e.self_cpu_time_total for e in own) / steps / 1e3
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS; False where that is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layer", default="conv:16:16:32", help="conv:CIN:COUT:SIZE[:K[:STRIDE]] or linear:IN:OUT")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--sparsities", default="0.9,0.95,0.98")
+    ap.add_argument("--threads", type=int, default=2, help="torch and numba threads")
+    ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions per measurement")
+    ap.add_argument("--block", type=int, default=3, help="consecutive steps of one backend per repetition")
+    args = ap.parse_args(argv)
+    layer = parse_layer(args.layer, args.batch)
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+    except ValueError:
+        ap.error(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}")
+    if not all(0.0 <= s < 1.0 for s in sparsities) or args.reps < 1 or args.block < 1 or args.batch < 1:
+        ap.error("sparsities must lie in [0, 1); --reps, --block and --batch must be at least 1")
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    timer = Timer(time.perf_counter, statistics.median, args.reps, args.block)
+    gen = torch.Generator().manual_seed(0)
+    steps = {s: layer_steps(layer, 1.0 - s, gen) for s in sparsities}
+    _, empty = layer_steps(layer, 0.0, gen)
+    rows = []
+    for s in sparsities:
+        dense, sparse = steps[s]
+        td, ts = timer.interleaved(dense, sparse)
+        _, te = timer.interleaved(dense, empty)
+        rows.append([s, td, ts, kernel_ms(sparse), te, faults_per_step(dense), faults_per_step(sparse)])
+    retained = retain_freed_memory()
+    for row in rows:
+        td, ts = timer.interleaved(*steps[row[0]]) if retained else (float("nan"), float("nan"))
+        row += [td, ts]
+    print(f"{layer.name}: `python benchmarks/layer_breakdown.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip())
+    print(f"{args.threads} thread(s), median of {args.reps} repetitions of {args.block} steps, wall clock, ms per step\n")
+    print("| sparsity | dense | sparse | ratio | kernels | empty | faults dense / sparse | retained: dense | sparse | ratio |")
+    print("|" + " --- |" * 10)
+    for s, td, ts, tk, te, fd, fs, rd, rs in rows:
+        print(f"| {s:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} | {tk:.2f} | {te * 1e3:.2f} | {fd:.0f} / {fs:.0f} "
+              f"| {rd * 1e3:.2f} | {rs * 1e3:.2f} | {rs / rd:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
