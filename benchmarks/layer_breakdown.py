@@ -4,9 +4,9 @@ For one Conv2d or Linear shape and each sparsity, in one process on an idle mach
 
 - `dense` / `sparse`: a layer step (forward + input grad + weight grad), timed as `bidst bench` does
   (alternating blocks of consecutive steps, median), and their ratio;
-- `kernels`: the self time of the sparse autograd functions (the Numba kernels and their Python
-  glue) in a sparse step, from torch.profiler; the rest of the step is autograd, allocation and
-  the output-gradient bookkeeping;
+- `kernels`: the share of a sparse step's self time (torch.profiler) spent inside the sparse
+  autograd functions (the Numba kernels and their Python glue); the rest is autograd, allocation
+  and the gradient bookkeeping;
 - `empty`: the sparse step with no active weight at all, i.e. the passes that do not shrink with
   density (padded copies, output writes, zero fills) plus the fixed overhead;
 - `faults`: minor page faults per step, dense / sparse: glibc hands large freed blocks back to the
@@ -62,15 +62,16 @@ def faults_per_step(step: Step, steps: int = 6) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
-def kernel_ms(step: Step, steps: int = 10) -> float:
-    """Milliseconds per step of self time in the sparse autograd functions (names ending in Fn / FnBackward)."""
+def kernel_share(step: Step, steps: int = 10) -> float:
+    """The share of `step`'s profiled self time spent in the sparse autograd functions (names ending in Fn / FnBackward)."""
     for _ in range(2):
         step()
     with torch.profiler.profile() as prof:
         for _ in range(steps):
             step()
-    own = [e for e in prof.key_averages() if e.key.startswith("_") and e.key.endswith(("Fn", "FnBackward"))]
-    return sum(e.self_cpu_time_total for e in own) / steps / 1e3
+    events = prof.key_averages()
+    own = [e for e in events if e.key.startswith("_") and e.key.endswith(("Fn", "FnBackward"))]
+    return sum(e.self_cpu_time_total for e in own) / sum(e.self_cpu_time_total for e in events)
 
 
 def retain_freed_memory() -> bool:
@@ -109,17 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         dense, sparse = steps[s]
         td, ts = timer.interleaved(dense, sparse)
         _, te = timer.interleaved(dense, empty)
-        rows.append([s, td, ts, kernel_ms(sparse), te, faults_per_step(dense), faults_per_step(sparse)])
+        rows.append([s, td, ts, kernel_share(sparse), te, faults_per_step(dense), faults_per_step(sparse)])
     retained = retain_freed_memory()
     for row in rows:
         td, ts = timer.interleaved(*steps[row[0]]) if retained else (float("nan"), float("nan"))
         row += [td, ts]
-    print(f"{layer.name}: `python benchmarks/layer_breakdown.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip())
+    command = " ".join(["python benchmarks/layer_breakdown.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"{layer.name}: `{command}`")
     print(f"{args.threads} thread(s), median of {args.reps} repetitions of {args.block} steps, wall clock, ms per step\n")
     print("| sparsity | dense | sparse | ratio | kernels | empty | faults dense / sparse | retained: dense | sparse | ratio |")
     print("|" + " --- |" * 10)
     for s, td, ts, tk, te, fd, fs, rd, rs in rows:
-        print(f"| {s:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} | {tk:.2f} | {te * 1e3:.2f} | {fd:.0f} / {fs:.0f} "
+        print(f"| {s:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} | {tk:.0%} | {te * 1e3:.2f} | {fd:.0f} / {fs:.0f} "
               f"| {rd * 1e3:.2f} | {rs * 1e3:.2f} | {rs / rd:.3f} |")
     return 0
 
