@@ -38,8 +38,8 @@ def test_timer_runs_blocks_of_consecutive_steps_and_reports_the_mean_step():
     calls: list[str] = []
     ticks = iter(range(1000))
     timer = Timer(clock=lambda: float(next(ticks)), stat=min, reps=2, block=3)
-    dense = lambda: calls.append("d")  # noqa: E731
-    sparse = lambda: calls.append("s")  # noqa: E731
+    dense = lambda: calls.append("d")
+    sparse = lambda: calls.append("s")
     td, ts = timer.interleaved(dense, sparse)
     assert "".join(calls) == "ds" + "dddsss" * 2  # one warm-up each, then alternating blocks
     assert calls.count("s") == timer.steps == 7

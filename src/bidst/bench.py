@@ -1,8 +1,9 @@
 """`bidst bench`: sparse-backend time over dense time, per layer shape and per whole training step, into a Markdown report.
 
 Dense and sparse are timed alternately in one loop (interleaved repetitions, each a short block of
-consecutive steps per backend) and a statistic of each compared, so machine load hits both alike. Per layer: forward + input grad + weight grad of
-every distinct Conv2d/Linear shape of the MLP, the small CNN, ResNet-32 and VGG-19 (random masks).
+consecutive steps per backend) and a statistic of each compared, so machine load hits both alike.
+Per layer: forward + input grad + weight grad of every distinct Conv2d/Linear shape of the MLP,
+the small CNN, ResNet-32 and VGG-19 (random masks).
 Whole step: forward, loss, backward, optimizer and RigL's work through a `backend="sparse"`
 Sparsifier against the dense model with a plain optimizer step; update steps (dense gradient,
 drop/grow, rebuild) are timed separately and amortised over RigL's default 100-step interval.
@@ -177,7 +178,7 @@ class Timer:
     clock: Callable[[], float] = time.perf_counter
     stat: Callable[[list[float]], float] = statistics.median
     reps: int = 7
-    block: int = 1
+    block: int = 3
 
     @property
     def steps(self) -> int:
