@@ -44,6 +44,8 @@ def parse_layer(spec: str, batch: int) -> Layer:
         values = [int(v) for v in numbers]
     except ValueError:
         raise SystemExit(f"layer_breakdown: --layer {spec!r}: sizes must be integers") from None
+    if any(v < 1 for v in values):
+        raise SystemExit(f"layer_breakdown: --layer {spec!r}: sizes must be at least 1")
     if kind == "conv" and 3 <= len(values) <= 5:
         cin, cout, size, *rest = values
         k, stride = (rest + [3, 1][len(rest):])[:2]
