@@ -114,6 +114,29 @@ def test_update_topology_remaps_values_grad_and_optimizer_state():
     opt.step()
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_resized_values_train_while_an_old_graph_is_alive(kind):
+    """A loss kept from before a size-changing topology change (as a loop that logs it later does) must not
+    make the next backward expect the old size; the values stay the same Parameter, in the optimizer."""
+    gen = torch.Generator().manual_seed(4)
+    dense, x = ((nn.Linear(6, 5), torch.randn(3, 6, generator=gen)) if kind == "linear"
+                else (nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 2, 5, 5, generator=gen)))
+    layer = (SparseLinear if kind == "linear" else SparseConv2d).from_dense(dense, torch.rand(dense.weight.shape, generator=gen) < 0.5)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    values = layer.values
+    kept = layer(x).square().sum()  # its graph holds the values' gradient accumulator
+    kept.backward()
+    opt.step()
+    delta = layer.update_topology(torch.from_numpy(layer.structure.flat)[:3], torch.zeros(0, dtype=torch.long))
+    remap_optimizer_state(opt, layer.values, delta)
+    opt.zero_grad()
+    layer(x).square().sum().backward()
+    assert layer.values is values and layer.values.grad.shape == (layer.structure.nnz,)
+    assert opt.param_groups[0]["params"][0] is values and opt.state[values]["momentum_buffer"].shape == values.shape
+    opt.step()
+    del kept
+
+
 def test_state_dict_carries_the_topology():
     torch.manual_seed(3)
     model = TinyNet()

@@ -40,16 +40,26 @@ class _SparseLayer(nn.Module):
 
     @torch.no_grad()
     def update_topology(self, dropped: Tensor, grown: Tensor, grown_values: Tensor | float = 0.0) -> TopologyDelta:
-        """Drop and grow flat positions in place; the `values` Parameter object (and its .grad) is resized.
+        """Drop and grow flat positions in place; the `values` Parameter (the same object) and its .grad are resized.
 
         Optimizer state sized to the old active count must be remapped with `remap_optimizer_state`.
         """
         new, delta = self.structure.updated(dropped, grown)
-        self.values.data = delta.remap(self.values.data, grown_values)
-        if self.values.grad is not None:
-            self.values.grad = delta.remap(self.values.grad)
+        grad = self.values.grad
+        self._resize_values(delta.remap(self.values.detach(), grown_values))
+        self.values.grad = None if grad is None else delta.remap(grad)
         self.structure = new
         return delta
+
+    def _resize_values(self, data: Tensor) -> None:
+        """Give the `values` Parameter (the same object) new data of another size.
+
+        Not `values.data = data`: autograd keeps a leaf's gradient accumulator, which remembers the
+        leaf's size, for as long as any graph that used it is alive (a loss the caller still holds),
+        so the next backward would reject the resized gradient. Swapping in a fresh tensor gives
+        the Parameter a fresh accumulator.
+        """
+        torch.utils.swap_tensors(self.values, nn.Parameter(data, requires_grad=self.values.requires_grad))
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -69,7 +79,7 @@ class _SparseLayer(nn.Module):
         if key in state_dict:
             flat = state_dict[key].detach().cpu().numpy().astype(np.int64)
             self.structure = SparseStructure(self.structure.shape, flat, self.structure.groups)
-            self.values.data = self.values.data.new_zeros(self.structure.nnz)
+            self._resize_values(self.values.detach().new_zeros(self.structure.nnz))
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict(
