@@ -32,14 +32,17 @@ from _runs import (
 from torch import nn
 
 import bidst
+from bidst.backend import supports
 from bidst.data.tensor import TensorImageDataset
 from bidst.engine import Sparsifier
 from bidst.errors import BidstError
+from bidst.methods.base import METHODS as METHOD_CLASSES
 from bidst.recipe import evaluate, train
 from bidst.signals import RunInterrupted
 
 pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
 METHODS = bidst.list_methods()
+SPARSE = [m for m in METHODS if supports(METHOD_CLASSES.get(m), "sparse")]  # with backend: sparse too
 DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}  # these must change topology in a tiny run
 
 
@@ -49,10 +52,11 @@ def single(scratch: Path) -> dict[str, Path]:
     root = scratch / "single"
 
     class Runs(dict):
-        def __missing__(self, method: str) -> Path:
-            run = root / method
-            train(tiny_config(method), run)
-            self[method] = run
+        def __missing__(self, key: str) -> Path:  # "rigl", or "rigl/sparse" for backend: sparse
+            run = root / key.replace("/", "-")
+            method, _, backend = key.partition("/")
+            train(tiny_config(method, *([f"backend={backend}"] if backend else [])), run)
+            self[key] = run
             return run
 
     return Runs()
@@ -82,14 +86,19 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _own_loop(method: str) -> list[str]:
-    """A user's own DDP loop through the Python API, on per-rank data: mask digests after every change."""
-    torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
+def _own_loop(method: str, backend: str = "masked") -> list[str]:
+    """A user's own DDP loop through the Python API, on per-rank data: mask digests after every change, then the weights.
+
+    Masked: the model in DDP. Sparse: the bare model, seeded apart on each rank (the Sparsifier
+    starts every rank from rank 0's weights and averages the gradients).
+    """
+    torch.manual_seed(0 if backend == "masked" else dist.get_rank())
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = nn.parallel.DistributedDataParallel(net) if backend == "masked" else net
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(100 + dist.get_rank())  # every rank draws different data
     x, y = torch.randn(240, 16, generator=g), torch.randint(0, 4, (240,), generator=g)
-    sp = bidst.sparsify(model, optimizer, method, 0.8, total_steps=30, init_batch=(x[:24], y[:24]),
+    sp = bidst.sparsify(model, optimizer, method, 0.8, total_steps=30, init_batch=(x[:24], y[:24]), backend=backend,
                         **{k: v for k, v in {"interval": 5, "interval_unit": "steps", "iterations": 5}.items()
                            if k in bidst.method_options(method)})
     digests = [_digest(sp.masks)]
@@ -99,7 +108,7 @@ def _own_loop(method: str) -> list[str]:
         loss.backward()
         if sp.step():
             digests.append(_digest(sp.masks))
-    return digests
+    return digests + [_digest(net.state_dict())]
 
 
 def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
@@ -118,7 +127,8 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
         changed = original(self, scaler, batch)
         if changed:
             current.append([self.step_count, _digest(self.masks)])
-        current[:] = [c for c in current if c[0] != "final"] + [["final", _digest(self.model.module.state_dict())]]
+        net = getattr(self.model, "module", self.model)  # DDP's, or the bare model of a sparse run
+        current[:] = [c for c in current if c[0] != "final"] + [["final", _digest(net.state_dict())]]
         if rank == 1 and [self.step_count] == sigterm_after:
             os.kill(os.getpid(), signal.SIGTERM)
         return changed
@@ -137,6 +147,17 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
         current = []  # the resumed run's changes are checked through its files
         train(tiny_config(method), out / f"{method}-part", resume=True)
         seen[f"{method}/own-loop"] = _own_loop(method)
+        if method in SPARSE:  # the same with backend: sparse, which trains without a DDP wrapper
+            current = seen[f"{method}/sparse"] = []
+            train(tiny_config(method, "backend=sparse"), out / f"{method}-sparse-full")
+            dist.barrier()
+            if rank == 0:
+                stopped_copy(out / f"{method}-sparse-full", out / f"{method}-sparse-part",
+                             stop_steps(out / f"{method}-sparse-full")[0])
+            dist.barrier()
+            current = []
+            train(tiny_config(method, "backend=sparse"), out / f"{method}-sparse-part", resume=True)
+            seen[f"{method}/sparse-own-loop"] = _own_loop(method, "sparse")
     # SIGTERM reaches rank 1 alone: both ranks checkpoint after the same step and stop; the resumed run is the full one
     sigterm_after.append(6)
     with pytest.raises(RunInterrupted) as stopped:
@@ -216,30 +237,43 @@ def _seen(ddp: Path, rank: int) -> dict[str, list]:
     return json.loads((ddp / f"rank{rank}.json").read_text())
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ddp_masks_identical_on_every_rank(method, ddp):
+# every method with the masked backend (in DDP), and every one that supports it with the sparse backend (no wrapper)
+RUNS = [(m, "masked") for m in METHODS] + [(m, "sparse") for m in SPARSE]
+
+
+def _names(method: str, backend: str) -> tuple[str, str]:
+    """(record key and single-run key, run folder prefix in the DDP fixture) of a method on a backend."""
+    return (method, method) if backend == "masked" else (f"{method}/sparse", f"{method}-sparse")
+
+
+@pytest.mark.parametrize(("method", "backend"), RUNS)
+def test_ddp_masks_identical_on_every_rank(method, backend, ddp):
+    key, folder = _names(method, backend)
     r0, r1 = _seen(ddp, 0), _seen(ddp, 1)
-    assert r0[method] == r1[method]  # mask digests after every topology change, and the final weights
-    changes = [step for step, _ in r0[method] if step != "final"]
-    assert changes == change_steps(ddp / f"{method}-full")
+    assert r0[key] == r1[key]  # mask digests after every topology change, and the final weights
+    changes = [step for step, _ in r0[key] if step != "final"]
+    assert changes == change_steps(ddp / f"{folder}-full")
     if method in DYNAMIC:
         assert changes
-    own = r0[f"{method}/own-loop"]
-    assert own == r1[f"{method}/own-loop"]
+    loop = "own-loop" if backend == "masked" else "sparse-own-loop"
+    own = r0[f"{method}/{loop}"]
+    assert own == r1[f"{method}/{loop}"]  # masks after each change and the final weights (sparse: seeded apart)
     if method in DYNAMIC:
-        assert len(set(own)) > 1  # the masks did change, identically on both ranks
+        assert len(set(own[:-1])) > 1  # the masks did change, identically on both ranks
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ddp_matches_single_process_with_the_same_global_batch(method, ddp, single):
+@pytest.mark.parametrize(("method", "backend"), RUNS)
+def test_ddp_matches_single_process_with_the_same_global_batch(method, backend, ddp, single):
     """Tolerance: weights within 1e-5, masks identical, losses within 1e-5 relative (only float rounding differs)."""
-    a, b = final_state(single[method]), final_state(ddp / f"{method}-full")
+    key, folder = _names(method, backend)
+    one_run, two_run = single[key], ddp / f"{folder}-full"
+    a, b = final_state(one_run), final_state(two_run)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-5)
     for key in a["sparsifier"]["masks"]:
         assert torch.equal(a["sparsifier"]["masks"][key], b["sparsifier"]["masks"][key]), key
     lines = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-             for run in (single[method], ddp / f"{method}-full")]
+             for run in (one_run, two_run)]
     assert len(lines[0]) == len(lines[1])
     for x, y in zip(*lines):
         for key in ("loss", "train_loss"):
@@ -249,7 +283,7 @@ def test_ddp_matches_single_process_with_the_same_global_batch(method, ddp, sing
             assert abs(x["test_acc"] - y["test_acc"]) <= 0.1  # at most 2 of 2000 predictions flip
     # the meter counts the FLOPs of the global batch, as one process does (a method's own work, as SNFS's
     # momentum, is done on every rank and counted once per rank)
-    one, two = (json.loads((run / "summary.json").read_text()) for run in (single[method], ddp / f"{method}-full"))
+    one, two = (json.loads((run / "summary.json").read_text()) for run in (one_run, two_run))
     assert two["inference_flops"] == one["inference_flops"]
     meter_phases = set(one["flops"]) - set(a["sparsifier"]["costs"]) - {"total", "relative_to_dense"}
     assert {"forward", "backward", "dense_reference"} <= meter_phases
@@ -257,9 +291,10 @@ def test_ddp_matches_single_process_with_the_same_global_batch(method, ddp, sing
         assert two["flops"][phase] == pytest.approx(one["flops"][phase], rel=1e-9), phase
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ddp_resume_matches_uninterrupted(method, ddp):
-    assert_same_run(ddp / f"{method}-full", ddp / f"{method}-part")
+@pytest.mark.parametrize(("method", "backend"), RUNS)
+def test_ddp_resume_matches_uninterrupted(method, backend, ddp):
+    folder = _names(method, backend)[1]
+    assert_same_run(ddp / f"{folder}-full", ddp / f"{folder}-part")
 
 
 def test_ddp_sigterm_on_one_rank_stops_all_at_the_same_step(ddp):

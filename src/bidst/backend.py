@@ -11,7 +11,6 @@ Topology changes then resize the values and remap the optimizer state incrementa
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import BidstError
@@ -27,7 +26,7 @@ def supports(method: object, backend: str) -> bool:
 
 
 def check_backend(backend: str, method: object, model: nn.Module) -> None:
-    """Raise BidstError unless `backend` is known, the method supports it and, for "sparse", training is single-process."""
+    """Raise BidstError unless `backend` is known, the method supports it and, for "sparse", the model is unwrapped."""
     if backend not in BACKENDS:
         raise BidstError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend == "masked":
@@ -35,11 +34,10 @@ def check_backend(backend: str, method: object, model: nn.Module) -> None:
     name = getattr(method, "name", type(method).__name__)
     if not supports(method, backend):
         raise BidstError(f"method {name!r} does not support backend 'sparse' (it reads or writes dense weights); use 'masked'")
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed or isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise BidstError(
-            "backend 'sparse' is single-process: a topology change resizes parameters, which DDP cannot follow; "
-            "use backend 'masked' for multi-process training"
+            f"backend 'sparse' needs the model without its {type(model).__name__} wrapper: a topology change resizes "
+            "parameters, which the wrapper cannot follow, so under torchrun the Sparsifier averages gradients over ranks itself"
         )
 
 

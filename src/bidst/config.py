@@ -31,7 +31,7 @@ class TrainConfig:
     dense_first: bool = False  # keep the first Conv/Linear layer dense
     dense_last: bool = False  # keep the classifier dense
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options
-    backend: str = "masked"  # masked (dense weights x masks) | sparse (bidst.sparse kernels, single process)
+    backend: str = "masked"  # masked (dense weights x masks) | sparse (bidst.sparse kernels)
     match_flops: str = ""  # a method (e.g. rigl): shorten this run to that method's training FLOPs; "": off
     # how to optimise
     epochs: int = 3

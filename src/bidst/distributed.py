@@ -81,6 +81,31 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_many(tensors: list[torch.Tensor]) -> None:
+    """Average each of `tensors` over ranks in place with one all-reduce per dtype (a no-op in a single process).
+
+    Every rank must pass tensors of the same shapes in the same order.
+    """
+    if world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        all_reduce_mean(flat)
+        for tensor, part in zip(group, flat.split([t.numel() for t in group])):
+            tensor.copy_(part.view_as(tensor))
+
+
+def broadcast_state(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank, as DistributedDataParallel does when it wraps a model."""
+    if world_size() > 1:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+
+
 def broadcast_buffers(model: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before each forward."""
     if world_size() > 1:

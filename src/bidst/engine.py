@@ -101,6 +101,9 @@ class Sparsifier:
         self._sampled_requested: dict[str, torch.Tensor] = {}  # positions whose gradient the next step reports
         self.sampled_grads: dict[str, torch.Tensor] = {}  # the last step's gradients at those positions
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
+        self._synced_step = 0  # sparse backend under DDP: the step whose gradients are already averaged over ranks
+        if backend == "sparse":  # no DDP wrapper here (see sync_gradients): start every rank from rank 0's state, as DDP does
+            distributed.broadcast_state(model)
 
         self.params: dict[str, nn.Parameter] = {}
         self.modules: dict[str, nn.Module] = {}
@@ -325,6 +328,23 @@ class Sparsifier:
                 raise RuntimeError(f"{name}: sparse layer holds {layer.structure.nnz} weights, mask {active}")
 
     # -- the training-loop API -----------------------------------------------------------
+    def sync_gradients(self) -> None:
+        """Average this step's gradients over DDP ranks (sparse backend; a no-op otherwise or when done already).
+
+        The sparse backend trains the model without a DDP wrapper, because a topology change resizes
+        the layers' parameters, which DDP cannot follow; this all-reduce does what DDP's would, for
+        every parameter gradient and the gradients captured for the method (dense or at sampled
+        positions). `step()` calls it; call it yourself before anything that reads the averaged
+        gradients first, such as gradient clipping.
+        """
+        step = self.step_count + 1
+        if self.backend != "sparse" or self._synced_step == step or distributed.world_size() == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        captured = [layer.structure.sampled_grad for layer in self.sparse_layers.values()]
+        distributed.all_reduce_mean_many(grads + [g for g in captured if g is not None])
+        self._synced_step = step
+
     def step(
         self, scaler: torch.amp.GradScaler | None = None, batch: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> bool:
@@ -337,10 +357,12 @@ class Sparsifier:
         Adam moments never accumulate there; weights are re-masked afterwards so no optimizer
         feature (weight decay, AdamW's decoupled decay) can revive an inactive weight. Sparse layers
         have no inactive weights; their dense gradients, when the method wants them, were requested
-        before the backward (at the end of the previous step).
+        before the backward (at the end of the previous step). Under DDP with the sparse backend
+        the gradients are averaged over ranks first (`sync_gradients`).
         """
         step = self.step_count + 1
         self.batch = batch
+        self.sync_gradients()
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         dense_grads: dict[str, torch.Tensor] | None = None
@@ -405,6 +427,7 @@ class Sparsifier:
             "budgets": dict(self.budgets),
             "rng": self.rng.get_state(),
             "costs": dict(self.costs),
+            "rebuild_seconds": self.rebuild_seconds,  # measured, so a resumed run reports the whole run's
             "method_state": self.method.state_dict(),
         }
 
@@ -431,6 +454,7 @@ class Sparsifier:
         self.topology_changes = int(state["topology_changes"])
         self.rng.set_state(state["rng"])
         self.costs = {k: float(v) for k, v in state.get("costs", {}).items()}
+        self.rebuild_seconds = float(state.get("rebuild_seconds", 0.0))
         self.method.load_state_dict(state["method_state"])
         self.apply_masks()
         self.check_invariants()

@@ -231,7 +231,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     # model, optimizer, sparsifier
     net = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                        image_size=info.image_size).to(device)
-    model = distributed.wrap(net, device)  # DDP averages gradients over ranks; checkpoints hold `net`'s state
+    # DDP averages gradients over ranks (the sparse backend's Sparsifier does it itself: DDP cannot follow its
+    # resized parameters); checkpoints hold `net`'s state
+    model = net if cfg.backend == "sparse" else distributed.wrap(net, device)
     optimizer = make_optimizer(cfg, model)
     init_x, init_y = next(iter(train_loader(0)))
     sparsifier: Sparsifier = sparsify(
