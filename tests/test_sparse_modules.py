@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -135,6 +136,12 @@ def test_resized_values_train_while_an_old_graph_is_alive(kind):
     assert opt.param_groups[0]["params"][0] is values and opt.state[values]["momentum_buffer"].shape == values.shape
     opt.step()
     del kept
+    watcher = weakref.ref(values)  # a weak reference (as torch.compile holds) rules the swap out: data is set instead
+    delta = layer.update_topology(torch.from_numpy(layer.structure.flat)[:2], torch.zeros(0, dtype=torch.long))
+    remap_optimizer_state(opt, layer.values, delta)
+    assert watcher() is layer.values and layer.values.shape == (layer.structure.nnz,)
+    layer(x).square().sum().backward()
+    assert layer.values.grad.shape == layer.values.shape
 
 
 def test_state_dict_carries_the_topology():

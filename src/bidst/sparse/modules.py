@@ -57,9 +57,14 @@ class _SparseLayer(nn.Module):
         Not `values.data = data`: autograd keeps a leaf's gradient accumulator, which remembers the
         leaf's size, for as long as any graph that used it is alive (a loss the caller still holds),
         so the next backward would reject the resized gradient. Swapping in a fresh tensor gives
-        the Parameter a fresh accumulator.
+        the Parameter a fresh accumulator. A Parameter something holds a weak reference to (as
+        torch.compile's guards do) cannot be swapped and gets its data set: the caller must then
+        let go of old graphs before the next backward.
         """
-        torch.utils.swap_tensors(self.values, nn.Parameter(data, requires_grad=self.values.requires_grad))
+        try:
+            torch.utils.swap_tensors(self.values, nn.Parameter(data, requires_grad=self.values.requires_grad))
+        except RuntimeError:  # "Cannot swap t1 because it has weakref associated with it"
+            self.values.data = data
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
