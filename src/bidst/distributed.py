@@ -102,8 +102,9 @@ def broadcast_state(model: nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every rank, as DistributedDataParallel does when it wraps a model."""
     if world_size() > 1:
         with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor, src=0)
+            for param in model.parameters():
+                dist.broadcast(param, src=0)
+        broadcast_buffers(model)
 
 
 def broadcast_buffers(model: nn.Module) -> None:
