@@ -136,28 +136,19 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     Sparsifier.step = recording_step  # type: ignore[method-assign]
     out = Path(root)
     for method in methods:
-        current = seen[method] = []
-        full = out / f"{method}-full"
-        train(tiny_config(method), full)
-        dist.barrier()  # rank 0 has written the whole run folder
-        stop = stop_steps(full)[0]
-        if rank == 0:
-            stopped_copy(full, out / f"{method}-part", stop)
-        dist.barrier()
-        current = []  # the resumed run's changes are checked through its files
-        train(tiny_config(method), out / f"{method}-part", resume=True)
-        seen[f"{method}/own-loop"] = _own_loop(method)
-        if method in SPARSE:  # the same with backend: sparse, which trains without a DDP wrapper
-            current = seen[f"{method}/sparse"] = []
-            train(tiny_config(method, "backend=sparse"), out / f"{method}-sparse-full")
-            dist.barrier()
+        for backend in ("masked", "sparse") if method in SPARSE else ("masked",):  # sparse: no DDP wrapper
+            key, folder, loop = _names(method, backend)
+            cfg = tiny_config(method, f"backend={backend}")
+            current = seen[key] = []
+            full = out / f"{folder}-full"
+            train(cfg, full)
+            dist.barrier()  # rank 0 has written the whole run folder
             if rank == 0:
-                stopped_copy(out / f"{method}-sparse-full", out / f"{method}-sparse-part",
-                             stop_steps(out / f"{method}-sparse-full")[0])
+                stopped_copy(full, out / f"{folder}-part", stop_steps(full)[0])
             dist.barrier()
-            current = []
-            train(tiny_config(method, "backend=sparse"), out / f"{method}-sparse-part", resume=True)
-            seen[f"{method}/sparse-own-loop"] = _own_loop(method, "sparse")
+            current = []  # the resumed run's changes are checked through its files
+            train(cfg, out / f"{folder}-part", resume=True)
+            seen[loop] = _own_loop(method, backend)
     # SIGTERM reaches rank 1 alone: both ranks checkpoint after the same step and stop; the resumed run is the full one
     sigterm_after.append(6)
     with pytest.raises(RunInterrupted) as stopped:
@@ -241,23 +232,24 @@ def _seen(ddp: Path, rank: int) -> dict[str, list]:
 RUNS = [(m, "masked") for m in METHODS] + [(m, "sparse") for m in SPARSE]
 
 
-def _names(method: str, backend: str) -> tuple[str, str]:
-    """(record key and single-run key, run folder prefix in the DDP fixture) of a method on a backend."""
-    return (method, method) if backend == "masked" else (f"{method}/sparse", f"{method}-sparse")
+def _names(method: str, backend: str) -> tuple[str, str, str]:
+    """(record key and single-run key, run folder prefix, own-loop record key) of a method on a backend in the DDP fixture."""
+    if backend == "masked":
+        return method, method, f"{method}/own-loop"
+    return f"{method}/sparse", f"{method}-sparse", f"{method}/sparse-own-loop"
 
 
 @pytest.mark.parametrize(("method", "backend"), RUNS)
 def test_ddp_masks_identical_on_every_rank(method, backend, ddp):
-    key, folder = _names(method, backend)
+    key, folder, loop = _names(method, backend)
     r0, r1 = _seen(ddp, 0), _seen(ddp, 1)
     assert r0[key] == r1[key]  # mask digests after every topology change, and the final weights
     changes = [step for step, _ in r0[key] if step != "final"]
     assert changes == change_steps(ddp / f"{folder}-full")
     if method in DYNAMIC:
         assert changes
-    loop = "own-loop" if backend == "masked" else "sparse-own-loop"
-    own = r0[f"{method}/{loop}"]
-    assert own == r1[f"{method}/{loop}"]  # masks after each change and the final weights (sparse: seeded apart)
+    own = r0[loop]
+    assert own == r1[loop]  # masks after each change and the final weights (sparse: seeded apart)
     if method in DYNAMIC:
         assert len(set(own[:-1])) > 1  # the masks did change, identically on both ranks
 
@@ -265,7 +257,7 @@ def test_ddp_masks_identical_on_every_rank(method, backend, ddp):
 @pytest.mark.parametrize(("method", "backend"), RUNS)
 def test_ddp_matches_single_process_with_the_same_global_batch(method, backend, ddp, single):
     """Tolerance: weights within 1e-5, masks identical, losses within 1e-5 relative (only float rounding differs)."""
-    key, folder = _names(method, backend)
+    key, folder, _ = _names(method, backend)
     one_run, two_run = single[key], ddp / f"{folder}-full"
     a, b = final_state(one_run), final_state(two_run)
     for key in a["model"]:
