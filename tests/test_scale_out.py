@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
