@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bidst
-from bidst.backend import BatchInnermostLinear, supports
+from bidst.backend import supports
 from bidst.methods import METHODS
 from bidst.methods.rigl import RigL
 from bidst.sparse import SparseConv2d, SparseLinear
+from bidst.sparse.layout import BatchInnermostLinear
 
 SPARSE_METHODS = [m for m in bidst.list_methods() if supports(METHODS.get(m), "sparse")]
 TOL = {"rtol": 1e-4, "atol": 1e-5}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .errors import BidstError
 from .sparse import SparseModule, SparseStructure, to_sparse_modules
-from .sparse.linear import linear_any_layout
+from .sparse.layout import use_batch_innermost
 
 BACKENDS = ("masked", "sparse")
 
@@ -79,24 +79,8 @@ def swap_in(model: nn.Module, optimizer: torch.optim.Optimizer, masks: dict[str,
         _replace_param(optimizer, old[name].weight, layer.values, layer.structure)
         if layer.bias is not None:
             _replace_param(optimizer, old[name].bias, layer.bias, None)
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = BatchInnermostLinear
+    use_batch_innermost(model)  # the dense layers keep the sparse kernels' batch-innermost layout
     return layers
-
-
-class BatchInnermostLinear(nn.Linear):
-    """nn.Linear that multiplies a batch-innermost input as Wx instead of xWᵀ (same result, same parameters).
-
-    Sparse Linear layers return batch-innermost (transposed) outputs, which the next sparse layer
-    reads without a copy. PyTorch's CPU matmul of such an input (e.g. into a dense 1024->10
-    classifier) takes a slow path, about 5x the contiguous one, and a copy to contiguous costs more
-    than it saves in the backward; computing (W xᵀ)ᵀ is a plain GEMM. `swap_in` gives the dense
-    nn.Linear layers of a model with sparse layers this class.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear_any_layout(x, self.weight, self.bias)
 
 
 def dense_grad(layer: SparseModule, scale: float) -> Tensor:

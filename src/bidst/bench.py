@@ -120,12 +120,19 @@ def random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) ->
     return flat.reshape(shape)
 
 
+def _batch_innermost(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` (N, ...) with the batch dimension innermost in memory, same shape and values."""
+    order = (*range(1, t.dim()), 0)
+    return t.detach().permute(order).contiguous().permute(t.dim() - 1, *range(t.dim() - 1))
+
+
 def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Step, Step]:
     """(dense step, sparse step) closures: forward and backward for input, weight and bias of one layer.
 
     Each backend gets its input and output gradient in the memory layout it sees inside a model:
-    contiguous for dense; for sparse Linear layers batch-innermost, the layout the sparse layer
-    before it emits (the first sparse layer of a model pays one transpose more, in the whole step).
+    contiguous for dense; batch-innermost for sparse, the layout the sparse layer before it emits
+    and the dense layers between keep (`bidst.sparse.layout`; the first sparse layer of a model pays
+    one transpose more, in the whole step).
     """
     if layer.kind == "linear":
         shape: tuple[int, ...] = (layer.cout, layer.cin)
@@ -134,7 +141,7 @@ def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Ste
         shape = (layer.cout, layer.cin, layer.k, layer.k)
         x = torch.randn(layer.batch, layer.cin, layer.size, layer.size, generator=gen)
     x.requires_grad_(True)
-    xs = x.detach().t().contiguous().t().requires_grad_(True) if layer.kind == "linear" else x
+    xs = _batch_innermost(x).requires_grad_(True)
     mask = random_mask(shape, density, gen)
     w = (torch.randn(shape, generator=gen) * mask).requires_grad_(True)
     b = torch.zeros(layer.cout, requires_grad=True)
@@ -149,10 +156,10 @@ def layer_steps(layer: Layer, density: float, gen: torch.Generator) -> tuple[Ste
     def sparse_fwd() -> torch.Tensor:
         if layer.kind == "linear":
             return sparse_linear(xs, values, structure, b)
-        return sparse_conv2d(x, values, structure, b, layer.stride, layer.padding)
+        return sparse_conv2d(xs, values, structure, b, layer.stride, layer.padding)
 
     gy = torch.randn_like(dense_fwd().detach())
-    gys = gy.t().contiguous().t() if layer.kind == "linear" else gy
+    gys = _batch_innermost(gy)
 
     def step(fwd: Callable[[], torch.Tensor], grad: torch.Tensor) -> Step:
         def run() -> None:

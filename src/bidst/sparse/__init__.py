@@ -11,9 +11,9 @@ Functions (autograd-aware; gradients w.r.t. input, compact values and bias):
   (zero padding; groups, depthwise included, come from the structure)
 
 On CPU float32 tensors (`uses_kernels(...)`) they run Numba kernels: SpMM, transposed SpMM and
-SDDMM with the batch innermost for Linear; direct convolution for Conv2d (no im2col), on padded
-NCHW images fused per image ("wide" rows, for outputs at least `conv.WIDE_MIN_WIDTH` wide and
-square strides, strides via space-to-depth) or on a batch-innermost CHWN layout (small maps).
+SDDMM with the batch innermost for Linear; direct convolution for Conv2d (no im2col) on
+batch-innermost activations (N, C, H, W stored as C, H, W, N), the layout their outputs keep and
+the dense twins of `layout.use_batch_innermost` pass on.
 On any other device or dtype, and for dilated convolutions, they compute the same thing as
 masked dense PyTorch ops. The kernels use `numba.get_num_threads()` threads.
 

@@ -3,9 +3,9 @@
 Why CHWN: with the batch innermost, every active weight (o, c, ky, kx) multiplies whole contiguous
 runs of memory (for stride 1 an entire output row, Wo * N floats), so loops vectorize regardless of
 the image size (8x8 maps would give 8-float rows in NCHW). Padding is never materialized: each
-weight's valid output range is computed once. Outputs and input gradients are written straight
-back to NCHW from a per-task row held in L1, so the only layout copies are the input and the output
-gradient (one pass each). Offsets are uint64 to keep Numba's wraparound checks out of hot loops.
+weight's valid output range is computed once. Outputs and input gradients are CHWN too, so a chain
+of sparse layers (with the batch-innermost dense layers of `layout` between them) never transposes.
+Offsets are uint64 to keep Numba's wraparound checks out of hot loops.
 """
 
 from __future__ import annotations
@@ -70,67 +70,120 @@ def nchw_to_chwn(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(inline="always")
-def _store_row_nchw(acc: np.ndarray, yf: np.ndarray, n: int, ch: int, nch: int, h: int, nh: int, w: int) -> None:
-    """Writes a (w, n) row held batch-innermost into row h of channel ch of an NCHW array."""
-    for b in range(uint64(n)):
-        dst = ((b * uint64(nch) + uint64(ch)) * uint64(nh) + uint64(h)) * uint64(w)
-        for x in range(uint64(w)):
-            yf[dst + x] = acc[x * uint64(n) + b]
+def _store_row(acc: np.ndarray, out: np.ndarray, row: int, length: int) -> None:
+    """out[row * length + k] = acc[k] for k < length: one row of a CHWN array, written contiguously."""
+    d = uint64(row) * uint64(length)
+    for k in range(uint64(length)):
+        out[d + k] = acc[k]
 
 
 @njit(cache=True)
-def _kx_order(indptr: np.ndarray, cols: np.ndarray, kk: int, kw: int) -> np.ndarray:
-    """Slot order that lists each row's slots by kernel column kx (a stable counting sort per row):
-    slots of one kx cover the same output columns, so consecutive ones can share a pass."""
+def _tap_order(bounds: np.ndarray, cols: np.ndarray, kk: int) -> np.ndarray:
+    """A permutation that keeps each run [bounds[i], bounds[i+1]) of positions in place and sorts it by kernel
+    tap (ky * kw + kx; a stable counting sort): positions of one tap cover the same output rows and
+    columns, so consecutive ones share a pass without edge corrections."""
     order = np.empty(cols.shape[0], np.int64)
-    for o in range(indptr.shape[0] - 1):
-        q = indptr[o]
-        for kx in range(kw):
-            for p in range(indptr[o], indptr[o + 1]):
-                if cols[p] % kk % kw == kx:
-                    order[q] = p
-                    q += 1
+    start = np.empty(kk + 1, np.int64)
+    for i in range(bounds.shape[0] - 1):
+        start[:] = 0
+        for p in range(bounds[i], bounds[i + 1]):
+            start[cols[p] % kk + 1] += 1
+        start[0] = bounds[i]
+        for tap in range(kk):
+            start[tap + 1] += start[tap]
+        for p in range(bounds[i], bounds[i + 1]):
+            tap = cols[p] % kk
+            order[start[tap]] = p
+            start[tap] += 1
     return order
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _axpy_group(
-    acc: np.ndarray, src: np.ndarray, g: int, s0: int, s1: int, s2: int, s3: int, v0: float, v1: float, v2: float, v3: float,
-    sw: int, x0: int, x1: int, n: int,
-) -> None:
-    """acc[x*n + b] += sum over the first g (1-4) slots of v_i * src[s_i + x*sw*n + b], x in [x0, x1), b < n.
+def _axpy8(dst: np.ndarray, d0: int, src: np.ndarray, s: np.ndarray, v: np.ndarray, i: int, shift: int, ln: int, first: bool, b: float) -> None:
+    """dst[d0 + k] (= b if first, else +=) sum over slots i..i+7 of v[j] * src[s[j] + shift + k], k < ln."""
+    s0, s1, s2, s3 = s[i] + shift, s[i + 1] + shift, s[i + 2] + shift, s[i + 3] + shift
+    s4, s5, s6, s7 = s[i + 4] + shift, s[i + 5] + shift, s[i + 6] + shift, s[i + 7] + shift
+    v0, v1, v2, v3, v4, v5, v6, v7 = v[i], v[i + 1], v[i + 2], v[i + 3], v[i + 4], v[i + 5], v[i + 6], v[i + 7]
+    if first:
+        for k in range(ln):
+            dst[d0 + k] = b + (((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])) + (
+                (v4 * src[s4 + k] + v5 * src[s5 + k]) + (v6 * src[s6 + k] + v7 * src[s7 + k])
+            ))
+    else:
+        for k in range(ln):
+            dst[d0 + k] += ((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])) + (
+                (v4 * src[s4 + k] + v5 * src[s5 + k]) + (v6 * src[s6 + k] + v7 * src[s7 + k])
+            )
 
-    Bases s_i are uint64 and may have wrapped below zero: only the sums with x >= x0 are used.
-    """
-    if sw == 1:  # one contiguous run per slot
-        a0 = uint64(x0) * n
-        t0, t1, t2, t3 = s0 + a0, s1 + a0, s2 + a0, s3 + a0
-        ln = uint64(x1 - x0) * n
-        if g == 4:
+
+@njit(inline="always", fastmath=FASTMATH)
+def _axpy4(dst: np.ndarray, d0: int, src: np.ndarray, s: np.ndarray, v: np.ndarray, i: int, shift: int, ln: int, first: bool, b: float) -> None:
+    """_axpy8 for the four slots i..i+3."""
+    s0, s1, s2, s3 = s[i] + shift, s[i + 1] + shift, s[i + 2] + shift, s[i + 3] + shift
+    v0, v1, v2, v3 = v[i], v[i + 1], v[i + 2], v[i + 3]
+    if first:
+        for k in range(ln):
+            dst[d0 + k] = b + ((v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k]))
+    else:
+        for k in range(ln):
+            dst[d0 + k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + (v2 * src[s2 + k] + v3 * src[s3 + k])
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _axpy_few(
+    dst: np.ndarray, d0: int, src: np.ndarray, s: np.ndarray, v: np.ndarray, i: int, m: int, shift: int, ln: int, first: bool, b: float
+) -> None:
+    """_axpy8 for the m (1-3) slots i..i+m-1."""
+    s0, v0 = s[i] + shift, v[i]
+    if m == 3:
+        s1, s2, v1, v2 = s[i + 1] + shift, s[i + 2] + shift, v[i + 1], v[i + 2]
+        if first:
             for k in range(ln):
-                acc[a0 + k] += (v0 * src[t0 + k] + v1 * src[t1 + k]) + (v2 * src[t2 + k] + v3 * src[t3 + k])
-        elif g == 3:
-            for k in range(ln):
-                acc[a0 + k] += (v0 * src[t0 + k] + v1 * src[t1 + k]) + v2 * src[t2 + k]
-        elif g == 2:
-            for k in range(ln):
-                acc[a0 + k] += v0 * src[t0 + k] + v1 * src[t1 + k]
+                dst[d0 + k] = b + ((v0 * src[s0 + k] + v1 * src[s1 + k]) + v2 * src[s2 + k])
         else:
             for k in range(ln):
-                acc[a0 + k] += v0 * src[t0 + k]
+                dst[d0 + k] += (v0 * src[s0 + k] + v1 * src[s1 + k]) + v2 * src[s2 + k]
+    elif m == 2:
+        s1, v1 = s[i + 1] + shift, v[i + 1]
+        if first:
+            for k in range(ln):
+                dst[d0 + k] = b + (v0 * src[s0 + k] + v1 * src[s1 + k])
+        else:
+            for k in range(ln):
+                dst[d0 + k] += v0 * src[s0 + k] + v1 * src[s1 + k]
+    elif first:
+        for k in range(ln):
+            dst[d0 + k] = b + v0 * src[s0 + k]
     else:
-        for x in range(x0, x1):
-            ao = uint64(x) * n
-            so = uint64(x * sw) * n
-            for b in range(n):
-                t = v0 * src[s0 + so + b]
-                if g > 1:
-                    t += v1 * src[s1 + so + b]
-                if g > 2:
-                    t += v2 * src[s2 + so + b]
-                if g > 3:
-                    t += v3 * src[s3 + so + b]
-                acc[ao + b] += t
+        for k in range(ln):
+            dst[d0 + k] += v0 * src[s0 + k]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _passes(dst: np.ndarray, dpos: int, src: np.ndarray, s: np.ndarray, v: np.ndarray, cnt: int, shift: int, ln: int, b: float) -> None:
+    """dst[dpos + k] = b + sum over slots i < cnt of v[i] * src[s[i] + shift + k], k < ln: the last one to
+    three slots in the pass that sets dst, then eight (and four) per pass."""
+    m = cnt % 4
+    first = True
+    if m:
+        _axpy_few(dst, dpos, src, s, v, cnt - m, m, shift, ln, True, b)
+        first = False
+    i = 0
+    while i + 8 <= cnt - m:
+        _axpy8(dst, dpos, src, s, v, i, shift, ln, first, b)
+        first = False
+        i += 8
+    if i < cnt - m:
+        _axpy4(dst, dpos, src, s, v, i, shift, ln, first, b)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _axpy_one(dst: np.ndarray, d0: int, src: np.ndarray, s: int, v: float, x0: int, x1: int, sw: int, n: int) -> None:
+    """dst[d0 + x*n + j] += v * src[s + x*sw*n + j] for x in [x0, x1), j < n: one slot's edge columns."""
+    for x in range(uint64(x0), uint64(x1)):
+        a, c = d0 + x * n, s + x * uint64(sw) * n
+        for j in range(n):
+            dst[a + j] += v * src[c + j]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -151,64 +204,65 @@ def conv_forward(
     cin_g: int,
     nchunk: int,
 ) -> None:
-    """y (NCHW) = sparse conv of xt (CHWN); tasks (output channel, output row) in `nchunk` contiguous chunks.
+    """y (CHWN) = sparse conv of xt (CHWN); tasks (output channel, output row) in `nchunk` contiguous chunks.
 
-    A task's slots are visited by kernel column (_kx_order); up to four in-range slots of one kx,
-    which cover the same output columns, share each pass over the output row.
+    A task's in-range slots share passes over the output row (up to eight per pass), written
+    straight into y, over the columns every one of them covers; the one or two columns at each edge
+    that a padded kernel column does not reach are set to the bias and get their own short passes.
+    Slots stay in CSR order (input channel major): slots of one kernel tap in different channels
+    are whole planes apart, which would put a pass's streams in the same L1 sets.
     """
     hh, ww, nn = xt.shape[1], xt.shape[2], xt.shape[3]
-    oo, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    oo, ho, wo = y.shape[0], y.shape[1], y.shape[2]
     n = uint64(nn)
     rowlen = uint64(ww) * n
     plane = uint64(hh) * rowlen
     kk = kh * kw
     xf = xt.ravel()
     yf = y.ravel()
-    order = _kx_order(indptr, cols, kk, kw)
+    most = 0
+    for o in range(oo):
+        most = max(most, indptr[o + 1] - indptr[o])
     tasks = oo * ho
     for t in prange(nchunk):
-        acc = np.empty(wo * nn, np.float32)
+        srcs = np.empty(most, np.uint64)  # a task's in-range slots: input base, value and output columns
+        vals = np.empty(most, np.float32)
+        xr0 = np.empty(most, np.int64)
+        xr1 = np.empty(most, np.int64)
         for task in range(t * tasks // nchunk, (t + 1) * tasks // nchunk):
             o = task // ho
             oy = task - o * ho
-            acc[:] = bias[o]
+            b = bias[o]
+            d = uint64(task) * uint64(wo) * n
             cbase = (o // cout_g) * cin_g
-            g, gkx = 0, -1
-            s0 = s1 = s2 = s3 = uint64(0)
-            v0 = v1 = v2 = v3 = values[0] if values.shape[0] else np.float32(0.0)
-            for q in range(indptr[o], indptr[o + 1]):
-                p = order[q]
-                col = cols[p]
-                ci, ky, kx = _unpack(col, kk, kw)
+            cnt, c0, c1 = 0, 0, wo
+            for p in range(indptr[o], indptr[o + 1]):
+                ci, ky, kx = _unpack(cols[p], kk, kw)
                 iy = oy * sh + ky - ph
-                if iy < 0 or iy >= hh:
+                x0, x1 = _x_range(kx, pw, sw, ww, wo)
+                if iy < 0 or iy >= hh or x0 >= x1:
                     continue
-                if g > 0 and kx != gkx:  # flush the group of the previous kernel column
-                    x0, x1 = _x_range(gkx, pw, sw, ww, wo)
-                    if x0 < x1:
-                        _axpy_group(acc, xf, g, s0, s1, s2, s3, v0, v1, v2, v3, sw, x0, x1, n)
-                    g = 0
-                gkx = kx
-                src = uint64(cbase + ci) * plane + uint64(iy) * rowlen + uint64((kx - pw) * nn)
-                if g == 0:
-                    s0, v0 = src, values[p]
-                elif g == 1:
-                    s1, v1 = src, values[p]
-                elif g == 2:
-                    s2, v2 = src, values[p]
-                else:
-                    s3, v3 = src, values[p]
-                g += 1
-                if g == 4:
-                    x0, x1 = _x_range(kx, pw, sw, ww, wo)
-                    if x0 < x1:
-                        _axpy_group(acc, xf, 4, s0, s1, s2, s3, v0, v1, v2, v3, sw, x0, x1, n)
-                    g = 0
-            if g > 0:
-                x0, x1 = _x_range(gkx, pw, sw, ww, wo)
-                if x0 < x1:
-                    _axpy_group(acc, xf, g, s0, s1, s2, s3, v0, v1, v2, v3, sw, x0, x1, n)
-            _store_row_nchw(acc, yf, nn, o, oo, oy, ho, wo)
+                # may wrap below zero: only the sums with column x >= x0 are used, and they are in range
+                srcs[cnt] = uint64(cbase + ci) * plane + uint64(iy) * rowlen + uint64((kx - pw) * nn)
+                vals[cnt], xr0[cnt], xr1[cnt] = values[p], x0, x1
+                c0, c1 = max(c0, x0), min(c1, x1)
+                cnt += 1
+            if cnt == 0 or c0 >= c1:  # no common column (rare): bias, then each slot on its own
+                c0 = c1 = 0
+            elif sw == 1:  # one contiguous run per slot
+                _passes(yf, d + uint64(c0) * n, xf, srcs, vals, cnt, uint64(c0) * n, uint64(c1 - c0) * n, b)
+            else:
+                for x in range(uint64(c0), uint64(c1)):
+                    _passes(yf, d + x * n, xf, srcs, vals, cnt, x * uint64(sw) * n, n, b)
+            for k in range(uint64(c0) * n):
+                yf[d + k] = b
+            for k in range(uint64(c1) * n, uint64(wo) * n):
+                yf[d + k] = b
+            for i in range(cnt):
+                if xr0[i] < c0:
+                    _axpy_one(yf, d, xf, srcs[i], vals[i], xr0[i], min(c0, xr1[i]), sw, n)
+                if xr1[i] > c1:
+                    _axpy_one(yf, d, xf, srcs[i], vals[i], max(c1, xr0[i]), xr1[i], sw, n)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -226,13 +280,13 @@ def conv_input_grad(
     kh: int,
     kw: int,
 ) -> None:
-    """dx (NCHW) of a strided conv from dyt (CHWN); slots listed by input channel (CSC-like).
+    """dx (CHWN) of a strided conv from dyt (CHWN); slots listed by input channel (CSC-like).
 
     One task per (input channel, input row) gathers every contribution to that row: no atomics.
     (Stride-1 input gradients run as a forward conv with the transposed, flipped weight.)
     """
     ho, wo, nn = dyt.shape[1], dyt.shape[2], dyt.shape[3]
-    cc, hh, ww = dx.shape[1], dx.shape[2], dx.shape[3]
+    cc, hh, ww = dx.shape[0], dx.shape[1], dx.shape[2]
     n = uint64(nn)
     rowlen = uint64(wo) * n
     plane = uint64(ho) * rowlen
@@ -256,7 +310,51 @@ def conv_input_grad(
                 continue
             src = uint64(in_rows[q]) * plane + uint64(oy) * rowlen
             _axpy_columns(acc, uint64((kx - pw) * nn), sw, df, src, 1, in_values[q], x0, x1, n)
-        _store_row_nchw(acc, xf, nn, c, cc, iy, hh, ww)
+        _store_row(acc, xf, task, ww * nn)
+
+
+@njit(cache=True)
+def _row_runs(rows: np.ndarray) -> np.ndarray:
+    """Boundaries of the runs of equal consecutive `rows`: [0, ..., len(rows)]."""
+    bounds = np.empty(rows.shape[0] + 1, np.int64)
+    g = 0
+    bounds[0] = 0
+    for k in range(1, rows.shape[0] + 1):
+        if k == rows.shape[0] or rows[k] != rows[k - 1]:
+            g += 1
+            bounds[g] = k
+    return bounds[: g + 1]
+
+
+@njit(cache=True)
+def _groups(bounds: np.ndarray, size: int) -> np.ndarray:
+    """The runs [bounds[i], bounds[i+1]) cut into consecutive groups of at most `size`: their boundaries."""
+    out = np.empty(bounds[-1] + 1, np.int64)
+    g = 0
+    out[0] = 0
+    for i in range(bounds.shape[0] - 1):
+        k = bounds[i]
+        while k < bounds[i + 1]:
+            k = min(k + size, bounds[i + 1])
+            g += 1
+            out[g] = k
+    return out[: g + 1]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _row_dot(df: np.ndarray, d0: int, xf: np.ndarray, x0: int, x1: int, sw: int, n: int, xb: int) -> float:
+    """sum over x in [x0, x1), j < n of df[d0 + x*n + j] * xf[xb + x*sw*n + j], float32 within each run."""
+    total = 0.0
+    runs = 1 if sw == 1 else x1 - x0
+    ln = uint64(x1 - x0) * n if sw == 1 else n
+    for r in range(runs):
+        x = uint64(x0 + r)
+        a, c = d0 + x * n, xb + x * uint64(sw) * n
+        s = np.float32(0.0)
+        for j in range(ln):
+            s += df[a + j] * xf[c + j]
+        total += s
+    return total
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -274,8 +372,14 @@ def conv_sampled_grad(
     kw: int,
     cout_g: int,
     cin_g: int,
+    nchunk: int,
 ) -> None:
-    """out[k] = dL/dW at position (rows[k], cols[k]) from dyt and xt (both CHWN); positions in parallel."""
+    """out[k] = dL/dW at position (rows[k], cols[k]) from dyt and xt (both CHWN), in `nchunk` tasks (one per thread).
+
+    The positions of each output channel, in kernel-tap order and four at a time, share the loads of
+    the output gradient over the rows and columns all four reach (stride 1); the rest are single
+    dots. Float32 within a run, float64 across runs.
+    """
     ho, wo, nn = dyt.shape[1], dyt.shape[2], dyt.shape[3]
     hh, ww = xt.shape[1], xt.shape[2]
     n = uint64(nn)
@@ -286,30 +390,53 @@ def conv_sampled_grad(
     kk = kh * kw
     df = dyt.ravel()
     xf = xt.ravel()
-    for k in prange(rows.shape[0]):
-        o = rows[k]
-        col = cols[k]
-        ci, ky, kx = _unpack(col, kk, kw)
-        c = (o // cout_g) * cin_g + ci
-        x0, x1 = _x_range(kx, pw, sw, ww, wo)
-        total = 0.0  # float64 across rows; float32 (vectorized) within a row
-        for oy in range(ho if x0 < x1 else 0):
-            iy = oy * sh + ky - ph
-            if iy < 0 or iy >= hh:
-                continue
-            dsrc = uint64(o) * oplane + uint64(oy) * orow
-            xsrc = uint64(c) * iplane + uint64(iy) * irow
-            s = np.float32(0.0)
-            if sw == 1:
-                do = dsrc + uint64(x0) * n
-                xo = xsrc + uint64(x0 + kx - pw) * n
-                for j in range(uint64(x1 - x0) * n):
-                    s += df[do + j] * xf[xo + j]
-            else:
-                for x in range(x0, x1):
-                    do = dsrc + uint64(x) * n
-                    xo = xsrc + uint64(x * sw + kx - pw) * n
-                    for b in range(n):
-                        s += df[do + b] * xf[xo + b]
-            total += s
-        out[k] = total
+    runs = _row_runs(rows)
+    order = _tap_order(runs, cols, kk)
+    starts = _groups(runs, 4 if sh == 1 and sw == 1 else 1)
+    ngroups = starts.shape[0] - 1
+    for t in prange(nchunk):
+        xb = np.empty(4, np.uint64)  # input offset of output pixel (0, 0) for each position of a group
+        y0s, y1s, x0s, x1s = np.empty(4, np.int64), np.empty(4, np.int64), np.empty(4, np.int64), np.empty(4, np.int64)
+        tot = np.empty(4)
+        for gi in range(t * ngroups // nchunk, (t + 1) * ngroups // nchunk):
+            k0, g = starts[gi], starts[gi + 1] - starts[gi]
+            o = rows[order[k0]]
+            tot[:] = 0.0
+            r0, r1, c0, c1 = 0, ho, 0, wo
+            for i in range(g):
+                ci, ky, kx = _unpack(cols[order[k0 + i]], kk, kw)
+                c = (o // cout_g) * cin_g + ci
+                x0s[i], x1s[i] = _x_range(kx, pw, sw, ww, wo)
+                y0s[i], y1s[i] = _x_range(ky, ph, sh, hh, ho)
+                # may wrap below zero: only offsets of in-range rows and columns are used
+                xb[i] = uint64(c) * iplane + uint64((ky - ph) * ww + kx - pw) * n
+                r0, r1, c0, c1 = max(r0, y0s[i]), min(r1, y1s[i]), max(c0, x0s[i]), min(c1, x1s[i])
+            for oy in range(ho):
+                dbase = uint64(o) * oplane + uint64(oy) * orow
+                yoff = uint64(oy * sh) * irow
+                if g == 4 and r0 <= oy < r1 and c0 < c1:
+                    a0 = uint64(c0) * n
+                    d0 = dbase + a0
+                    p0, p1, p2, p3 = xb[0] + yoff + a0, xb[1] + yoff + a0, xb[2] + yoff + a0, xb[3] + yoff + a0
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for j in range(uint64(c1 - c0) * n):
+                        gv = df[d0 + j]
+                        s0 += gv * xf[p0 + j]
+                        s1 += gv * xf[p1 + j]
+                        s2 += gv * xf[p2 + j]
+                        s3 += gv * xf[p3 + j]
+                    tot[0] += s0
+                    tot[1] += s1
+                    tot[2] += s2
+                    tot[3] += s3
+                    for i in range(4):  # the columns outside the shared range
+                        if x0s[i] < c0:
+                            tot[i] += _row_dot(df, dbase, xf, x0s[i], c0, 1, n, xb[i] + yoff)
+                        if x1s[i] > c1:
+                            tot[i] += _row_dot(df, dbase, xf, c1, x1s[i], 1, n, xb[i] + yoff)
+                else:
+                    for i in range(g):
+                        if y0s[i] <= oy < y1s[i] and x0s[i] < x1s[i]:
+                            tot[i] += _row_dot(df, dbase, xf, x0s[i], x1s[i], sw, n, xb[i] + yoff)
+            for i in range(g):
+                out[order[k0 + i]] = tot[i]

@@ -166,7 +166,6 @@ class SparseStructure:
         self.rows = (self.flat // rs).astype(np.int32)
         self.cols = (self.flat - self.rows.astype(np.int64) * rs).astype(np.int32)
         self._by_input: InputIndex | None = None
-        self._s2d: dict[int, tuple[SparseStructure, np.ndarray]] = {}
         self._flat_on: dict[torch.device, Tensor] = {}
         self._sample_at: np.ndarray | None = None
         self._sample_all = False
@@ -232,31 +231,9 @@ class SparseStructure:
         return self._by_input
 
     def nbytes(self) -> int:
-        """Bytes of the index arrays held now (positions, CSR, the input-channel index and strided twins, if built)."""
+        """Bytes of the index arrays held now (positions, CSR and, if built, the input-channel index)."""
         arrays = [self.flat, self.indptr, self.rows, self.cols, *(self._by_input or ())]
-        arrays += [perm for _, perm in self._s2d.values()]
-        return sum(a.nbytes for a in arrays) + sum(twin.nbytes() for twin, _ in self._s2d.values())
-
-    def s2d_positions(self, flat: np.ndarray, stride: int) -> np.ndarray:
-        """Flat positions of a conv weight mapped into its space-to-depth twin (see `space_to_depth`)."""
-        _, cin_g, kh, kw = self.shape
-        s = stride
-        r = flat % self.row_size
-        ci, ky, kx = r // (kh * kw), (r % (kh * kw)) // kw, r % kw
-        kh2, kw2 = -(-kh // s), -(-kw // s)
-        ci2 = ci * s * s + (ky % s) * s + kx % s
-        return (((flat // self.row_size) * (cin_g * s * s) + ci2) * kh2 + ky // s) * kw2 + kx // s
-
-    def space_to_depth(self, stride: int) -> tuple[SparseStructure, np.ndarray]:
-        """(structure, perm) of the stride-1 conv on F.pixel_unshuffle(padded input, stride) that equals this
-        stride-`stride` conv: weight (out, in/groups * s^2, ceil(kh/s), ceil(kw/s)), values = values[perm]."""
-        if stride not in self._s2d:
-            mapped = self.s2d_positions(self.flat, stride)
-            perm = np.argsort(mapped)
-            o, cin_g, kh, kw = self.shape
-            shape = (o, cin_g * stride * stride, -(-kh // stride), -(-kw // stride))
-            self._s2d[stride] = (SparseStructure(shape, mapped[perm], self.groups), perm)
-        return self._s2d[stride]
+        return sum(a.nbytes for a in arrays)
 
     def flat_indices(self, device: torch.device | str = "cpu") -> Tensor:
         """Active flat positions as an int64 tensor on `device` (cached per device)."""
