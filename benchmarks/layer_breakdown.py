@@ -8,7 +8,7 @@ For one Conv2d or Linear shape and each sparsity, in one process on an idle mach
   autograd functions (the Numba kernels and their Python glue); the rest is autograd, allocation
   and the gradient bookkeeping;
 - `empty`: the sparse step with no active weight at all, i.e. the passes that do not shrink with
-  density (padded copies, output writes, zero fills) plus the fixed overhead;
+  density (writing the output and the input gradient) plus the fixed overhead;
 - `faults`: minor page faults per step, dense / sparse: glibc hands large freed blocks back to the
   OS, so fresh activations are mapped in again page by page;
 - `retained`: dense, sparse and their ratio again after `mallopt` makes glibc keep freed memory

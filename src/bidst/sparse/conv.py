@@ -139,7 +139,9 @@ def sparse_conv2d(
 ) -> Tensor:
     """F.conv2d(x, W, bias, stride, padding, dilation, structure.groups) for the sparse weight W.
 
-    Input and output are NCHW (batched, 4-D). Dilated convolutions take the masked dense path.
+    Input and output are (N, C, H, W); on the kernels the output is stored batch-innermost (see the
+    module docstring), as is the dense path's for a batch-innermost input. Dilated convolutions take
+    the masked dense path.
     """
     if len(structure.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a 4-D weight structure, got shape {structure.shape}")
