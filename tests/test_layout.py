@@ -95,3 +95,5 @@ def test_use_batch_innermost_changes_classes_only():
     assert list(model.parameters()) == params and list(model.state_dict()) == keys
     assert type(model[0]) is nn.Conv2d and type(model[2]) is MyNorm
     assert [type(model[i]) for i in (1, 3, 4, 5)] == [TWINS[nn.BatchNorm2d], TWINS[nn.ReLU], TWINS[nn.Flatten], TWINS[nn.Linear]]
+    with pytest.raises(ValueError, match="expected 4D input"):  # as nn.BatchNorm2d
+        model[1](torch.randn(2, 4, 5))

@@ -46,7 +46,7 @@ class BatchInnermostBatchNorm2d(nn.BatchNorm2d):
         return y.view(c, h, w, n).permute(3, 0, 1, 2)
 
     def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in (3, 4):  # 3-D only as the (1, C, H*W*N) view of forward
+        if x.dim() != 4 and not (x.dim() == 3 and x.shape[0] == 1):  # 3-D only as the (1, C, H*W*N) view of forward
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
 
 
