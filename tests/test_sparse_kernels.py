@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bidst.sparse import conv as sparse_conv
 from bidst.sparse import (
     SparseStructure,
     _common,
@@ -123,9 +125,11 @@ def conv_cases(draw):
     empty_rows=st.booleans(),
     has_bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    per_channel=st.booleans(),
 )
-def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias, seed, batch_innermost):
-    """Inputs contiguous or batch-innermost (as a sparse layer before emits); outputs are batch-innermost."""
+def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias, seed, batch_innermost, per_channel):
+    """Inputs contiguous or batch-innermost (as a sparse layer before emits); outputs are batch-innermost.
+    Both forward kernels (per output row, per output channel for small planes) are checked on every case."""
     gen = torch.Generator().manual_seed(seed)
     shape = (case["cout"], case["cin"] // case["groups"], *case["k"])
     mask = random_mask(shape, density, gen, empty_rows)
@@ -146,7 +150,8 @@ def test_conv2d_matches_masked_dense(case, batch, density, empty_rows, has_bias,
         assert y.permute(1, 2, 3, 0).is_contiguous()
         return y
 
-    check_against_reference(run, ref, x, w, b, mask, structure, gen, extra)
+    with mock.patch.object(sparse_conv, "PLANE_FLOATS", 2**62 if per_channel else 0):
+        check_against_reference(run, ref, x, w, b, mask, structure, gen, extra)
 
 
 def test_realistic_shapes_and_dense_sampled_grad():

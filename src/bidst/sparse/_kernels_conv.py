@@ -160,13 +160,14 @@ def _axpy_few(
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _passes(dst: np.ndarray, dpos: int, src: np.ndarray, s: np.ndarray, v: np.ndarray, cnt: int, shift: int, ln: int, b: float) -> None:
-    """dst[dpos + k] = b + sum over slots i < cnt of v[i] * src[s[i] + shift + k], k < ln: the last one to
-    three slots in the pass that sets dst, then eight (and four) per pass."""
+def _passes(
+    dst: np.ndarray, dpos: int, src: np.ndarray, s: np.ndarray, v: np.ndarray, cnt: int, shift: int, ln: int, b: float, first: bool
+) -> None:
+    """dst[dpos + k] (= b + if first, else +=) sum over slots i < cnt of v[i] * src[s[i] + shift + k], k < ln:
+    the last one to three slots in the first pass, then eight (and four) per pass."""
     m = cnt % 4
-    first = True
     if m:
-        _axpy_few(dst, dpos, src, s, v, cnt - m, m, shift, ln, True, b)
+        _axpy_few(dst, dpos, src, s, v, cnt - m, m, shift, ln, first, b)
         first = False
     i = 0
     while i + 8 <= cnt - m:
@@ -177,13 +178,41 @@ def _passes(dst: np.ndarray, dpos: int, src: np.ndarray, s: np.ndarray, v: np.nd
         _axpy4(dst, dpos, src, s, v, i, shift, ln, first, b)
 
 
-@njit(inline="always", fastmath=FASTMATH)
-def _axpy_one(dst: np.ndarray, d0: int, src: np.ndarray, s: int, v: float, x0: int, x1: int, sw: int, n: int) -> None:
-    """dst[d0 + x*n + j] += v * src[s + x*sw*n + j] for x in [x0, x1), j < n: one slot's edge columns."""
-    for x in range(uint64(x0), uint64(x1)):
-        a, c = d0 + x * n, s + x * uint64(sw) * n
-        for j in range(n):
-            dst[a + j] += v * src[c + j]
+@njit(cache=True)
+def _column_bounds(pw: int, sw: int, kw: int, ww: int, wo: int) -> np.ndarray:
+    """The sorted distinct output columns where some kernel column's in-range run starts or ends, with 0
+    and wo: between two consecutive ones every slot of a task covers all columns or none."""
+    ends = np.empty(2 * kw + 2, np.int64)
+    ends[0], ends[1] = 0, wo
+    for kx in range(kw):
+        ends[2 * kx + 2], ends[2 * kx + 3] = _x_range(kx, pw, sw, ww, wo)
+    ends = np.unique(ends)
+    return ends[(ends >= 0) & (ends <= wo)]
+
+
+@njit(cache=True)
+def _slot_geometry(
+    indptr: np.ndarray, cols: np.ndarray, bounds: np.ndarray, hh: int, ww: int, nn: int, geo: tuple, wo: int, cout_g: int, cin_g: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slot p of a CSR conv weight, decoded once per call instead of once per output row: its input
+    offset for input row 0 and output column 0 (may wrap below zero: only the in-range sums are used),
+    its kernel row, and the indices in `bounds` of its output columns [x0, x1) inside the image
+    (x0 == x1 where none is)."""
+    sh, sw, ph, pw, kh, kw = geo
+    plane = uint64(hh) * uint64(ww) * uint64(nn)
+    base = np.empty(cols.shape[0], np.uint64)
+    krow = np.empty(cols.shape[0], np.int64)
+    xi = np.empty((cols.shape[0], 2), np.int64)
+    for o in range(indptr.shape[0] - 1):
+        cbase = (o // cout_g) * cin_g
+        for p in range(indptr[o], indptr[o + 1]):
+            ci, ky, kx = _unpack(cols[p], kh * kw, kw)
+            base[p] = uint64(cbase + ci) * plane + uint64((kx - pw) * nn)
+            krow[p] = ky
+            x0, x1 = _x_range(kx, pw, sw, ww, wo)
+            x1 = max(x0, x1)
+            xi[p, 0], xi[p, 1] = np.searchsorted(bounds, x0), np.searchsorted(bounds, x1)
+    return base, krow, xi
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -204,11 +233,12 @@ def conv_forward(
     cin_g: int,
     nchunk: int,
 ) -> None:
-    """y (CHWN) = sparse conv of xt (CHWN); tasks (output channel, output row) in `nchunk` contiguous chunks.
+    """y (CHWN) = sparse conv of xt (CHWN); tasks (output row, output channel) in `nchunk` contiguous chunks.
 
-    A task's in-range slots share passes over the output row (up to eight per pass), written
-    straight into y, over the columns every one of them covers; the one or two columns at each edge
-    that a padded kernel column does not reach are set to the bias and get their own short passes.
+    Row-major tasks let the input rows a band of output rows needs stay in L2 across all output
+    channels. A task cuts its output row into column segments where the set of in-range slots is
+    constant (for a padded 3x3 kernel: the first column, the middle, the last); in each segment those
+    slots share passes (up to eight per pass) written straight into y, the first pass setting it.
     Slots stay in CSR order (input channel major): slots of one kernel tap in different channels
     are whole planes apart, which would put a pass's streams in the same L1 sets.
     """
@@ -216,53 +246,126 @@ def conv_forward(
     oo, ho, wo = y.shape[0], y.shape[1], y.shape[2]
     n = uint64(nn)
     rowlen = uint64(ww) * n
-    plane = uint64(hh) * rowlen
-    kk = kh * kw
     xf = xt.ravel()
     yf = y.ravel()
+    bounds = _column_bounds(pw, sw, kw, ww, wo)
+    base, krow, xi = _slot_geometry(indptr, cols, bounds, hh, ww, nn, (sh, sw, ph, pw, kh, kw), wo, cout_g, cin_g)
+    nb = bounds.shape[0]
     most = 0
     for o in range(oo):
         most = max(most, indptr[o + 1] - indptr[o])
     tasks = oo * ho
     for t in prange(nchunk):
-        srcs = np.empty(most, np.uint64)  # a task's in-range slots: input base, value and output columns
+        srcs = np.empty(most, np.uint64)  # a task's in-range slots: input offset, value, column-bound indices
         vals = np.empty(most, np.float32)
-        xr0 = np.empty(most, np.int64)
-        xr1 = np.empty(most, np.int64)
+        rng = np.empty((most, 2), np.int64)
+        seg_srcs = np.empty(most, np.uint64)  # the slots covering one column segment
+        seg_vals = np.empty(most, np.float32)
+        used = np.empty(nb, np.bool_)  # the bounds some in-range slot starts or ends at
         for task in range(t * tasks // nchunk, (t + 1) * tasks // nchunk):
-            o = task // ho
-            oy = task - o * ho
+            oy = task // oo
+            o = task - oy * oo
             b = bias[o]
-            d = uint64(task) * uint64(wo) * n
-            cbase = (o // cout_g) * cin_g
-            cnt, c0, c1 = 0, 0, wo
+            d = uint64(o * ho + oy) * uint64(wo) * n
+            used[:] = False
+            used[0] = used[nb - 1] = True
+            cnt = 0
             for p in range(indptr[o], indptr[o + 1]):
-                ci, ky, kx = _unpack(cols[p], kk, kw)
-                iy = oy * sh + ky - ph
-                x0, x1 = _x_range(kx, pw, sw, ww, wo)
-                if iy < 0 or iy >= hh or x0 >= x1:
+                iy = oy * sh + krow[p] - ph
+                if iy < 0 or iy >= hh or xi[p, 0] == xi[p, 1]:
                     continue
-                # may wrap below zero: only the sums with column x >= x0 are used, and they are in range
-                srcs[cnt] = uint64(cbase + ci) * plane + uint64(iy) * rowlen + uint64((kx - pw) * nn)
-                vals[cnt], xr0[cnt], xr1[cnt] = values[p], x0, x1
-                c0, c1 = max(c0, x0), min(c1, x1)
+                srcs[cnt] = base[p] + uint64(iy) * rowlen
+                vals[cnt], rng[cnt, 0], rng[cnt, 1] = values[p], xi[p, 0], xi[p, 1]
+                used[xi[p, 0]] = used[xi[p, 1]] = True
                 cnt += 1
-            if cnt == 0 or c0 >= c1:  # no common column (rare): bias, then each slot on its own
-                c0 = c1 = 0
-            elif sw == 1:  # one contiguous run per slot
-                _passes(yf, d + uint64(c0) * n, xf, srcs, vals, cnt, uint64(c0) * n, uint64(c1 - c0) * n, b)
-            else:
-                for x in range(uint64(c0), uint64(c1)):
-                    _passes(yf, d + x * n, xf, srcs, vals, cnt, x * uint64(sw) * n, n, b)
-            for k in range(uint64(c0) * n):
+            j0 = 0
+            for j1 in range(1, nb):
+                if not used[j1]:
+                    continue
+                x0, x1 = bounds[j0], bounds[j1]
+                m = 0
+                for i in range(cnt):
+                    if rng[i, 0] <= j0 and rng[i, 1] >= j1:
+                        seg_srcs[m], seg_vals[m] = srcs[i], vals[i]
+                        m += 1
+                if m == 0:
+                    for k in range(uint64(x0) * n, uint64(x1) * n):
+                        yf[d + k] = b
+                elif sw == 1:  # one contiguous run per slot
+                    _passes(yf, d + uint64(x0) * n, xf, seg_srcs, seg_vals, m, uint64(x0) * n, uint64(x1 - x0) * n, b, True)
+                else:
+                    for x in range(uint64(x0), uint64(x1)):
+                        _passes(yf, d + x * n, xf, seg_srcs, seg_vals, m, x * uint64(sw) * n, n, b, True)
+                j0 = j1
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def conv_forward_planes(
+    indptr: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    bias: np.ndarray,
+    xt: np.ndarray,
+    y: np.ndarray,
+    sh: int,
+    sw: int,
+    ph: int,
+    pw: int,
+    kh: int,
+    kw: int,
+    cout_g: int,
+    cin_g: int,
+    nchunk: int,
+) -> None:
+    """conv_forward for small output maps, one task per output channel in `nchunk` contiguous chunks.
+
+    An output row of a small map is too short to pay for a pass's setup, so a task keeps its whole
+    output plane in L1 and runs each kernel tap's slots (sorted by tap) through passes of up to
+    eight over every output row that tap reaches.
+    """
+    hh, ww, nn = xt.shape[1], xt.shape[2], xt.shape[3]
+    oo, ho, wo = y.shape[0], y.shape[1], y.shape[2]
+    n = uint64(nn)
+    rowlen = uint64(ww) * n
+    iplane = uint64(hh) * rowlen
+    orow = uint64(wo) * n
+    kk = kh * kw
+    xf = xt.ravel()
+    yf = y.ravel()
+    order = _tap_order(indptr, cols, kk)
+    for t in prange(nchunk):
+        srcs = np.empty(8, np.uint64)
+        vals = np.empty(8, np.float32)
+        for o in range(t * oo // nchunk, (t + 1) * oo // nchunk):
+            d = uint64(o) * uint64(ho) * orow
+            b = bias[o]
+            for k in range(uint64(ho) * orow):
                 yf[d + k] = b
-            for k in range(uint64(c1) * n, uint64(wo) * n):
-                yf[d + k] = b
-            for i in range(cnt):
-                if xr0[i] < c0:
-                    _axpy_one(yf, d, xf, srcs[i], vals[i], xr0[i], min(c0, xr1[i]), sw, n)
-                if xr1[i] > c1:
-                    _axpy_one(yf, d, xf, srcs[i], vals[i], max(c1, xr0[i]), xr1[i], sw, n)
+            cbase = (o // cout_g) * cin_g
+            p = indptr[o]
+            while p < indptr[o + 1]:
+                tap = cols[order[p]] % kk
+                ky = tap // kw
+                kx = tap - ky * kw
+                y0, y1 = _x_range(ky, ph, sh, hh, ho)
+                x0, x1 = _x_range(kx, pw, sw, ww, wo)
+                m = 0
+                while p < indptr[o + 1] and cols[order[p]] % kk == tap and m < 8:
+                    q = order[p]
+                    # may wrap below zero: only the sums with in-range rows and columns are used
+                    srcs[m] = uint64(cbase + cols[q] // kk) * iplane + uint64((ky - ph) * ww + kx - pw) * n
+                    vals[m] = values[q]
+                    m += 1
+                    p += 1
+                if y0 >= y1 or x0 >= x1:
+                    continue
+                for oy in range(uint64(y0), uint64(y1)):
+                    shift = oy * uint64(sh) * rowlen
+                    if sw == 1:
+                        _passes(yf, d + oy * orow + uint64(x0) * n, xf, srcs, vals, m, shift + uint64(x0) * n, uint64(x1 - x0) * n, b, False)
+                    else:
+                        for x in range(uint64(x0), uint64(x1)):
+                            _passes(yf, d + oy * orow + x * n, xf, srcs, vals, m, shift + x * uint64(sw) * n, n, b, False)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

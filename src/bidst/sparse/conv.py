@@ -64,6 +64,20 @@ def _chunks(n: int) -> int:
     return max(1, min(n, numba.get_num_threads()))
 
 
+PLANE_FLOATS = 4096  # output planes up to 16 KB (half an L1 data cache) take the per-channel forward kernel
+
+
+def _forward(indptr: np.ndarray, cols: np.ndarray, values: np.ndarray, bias: np.ndarray, xt: np.ndarray, y: np.ndarray, *geo: int) -> None:
+    """y (CHWN) = sparse conv of xt (CHWN) by the CSR weight (geo: stride, padding, kernel size, output and
+    input channels per group): per output row, or per output channel where a plane is small enough
+    for rows to be too short to share passes over."""
+    o, ho, wo, n = y.shape
+    if ho * wo * n <= PLANE_FLOATS:
+        KC.conv_forward_planes(indptr, cols, values, bias, xt, y, *geo, _chunks(o))
+    else:
+        KC.conv_forward(indptr, cols, values, bias, xt, y, *geo, _chunks(o * ho))
+
+
 class _ChwnConvFn(torch.autograd.Function):
     """Sparse Conv2d on the batch-innermost CHWN kernels (any stride; see _kernels_conv)."""
 
@@ -76,9 +90,9 @@ class _ChwnConvFn(torch.autograd.Function):
         (sh, sw), (ph, pw) = geom
         y = batch_innermost((n, o, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1))
         xt = _to_chwn(x)
-        KC.conv_forward(
+        _forward(
             structure.indptr, structure.cols, np_view(values), bias_array(bias, o), np_view(xt), np_view(y.permute(1, 2, 3, 0)),
-            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g, _chunks(o * y.shape[2]),
+            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g,
         )  # fmt: skip
         ctx.save_for_backward(xt, values)
         ctx.structure, ctx.geom = structure, geom
@@ -104,10 +118,7 @@ class _ChwnConvFn(torch.autograd.Function):
             vin = np_view(values)[idx.perm]
             if (sh, sw) == (1, 1):  # forward conv of dy with the transposed, flipped weight
                 zeros = np.zeros(c, np.float32)
-                KC.conv_forward(
-                    idx.ptr, idx.tcols, vin, zeros, np_view(dyt), dxt, 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g,
-                    _chunks(c * h),
-                )  # fmt: skip
+                _forward(idx.ptr, idx.tcols, vin, zeros, np_view(dyt), dxt, 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g)
             else:
                 KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, np_view(dyt), dxt, *geo)
             if ctx.contiguous_input:  # a layer before that is not batch-innermost gets its usual layout
