@@ -7,6 +7,10 @@ For one Conv2d or Linear shape and each sparsity, in one process on an idle mach
 - `kernels`: the share of a sparse step's self time (torch.profiler) spent inside the sparse
   autograd functions (the Numba kernels and their Python glue); the rest is autograd, allocation
   and the gradient bookkeeping;
+- `alone`: the three conv kernels (forward, input grad, weight grad) called directly on the same
+  preallocated buffers every time (timed like `sparse`, in blocks after dense ones): no autograd,
+  allocation, page faults or bias gradient. The gap to `sparse` is what a step adds around its
+  kernels;
 - `empty`: the sparse step with no active weight at all, i.e. the passes that do not shrink with
   density (writing the output and the input gradient) plus the fixed overhead;
 - `faults`: minor page faults per step, dense / sparse: glibc hands large freed blocks back to the
@@ -23,15 +27,24 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import resource
 import statistics
 import sys
 import time
 
 import numba
+import numpy as np
 import torch
 
-from bidst.bench import Layer, Step, Timer, layer_steps
+from bidst.bench import Layer, Step, Timer, layer_steps, random_mask
+from bidst.sparse import SparseStructure
+from bidst.sparse.conv import (
+    ConvGeometry,
+    chwn_forward,
+    chwn_input_grad,
+    chwn_weight_grad,
+)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit
@@ -53,6 +66,27 @@ def parse_layer(spec: str, batch: int) -> Layer:
     if kind == "linear" and len(values) == 2:
         return Layer(f"Linear {values[0]}->{values[1]}, b{batch}", "linear", batch, values[0], values[1])
     raise SystemExit(f"layer_breakdown: --layer {spec!r}: expected conv:CIN:COUT:SIZE[:K[:STRIDE]] or linear:IN:OUT")
+
+
+def kernels_alone(layer: Layer, density: float, gen: torch.Generator) -> Step | None:
+    """A conv layer's three sparse kernels on preallocated (C, H, W, N) buffers, called directly; None for Linear."""
+    if layer.kind != "conv":
+        return None
+    s = SparseStructure.from_mask(random_mask((layer.cout, layer.cin, layer.k, layer.k), density, gen))
+    geom = ConvGeometry((layer.stride, layer.stride), (layer.padding, layer.padding))
+    out = (layer.size + 2 * layer.padding - layer.k) // layer.stride + 1
+    xt = torch.randn(layer.cin, layer.size, layer.size, layer.batch, generator=gen).numpy()
+    dyt = torch.randn(layer.cout, out, out, layer.batch, generator=gen).numpy()
+    values = torch.randn(s.nnz, generator=gen).numpy()
+    bias = np.zeros(layer.cout, np.float32)
+    y, dxt, dv = np.empty_like(dyt), np.empty_like(xt), np.empty_like(values)
+
+    def run() -> None:
+        chwn_forward(s, geom, values, bias, xt, y)
+        chwn_input_grad(s, geom, values, dyt, dxt)
+        chwn_weight_grad(s, geom, s.rows, s.cols, dyt, xt, dv)
+
+    return run
 
 
 def faults_per_step(step: Step, steps: int = 6) -> float:
@@ -112,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         dense, sparse = steps[s]
         td, ts = timer.interleaved(dense, sparse)
         _, te = timer.interleaved(dense, empty)
-        rows.append([s, td, ts, kernel_share(sparse), te, faults_per_step(dense), faults_per_step(sparse)])
+        alone = kernels_alone(layer, 1.0 - s, gen)
+        ta = timer.interleaved(dense, alone)[1] if alone else float("nan")
+        rows.append([s, td, ts, kernel_share(sparse), ta, te, faults_per_step(dense), faults_per_step(sparse)])
     retained = retain_freed_memory()
     for row in rows:
         td, ts = timer.interleaved(*steps[row[0]]) if retained else (float("nan"), float("nan"))
@@ -120,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/layer_breakdown.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"{layer.name}: `{command}`")
     print(f"{args.threads} thread(s), median of {args.reps} repetitions of {args.block} steps, wall clock, ms per step\n")
-    print("| sparsity | dense | sparse | ratio | kernels | empty | faults dense / sparse | retained: dense | sparse | ratio |")
-    print("|" + " --- |" * 10)
-    for s, td, ts, tk, te, fd, fs, rd, rs in rows:
-        print(f"| {s:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} | {tk:.0%} | {te * 1e3:.2f} | {fd:.0f} / {fs:.0f} "
+    print("| sparsity | dense | sparse | ratio | kernels | alone | empty | faults dense / sparse | retained: dense | sparse | ratio |")
+    print("|" + " --- |" * 11)
+    for s, td, ts, tk, ta, te, fd, fs, rd, rs in rows:
+        alone = "-" if math.isnan(ta) else f"{ta * 1e3:.2f}"  # conv layers only
+        print(f"| {s:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} | {tk:.0%} | {alone} | {te * 1e3:.2f} | {fd:.0f} / {fs:.0f} "
               f"| {rd * 1e3:.2f} | {rs * 1e3:.2f} | {rs / rd:.3f} |")
     return 0
 

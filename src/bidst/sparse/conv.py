@@ -78,6 +78,36 @@ def _forward(indptr: np.ndarray, cols: np.ndarray, values: np.ndarray, bias: np.
         KC.conv_forward(indptr, cols, values, bias, xt, y, *geo, _chunks(o * ho))
 
 
+def chwn_forward(s: SparseStructure, geom: ConvGeometry, values: np.ndarray, bias: np.ndarray, xt: np.ndarray, y: np.ndarray) -> None:
+    """y = the sparse conv of xt plus bias, on (C, H, W, N) arrays: the forward kernel of a sparse Conv2d."""
+    o, cin_g, kh, kw = s.shape
+    (sh, sw), (ph, pw) = geom
+    _forward(s.indptr, s.cols, values, bias, xt, y, sh, sw, ph, pw, kh, kw, o // s.groups, cin_g)
+
+
+def chwn_input_grad(s: SparseStructure, geom: ConvGeometry, values: np.ndarray, dyt: np.ndarray, dxt: np.ndarray) -> None:
+    """dxt = the input gradient of a sparse conv for the output gradient dyt, on (C, H, W, N) arrays; for
+    stride 1 a forward conv with the transposed, flipped weight."""
+    o, cin_g, kh, kw = s.shape
+    (sh, sw), (ph, pw) = geom
+    idx = s.by_input()
+    vin = values[idx.perm]
+    if (sh, sw) == (1, 1):
+        zeros = np.zeros(dxt.shape[0], np.float32)
+        _forward(idx.ptr, idx.tcols, vin, zeros, dyt, dxt, 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, o // s.groups)
+    else:
+        KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, dyt, dxt, sh, sw, ph, pw, kh, kw)
+
+
+def chwn_weight_grad(
+    s: SparseStructure, geom: ConvGeometry, rows: np.ndarray, cols: np.ndarray, dyt: np.ndarray, xt: np.ndarray, out: np.ndarray
+) -> None:
+    """out[k] = dL/dW at weight position (rows[k], cols[k]) from dyt and xt, (C, H, W, N) arrays."""
+    o, cin_g, kh, kw = s.shape
+    (sh, sw), (ph, pw) = geom
+    KC.conv_sampled_grad(rows, cols, dyt, xt, out, sh, sw, ph, pw, kh, kw, o // s.groups, cin_g, _chunks(rows.size))
+
+
 class _ChwnConvFn(torch.autograd.Function):
     """Sparse Conv2d on the batch-innermost CHWN kernels (any stride; see _kernels_conv)."""
 
@@ -86,14 +116,11 @@ class _ChwnConvFn(torch.autograd.Function):
         ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure, geom: ConvGeometry
     ) -> Tensor:
         n, _, h, w = x.shape
-        o, cin_g, kh, kw = structure.shape
+        o, _, kh, kw = structure.shape
         (sh, sw), (ph, pw) = geom
         y = batch_innermost((n, o, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1))
         xt = _to_chwn(x)
-        _forward(
-            structure.indptr, structure.cols, np_view(values), bias_array(bias, o), np_view(xt), np_view(y.permute(1, 2, 3, 0)),
-            sh, sw, ph, pw, kh, kw, o // structure.groups, cin_g,
-        )  # fmt: skip
+        chwn_forward(structure, geom, np_view(values), bias_array(bias, o), np_view(xt), np_view(y.permute(1, 2, 3, 0)))
         ctx.save_for_backward(xt, values)
         ctx.structure, ctx.geom = structure, geom
         ctx.contiguous_input = x.is_contiguous()  # then the input gradient is returned contiguous too
@@ -104,37 +131,27 @@ class _ChwnConvFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         xt, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
-        (sh, sw), (ph, pw) = ctx.geom
-        o, cin_g, kh, kw = s.shape
-        cout_g = o // s.groups
+        geom: ConvGeometry = ctx.geom
         dyt = _to_chwn(dy)
-        geo = (sh, sw, ph, pw, kh, kw)
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
-            idx = s.by_input()
             c, h, w, n = xt.shape
             dx = batch_innermost((n, c, h, w))
-            dxt = np_view(dx.permute(1, 2, 3, 0))
-            vin = np_view(values)[idx.perm]
-            if (sh, sw) == (1, 1):  # forward conv of dy with the transposed, flipped weight
-                zeros = np.zeros(c, np.float32)
-                _forward(idx.ptr, idx.tcols, vin, zeros, np_view(dyt), dxt, 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, cout_g)
-            else:
-                KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, np_view(dyt), dxt, *geo)
+            chwn_input_grad(s, geom, np_view(values), np_view(dyt), np_view(dx.permute(1, 2, 3, 0)))
             if ctx.contiguous_input:  # a layer before that is not batch-innermost gets its usual layout
                 dx = dx.contiguous()
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            KC.conv_sampled_grad(s.rows, s.cols, np_view(dyt), np_view(xt), np_view(dv), *geo, cout_g, cin_g, _chunks(s.nnz))
+            chwn_weight_grad(s, geom, s.rows, s.cols, np_view(dyt), np_view(xt), np_view(dv))
         if ctx.needs_input_grad[2]:
             db = dyt.sum((1, 2, 3))
         if s.samples_all:
-            g = conv2d_weight(xt.permute(3, 0, 1, 2), s.shape, dy, (sh, sw), (ph, pw), groups=s.groups)
+            g = conv2d_weight(xt.permute(3, 0, 1, 2), s.shape, dy, geom.stride, geom.padding, groups=s.groups)
             s.add_sampled_grad(g.reshape(-1))
         elif s.sampled_positions is not None:
             rows, cols = rows_cols(s, s.sampled_positions)
             g = torch.empty(rows.size, dtype=torch.float32)
-            KC.conv_sampled_grad(rows, cols, np_view(dyt), np_view(xt), np_view(g), *geo, cout_g, cin_g, _chunks(rows.size))
+            chwn_weight_grad(s, geom, rows, cols, np_view(dyt), np_view(xt), np_view(g))
             s.add_sampled_grad(g)
         return dx, dv, db, None, None
 
