@@ -84,7 +84,7 @@ def kernels_alone(layer: Layer, density: float, gen: torch.Generator) -> Step | 
     def run() -> None:
         chwn_forward(s, geom, values, bias, xt, y)
         chwn_input_grad(s, geom, values, dyt, dxt)
-        chwn_weight_grad(s, geom, s.rows, s.cols, dyt, xt, dv)
+        chwn_weight_grad(s, geom, dyt, xt, dv)
 
     return run
 

@@ -125,3 +125,13 @@ def test_kernels_agree_with_reference_before_and_after_an_update():
             active = torch.from_numpy(s.flat)
             inactive = (~s.mask()).reshape(-1).nonzero().reshape(-1)
             s, _ = s.updated(active[: active.numel() // 3], inactive[-(active.numel() // 3) :])
+
+
+def test_derived_values_are_built_once_per_structure():
+    """Kernel orderings kept on a structure are reused, and a topology change starts a new structure without them."""
+    s = SparseStructure.from_mask(torch.tensor([[True, False], [False, True]]))
+    calls = []
+    build = lambda: calls.append(1) or len(calls)
+    assert s.derived("k", build) == 1 and s.derived("k", build) == 1 and len(calls) == 1
+    new, _ = s.updated(np.array([0]), np.array([1]))
+    assert new.derived("k", build) == 2

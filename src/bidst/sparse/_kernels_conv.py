@@ -78,7 +78,7 @@ def _store_row(acc: np.ndarray, out: np.ndarray, row: int, length: int) -> None:
 
 
 @njit(cache=True)
-def _tap_order(bounds: np.ndarray, cols: np.ndarray, kk: int) -> np.ndarray:
+def tap_order(bounds: np.ndarray, cols: np.ndarray, kk: int) -> np.ndarray:
     """A permutation that keeps each run [bounds[i], bounds[i+1]) of positions in place and sorts it by kernel
     tap (ky * kw + kx; a stable counting sort): positions of one tap cover the same output rows and
     columns, so consecutive ones share a pass without edge corrections."""
@@ -198,7 +198,7 @@ def _slot_geometry(
     offset for input row 0 and output column 0 (may wrap below zero: only the in-range sums are used),
     its kernel row, and the indices in `bounds` of its output columns [x0, x1) inside the image
     (x0 == x1 where none is)."""
-    sh, sw, ph, pw, kh, kw = geo
+    _, sw, _, pw, kh, kw = geo
     plane = uint64(hh) * uint64(ww) * uint64(nn)
     base = np.empty(cols.shape[0], np.uint64)
     krow = np.empty(cols.shape[0], np.int64)
@@ -316,8 +316,10 @@ def conv_forward_planes(
     cout_g: int,
     cin_g: int,
     nchunk: int,
+    order: np.ndarray,
 ) -> None:
-    """conv_forward for small output maps, one task per output channel in `nchunk` contiguous chunks.
+    """conv_forward for small output maps, one task per output channel in `nchunk` contiguous chunks;
+    `order` is `tap_order(indptr, cols, kh * kw)`.
 
     An output row of a small map is too short to pay for a pass's setup, so a task keeps its whole
     output plane in L1 and runs each kernel tap's slots (sorted by tap) through passes of up to
@@ -332,7 +334,6 @@ def conv_forward_planes(
     kk = kh * kw
     xf = xt.ravel()
     yf = y.ravel()
-    order = _tap_order(indptr, cols, kk)
     for t in prange(nchunk):
         srcs = np.empty(8, np.uint64)
         vals = np.empty(8, np.float32)
@@ -476,8 +477,10 @@ def conv_sampled_grad(
     cout_g: int,
     cin_g: int,
     nchunk: int,
+    groups: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    """out[k] = dL/dW at position (rows[k], cols[k]) from dyt and xt (both CHWN), in `nchunk` tasks (one per thread).
+    """out[k] = dL/dW at position (rows[k], cols[k]) from dyt and xt (both CHWN), in `nchunk` tasks (one per thread);
+    `groups` is `position_groups(rows, cols, kh * kw, stride 1)`.
 
     The positions of each output channel, in kernel-tap order and four at a time, share the loads of
     the output gradient over the rows and columns all four reach (stride 1); the rest are single
@@ -493,9 +496,7 @@ def conv_sampled_grad(
     kk = kh * kw
     df = dyt.ravel()
     xf = xt.ravel()
-    runs = _row_runs(rows)
-    order = _tap_order(runs, cols, kk)
-    starts = _groups(runs, 4 if sh == 1 and sw == 1 else 1)
+    order, starts = groups
     ngroups = starts.shape[0] - 1
     for t in prange(nchunk):
         xb = np.empty(4, np.uint64)  # input offset of output pixel (0, 0) for each position of a group
@@ -543,3 +544,11 @@ def conv_sampled_grad(
                             tot[i] += _row_dot(df, dbase, xf, x0s[i], x1s[i], sw, n, xb[i] + yoff)
             for i in range(g):
                 out[order[k0 + i]] = tot[i]
+
+
+@njit(cache=True)
+def position_groups(rows: np.ndarray, cols: np.ndarray, kk: int, stride_one: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(order, group starts) for conv_sampled_grad: positions of each output channel in kernel-tap order,
+    cut into groups of four (stride 1) or one."""
+    runs = _row_runs(rows)
+    return tap_order(runs, cols, kk), _groups(runs, 4 if stride_one else 1)

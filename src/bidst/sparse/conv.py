@@ -8,6 +8,7 @@ returned contiguous. Dilated convolutions take the masked dense path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numba
@@ -67,13 +68,16 @@ def _chunks(n: int) -> int:
 PLANE_FLOATS = 4096  # output planes up to 16 KB (half an L1 data cache) take the per-channel forward kernel
 
 
-def _forward(indptr: np.ndarray, cols: np.ndarray, values: np.ndarray, bias: np.ndarray, xt: np.ndarray, y: np.ndarray, *geo: int) -> None:
+def _forward(
+    indptr: np.ndarray, cols: np.ndarray, values: np.ndarray, bias: np.ndarray, xt: np.ndarray, y: np.ndarray,
+    geo: tuple[int, ...], order: Callable[[], np.ndarray],
+) -> None:
     """y (CHWN) = sparse conv of xt (CHWN) by the CSR weight (geo: stride, padding, kernel size, output and
     input channels per group): per output row, or per output channel where a plane is small enough
-    for rows to be too short to share passes over."""
+    for rows to be too short to share passes over; that kernel asks `order()` for the slots' tap order."""
     o, ho, wo, n = y.shape
     if ho * wo * n <= PLANE_FLOATS:
-        KC.conv_forward_planes(indptr, cols, values, bias, xt, y, *geo, _chunks(o))
+        KC.conv_forward_planes(indptr, cols, values, bias, xt, y, *geo, _chunks(o), order())
     else:
         KC.conv_forward(indptr, cols, values, bias, xt, y, *geo, _chunks(o * ho))
 
@@ -82,7 +86,8 @@ def chwn_forward(s: SparseStructure, geom: ConvGeometry, values: np.ndarray, bia
     """y = the sparse conv of xt plus bias, on (C, H, W, N) arrays: the forward kernel of a sparse Conv2d."""
     o, cin_g, kh, kw = s.shape
     (sh, sw), (ph, pw) = geom
-    _forward(s.indptr, s.cols, values, bias, xt, y, sh, sw, ph, pw, kh, kw, o // s.groups, cin_g)
+    order = lambda: s.derived("tap_order", lambda: KC.tap_order(s.indptr, s.cols, kh * kw))
+    _forward(s.indptr, s.cols, values, bias, xt, y, (sh, sw, ph, pw, kh, kw, o // s.groups, cin_g), order)
 
 
 def chwn_input_grad(s: SparseStructure, geom: ConvGeometry, values: np.ndarray, dyt: np.ndarray, dxt: np.ndarray) -> None:
@@ -94,18 +99,28 @@ def chwn_input_grad(s: SparseStructure, geom: ConvGeometry, values: np.ndarray, 
     vin = values[idx.perm]
     if (sh, sw) == (1, 1):
         zeros = np.zeros(dxt.shape[0], np.float32)
-        _forward(idx.ptr, idx.tcols, vin, zeros, dyt, dxt, 1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, o // s.groups)
+        order = lambda: s.derived("tap_order_by_input", lambda: KC.tap_order(idx.ptr, idx.tcols, kh * kw))
+        _forward(idx.ptr, idx.tcols, vin, zeros, dyt, dxt, (1, 1, kh - 1 - ph, kw - 1 - pw, kh, kw, cin_g, o // s.groups), order)
     else:
         KC.conv_input_grad(idx.ptr, idx.rows, idx.cols, vin, dyt, dxt, sh, sw, ph, pw, kh, kw)
 
 
 def chwn_weight_grad(
-    s: SparseStructure, geom: ConvGeometry, rows: np.ndarray, cols: np.ndarray, dyt: np.ndarray, xt: np.ndarray, out: np.ndarray
+    s: SparseStructure, geom: ConvGeometry, dyt: np.ndarray, xt: np.ndarray, out: np.ndarray,
+    positions: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """out[k] = dL/dW at weight position (rows[k], cols[k]) from dyt and xt, (C, H, W, N) arrays."""
+    """out[k] = dL/dW at weight position k, from dyt and xt, (C, H, W, N) arrays: the structure's active
+    positions (their grouping kept on the structure), or `positions` = (rows, cols)."""
     o, cin_g, kh, kw = s.shape
     (sh, sw), (ph, pw) = geom
-    KC.conv_sampled_grad(rows, cols, dyt, xt, out, sh, sw, ph, pw, kh, kw, o // s.groups, cin_g, _chunks(rows.size))
+    one = (sh, sw) == (1, 1)
+    if positions is None:
+        rows, cols = s.rows, s.cols
+        groups = s.derived(("position_groups", one), lambda: KC.position_groups(rows, cols, kh * kw, one))
+    else:
+        rows, cols = positions
+        groups = KC.position_groups(rows, cols, kh * kw, one)
+    KC.conv_sampled_grad(rows, cols, dyt, xt, out, sh, sw, ph, pw, kh, kw, o // s.groups, cin_g, _chunks(rows.size), groups)
 
 
 class _ChwnConvFn(torch.autograd.Function):
@@ -142,7 +157,7 @@ class _ChwnConvFn(torch.autograd.Function):
                 dx = dx.contiguous()
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            chwn_weight_grad(s, geom, s.rows, s.cols, np_view(dyt), np_view(xt), np_view(dv))
+            chwn_weight_grad(s, geom, np_view(dyt), np_view(xt), np_view(dv))
         if ctx.needs_input_grad[2]:
             db = dyt.sum((1, 2, 3))
         if s.samples_all:
@@ -151,7 +166,7 @@ class _ChwnConvFn(torch.autograd.Function):
         elif s.sampled_positions is not None:
             rows, cols = rows_cols(s, s.sampled_positions)
             g = torch.empty(rows.size, dtype=torch.float32)
-            chwn_weight_grad(s, geom, rows, cols, np_view(dyt), np_view(xt), np_view(g))
+            chwn_weight_grad(s, geom, np_view(dyt), np_view(xt), np_view(g), (rows, cols))
             s.add_sampled_grad(g)
         return dx, dv, db, None, None
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from numba import njit
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 @njit(cache=True)
@@ -166,6 +169,7 @@ class SparseStructure:
         self.rows = (self.flat // rs).astype(np.int32)
         self.cols = (self.flat - self.rows.astype(np.int64) * rs).astype(np.int32)
         self._by_input: InputIndex | None = None
+        self._derived: dict[Hashable, Any] = {}
         self._flat_on: dict[torch.device, Tensor] = {}
         self._sample_at: np.ndarray | None = None
         self._sample_all = False
@@ -229,6 +233,13 @@ class SparseStructure:
                 tcols = ((rows % cout_g) * kk + flipped).astype(np.int32)
             self._by_input = InputIndex(ptr, perm, rows, cols, tcols)
         return self._by_input
+
+    def derived(self, key: Hashable, build: Callable[[], T]) -> T:
+        """A value computed from these positions alone (a kernel's ordering of them), built on first use and
+        kept: a structure never changes, a topology change makes a new one."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def nbytes(self) -> int:
         """Bytes of the index arrays held now (positions, CSR and, if built, the input-channel index)."""
