@@ -465,14 +465,12 @@ def test_training_recipe_matches_rigl_flops(tmp_path):
     assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    import os
-
+def _ddp_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a file rendezvous, as in test_scale_out: a free TCP port picked beforehand can be taken meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         model = TinyNet()
@@ -497,14 +495,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ddp_ranks_keep_identical_masks_and_scores(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "rank")), nprocs=2)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank.{rank}", weights_only=True)
         assert result["same"] and result["changes"] > 0
