@@ -116,7 +116,8 @@ def retain_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+    never_trim = ctypes.c_int(2**31 - 1)  # mallopt takes a C int: a larger Python int would be truncated (1 << 40 to 0: trim always)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, never_trim))
 
 
 def main(argv: list[str] | None = None) -> int:
