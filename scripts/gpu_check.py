@@ -106,8 +106,11 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
         return 2
-    if args.out.exists() and any(args.out.iterdir()):
-        print(f"gpu_check: {args.out} is not empty; choose another --out", file=sys.stderr)
+    if not Path(args.data_root).is_dir():
+        print(f"gpu_check: --data-root {args.data_root}: no such folder", file=sys.stderr)
+        return 2
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        print(f"gpu_check: {args.out} exists and is not an empty folder; choose another --out", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     base = [*BASE, f"device={args.device}", f"data_root={args.data_root}"]
