@@ -2,13 +2,18 @@
 # ResNet-20 on the GPU (the GPU grid's command per run) at drop fraction ALPHA for EPOCHS epochs, PAR runs at a
 # time, each killed at DEADLINE seconds. CELLS: "grid" = BiDST and its control at 90/95/98%, seeds 0-2, plus
 # seeds 3-5 at 98%; "val98" = BiDST, its control and RigL at 98% on the validation seeds 100-102 and the test
-# seeds 0-2; "long98" = BiDST, its control and RigL at 98% on the test seeds 0-2 (for longer runs).
+# seeds 0-2; "long98" = BiDST, its control and RigL at 98% on the test seeds 0-2 (for longer runs); "pair98" =
+# BiDST and its control at 98% on the test seeds 0-5.
 #   bash benchmarks/gpu_resnet20_alpha.sh runs/gpu-a03 16 420 0.3 grid
-#   bash benchmarks/gpu_resnet20_alpha.sh runs/gpu-long 9 560 0.3 long98 12
+#   bash benchmarks/gpu_resnet20_alpha.sh runs/gpu-long 9 500 0.3 long98 10
 out=${1:-runs/gpu-a03}; par=${2:-16}; deadline=${3:-420}; alpha=${4:-0.3}; set=${5:-grid}; epochs=${6:-4}
 cells() {
   if [ "$set" = long98 ]; then
     for s in 0 1 2; do for m in bidst control rigl; do echo "0.98 $s $m"; done; done
+    return
+  fi
+  if [ "$set" = pair98 ]; then
+    for s in 0 1 2 3 4 5; do for m in bidst control; do echo "0.98 $s $m"; done; done
     return
   fi
   if [ "$set" = val98 ]; then
