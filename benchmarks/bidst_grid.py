@@ -327,6 +327,10 @@ def main() -> None:
         parser.error(f"--sparsities must lie strictly between 0 and 1, got {bad[0]}")
     if not args.seeds:
         parser.error("--seeds needs at least one seed")
+    for name in ("seeds", "sparsities", "methods"):  # a repeated value would train one run folder twice at once
+        values = getattr(args, name)
+        if len(set(values)) < len(values):
+            parser.error(f"--{name} lists a value twice: {','.join(map(str, values))}")
     setup = Setup(args.model, args.epochs, tuple(args.set), not args.no_ablations, args.seeds, args.sparsities, args.methods)
     only = [label for label in args.only.split(",") if label]
     labels = {run.label for run in grid(setup)}
