@@ -283,6 +283,19 @@ def test_layouts_chain_without_copies_and_accept_any_strides():
     close(sparse_linear(x3, v1, s1), F.linear(x3, s1.to_dense(v1)))
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), layout=st.sampled_from(["contiguous", "transposed", "strided"]))
+def test_transposed_copies_exactly(rows, cols, layout):
+    """The tiled transpose (partial 8x8 tiles included) equals x.t() bit for bit, for any input strides."""
+    x = torch.randn(rows, cols)
+    if layout == "transposed":
+        x = torch.randn(cols, rows).t()
+    elif layout == "strided":
+        x = torch.randn(rows, 2 * cols)[:, ::2]
+    out = _common.transposed(x)
+    assert out.is_contiguous() and torch.equal(out, x.t())
+
+
 def test_bad_inputs_raise():
     s = SparseStructure.from_mask(torch.ones(4, 3, dtype=torch.bool))
     v = torch.zeros(12)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _kernels_linear as KL
 from .structure import SparseStructure
 
 
@@ -32,6 +33,16 @@ def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = No
 def np_view(t: Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor, outside autograd."""
     return t.detach().numpy()
+
+
+def transposed(x: Tensor) -> Tensor:
+    """x.t() of a 2-D CPU float32 tensor as a contiguous tensor: a view when it already is one, else a tiled copy."""
+    xt = x.t()
+    if xt.is_contiguous():
+        return xt
+    out = torch.empty(xt.shape, dtype=torch.float32)
+    KL.transpose(np_view(x.contiguous()), np_view(out))
+    return out
 
 
 def bias_array(bias: Tensor | None, n: int) -> np.ndarray:

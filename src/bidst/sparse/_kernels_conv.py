@@ -55,20 +55,6 @@ def _axpy_columns(
                 acc[ao + b] += v * src[so + b]
 
 
-@njit(parallel=True, cache=True)
-def nchw_to_chwn(x: np.ndarray, out: np.ndarray) -> None:
-    """out[c, h, w, n] = x[n, c, h, w]; per (c, h) task, contiguous reads and an L1-resident (w, n) block."""
-    nn, cc, hh, ww = x.shape
-    for task in prange(cc * hh):
-        c = task // hh
-        h = task - c * hh
-        block = out[c, h]
-        for b in range(nn):
-            src = x[b, c, h]
-            for w in range(ww):
-                block[w, b] = src[w]
-
-
 @njit(inline="always")
 def _store_row(acc: np.ndarray, out: np.ndarray, row: int, length: int) -> None:
     """out[row * length + k] = acc[k] for k < length: one row of a CHWN array, written contiguously."""

@@ -146,3 +146,32 @@ def sampled_dot_t(
         for b in range(nb):
             s += af[ao + b] * bf[bo + b]
         out[k] = s
+
+
+@njit(parallel=True, cache=True)
+def transpose(x: np.ndarray, out: np.ndarray) -> None:
+    """out[f, b] = x[b, f] for C-contiguous (B, F) x and (F, B) out, in 8x8 tiles (bands of 8 columns in parallel).
+
+    Two to three times faster than PyTorch's strided copy on these shapes: an 8x8 tile reads eight
+    short runs of x and writes eight of out, so neither side strides across a power-of-two row
+    length on every element (which thrashes one cache set).
+    """
+    nb, nf = x.shape
+    xf = x.ravel()
+    of = out.ravel()
+    nbu = uint64(nb)
+    nfu = uint64(nf)
+    full = uint64(nb - nb % 8)
+    for t in prange((nf + 7) // 8):
+        f0 = uint64(t * 8)
+        fw = min(uint64(8), nfu - f0)
+        for bb in range(0, full, 8):
+            b0 = uint64(bb)
+            for f in range(fw):
+                o = (f0 + f) * nbu + b0
+                i = b0 * nfu + f0 + f
+                for b in range(8):
+                    of[o + uint64(b)] = xf[i + uint64(b) * nfu]
+        for f in range(fw):
+            for b in range(full, nbu):
+                of[(f0 + f) * nbu + b] = xf[b * nfu + f0 + f]

@@ -26,6 +26,7 @@ from ._common import (
     np_view,
     pair,
     rows_cols,
+    transposed,
     uses_kernels,
 )
 from .layout import is_batch_innermost
@@ -44,9 +45,13 @@ def _to_chwn(x: Tensor) -> Tensor:
     v = x.permute(1, 2, 3, 0)
     if v.is_contiguous():
         return v
-    out = torch.empty(v.shape, dtype=torch.float32)
-    KC.nchw_to_chwn(np_view(x.contiguous()), np_view(out))
-    return out
+    return transposed(x.reshape(x.shape[0], -1)).view(v.shape)
+
+
+def _to_nchw(x: Tensor) -> Tensor:
+    """A batch-innermost (N, C, H, W) tensor copied to the usual contiguous layout."""
+    n, c, h, w = x.shape
+    return transposed(x.permute(1, 2, 3, 0).reshape(-1, n)).view(n, c, h, w)
 
 
 def batch_innermost(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
@@ -154,7 +159,7 @@ class _ChwnConvFn(torch.autograd.Function):
             dx = batch_innermost((n, c, h, w))
             chwn_input_grad(s, geom, np_view(values), np_view(dyt), np_view(dx.permute(1, 2, 3, 0)))
             if ctx.contiguous_input:  # a layer before that is not batch-innermost gets its usual layout
-                dx = dx.contiguous()
+                dx = _to_nchw(dx)
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
             chwn_weight_grad(s, geom, np_view(dyt), np_view(xt), np_view(dv))

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _kernels_linear as KL
-from ._common import bias_array, masked_dense_weight, np_view, rows_cols, uses_kernels
+from ._common import bias_array, masked_dense_weight, np_view, rows_cols, transposed, uses_kernels
 from .structure import SparseStructure
 
 
@@ -36,7 +36,7 @@ class _SparseLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure) -> Tensor:
-        xt = x.t().contiguous()
+        xt = transposed(x)
         # (batch, out) with batch innermost, allocated as such (not a view) so in-place ops on it are allowed
         y = torch.empty_strided((x.shape[0], structure.shape[0]), (1, x.shape[0]), dtype=torch.float32)
         KL.spmm_t(structure.indptr, structure.cols, np_view(values), bias_array(bias, structure.shape[0]), np_view(xt), np_view(y.t()))
@@ -49,7 +49,7 @@ class _SparseLinearFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         xt, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
-        dyt = dy.t().contiguous()
+        dyt = transposed(dy)
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             idx = s.by_input()
