@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Performance: the sparse backend against dense",
         "",
         f"Command: `bidst bench {' '.join(argv if argv is not None else sys.argv[2:])}`".rstrip() + "  ",
-        (f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} thread(s) used, "
+        (f"Machine: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} logical CPUs, "
+         f"{torch.get_num_threads()} thread(s) used, "
          f"torch {torch.__version__}, numba {numba.__version__}, Python {platform.python_version()}  "),
         (f"Timing: {args.stat} of {args.reps} interleaved repetitions of {args.block} consecutive steps per backend, "
          f"{args.clock} clock. Ratios below 1 mean the sparse backend is faster."),
