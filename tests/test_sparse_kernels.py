@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bidst.sparse import conv as sparse_conv
+from bidst.sparse import linear as sparse_linear_module
 from bidst.sparse import (
     SparseStructure,
     _common,
@@ -87,8 +88,16 @@ def check_against_reference(run, fn, x, w, b, mask, structure, gen, extra: torch
     empty_rows=st.booleans(),
     has_bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    tiled=st.booleans(),
 )
-def test_linear_matches_masked_dense(batch, cin, cout, density, empty_rows, has_bias, seed):
+def test_linear_matches_masked_dense(batch, cin, cout, density, empty_rows, has_bias, seed, tiled):
+    """With `tiled`, the kernels sweep the weight in column tiles of a few columns (as large layers do)."""
+    with mock.patch.object(sparse_linear_module, "TILE_BYTES", 8 if tiled else sparse_linear_module.TILE_BYTES), \
+            mock.patch.object(sparse_linear_module, "TILE_MIN_SLOTS", 1 if tiled else sparse_linear_module.TILE_MIN_SLOTS):
+        check_linear(batch, cin, cout, density, empty_rows, has_bias, seed)
+
+
+def check_linear(batch, cin, cout, density, empty_rows, has_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     mask = random_mask((cout, cin), density, gen, empty_rows)
     w = torch.randn(cout, cin, generator=gen) / math.sqrt(cin)
@@ -281,6 +290,21 @@ def test_layouts_chain_without_copies_and_accept_any_strides():
     close(sparse_conv2d(xc, vc, sc, padding=1), F.conv2d(xc, sc.to_dense(vc), padding=1))
     x3 = torch.randn(2, 3, 8, generator=gen)
     close(sparse_linear(x3, v1, s1), F.linear(x3, s1.to_dense(v1)))
+
+
+def test_tile_pointers_split_each_row_by_column_tile():
+    """Row i's slots reading column tile t are exactly tptr[i * nt + t] .. tptr[i * nt + t + 1]."""
+    gen = torch.Generator().manual_seed(5)
+    s = SparseStructure.from_mask(torch.rand(7, 50, generator=gen) < 0.4)
+    nt = 4
+    tptr = sparse_linear_module.tile_ptr(s.indptr, s.cols, 50, nt)
+    for i in range(7):
+        for t in range(nt):
+            cols = s.cols[tptr[i * nt + t] : tptr[i * nt + t + 1]]
+            expected = s.cols[s.indptr[i] : s.indptr[i + 1]]
+            assert np.array_equal(cols, expected[(expected // 13) == t])
+    assert sparse_linear_module.column_tiles(1024, 1024, 104858, 256) == 8  # 90%, batch 256: 128 KB tiles
+    assert sparse_linear_module.column_tiles(1024, 1024, 20972, 256) == 1  # 98%: too few slots a row
 
 
 @settings(max_examples=40, deadline=None)

@@ -15,120 +15,147 @@ from numba import njit, prange, uint64
 FASTMATH = {"reassoc", "contract", "nsz"}
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _accumulate(yf: np.ndarray, yo: int, nb: int, xf: np.ndarray, cols: np.ndarray, values: np.ndarray, p: int, end: int) -> None:
+    """yf[yo:yo+nb] += sum over slots p..end-1 of values[p] * (row cols[p] of xf, nb long)."""
+    # up to eight slots per pass cut the loads and stores of the output row, the bottleneck of this
+    # loop; the last one to three slots share one pass too
+    while p + 8 <= end:
+        x0 = uint64(cols[p]) * nb
+        x1 = uint64(cols[p + 1]) * nb
+        x2 = uint64(cols[p + 2]) * nb
+        x3 = uint64(cols[p + 3]) * nb
+        x4 = uint64(cols[p + 4]) * nb
+        x5 = uint64(cols[p + 5]) * nb
+        x6 = uint64(cols[p + 6]) * nb
+        x7 = uint64(cols[p + 7]) * nb
+        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+        v4, v5, v6, v7 = values[p + 4], values[p + 5], values[p + 6], values[p + 7]
+        for b in range(nb):
+            yf[yo + b] += ((v0 * xf[x0 + b] + v1 * xf[x1 + b]) + (v2 * xf[x2 + b] + v3 * xf[x3 + b])) + (
+                (v4 * xf[x4 + b] + v5 * xf[x5 + b]) + (v6 * xf[x6 + b] + v7 * xf[x7 + b])
+            )
+        p += 8
+    if p + 4 <= end:
+        x0 = uint64(cols[p]) * nb
+        x1 = uint64(cols[p + 1]) * nb
+        x2 = uint64(cols[p + 2]) * nb
+        x3 = uint64(cols[p + 3]) * nb
+        v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
+        for b in range(nb):
+            yf[yo + b] += (v0 * xf[x0 + b] + v1 * xf[x1 + b]) + (v2 * xf[x2 + b] + v3 * xf[x3 + b])
+        p += 4
+    m = end - p
+    if m == 3:
+        x0 = uint64(cols[p]) * nb
+        x1 = uint64(cols[p + 1]) * nb
+        x2 = uint64(cols[p + 2]) * nb
+        v0, v1, v2 = values[p], values[p + 1], values[p + 2]
+        for b in range(nb):
+            yf[yo + b] += (v0 * xf[x0 + b] + v1 * xf[x1 + b]) + v2 * xf[x2 + b]
+    elif m == 2:
+        x0 = uint64(cols[p]) * nb
+        x1 = uint64(cols[p + 1]) * nb
+        v0, v1 = values[p], values[p + 1]
+        for b in range(nb):
+            yf[yo + b] += v0 * xf[x0 + b] + v1 * xf[x1 + b]
+    elif m == 1:
+        x0 = uint64(cols[p]) * nb
+        v0 = values[p]
+        for b in range(nb):
+            yf[yo + b] += v0 * xf[x0 + b]
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def spmm_t(
-    indptr: np.ndarray,
+    tptr: np.ndarray,
+    ntiles: int,
+    nchunk: int,
     cols: np.ndarray,
     values: np.ndarray,
     bias: np.ndarray,
     xt: np.ndarray,
     yt: np.ndarray,
 ) -> None:
-    """yt[i, :] = bias[i] + sum over slots p of row i of values[p] * xt[cols[p], :] (rows in parallel)."""
+    """yt[i, :] = bias[i] + sum over slots p of row i of values[p] * xt[cols[p], :].
+
+    The slots of row i that read column tile t are tptr[i * ntiles + t] .. tptr[i * ntiles + t + 1]
+    (`tile_ptr`; with one tile, the CSR row pointer). Each of `nchunk` tasks (one per thread) takes a
+    contiguous block of rows and sweeps it once per tile, so the rows of xt it reads meanwhile stay
+    in its core's L2 cache.
+    """
     nb = uint64(xt.shape[1])
     xf = xt.ravel()
     yf = yt.ravel()
-    for i in prange(indptr.shape[0] - 1):
-        yo = uint64(i) * nb
-        bi = bias[i]
-        for b in range(nb):
-            yf[yo + b] = bi
-        p = indptr[i]
-        end = indptr[i + 1]
-        # up to eight slots per pass cut the loads and stores of the output row, the bottleneck of this
-        # loop; the last one to three slots share one pass too
-        while p + 8 <= end:
-            x0 = uint64(cols[p]) * nb
-            x1 = uint64(cols[p + 1]) * nb
-            x2 = uint64(cols[p + 2]) * nb
-            x3 = uint64(cols[p + 3]) * nb
-            x4 = uint64(cols[p + 4]) * nb
-            x5 = uint64(cols[p + 5]) * nb
-            x6 = uint64(cols[p + 6]) * nb
-            x7 = uint64(cols[p + 7]) * nb
-            v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-            v4, v5, v6, v7 = values[p + 4], values[p + 5], values[p + 6], values[p + 7]
-            for b in range(nb):
-                yf[yo + b] += ((v0 * xf[x0 + b] + v1 * xf[x1 + b]) + (v2 * xf[x2 + b] + v3 * xf[x3 + b])) + (
-                    (v4 * xf[x4 + b] + v5 * xf[x5 + b]) + (v6 * xf[x6 + b] + v7 * xf[x7 + b])
-                )
-            p += 8
-        if p + 4 <= end:
-            x0 = uint64(cols[p]) * nb
-            x1 = uint64(cols[p + 1]) * nb
-            x2 = uint64(cols[p + 2]) * nb
-            x3 = uint64(cols[p + 3]) * nb
-            v0, v1, v2, v3 = values[p], values[p + 1], values[p + 2], values[p + 3]
-            for b in range(nb):
-                yf[yo + b] += (v0 * xf[x0 + b] + v1 * xf[x1 + b]) + (v2 * xf[x2 + b] + v3 * xf[x3 + b])
-            p += 4
-        m = end - p
-        if m == 3:
-            x0 = uint64(cols[p]) * nb
-            x1 = uint64(cols[p + 1]) * nb
-            x2 = uint64(cols[p + 2]) * nb
-            v0, v1, v2 = values[p], values[p + 1], values[p + 2]
-            for b in range(nb):
-                yf[yo + b] += (v0 * xf[x0 + b] + v1 * xf[x1 + b]) + v2 * xf[x2 + b]
-        elif m == 2:
-            x0 = uint64(cols[p]) * nb
-            x1 = uint64(cols[p + 1]) * nb
-            v0, v1 = values[p], values[p + 1]
-            for b in range(nb):
-                yf[yo + b] += v0 * xf[x0 + b] + v1 * xf[x1 + b]
-        elif m == 1:
-            x0 = uint64(cols[p]) * nb
-            v0 = values[p]
-            for b in range(nb):
-                yf[yo + b] += v0 * xf[x0 + b]
+    nrows = yt.shape[0]
+    nchunk = max(1, min(nchunk, nrows))
+    per = (nrows + nchunk - 1) // nchunk
+    for c in prange(nchunk):
+        for t in range(ntiles):
+            for i in range(c * per, min(nrows, (c + 1) * per)):
+                yo = uint64(i) * nb
+                if t == 0:
+                    bi = bias[i]
+                    for b in range(nb):
+                        yf[yo + b] = bi
+                k = i * ntiles + t
+                _accumulate(yf, yo, nb, xf, cols, values, tptr[k], tptr[k + 1])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def sddmm_t(indptr: np.ndarray, cols: np.ndarray, at: np.ndarray, bt: np.ndarray, out: np.ndarray) -> None:
-    """out[p] = dot(at[i, :], bt[cols[p], :]) for every slot p of every row i (rows in parallel)."""
+def sddmm_t(
+    tptr: np.ndarray, ntiles: int, nchunk: int, cols: np.ndarray, at: np.ndarray, bt: np.ndarray, out: np.ndarray
+) -> None:
+    """out[p] = dot(at[i, :], bt[cols[p], :]) for every slot p of every row i, tiled over bt's rows as spmm_t is."""
     nb = uint64(at.shape[1])
     af = at.ravel()
     bf = bt.ravel()
-    for i in prange(indptr.shape[0] - 1):
-        ao = uint64(i) * nb
-        p = indptr[i]
-        end = indptr[i + 1]
-        # four (then two) slots per pass share the loads of row i
-        while p + 4 <= end:
-            b0 = uint64(cols[p]) * nb
-            b1 = uint64(cols[p + 1]) * nb
-            b2 = uint64(cols[p + 2]) * nb
-            b3 = uint64(cols[p + 3]) * nb
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for b in range(nb):
-                a = af[ao + b]
-                s0 += a * bf[b0 + b]
-                s1 += a * bf[b1 + b]
-                s2 += a * bf[b2 + b]
-                s3 += a * bf[b3 + b]
-            out[p] = s0
-            out[p + 1] = s1
-            out[p + 2] = s2
-            out[p + 3] = s3
-            p += 4
-        while p + 2 <= end:
-            b0 = uint64(cols[p]) * nb
-            b1 = uint64(cols[p + 1]) * nb
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            for b in range(nb):
-                a = af[ao + b]
-                s0 += a * bf[b0 + b]
-                s1 += a * bf[b1 + b]
-            out[p] = s0
-            out[p + 1] = s1
-            p += 2
-        if p < end:
-            b0 = uint64(cols[p]) * nb
-            s0 = np.float32(0.0)
-            for b in range(nb):
-                s0 += af[ao + b] * bf[b0 + b]
-            out[p] = s0
+    nrows = at.shape[0]
+    nchunk = max(1, min(nchunk, nrows))
+    per = (nrows + nchunk - 1) // nchunk
+    for c in prange(nchunk):
+        for t in range(ntiles):
+            for i in range(c * per, min(nrows, (c + 1) * per)):
+                ao = uint64(i) * nb
+                k = i * ntiles + t
+                p = tptr[k]
+                end = tptr[k + 1]
+                # four (then two) slots per pass share the loads of row i
+                while p + 4 <= end:
+                    b0 = uint64(cols[p]) * nb
+                    b1 = uint64(cols[p + 1]) * nb
+                    b2 = uint64(cols[p + 2]) * nb
+                    b3 = uint64(cols[p + 3]) * nb
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for b in range(nb):
+                        a = af[ao + b]
+                        s0 += a * bf[b0 + b]
+                        s1 += a * bf[b1 + b]
+                        s2 += a * bf[b2 + b]
+                        s3 += a * bf[b3 + b]
+                    out[p] = s0
+                    out[p + 1] = s1
+                    out[p + 2] = s2
+                    out[p + 3] = s3
+                    p += 4
+                while p + 2 <= end:
+                    b0 = uint64(cols[p]) * nb
+                    b1 = uint64(cols[p + 1]) * nb
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    for b in range(nb):
+                        a = af[ao + b]
+                        s0 += a * bf[b0 + b]
+                        s1 += a * bf[b1 + b]
+                    out[p] = s0
+                    out[p + 1] = s1
+                    p += 2
+                if p < end:
+                    b0 = uint64(cols[p]) * nb
+                    s0 = np.float32(0.0)
+                    for b in range(nb):
+                        s0 += af[ao + b] * bf[b0 + b]
+                    out[p] = s0
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,41 @@ from torch.autograd.function import once_differentiable
 from . import _kernels_linear as KL
 from ._common import bias_array, masked_dense_weight, np_view, rows_cols, transposed, uses_kernels
 from .structure import SparseStructure
+
+# A column tile of the (features, batch) input that the kernels read is kept under this many bytes,
+# about a quarter of a core's L2 cache: a thread sweeps its block of output rows once per tile, and
+# the input rows it gathers meanwhile come from L2 instead of L3 (about a fifth faster at 90-95%).
+TILE_BYTES = 128 * 1024
+# Tiling pays only while a row's slots within one tile still fill the kernels' passes of up to eight.
+TILE_MIN_SLOTS = 12
+
+
+def column_tiles(n_rows: int, n_cols: int, nnz: int, batch: int) -> int:
+    """How many column tiles a (n_rows x n_cols, nnz slots) CSR is swept in, for inputs of `batch` columns."""
+    by_cache = -(-n_cols * batch * 4 // TILE_BYTES)
+    by_slots = nnz // max(n_rows * TILE_MIN_SLOTS, 1)
+    return max(1, min(by_cache, by_slots, n_cols))
+
+
+def tile_ptr(indptr: np.ndarray, cols: np.ndarray, n_cols: int, ntiles: int) -> np.ndarray:
+    """Slot offsets of a CSR (columns ascending within a row) per (row, column tile): row i's slots that
+    read tile t are tptr[i * ntiles + t] .. tptr[i * ntiles + t + 1]; with one tile, indptr itself."""
+    if ntiles == 1:
+        return indptr
+    n_rows = indptr.shape[0] - 1
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+    key = rows * ntiles + cols // -(-n_cols // ntiles)
+    return np.concatenate(([0], np.cumsum(np.bincount(key, minlength=n_rows * ntiles)))).astype(np.int64)
+
+
+def _tiled(s: SparseStructure, transposed_csr: bool, batch: int) -> tuple[np.ndarray, int]:
+    """(tile pointer, tile count) of the structure's CSR, or of its by-input CSR, kept on the structure."""
+    n_rows, n_cols = (s.shape[1], s.shape[0]) if transposed_csr else s.shape
+    nt = column_tiles(n_rows, n_cols, s.nnz, batch)
+    if transposed_csr:
+        idx = s.by_input()
+        return s.derived(("input_tiles", nt), lambda: tile_ptr(idx.ptr, idx.tcols, n_cols, nt)), nt
+    return s.derived(("row_tiles", nt), lambda: tile_ptr(s.indptr, s.cols, n_cols, nt)), nt
 
 
 def linear_any_layout(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -39,7 +75,9 @@ class _SparseLinearFn(torch.autograd.Function):
         xt = transposed(x)
         # (batch, out) with batch innermost, allocated as such (not a view) so in-place ops on it are allowed
         y = torch.empty_strided((x.shape[0], structure.shape[0]), (1, x.shape[0]), dtype=torch.float32)
-        KL.spmm_t(structure.indptr, structure.cols, np_view(values), bias_array(bias, structure.shape[0]), np_view(xt), np_view(y.t()))
+        tptr, nt = _tiled(structure, False, x.shape[0])
+        KL.spmm_t(tptr, nt, numba.get_num_threads(), structure.cols, np_view(values),
+                  bias_array(bias, structure.shape[0]), np_view(xt), np_view(y.t()))  # fmt: skip
         ctx.save_for_backward(xt, values)
         ctx.structure = structure
         return y
@@ -55,11 +93,14 @@ class _SparseLinearFn(torch.autograd.Function):
             idx = s.by_input()
             dxt = torch.empty_like(xt)
             zeros = np.zeros(s.shape[1], np.float32)
-            KL.spmm_t(idx.ptr, idx.tcols, np_view(values)[idx.perm], zeros, np_view(dyt), np_view(dxt))
+            tptr, nt = _tiled(s, True, xt.shape[1])
+            KL.spmm_t(tptr, nt, numba.get_num_threads(), idx.tcols, np_view(values)[idx.perm], zeros,
+                      np_view(dyt), np_view(dxt))  # fmt: skip
             dx = dxt.t()
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            KL.sddmm_t(s.indptr, s.cols, np_view(dyt), np_view(xt), np_view(dv))
+            tptr, nt = _tiled(s, False, xt.shape[1])
+            KL.sddmm_t(tptr, nt, numba.get_num_threads(), s.cols, np_view(dyt), np_view(xt), np_view(dv))
         if ctx.needs_input_grad[2]:
             db = dyt.sum(1)
         if s.samples_all:
