@@ -92,8 +92,9 @@ def check_against_reference(run, fn, x, w, b, mask, structure, gen, extra: torch
 )
 def test_linear_matches_masked_dense(batch, cin, cout, density, empty_rows, has_bias, seed, tiled):
     """With `tiled`, the kernels sweep the weight in column tiles of a few columns (as large layers do)."""
-    with mock.patch.object(sparse_linear_module, "TILE_BYTES", 8 if tiled else sparse_linear_module.TILE_BYTES), \
-            mock.patch.object(sparse_linear_module, "TILE_MIN_SLOTS", 1 if tiled else sparse_linear_module.TILE_MIN_SLOTS):
+    m = sparse_linear_module
+    sizes = (4, 8, 1) if tiled else (m.L2_BYTES, m.TILE_BYTES, m.TILE_MIN_SLOTS)
+    with mock.patch.multiple(m, **dict(zip(("L2_BYTES", "TILE_BYTES", "TILE_MIN_SLOTS"), sizes))):
         check_linear(batch, cin, cout, density, empty_rows, has_bias, seed)
 
 
@@ -303,8 +304,11 @@ def test_tile_pointers_split_each_row_by_column_tile():
             cols = s.cols[tptr[i * nt + t] : tptr[i * nt + t + 1]]
             expected = s.cols[s.indptr[i] : s.indptr[i + 1]]
             assert np.array_equal(cols, expected[(expected // 13) == t])
-    assert sparse_linear_module.column_tiles(1024, 1024, 104858, 256) == 8  # 90%, batch 256: 128 KB tiles
-    assert sparse_linear_module.column_tiles(1024, 1024, 20972, 256) == 1  # 98%: too few slots a row
+    with mock.patch.multiple(sparse_linear_module, L2_BYTES=512 * 1024, TILE_BYTES=128 * 1024):
+        assert sparse_linear_module.column_tiles(1024, 1024, 104858, 256) == 8  # 90%, batch 256: 128 KB tiles
+        assert sparse_linear_module.column_tiles(1024, 1024, 20972, 256) == 1  # 98%: too few slots a row
+        assert sparse_linear_module.column_tiles(1024, 1024, 104858, 64) == 1  # a 256 KB input fits L2
+    assert sparse_linear_module.l2_cache_bytes() >= 64 * 1024
 
 
 @settings(max_examples=40, deadline=None)
