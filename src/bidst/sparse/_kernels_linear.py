@@ -70,7 +70,7 @@ def _accumulate(yf: np.ndarray, yo: int, nb: int, xf: np.ndarray, cols: np.ndarr
 def spmm_t(
     tptr: np.ndarray,
     ntiles: int,
-    nchunk: int,
+    per: int,
     cols: np.ndarray,
     values: np.ndarray,
     bias: np.ndarray,
@@ -80,19 +80,16 @@ def spmm_t(
     """yt[i, :] = bias[i] + sum over slots p of row i of values[p] * xt[cols[p], :].
 
     The slots of row i that read column tile t are tptr[i * ntiles + t] .. tptr[i * ntiles + t + 1]
-    (`tile_ptr`; with one tile, the CSR row pointer). Each of `nchunk` tasks (one per thread) takes a
-    contiguous block of rows and sweeps it once per tile, so the rows of xt it reads meanwhile stay
-    in its core's L2 cache.
+    (`tile_ptr`; with one tile, the CSR row pointer). Each task (one per thread) takes a block of
+    `per` consecutive rows and sweeps it once per tile, so the rows of xt it reads meanwhile stay in
+    its core's L2 cache.
     """
     nb = uint64(xt.shape[1])
     xf = xt.ravel()
     yf = yt.ravel()
-    nrows = yt.shape[0]
-    nchunk = max(1, min(nchunk, nrows))
-    per = (nrows + nchunk - 1) // nchunk
-    for c in prange(nchunk):
+    for c in prange(-(-yt.shape[0] // per)):
         for t in range(ntiles):
-            for i in range(c * per, min(nrows, (c + 1) * per)):
+            for i in range(c * per, min(yt.shape[0], (c + 1) * per)):
                 yo = uint64(i) * nb
                 if t == 0:
                     bi = bias[i]
@@ -104,22 +101,19 @@ def spmm_t(
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def sddmm_t(
-    tptr: np.ndarray, ntiles: int, nchunk: int, cols: np.ndarray, at: np.ndarray, bt: np.ndarray, out: np.ndarray
+    tptr: np.ndarray, ntiles: int, per: int, cols: np.ndarray, at: np.ndarray, bt: np.ndarray, out: np.ndarray
 ) -> None:
     """out[p] = dot(at[i, :], bt[cols[p], :]) for every slot p of every row i, tiled over bt's rows as spmm_t is."""
-    nb = uint64(at.shape[1])
     af = at.ravel()
     bf = bt.ravel()
-    nrows = at.shape[0]
-    nchunk = max(1, min(nchunk, nrows))
-    per = (nrows + nchunk - 1) // nchunk
-    for c in prange(nchunk):
+    nb = uint64(at.shape[1])
+    for c in prange(-(-at.shape[0] // per)):
         for t in range(ntiles):
-            for i in range(c * per, min(nrows, (c + 1) * per)):
-                ao = uint64(i) * nb
+            for i in range(c * per, min(at.shape[0], (c + 1) * per)):
                 k = i * ntiles + t
                 p = tptr[k]
                 end = tptr[k + 1]
+                ao = uint64(i) * nb
                 # four (then two) slots per pass share the loads of row i
                 while p + 4 <= end:
                     b0 = uint64(cols[p]) * nb

@@ -63,14 +63,16 @@ def tile_ptr(indptr: np.ndarray, cols: np.ndarray, n_cols: int, ntiles: int) -> 
     return np.concatenate(([0], np.cumsum(np.bincount(key, minlength=n_rows * ntiles)))).astype(np.int64)
 
 
-def _tiled(s: SparseStructure, transposed_csr: bool, batch: int) -> tuple[np.ndarray, int]:
-    """(tile pointer, tile count) of the structure's CSR, or of its by-input CSR, kept on the structure."""
+def _tiled(s: SparseStructure, transposed_csr: bool, batch: int) -> tuple[np.ndarray, int, int]:
+    """(tile pointer, tile count, rows per thread) for the kernels over the structure's CSR or its by-input
+    CSR; the tile pointers are kept on the structure."""
     n_rows, n_cols = (s.shape[1], s.shape[0]) if transposed_csr else s.shape
     nt = column_tiles(n_rows, n_cols, s.nnz, batch)
+    per = max(1, -(-n_rows // numba.get_num_threads()))
     if transposed_csr:
         idx = s.by_input()
-        return s.derived(("input_tiles", nt), lambda: tile_ptr(idx.ptr, idx.tcols, n_cols, nt)), nt
-    return s.derived(("row_tiles", nt), lambda: tile_ptr(s.indptr, s.cols, n_cols, nt)), nt
+        return s.derived(("input_tiles", nt), lambda: tile_ptr(idx.ptr, idx.tcols, n_cols, nt)), nt, per
+    return s.derived(("row_tiles", nt), lambda: tile_ptr(s.indptr, s.cols, n_cols, nt)), nt, per
 
 
 def linear_any_layout(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -93,8 +95,8 @@ class _SparseLinearFn(torch.autograd.Function):
         xt = transposed(x)
         # (batch, out) with batch innermost, allocated as such (not a view) so in-place ops on it are allowed
         y = torch.empty_strided((x.shape[0], structure.shape[0]), (1, x.shape[0]), dtype=torch.float32)
-        tptr, nt = _tiled(structure, False, x.shape[0])
-        KL.spmm_t(tptr, nt, numba.get_num_threads(), structure.cols, np_view(values),
+        tptr, nt, per = _tiled(structure, False, x.shape[0])
+        KL.spmm_t(tptr, nt, per, structure.cols, np_view(values),
                   bias_array(bias, structure.shape[0]), np_view(xt), np_view(y.t()))  # fmt: skip
         ctx.save_for_backward(xt, values)
         ctx.structure = structure
@@ -111,14 +113,14 @@ class _SparseLinearFn(torch.autograd.Function):
             idx = s.by_input()
             dxt = torch.empty_like(xt)
             zeros = np.zeros(s.shape[1], np.float32)
-            tptr, nt = _tiled(s, True, xt.shape[1])
-            KL.spmm_t(tptr, nt, numba.get_num_threads(), idx.tcols, np_view(values)[idx.perm], zeros,
+            tptr, nt, per = _tiled(s, True, xt.shape[1])
+            KL.spmm_t(tptr, nt, per, idx.tcols, np_view(values)[idx.perm], zeros,
                       np_view(dyt), np_view(dxt))  # fmt: skip
             dx = dxt.t()
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            tptr, nt = _tiled(s, False, xt.shape[1])
-            KL.sddmm_t(tptr, nt, numba.get_num_threads(), s.cols, np_view(dyt), np_view(xt), np_view(dv))
+            tptr, nt, per = _tiled(s, False, xt.shape[1])
+            KL.sddmm_t(tptr, nt, per, s.cols, np_view(dyt), np_view(xt), np_view(dv))
         if ctx.needs_input_grad[2]:
             db = dyt.sum(1)
         if s.samples_all:
