@@ -304,6 +304,10 @@ def test_tile_pointers_split_each_row_by_column_tile():
             cols = s.cols[tptr[i * nt + t] : tptr[i * nt + t + 1]]
             expected = s.cols[s.indptr[i] : s.indptr[i + 1]]
             assert np.array_equal(cols, expected[(expected // 13) == t])
+    before = s.nbytes()
+    s.derived(("row_tiles", 1), lambda: s.indptr)  # one tile: the CSR pointer itself, not counted twice
+    s.derived(("row_tiles", nt), lambda: tptr)
+    assert s.nbytes() == before + tptr.nbytes  # kept tile pointers count as index memory
     with mock.patch.multiple(sparse_linear_module, L2_BYTES=512 * 1024, TILE_BYTES=128 * 1024):
         assert sparse_linear_module.column_tiles(1024, 1024, 104858, 256) == 8  # 90%, batch 256: 128 KB tiles
         assert sparse_linear_module.column_tiles(1024, 1024, 20972, 256) == 1  # 98%: too few slots a row

@@ -20,6 +20,7 @@ from . import _kernels_linear as KL
 from ._common import bias_array, masked_dense_weight, np_view, rows_cols, transposed, uses_kernels
 from .structure import SparseStructure
 
+
 def l2_cache_bytes(default: int = 512 * 1024) -> int:
     """The L2 cache of one core, read from Linux's sysfs; `default` where that is not available."""
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):

@@ -242,9 +242,12 @@ class SparseStructure:
         return self._derived[key]
 
     def nbytes(self) -> int:
-        """Bytes of the index arrays held now (positions, CSR and, if built, the input-channel index)."""
+        """Bytes of the index arrays held now: positions, CSR and, where built, the input-channel index and
+        the kernels' derived orderings (each array once)."""
         arrays = [self.flat, self.indptr, self.rows, self.cols, *(self._by_input or ())]
-        return sum(a.nbytes for a in arrays)
+        for value in self._derived.values():
+            arrays.extend(value if isinstance(value, tuple) else [value])
+        return sum(a.nbytes for a in {id(a): a for a in arrays if isinstance(a, np.ndarray)}.values())
 
     def flat_indices(self, device: torch.device | str = "cpu") -> Tensor:
         """Active flat positions as an int64 tensor on `device` (cached per device)."""
