@@ -173,9 +173,9 @@ def sampled_dot_t(
 def transpose(x: np.ndarray, out: np.ndarray) -> None:
     """out[f, b] = x[b, f] for C-contiguous (B, F) x and (F, B) out, in 8x8 tiles (bands of 8 columns in parallel).
 
-    Two to three times faster than PyTorch's strided copy on these shapes: an 8x8 tile reads eight
-    short runs of x and writes eight of out, so neither side strides across a power-of-two row
-    length on every element (which thrashes one cache set).
+    An 8x8 tile reads eight short runs of x and writes eight of out, so neither side strides across
+    a power-of-two row length on every element (which thrashes one cache set), as PyTorch's strided
+    copy does.
     """
     nb, nf = x.shape
     xf = x.ravel()

@@ -96,11 +96,11 @@ class _SparseLinearFn(torch.autograd.Function):
         xt = transposed(x)
         # (batch, out) with batch innermost, allocated as such (not a view) so in-place ops on it are allowed
         y = torch.empty_strided((x.shape[0], structure.shape[0]), (1, x.shape[0]), dtype=torch.float32)
-        tptr, nt, per = _tiled(structure, False, x.shape[0])
-        KL.spmm_t(tptr, nt, per, structure.cols, np_view(values),
-                  bias_array(bias, structure.shape[0]), np_view(xt), np_view(y.t()))  # fmt: skip
+        tiles = _tiled(structure, False, x.shape[0])
+        KL.spmm_t(*tiles, structure.cols, np_view(values), bias_array(bias, structure.shape[0]), np_view(xt),
+                  np_view(y.t()))  # fmt: skip
         ctx.save_for_backward(xt, values)
-        ctx.structure = structure
+        ctx.structure, ctx.tiles = structure, tiles  # the weight gradient sweeps the same tiles
         return y
 
     @staticmethod
@@ -114,14 +114,12 @@ class _SparseLinearFn(torch.autograd.Function):
             idx = s.by_input()
             dxt = torch.empty_like(xt)
             zeros = np.zeros(s.shape[1], np.float32)
-            tptr, nt, per = _tiled(s, True, xt.shape[1])
-            KL.spmm_t(tptr, nt, per, idx.tcols, np_view(values)[idx.perm], zeros,
-                      np_view(dyt), np_view(dxt))  # fmt: skip
+            KL.spmm_t(*_tiled(s, True, xt.shape[1]), idx.tcols, np_view(values)[idx.perm], zeros, np_view(dyt),
+                      np_view(dxt))  # fmt: skip
             dx = dxt.t()
         if ctx.needs_input_grad[1]:
             dv = torch.empty(s.nnz, dtype=torch.float32)
-            tptr, nt, per = _tiled(s, False, xt.shape[1])
-            KL.sddmm_t(tptr, nt, per, s.cols, np_view(dyt), np_view(xt), np_view(dv))
+            KL.sddmm_t(*ctx.tiles, s.cols, np_view(dyt), np_view(xt), np_view(dv))
         if ctx.needs_input_grad[2]:
             db = dyt.sum(1)
         if s.samples_all:
