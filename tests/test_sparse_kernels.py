@@ -89,22 +89,16 @@ def check_against_reference(run, fn, x, w, b, mask, structure, gen, extra: torch
     has_bias=st.booleans(),
     seed=st.integers(0, 2**16),
     tiled=st.booleans(),
-    relu=st.booleans(),
 )
-def test_linear_matches_masked_dense(batch, cin, cout, density, empty_rows, has_bias, seed, tiled, relu):
-    """With `tiled`, the kernels sweep the weight in column tiles of a few columns (as large layers do);
-    with `relu`, a fused ReLU follows (the reference applies F.relu after F.linear)."""
+def test_linear_matches_masked_dense(batch, cin, cout, density, empty_rows, has_bias, seed, tiled):
+    """With `tiled`, the kernels sweep the weight in column tiles of a few columns (as large layers do)."""
     m = sparse_linear_module
     sizes = (4, 8, 1) if tiled else (m.L2_BYTES, m.TILE_BYTES, m.TILE_MIN_SLOTS)
     with mock.patch.multiple(m, **dict(zip(("L2_BYTES", "TILE_BYTES", "TILE_MIN_SLOTS"), sizes))):
-        check_linear(batch, cin, cout, density, empty_rows, has_bias, seed, relu)
+        check_linear(batch, cin, cout, density, empty_rows, has_bias, seed)
 
 
-def linear_relu(x, w, b):
-    return F.relu(F.linear(x, w, b))
-
-
-def check_linear(batch, cin, cout, density, empty_rows, has_bias, seed, relu=False):
+def check_linear(batch, cin, cout, density, empty_rows, has_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     mask = random_mask((cout, cin), density, gen, empty_rows)
     w = torch.randn(cout, cin, generator=gen) / math.sqrt(cin)
@@ -112,16 +106,14 @@ def check_linear(batch, cin, cout, density, empty_rows, has_bias, seed, relu=Fal
     x = torch.randn(batch, cin, generator=gen)
     structure = SparseStructure.from_mask(mask)
     extra = torch.randint(0, cout * cin, (7,), generator=gen)
-    ref = linear_relu if relu else F.linear
     check_against_reference(
-        lambda x_, v, b_: sparse_linear(x_, v, structure, b_, relu), ref, x, w, b, mask, structure, gen, extra
+        lambda x_, v, b_: sparse_linear(x_, v, structure, b_), F.linear, x, w, b, mask, structure, gen, extra
     )
 
 
-@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, False, True)])
-def test_linear_any_subset_of_gradients(needs, relu):
-    """Without a values gradient the fused ReLU's backward runs in its own pass; every requested gradient is right."""
+def test_linear_any_subset_of_gradients(needs):
+    """Only the requested gradients are computed (the others stay None), and those are right."""
     gen = torch.Generator().manual_seed(3)
     mask = torch.rand(24, 40, generator=gen) < 0.3
     structure = SparseStructure.from_mask(mask)
@@ -130,10 +122,10 @@ def test_linear_any_subset_of_gradients(needs, relu):
     x = torch.randn(9, 40, generator=gen).requires_grad_(needs[0])
     values = structure.gather(w).requires_grad_(needs[1])
     bias = b.clone().requires_grad_(needs[2])
-    y = sparse_linear(x, values, structure, bias, relu)
+    y = sparse_linear(x, values, structure, bias)
     gy = torch.randn(y.shape, generator=gen)
     y.backward(gy)
-    y_ref, dx_ref, dv_ref, db_ref, _ = reference(linear_relu if relu else F.linear, x, w, b, gy, mask)
+    y_ref, dx_ref, dv_ref, db_ref, _ = reference(F.linear, x, w, b, gy, mask)
     close(y, y_ref)
     for tensor, ref, needed in ((x, dx_ref, needs[0]), (values, dv_ref, needs[1]), (bias, db_ref, needs[2])):
         if needed:

@@ -11,17 +11,13 @@ from conftest import TinyNet, make_data
 from torch import nn
 
 from bidst.sparse import (
-    FusedReLU,
     SparseConv2d,
     SparseLinear,
     _common,
-    fuse_relu,
     remap_optimizer_state,
     to_dense_modules,
     to_sparse_modules,
-    unfuse_relu,
 )
-from bidst.sparse.layout import BatchInnermostReLU, use_batch_innermost
 
 
 def random_masks(model: nn.Module, density: float, seed: int) -> dict[str, torch.Tensor]:
@@ -90,52 +86,6 @@ def test_sparse_training_equals_masked_dense_training():
     to_dense_modules(sparse)
     assert all(type(m) in (nn.Linear, nn.Conv2d) for n, m in sparse.named_children() if n in ("conv1", "fc2"))
     torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-4)
-
-
-def relu_mlp() -> nn.Sequential:
-    """Linear-ReLU pairs (one in a nested Sequential, one ReLU already a batch-innermost twin), a Linear followed
-    by Dropout then ReLU, and a ReLU after the last Linear's output."""
-    return nn.Sequential(
-        nn.Linear(12, 16), nn.ReLU(inplace=True),
-        nn.Sequential(nn.Linear(16, 16), BatchInnermostReLU()),
-        nn.Linear(16, 16), nn.Dropout(0.0), nn.ReLU(),
-        nn.Linear(16, 5), nn.ReLU(),
-    )  # fmt: skip
-
-
-def test_fuse_relu_keeps_the_function_and_unfuse_restores_the_modules():
-    torch.manual_seed(4)
-    dense = relu_mlp()
-    masks = random_masks(dense, 0.25, seed=2)
-    plain = masked_dense_copy(dense, masks)
-    fused = copy.deepcopy(dense)
-    to_sparse_modules(fused, masks)
-    use_batch_innermost(fused)
-    keys = list(fused.state_dict())
-    assert sorted(fuse_relu(fused)) == ["0", "2.0", "6"]  # not "3": a Dropout stands between it and its ReLU
-    assert fuse_relu(fused) == []  # fusing twice changes nothing
-    assert type(fused[1]) is FusedReLU and type(fused[5]) is not FusedReLU and "relu=True" in repr(fused[0])
-    assert list(fused.state_dict()) == keys  # fusing adds and removes no state
-    x = torch.randn(8, 12)
-    x_plain, x_fused = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_plain, y_fused = plain(x_plain), fused(x_fused)
-    torch.testing.assert_close(y_fused, y_plain, rtol=1e-4, atol=1e-5)
-    gy = torch.randn(y_plain.shape)
-    y_plain.backward(gy)
-    y_fused.backward(gy)
-    torch.testing.assert_close(x_fused.grad, x_plain.grad, rtol=1e-4, atol=1e-5)
-    for name in masks:
-        mod = name.rpartition(".")[0]
-        layer, ref = fused.get_submodule(mod), plain.get_submodule(mod)
-        torch.testing.assert_close(layer.values.grad, layer.structure.gather(ref.weight.grad), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
-    unfuse_relu(copy.deepcopy(fused))  # on a copy: the original stays fused
-    assert type(fused[1]) is FusedReLU
-    to_dense_modules(fused)
-    assert list(fused.state_dict()) == list(plain.state_dict())
-    assert [type(fused[i]) for i in (1, 5, 7)] == [BatchInnermostReLU, BatchInnermostReLU, BatchInnermostReLU]
-    assert type(fused[2][1]) is BatchInnermostReLU and fused[1].inplace
-    torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
 def test_update_topology_remaps_values_grad_and_optimizer_state():

@@ -6,7 +6,6 @@ multiplies it by the mask. With `backend="sparse"` the engine swaps each layer i
 user's optimizer in place of the dense weight (its state gathered to the active positions), so
 parameter and optimizer memory scale with density and forward/backward run sparse kernels.
 Topology changes then resize the values and remap the optimizer state incrementally.
-A ReLU that directly follows a sparse Linear in an nn.Sequential is fused into it (`fuse_relu`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import BidstError
-from .sparse import SparseModule, SparseStructure, fuse_relu, to_sparse_modules
+from .sparse import SparseModule, SparseStructure, to_sparse_modules
 from .sparse.layout import use_batch_innermost
 
 BACKENDS = ("masked", "sparse")
@@ -81,7 +80,6 @@ def swap_in(model: nn.Module, optimizer: torch.optim.Optimizer, masks: dict[str,
         if layer.bias is not None:
             _replace_param(optimizer, old[name].bias, layer.bias, None)
     use_batch_innermost(model)  # the dense layers keep the sparse kernels' batch-innermost layout
-    fuse_relu(model)  # a ReLU right after a sparse Linear runs inside its kernels
     return layers
 
 

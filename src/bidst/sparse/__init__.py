@@ -6,7 +6,7 @@ one per active position, in the structure's slot order; the optimizer trains `va
 
 Functions (autograd-aware; gradients w.r.t. input, compact values and bias):
 
-- `sparse_linear(x, values, structure, bias=None, relu=False) -> Tensor` (relu: F.relu fused in)
+- `sparse_linear(x, values, structure, bias=None) -> Tensor`
 - `sparse_conv2d(x, values, structure, bias=None, stride=1, padding=0, dilation=1) -> Tensor`
   (zero padding; groups, depthwise included, come from the structure)
 
@@ -20,8 +20,7 @@ masked dense PyTorch ops. The kernels use `numba.get_num_threads()` threads.
 Layers: `SparseLinear.from_dense(nn.Linear, mask)`, `SparseConv2d.from_dense(nn.Conv2d, mask)`;
 `to_sparse_modules(model, masks)` swaps them in, in place, for the weights named in a dict of bool
 masks keyed "<module>.weight" (the trainable weight becomes "<module>.values": build the optimizer
-after the swap); `to_dense_modules(model)` swaps back. `fuse_relu(model)` lets each SparseLinear
-that an nn.ReLU directly follows in an nn.Sequential apply it in its kernels (`unfuse_relu` undoes it).
+after the swap); `to_dense_modules(model)` swaps back.
 
 Topology changes: `structure.updated(dropped, grown) -> (new_structure, TopologyDelta)` merges flat
 positions in O(nnz) without touching a dense tensor; `delta.remap(tensor, grown=0.0)` carries
@@ -44,31 +43,25 @@ from ._common import uses_kernels
 from .conv import sparse_conv2d
 from .linear import sparse_linear
 from .modules import (
-    FusedReLU,
     SparseConv2d,
     SparseLinear,
     SparseModule,
-    fuse_relu,
     remap_optimizer_state,
     to_dense_modules,
     to_sparse_modules,
-    unfuse_relu,
 )
 from .structure import SparseStructure, TopologyDelta
 
 __all__ = [
-    "FusedReLU",
     "SparseConv2d",
     "SparseLinear",
     "SparseModule",
     "SparseStructure",
     "TopologyDelta",
-    "fuse_relu",
     "remap_optimizer_state",
     "sparse_conv2d",
     "sparse_linear",
     "to_dense_modules",
     "to_sparse_modules",
-    "unfuse_relu",
     "uses_kernels",
 ]

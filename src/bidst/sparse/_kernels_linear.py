@@ -76,9 +76,8 @@ def spmm_t(
     bias: np.ndarray,
     xt: np.ndarray,
     yt: np.ndarray,
-    relu: bool,
 ) -> None:
-    """yt[i, :] = bias[i] + sum over slots p of row i of values[p] * xt[cols[p], :], then max(., 0) if `relu`.
+    """yt[i, :] = bias[i] + sum over slots p of row i of values[p] * xt[cols[p], :].
 
     The slots of row i that read column tile t are tptr[i * ntiles + t] .. tptr[i * ntiles + t + 1]
     (`tile_ptr`; with one tile, the CSR row pointer). Each task (one per thread) takes a block of
@@ -98,46 +97,15 @@ def spmm_t(
                         yf[yo + b] = bi
                 k = i * ntiles + t
                 _accumulate(yf, yo, nb, xf, cols, values, tptr[k], tptr[k + 1])
-                if relu and t == ntiles - 1:  # the row is complete and still in L1
-                    for b in range(nb):  # as torch.relu: NaN stays NaN
-                        if yf[yo + b] < np.float32(0.0):
-                            yf[yo + b] = np.float32(0.0)
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _relu_grad_row(df: np.ndarray, zf: np.ndarray, of: np.ndarray, o: int, nb: int) -> np.float32:
-    """of[o:o+nb] = 0 where zf <= 0 else df (a ReLU's backward from its output, as PyTorch's); returns its sum."""
-    s = np.float32(0.0)
-    for b in range(nb):
-        v = np.float32(0.0) if zf[o + b] <= np.float32(0.0) else df[o + b]
-        of[o + b] = v
-        s += v
-    return s
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def sddmm_t(
-    tptr: np.ndarray,
-    ntiles: int,
-    per: int,
-    cols: np.ndarray,
-    at: np.ndarray,
-    bt: np.ndarray,
-    out: np.ndarray,
-    relu: bool,
-    dzt: np.ndarray,
-    zt: np.ndarray,
-    db: np.ndarray,
+    tptr: np.ndarray, ntiles: int, per: int, cols: np.ndarray, at: np.ndarray, bt: np.ndarray, out: np.ndarray
 ) -> None:
-    """out[p] = dot(at[i, :], bt[cols[p], :]) for every slot p of every row i, tiled over bt's rows as spmm_t is.
-
-    With `relu`, at is first filled with the gradient dzt through a ReLU of output zt (`_relu_grad_row`),
-    row by row as the rows are reached, and db with its row sums; otherwise dzt, zt and db are unused.
-    """
+    """out[p] = dot(at[i, :], bt[cols[p], :]) for every slot p of every row i, tiled over bt's rows as spmm_t is."""
     af = at.ravel()
     bf = bt.ravel()
-    df = dzt.ravel()
-    zf = zt.ravel()
     nb = uint64(at.shape[1])
     for c in prange(-(-at.shape[0] // per)):
         for t in range(ntiles):
@@ -146,8 +114,6 @@ def sddmm_t(
                 p = tptr[k]
                 end = tptr[k + 1]
                 ao = uint64(i) * nb
-                if relu and t == 0:
-                    db[i] = _relu_grad_row(df, zf, af, ao, nb)
                 # four (then two) slots per pass share the loads of row i
                 while p + 4 <= end:
                     b0 = uint64(cols[p]) * nb
@@ -184,14 +150,6 @@ def sddmm_t(
                     for b in range(nb):
                         s0 += af[ao + b] * bf[b0 + b]
                     out[p] = s0
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def relu_backward_t(dzt: np.ndarray, zt: np.ndarray, dyt: np.ndarray, db: np.ndarray) -> None:
-    """dyt = the gradient through a ReLU of output zt (`_relu_grad_row` per row), db[i] = sum of row i of dyt."""
-    nb = uint64(zt.shape[1])
-    for i in prange(zt.shape[0]):
-        db[i] = _relu_grad_row(dzt.ravel(), zt.ravel(), dyt.ravel(), uint64(i) * nb, nb)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

@@ -78,7 +78,8 @@ def _tiled(s: SparseStructure, transposed_csr: bool, batch: int) -> tuple[np.nda
 
 class _BatchInnermostLinearFn(torch.autograd.Function):
     """Y = X Wᵀ + b for a batch-innermost X, as Yᵀ = W·Xᵀ + b; the weight gradient as dYᵀ·X with dYᵀ made
-    contiguous (a few KB for a classifier), which MKL runs about twice as fast as autograd's strided product."""
+    contiguous (a few KB for a classifier), which MKL runs about twice as fast as autograd's strided product.
+    The backward is plain differentiable ops, so double backward works."""
 
     @staticmethod
     def forward(ctx: Any, xt: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -88,7 +89,6 @@ class _BatchInnermostLinearFn(torch.autograd.Function):
         return out.t()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         xt, weight = ctx.saved_tensors
         dyt = dy.t().contiguous()
@@ -109,52 +109,38 @@ def linear_any_layout(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
 
 
 class _SparseLinearFn(torch.autograd.Function):
-    """Y = X Wᵀ + b (then ReLU if `relu`) with W given by (values, structure); activations are kept (features, batch)."""
+    """Y = X Wᵀ + b with W given by (values, structure); activations are kept (features, batch)."""
 
     @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure, relu: bool
-    ) -> Tensor:
+    def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure) -> Tensor:
         xt = transposed(x)
         # (batch, out) with batch innermost, allocated as such (not a view) so in-place ops on it are allowed
         y = torch.empty_strided((x.shape[0], structure.shape[0]), (1, x.shape[0]), dtype=torch.float32)
         tiles = _tiled(structure, False, x.shape[0])
         KL.spmm_t(*tiles, structure.cols, np_view(values), bias_array(bias, structure.shape[0]), np_view(xt),
-                  np_view(y.t()), relu)  # fmt: skip
-        if relu:  # the ReLU's backward needs the output
-            ctx.save_for_backward(xt, values, y)
-        else:
-            ctx.save_for_backward(xt, values)
+                  np_view(y.t()))  # fmt: skip
+        ctx.save_for_backward(xt, values)
         ctx.structure, ctx.tiles = structure, tiles  # the weight gradient sweeps the same tiles
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dz: Tensor) -> tuple[Tensor | None, ...]:
-        xt, values, *relu_out = ctx.saved_tensors
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        xt, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
-        dyt = transposed(dz)
+        dyt = transposed(dy)
         dx = dv = db = None
-        relu = bool(relu_out)
-        dzt = zt = dyt
-        if relu:  # through the ReLU first (in the weight gradient's pass if there is one), bias gradient with it
-            dzt, zt, dyt = dyt, relu_out[0].t(), torch.empty_like(dyt)
-            db = torch.empty(dyt.shape[0], dtype=torch.float32)
-        db_np = np_view(db) if relu else np.empty(0, np.float32)
-        if ctx.needs_input_grad[1]:
-            dv = torch.empty(s.nnz, dtype=torch.float32)
-            KL.sddmm_t(*ctx.tiles, s.cols, np_view(dyt), np_view(xt), np_view(dv), relu, np_view(dzt), np_view(zt),
-                       db_np)  # fmt: skip
-        elif relu:
-            KL.relu_backward_t(np_view(dzt), np_view(zt), np_view(dyt), db_np)
         if ctx.needs_input_grad[0]:
             idx = s.by_input()
             dxt = torch.empty_like(xt)
             zeros = np.zeros(s.shape[1], np.float32)
             KL.spmm_t(*_tiled(s, True, xt.shape[1]), idx.tcols, np_view(values)[idx.perm], zeros, np_view(dyt),
-                      np_view(dxt), False)  # fmt: skip
+                      np_view(dxt))  # fmt: skip
             dx = dxt.t()
-        if ctx.needs_input_grad[2] and db is None:
+        if ctx.needs_input_grad[1]:
+            dv = torch.empty(s.nnz, dtype=torch.float32)
+            KL.sddmm_t(*ctx.tiles, s.cols, np_view(dyt), np_view(xt), np_view(dv))
+        if ctx.needs_input_grad[2]:
             db = dyt.sum(1)
         if s.samples_all:
             s.add_sampled_grad((dyt @ xt.t()).reshape(-1))
@@ -163,14 +149,11 @@ class _SparseLinearFn(torch.autograd.Function):
             g = torch.empty(rows.size, dtype=torch.float32)
             KL.sampled_dot_t(rows, cols, np_view(dyt), np_view(xt), np_view(g))
             s.add_sampled_grad(g)
-        return dx, dv, db if ctx.needs_input_grad[2] else None, None, None
+        return dx, dv, db, None
 
 
-def sparse_linear(
-    x: Tensor, values: Tensor, structure: SparseStructure, bias: Tensor | None = None, relu: bool = False
-) -> Tensor:
-    """F.linear(x, W, bias) for the sparse weight W = (values at structure's active positions), then
-    F.relu if `relu` (fused into the kernels: no separate pass over the output or its gradient).
+def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, W, bias) for the sparse weight W = (values at structure's active positions).
 
     The output of the CPU kernels has the batch innermost in memory (transposed strides); a
     following sparse_linear consumes it without a copy.
@@ -181,8 +164,7 @@ def sparse_linear(
     if x.shape[-1] != in_f:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {in_f}")
     if not uses_kernels(x, values, bias, structure=structure):
-        y = linear_any_layout(x, masked_dense_weight(values, structure), bias)
-        return F.relu(y) if relu else y
+        return linear_any_layout(x, masked_dense_weight(values, structure), bias)
     lead = x.shape[:-1]
-    y = _SparseLinearFn.apply(x.reshape(-1, in_f), values.contiguous(), bias, structure, relu)
+    y = _SparseLinearFn.apply(x.reshape(-1, in_f), values.contiguous(), bias, structure)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from ._common import pair
 from .conv import sparse_conv2d
-from .layout import BatchInnermostReLU
 from .linear import sparse_linear
 from .structure import SparseStructure, TopologyDelta
 
@@ -110,8 +109,6 @@ class SparseLinear(_SparseLayer):
         if len(structure.shape) != 2:
             raise ValueError(f"SparseLinear needs a 2-D weight structure, got {structure.shape}")
         self._init_sparse(structure, values, bias)
-        # set by fuse_relu: the ReLU that follows this layer is applied in its kernels
-        self.relu = False
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: Tensor) -> SparseLinear:
@@ -131,11 +128,11 @@ class SparseLinear(_SparseLayer):
         return self.structure.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        """F.linear with the sparse weight (then F.relu, if a ReLU was fused in)."""
-        return sparse_linear(x, self.values, self.structure, self.bias, self.relu)
+        """F.linear with the sparse weight."""
+        return sparse_linear(x, self.values, self.structure, self.bias)
 
     def to_dense_module(self) -> nn.Linear:
-        """An equivalent nn.Linear (weights copied), without a fused ReLU (`unfuse_relu` restores the ReLU module)."""
+        """An equivalent nn.Linear (weights copied)."""
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, self.values.device, self.values.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.dense_weight())
@@ -144,11 +141,7 @@ class SparseLinear(_SparseLayer):
         return lin
 
     def extra_repr(self) -> str:
-        relu = ", relu=True" if self.relu else ""
-        return (
-            f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
-            f"density={self.structure.density:.4f}{relu}"
-        )
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, density={self.structure.density:.4f}"
 
 
 class SparseConv2d(_SparseLayer):
@@ -242,49 +235,8 @@ def to_sparse_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str
     return swapped
 
 
-class FusedReLU(nn.ReLU):
-    """A ReLU that the SparseLinear before it applies in its kernels (`fuse_relu`): passes its input through."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-
-def fuse_relu(model: nn.Module) -> list[str]:
-    """Fuse, in place, every ReLU that directly follows a SparseLinear in an nn.Sequential into that layer; returns
-    the fused layers' names.
-
-    The layer then applies the ReLU as it writes its output and takes the ReLU's gradient in the pass
-    that sums its bias gradient, which saves the two elementwise passes (and the output-sized
-    tensors) of a separate ReLU. The model computes the same function; hooks on the ReLU module
-    see its input, already rectified. `unfuse_relu` undoes it.
-    """
-    fused = []
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        for (name, layer), (_, nxt) in zip(children, children[1:]):
-            if isinstance(layer, SparseLinear) and not layer.relu and type(nxt) in (nn.ReLU, BatchInnermostReLU):
-                layer.relu = True
-                nxt._unfused_class = type(nxt)  # type: ignore[assignment]
-                nxt.__class__ = FusedReLU
-                fused.append(f"{seq_name}.{name}" if seq_name else name)
-    return fused
-
-
-def unfuse_relu(model: nn.Module) -> None:
-    """Undo `fuse_relu` in place: each SparseLinear computes without ReLU, each fused ReLU module applies again."""
-    for module in model.modules():
-        if isinstance(module, FusedReLU):
-            module.__class__ = module.__dict__.pop("_unfused_class", nn.ReLU)
-        elif isinstance(module, SparseLinear):
-            module.relu = False
-
-
 def to_dense_modules(model: nn.Module) -> list[str]:
-    """Swaps, in place, every SparseLinear / SparseConv2d back to its dense nn module (and undoes `fuse_relu`);
-    returns their names."""
-    unfuse_relu(model)
+    """Swaps, in place, every SparseLinear / SparseConv2d back to its dense nn module; returns their names."""
     names = [n for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).to_dense_module())  # type: ignore[operator]
