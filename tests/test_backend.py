@@ -18,7 +18,9 @@ from torch import nn
 import bidst
 from bidst.backend import supports
 from bidst.methods import METHODS
+from bidst.methods.common import magnitude_drop
 from bidst.methods.rigl import RigL
+from bidst.scores import drop_lowest
 from bidst.sparse import SparseConv2d, SparseLinear
 from bidst.sparse.layout import BatchInnermostLinear
 
@@ -279,3 +281,25 @@ def test_bidst_learns_the_same_scores_and_shadows_on_both_backends(hypergradient
 def test_bidst_unrolled_needs_the_masked_backend():
     with pytest.raises(bidst.BidstError, match="unrolled.*backend 'masked'"):
         build("sparse", "bidst", "sgd", 10, hypergradient="unrolled")
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_magnitude_drop_ranks_the_active_weights_as_the_dense_weight_would(backend):
+    """Among the active values only (the sparse backend's compact ones), ties at zero broken by position."""
+    model, opt, sp = build(backend, "rigl", "sgd", 10)
+    name = "fc1.weight"
+    positions, values = sp.active_weights(name)
+    assert torch.equal(positions, sp.masks[name].view(-1).nonzero().squeeze(1))
+    assert torch.equal(values, sp.weight(name).view(-1)[positions])
+    ties = torch.tensor([7, 1, 4])
+    layer = sp.sparse_layers.get(name)
+    with torch.no_grad():
+        if layer is not None:
+            layer.values[ties] = 0.0
+        else:
+            sp.params[name].view(-1)[positions[ties]] = 0.0
+    dense = sp.weight(name).view(-1)
+    for k in (1, 3, 5, 40):
+        expected = drop_lowest(dense.abs(), sp.masks[name].view(-1), k)
+        assert torch.equal(magnitude_drop(sp)(name, k), expected)
+    assert magnitude_drop(sp)(name, 3).tolist() == positions[ties.sort().values].tolist()

@@ -9,6 +9,7 @@ from torch import nn
 
 import bidst
 from bidst.backend import supports
+from bidst.engine import all_finite
 
 METHODS = bidst.list_methods()
 DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp", "bidst"}
@@ -155,3 +156,17 @@ def test_report_lists_target_and_actual():
     for r in rows:
         assert r.active == int(sp.masks[r.name].sum())
         assert r.density == pytest.approx(r.target_density, abs=1.0 / r.numel + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "values,finite",
+    [
+        ([1.0, -2.0, 0.0], True),
+        ([3e38, 3e38, 3e38], True),  # the sum overflows, the entries are finite
+        ([1.0, float("inf")], False),
+        ([float("inf"), float("-inf")], False),
+        ([0.0, float("nan")], False),
+    ],
+)
+def test_all_finite_is_exact_where_the_sum_overflows(values, finite):
+    assert all_finite(torch.tensor(values)) is finite

@@ -52,9 +52,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of `t` is finite, in one pass (torch.isfinite(t).all() takes four): its float64 sum is
-    finite exactly then for entries in float32's range, which cannot overflow it; an inf or NaN makes it inf or NaN."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    """Whether every entry of `t` is finite. A finite sum proves it in one pass (an inf or NaN entry makes the
+    sum inf or NaN); only a non-finite sum, which finite entries can also give by overflowing, takes the
+    exact elementwise check (four passes)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
 
 class Sparsifier:
     """Keeps a model sparse during training; call `step()` in place of `optimizer.step()`.
@@ -250,6 +252,18 @@ class Sparsifier:
         layer = self.sparse_layers.get(name)
         return self.params[name].detach() if layer is None else layer.dense_weight()
 
+    def active_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat positions ascending, detached values) of layer `name`'s active weights.
+
+        Under the sparse backend these are the layer's own index array and compact values, so a
+        selection among the active weights costs O(active) instead of a pass over the dense weight.
+        """
+        layer = self.sparse_layers.get(name)
+        if layer is not None:
+            return torch.from_numpy(layer.structure.flat).to(layer.values.device), layer.values.detach()
+        positions = self.masks[name].view(-1).nonzero().squeeze(1)
+        return positions, self.params[name].detach().view(-1)[positions]
+
     def grad(self, name: str) -> torch.Tensor | None:
         """The dense gradient of layer `name`'s active weights (zero elsewhere) from the last backward, or None."""
         layer = self.sparse_layers.get(name)
@@ -326,7 +340,7 @@ class Sparsifier:
     def check_invariants(self) -> None:
         """Raise if a layer's active count differs from its budget (a bug, never user error)."""
         for name, mask in self.masks.items():
-            active = int(mask.sum())
+            active = int(torch.count_nonzero(mask))  # a fifth of the time of a bool sum
             if active != self.budgets[name]:
                 raise RuntimeError(f"{name}: {active} active weights, budget {self.budgets[name]}")
             layer = self.sparse_layers.get(name)

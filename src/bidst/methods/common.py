@@ -82,8 +82,14 @@ def allocate(total: int, shares: dict[str, float], caps: dict[str, int]) -> dict
 
 
 def magnitude_drop(sp: Sparsifier) -> DropFn:
-    """Drop the k smallest-magnitude active weights of a layer."""
-    return lambda name, k: drop_lowest(magnitude(sp.weight(name)), sp.masks[name], k)
+    """Drop the k smallest-magnitude active weights of a layer (ranked among the active weights only; ties by
+    position, as over the dense weight)."""
+
+    def drop(name: str, k: int) -> torch.Tensor:
+        positions, values = sp.active_weights(name)
+        return positions[drop_lowest(magnitude(values), torch.ones_like(positions, dtype=torch.bool), k)]
+
+    return drop
 
 
 def gradient_grow(dense_grads: dict[str, torch.Tensor]) -> GrowFn:

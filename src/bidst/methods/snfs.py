@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..scores import drop_lowest, grow_highest, magnitude
+from ..scores import grow_highest
 from .base import METHODS, require_range
-from .common import allocate
+from .common import allocate, magnitude_drop
 from .schedule import UpdateSchedule
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class SNFS(UpdateSchedule):
             if drops[n] == 0 and grows[n] == 0:
                 continue
             eligible = ~sp.masks[n]
-            drop = drop_lowest(magnitude(sp.weight(n)), sp.masks[n], drops[n])
+            drop = magnitude_drop(sp)(n, drops[n])
             grow = grow_highest(self._buffers[n].abs(), eligible, grows[n])
             sp.change(n, drop, grow)
             changed = True
