@@ -5,13 +5,13 @@ the actives, growth among the inactives). `torch.topk` with a mask costs several
 partial sort on CPU, and dominated the update step at high sparsity. Here each score is mapped to
 an order-preserving 32-bit key; one pass histograms the keys' top 16 bits over the eligible
 entries, which locates the bucket holding the k-th key, and a second pass collects everything above
-that bucket plus the bucket's few entries, of which only those are sorted.
+that bucket plus the bucket's few entries, and one sort of those orders them.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import int64, njit
+from numba import int64, njit, uint64
 
 _BUCKETS = 1 << 16
 _SIGN = 1 << 31
@@ -36,7 +36,7 @@ def top_k(scores: np.ndarray, eligible: np.ndarray, k: int, largest: bool) -> np
     """Indices of the k eligible entries with the largest (smallest if not `largest`) scores.
 
     Ties go to the lower index; the result is ordered best first, ties by index. NaN ranks above
-    +inf. With fewer than k eligible entries (or k <= 0) the result is empty.
+    +inf. With fewer than k eligible entries (or k <= 0) the result is empty. At most 2**32 entries.
     """
     bits = scores.view(np.uint32)
     hist = np.zeros(_BUCKETS, np.int64)
@@ -50,23 +50,15 @@ def top_k(scores: np.ndarray, eligible: np.ndarray, k: int, largest: bool) -> np
     while above + hist[bucket] < k:
         above += hist[bucket]
         bucket -= 1
-    idx = np.empty(above + hist[bucket], np.int64)
-    keys = np.empty(above + hist[bucket], np.int64)
-    n_above, n_at = 0, above
+    # every candidate (above the bucket or in it) as one uint64 that orders like (key, -index): sorted
+    # descending, the first k are the answer, best first and ties by index, in a single sort
+    order = np.empty(above + hist[bucket], np.uint64)
+    n = 0
     for i in range(bits.size):
         if eligible[i]:
             key = _key(bits[i], largest)
-            b = key >> 16
-            if b > bucket:
-                idx[n_above], keys[n_above] = i, key
-                n_above += 1
-            elif b == bucket:
-                idx[n_at], keys[n_at] = i, key
-                n_at += 1
-    # both parts were collected in index order, so a stable sort by descending key breaks ties by index
-    at = above + np.argsort(-keys[above:], kind="mergesort")[: k - above]
-    chosen_idx = np.concatenate((idx[:above], idx[at]))
-    chosen_keys = np.concatenate((keys[:above], keys[at]))
-    by_index = np.argsort(chosen_idx, kind="mergesort")
-    chosen_idx, chosen_keys = chosen_idx[by_index], chosen_keys[by_index]
-    return chosen_idx[np.argsort(-chosen_keys, kind="mergesort")]
+            if key >> 16 >= bucket:
+                order[n] = (uint64(key) << uint64(32)) | uint64(_ALL - i)  # the index's complement below the key
+                n += 1
+    best = np.sort(order)[::-1][:k]
+    return _ALL - (best & uint64(_ALL)).astype(np.int64)

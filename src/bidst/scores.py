@@ -12,7 +12,7 @@ def _top(scores: torch.Tensor, eligible: torch.Tensor, k: int, largest: bool) ->
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
     flat, ok = scores.detach().flatten().float(), eligible.flatten()
-    if flat.device.type == "cpu":  # two linear passes in Numba (see bidst._select)
+    if flat.device.type == "cpu" and flat.numel() <= 1 << 32:  # two linear passes in Numba (see bidst._select)
         chosen = torch.from_numpy(top_k(flat.contiguous().numpy(), ok.contiguous().numpy(), k, largest))
         if chosen.numel() == k:
             return chosen
