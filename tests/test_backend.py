@@ -166,6 +166,10 @@ def test_layers_at_density_one_stay_dense_and_dense_linears_take_batch_innermost
         (g,) = torch.autograd.grad(layer(inp).square().sum(), inp, create_graph=True)
         g.square().sum().backward()
     torch.testing.assert_close(model.fc2.weight.grad, plain.weight.grad)
+    # and an in-place op may follow it, as after nn.Linear
+    x.grad = None
+    model.fc2(x).relu_().sum().backward()
+    torch.testing.assert_close(x.grad, (reference > 0).float() @ model.fc2.weight)
 
 
 def test_sparse_checkpoint_roundtrip_continues_identically():

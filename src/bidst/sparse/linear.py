@@ -76,22 +76,21 @@ def _tiled(s: SparseStructure, transposed_csr: bool, batch: int) -> tuple[np.nda
     return s.derived(("row_tiles", nt), lambda: tile_ptr(s.indptr, s.cols, n_cols, nt)), nt, per
 
 
-class _BatchInnermostLinearFn(torch.autograd.Function):
-    """Y = X Wᵀ + b for a batch-innermost X, as Yᵀ = W·Xᵀ + b; the weight gradient as dYᵀ·X with dYᵀ made
-    contiguous first (a few KB for a classifier): MKL's kernel for that pair of layouts is faster than for
-    the strided pair autograd would pass it. The backward is plain differentiable ops, so double backward works."""
+class _TransposedLinearFn(torch.autograd.Function):
+    """Yᵀ = W·Xᵀ + b from Xᵀ; the weight gradient as dYᵀ·X with dYᵀ made contiguous first (a few KB for a
+    classifier): MKL's kernel for that pair of layouts is faster than for the strided pair autograd would
+    pass it. The backward is plain differentiable ops, so double backward works."""
 
     @staticmethod
     def forward(ctx: Any, xt: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(xt, weight)
         ctx.has_bias = bias is not None
-        out = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
-        return out.t()
+        return torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dyt: Tensor) -> tuple[Tensor | None, ...]:
         xt, weight = ctx.saved_tensors
-        dyt = dy.t().contiguous()
+        dyt = dyt.contiguous()
         dx = torch.mm(weight.t(), dyt) if ctx.needs_input_grad[0] else None
         dw = torch.mm(dyt, xt.t()) if ctx.needs_input_grad[1] else None
         db = dyt.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -104,7 +103,8 @@ def linear_any_layout(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     that layout is about 5x slower, and a copy to contiguous costs more than it saves, twice over:
     once here and once more for the layer before, whose output gradient would arrive batch-major."""
     if x.dim() == 2 and x.device.type == "cpu" and x.shape[0] > 1 and not x.is_contiguous() and x.t().is_contiguous():
-        return _BatchInnermostLinearFn.apply(x.t(), weight, bias)
+        # the transpose outside the Function: in-place ops on its output then work as on any view
+        return _TransposedLinearFn.apply(x.t(), weight, bias).t()
     return F.linear(x, weight, bias)
 
 
