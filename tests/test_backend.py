@@ -170,6 +170,18 @@ def test_layers_at_density_one_stay_dense_and_dense_linears_take_batch_innermost
     x.grad = None
     model.fc2(x).relu_().sum().backward()
     torch.testing.assert_close(x.grad, (reference > 0).float() @ model.fc2.weight)
+    # under bfloat16 autocast as nn.Linear under it
+    grads = []
+    x.grad = None
+    for layer, inp in ((model.fc2, x), (plain, x.detach().contiguous().requires_grad_(True))):
+        layer.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(inp)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        grads.append((out, inp.grad, layer.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # bfloat16 products, summed in another order
 
 
 def test_sparse_checkpoint_roundtrip_continues_identically():

@@ -50,7 +50,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
-
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of `t` is finite. A finite sum proves it in one pass (an inf or NaN entry makes the
     sum inf or NaN); only a non-finite sum, which finite entries can also give by overflowing, takes the

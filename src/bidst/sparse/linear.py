@@ -76,6 +76,11 @@ def _tiled(s: SparseStructure, transposed_csr: bool, batch: int) -> tuple[np.nda
     return s.derived(("row_tiles", nt), lambda: tile_ptr(s.indptr, s.cols, n_cols, nt)), nt, per
 
 
+def _weight_times(xt: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """W·Xᵀ + b (b broadcast over the columns)."""
+    return torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
+
+
 class _TransposedLinearFn(torch.autograd.Function):
     """Yᵀ = W·Xᵀ + b from Xᵀ; the weight gradient as dYᵀ·X with dYᵀ made contiguous first (a few KB for a
     classifier): MKL's kernel for that pair of layouts is faster than for the strided pair autograd would
@@ -85,7 +90,7 @@ class _TransposedLinearFn(torch.autograd.Function):
     def forward(ctx: Any, xt: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(xt, weight)
         ctx.has_bias = bias is not None
-        return torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
+        return _weight_times(xt, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, dyt: Tensor) -> tuple[Tensor | None, ...]:
@@ -103,6 +108,8 @@ def linear_any_layout(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     that layout is about 5x slower, and a copy to contiguous costs more than it saves, twice over:
     once here and once more for the layer before, whose output gradient would arrive batch-major."""
     if x.dim() == 2 and x.device.type == "cpu" and x.shape[0] > 1 and not x.is_contiguous() and x.t().is_contiguous():
+        if torch.is_autocast_enabled("cpu"):  # autocast's casts and their gradients need PyTorch's own autograd
+            return _weight_times(x.t(), weight, bias).t()
         # the transpose outside the Function: in-place ops on its output then work as on any view
         return _TransposedLinearFn.apply(x.t(), weight, bias).t()
     return F.linear(x, weight, bias)
