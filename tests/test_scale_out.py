@@ -316,7 +316,7 @@ def test_torchrun_two_nodes_equals_spawned_ddp(ddp, tmp_path):
     """The README's multi-node `torchrun -m bidst train`, as two 1-process "nodes" on this machine: the same run.
 
     A launch that fails inside torchrun's own rendezvous (about 1 in 30 here: a freshly found free
-    port taken again, or the store's host agent leaving first) is retried once, on a new port.
+    port taken again, or the store's host agent leaving first) is retried, up to twice, on a new port.
     """
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bidst.__file__).parents[1]),
@@ -335,7 +335,9 @@ def test_torchrun_two_nodes_equals_spawned_ddp(ddp, tmp_path):
         return [node.returncode for node in nodes], outputs
 
     codes, outputs = launch()
-    if codes != [0, 0] and not (run / "summary.json").exists() and "torch.distributed" in outputs[0][1] + outputs[1][1]:
+    for _ in range(2):
+        if codes == [0, 0] or (run / "summary.json").exists() or "torch.distributed" not in outputs[0][1] + outputs[1][1]:
+            break
         shutil.rmtree(run, ignore_errors=True)
         codes, outputs = launch()
     assert codes == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
