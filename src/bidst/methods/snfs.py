@@ -72,11 +72,12 @@ class SNFS(UpdateSchedule):
                 drops[n] -= cut
                 excess -= cut
         changed = False
+        drop_fn = magnitude_drop(sp)
         for n in names:
             if drops[n] == 0 and grows[n] == 0:
                 continue
             eligible = ~sp.masks[n]
-            drop = magnitude_drop(sp)(n, drops[n])
+            drop = drop_fn(n, drops[n])
             grow = grow_highest(self._buffers[n].abs(), eligible, grows[n])
             sp.change(n, drop, grow)
             changed = True
