@@ -295,6 +295,7 @@ def test_resume_mid_run_reproduces_uninterrupted_run():
         sp2.step()
     assert all(torch.equal(sp2.masks[n], full.masks[n]) for n in full.masks)
     assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), full_model.state_dict().values()))
+    assert sp2.method.stats() == full.method.stats() and full.method.stats()["swap_decisions"] > 0
 
 
 def test_recorded_costs_match_the_plan_and_match_flops_shortens():
@@ -417,6 +418,28 @@ def test_consistency_ranks_a_steady_candidate_above_a_noisy_one_of_equal_shadow(
     assert any(bool((s["sq"] > 0).any()) for s in sp.method._layers.values())
 
 
+def test_stats_count_the_swaps_that_the_scores_decided():
+    control, _, _ = _train(steps=20, mask_interval=5, mask_lr=0.0)
+    assert control.method.stats()["swap_decisions"] > 0 and control.method.stats()["set_by_scores"] == 0.0
+    sp, _, _ = _train(steps=20, mask_interval=5)
+    method = sp.method
+    name = max(method._layers, key=lambda n: method._layers[n]["pos"].numel())
+    state = method._layers[name]
+    active = sp.masks[name].view(-1)[state["pos"]]
+    act_idx, exp_idx = active.nonzero().squeeze(1), (~active).nonzero().squeeze(1)
+    state["psi"].zero_()
+    weakest = act_idx[method.ranking(sp, name).index_select(0, act_idx).argmin()]
+    state["psi"][weakest] = 100.0  # the scores alone keep the weakest active: one drop of n differs
+    rank = method.ranking(sp, name)
+    drop = act_idx[torch.sort(rank[act_idx], stable=True).indices[:3]]
+    grow = exp_idx[torch.sort(rank[exp_idx], descending=True, stable=True).indices[:3]]
+    before = dict(method._decisions)
+    method.record_decisions(sp, name, act_idx, exp_idx, drop, grow)
+    assert method._decisions["swaps"] - before["swaps"] == 6
+    assert method._decisions["set_by_scores"] - before["set_by_scores"] == 1
+    assert 0.0 < method.stats()["set_by_scores"] <= 1.0
+
+
 def test_no_capture_without_grad_and_control_keeps_scores_zero():
     sp, model, _ = _train(steps=20, mask_interval=5, mask_lr=0.0)
     assert all(bool((s["psi"] == 0).all()) for s in sp.method._layers.values())
@@ -462,6 +485,7 @@ def test_training_recipe_matches_rigl_flops(tmp_path):
     summary = train(load_config(None, args), tmp_path / "run")
     assert 0 < summary["steps"] < 2 * 10  # fewer steps than the 2 epochs of 10 that RigL takes
     assert summary["method_costs"]["mask_learning"] > 0 and summary["topology_changes"] > 0
+    assert summary["method_stats"]["swap_decisions"] > 0 and 0.0 <= summary["method_stats"]["set_by_scores"] <= 1.0
     assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
 
 

@@ -384,6 +384,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         "measured_sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
         "skipped_steps": skipped, "processes": world,
         "method_costs": dict(sparsifier.costs),
+        "method_stats": sparsifier.method.stats() if hasattr(sparsifier.method, "stats") else {},
         "layers": [
             {"name": r.name, "shape": list(r.shape), "target_density": r.target_density, "density": r.density}
             for r in sparsifier.report()

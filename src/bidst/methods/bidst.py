@@ -73,6 +73,8 @@ class BiDST:
     consistency: float = 0.0  # γ: candidates rank by ψ + log|θ_E| + γ·log(|Σ steps| / √Σ steps²) (sign consistency)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
+    # committed swaps (drops + grows) and how many of them the ranking without ψ would not have made
+    _decisions: dict[str, int] = field(default_factory=lambda: {"swaps": 0, "set_by_scores": 0}, init=False, repr=False)
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
     _extra_pass: bool = field(default=False, init=False, repr=False)
@@ -210,6 +212,7 @@ class BiDST:
         return {
             "layers": {n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in self._layers.items()},
             "learn_steps": self._learn_steps,
+            "decisions": dict(self._decisions),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,6 +222,7 @@ class BiDST:
             self._layers[name] = {k: v.clone().to(device) for k, v in saved.items()}
             self._layers[name].setdefault("sq", torch.zeros_like(self._layers[name]["shadow"]))  # older states
         self._learn_steps = int(state["learn_steps"])
+        self._decisions = {k: int(v) for k, v in state.get("decisions", {"swaps": 0, "set_by_scores": 0}).items()}
 
     def sampled_positions(self, step: int, sp: Sparsifier) -> dict[str, torch.Tensor] | None:
         """At learning steps, the exploration candidates E, whose gradient the engine reports (see `captures`)."""
@@ -515,14 +519,16 @@ class BiDST:
         return out
 
     # -- the topology flag -------------------------------------------------------------
-    def ranking(self, sp: Sparsifier, name: str) -> torch.Tensor:
-        """r over C: ψ, or ψ + log|θ| with the current weights for actives and shadows for E."""
+    def ranking(self, sp: Sparsifier, name: str, scores: bool = True) -> torch.Tensor:
+        """r over C: ψ, or ψ + log|θ| with the current weights for actives and shadows for E; with
+        `scores` false, ψ is taken as 0 (the ranking the control, mask_lr 0, commits by)."""
         state = self._layers[name]
+        psi = state["psi"] if scores else torch.zeros_like(state["psi"])
         if self.rank == "psi":
-            return state["psi"].clone()
+            return psi.clone()
         active = sp.masks[name].view(-1)[state["pos"]]
         theta = torch.where(active, self.weights_at(sp, name, state["pos"]), state["shadow"])
-        rank = state["psi"] + theta.abs().log()
+        rank = psi + theta.abs().log()
         if self.consistency > 0:  # |Σ steps| / √(Σ steps²): √T for a steady push, about 1 for noise
             ratio = state["shadow"].abs() / state["sq"].sqrt().clamp_min(1e-30)
             rank = torch.where(active, rank, rank + self.consistency * ratio.clamp_min(1e-30).log())
@@ -552,11 +558,30 @@ class BiDST:
             if self.explore_refresh > 0:  # the lowest-ranked candidates that were not grown make room for fresh ones
                 rest = exp_idx[~torch.isin(exp_idx, grow)]
                 stale = rest[torch.sort(rank[rest], stable=True).indices[: int(self.explore_refresh * rest.numel())]]
+            self.record_decisions(sp, name, act_idx, exp_idx, drop, grow)
             values = state["shadow"][grow] if self.grow_init == "shadow" else None
             sp.change(name, state["pos"][drop], state["pos"][grow], values)
             self.refill(sp, name, drop, grow, dense_grads, stale)
             changed = True
         return changed
+
+    def record_decisions(
+        self, sp: Sparsifier, name: str, act_idx: torch.Tensor, exp_idx: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor
+    ) -> None:
+        """Count this commit's swaps and those that the ranking without ψ, making as many, would not have made."""
+        plain = self.ranking(sp, name, scores=False)
+        n = drop.numel()
+        plain_drop = act_idx[torch.sort(plain[act_idx], stable=True).indices[:n]]
+        plain_grow = exp_idx[torch.sort(plain[exp_idx], descending=True, stable=True).indices[:n]]
+        changed = int((~torch.isin(drop, plain_drop)).sum()) + int((~torch.isin(grow, plain_grow)).sum())
+        self._decisions["swaps"] += 2 * n
+        self._decisions["set_by_scores"] += changed
+
+    def stats(self) -> dict[str, float]:
+        """What the learned scores decided: committed drops + grows, and the share of them that the same
+        ranking without ψ (the control's) would not have chosen; 0 means the upper level changed nothing."""
+        swaps = self._decisions["swaps"]
+        return {"swap_decisions": swaps, "set_by_scores": self._decisions["set_by_scores"] / swaps if swaps else 0.0}
 
     def refill(
         self,
