@@ -430,9 +430,8 @@ def test_stats_count_the_swaps_that_the_scores_decided():
     state["psi"].zero_()
     weakest = act_idx[method.ranking(sp, name).index_select(0, act_idx).argmin()]
     state["psi"][weakest] = 100.0  # the scores alone keep the weakest active: one drop of n differs
-    rank = method.ranking(sp, name)
-    drop = act_idx[torch.sort(rank[act_idx], stable=True).indices[:3]]
-    grow = exp_idx[torch.sort(rank[exp_idx], descending=True, stable=True).indices[:3]]
+    drop, grow = method.swap_candidates(method.ranking(sp, name), act_idx, exp_idx, 3)
+    assert weakest not in drop
     before = dict(method._decisions)
     method.record_decisions(sp, name, act_idx, exp_idx, drop, grow)
     assert method._decisions["swaps"] - before["swaps"] == 6

@@ -547,8 +547,7 @@ class BiDST:
             if n <= 0:
                 continue
             rank = self.ranking(sp, name)
-            drop = act_idx[torch.sort(rank[act_idx], stable=True).indices[:n]]
-            grow = exp_idx[torch.sort(rank[exp_idx], descending=True, stable=True).indices[:n]]
+            drop, grow = self.swap_candidates(rank, act_idx, exp_idx, n)
             if self.swap == "capped":
                 n = int((rank[grow] > rank[drop]).long().cumprod(0).sum())
                 drop, grow = drop[:n], grow[:n]
@@ -565,14 +564,21 @@ class BiDST:
             changed = True
         return changed
 
+    @staticmethod
+    def swap_candidates(
+        rank: torch.Tensor, act_idx: torch.Tensor, exp_idx: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n lowest-ranked actives and the n highest-ranked candidates (indices into C; ties by position)."""
+        drop = act_idx[torch.sort(rank[act_idx], stable=True).indices[:n]]
+        grow = exp_idx[torch.sort(rank[exp_idx], descending=True, stable=True).indices[:n]]
+        return drop, grow
+
     def record_decisions(
         self, sp: Sparsifier, name: str, act_idx: torch.Tensor, exp_idx: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor
     ) -> None:
         """Count this commit's swaps and those that the ranking without ψ, making as many, would not have made."""
-        plain = self.ranking(sp, name, scores=False)
         n = drop.numel()
-        plain_drop = act_idx[torch.sort(plain[act_idx], stable=True).indices[:n]]
-        plain_grow = exp_idx[torch.sort(plain[exp_idx], descending=True, stable=True).indices[:n]]
+        plain_drop, plain_grow = self.swap_candidates(self.ranking(sp, name, scores=False), act_idx, exp_idx, n)
         changed = int((~torch.isin(drop, plain_drop)).sum()) + int((~torch.isin(grow, plain_grow)).sum())
         self._decisions["swaps"] += 2 * n
         self._decisions["set_by_scores"] += changed
