@@ -433,10 +433,27 @@ def test_stats_count_the_swaps_that_the_scores_decided():
     drop, grow = method.swap_candidates(method.ranking(sp, name), act_idx, exp_idx, 3)
     assert weakest not in drop
     before = dict(method._decisions)
-    method.record_decisions(sp, name, act_idx, exp_idx, drop, grow)
+    method.record_decisions(method.ranking(sp, name, scores=False), act_idx, exp_idx, drop, grow)
     assert method._decisions["swaps"] - before["swaps"] == 6
     assert method._decisions["set_by_scores"] - before["set_by_scores"] == 1
     assert 0.0 < method.stats()["set_by_scores"] <= 1.0
+
+
+@pytest.mark.parametrize("side,kept", [("both", True), ("drop", True), ("grow", False)])
+def test_scores_decide_one_side_only(side, kept):
+    """A score that keeps the weakest active: obeyed where the scores pick the drops, ignored where they pick grows only."""
+    sp, _, _ = _train(steps=8, mask_interval=1000, explore="random", scores_decide=side)
+    method = sp.method
+    name = max(method._layers, key=lambda n: method._layers[n]["pos"].numel())
+    state = method._layers[name]
+    act_idx = sp.masks[name].view(-1)[state["pos"]].nonzero().squeeze(1)
+    state["psi"].zero_()
+    weakest = act_idx[method.ranking(sp, name).index_select(0, act_idx).argmin()]
+    where = int(state["pos"][weakest])
+    state["psi"][weakest] = 100.0
+    assert method.commit(sp, 1, None)
+    assert bool(sp.masks[name].view(-1)[where]) is kept
+    assert sp.budgets == sp.target_budgets()
 
 
 def test_no_capture_without_grad_and_control_keeps_scores_zero():
@@ -459,6 +476,8 @@ def test_bad_options_are_clear_errors():
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, mask_rows=1.5)
     with pytest.raises(bidst.BidstError, match="row_sampling"):
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, row_sampling="importance")
+    with pytest.raises(bidst.BidstError, match="scores_decide"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, scores_decide="neither")
 
 
 def test_every_bidst_recipe_loads_with_valid_options():

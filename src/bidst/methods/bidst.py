@@ -71,6 +71,7 @@ class BiDST:
     explore_refresh: float = 0.0  # at a commit, also replace this share of the non-grown E (lowest-ranked) by fresh picks
     check_grad: bool = False  # the dense gradient of step 1 and the checks also steps the shadow weights at E (exact)
     consistency: float = 0.0  # γ: candidates rank by ψ + log|θ_E| + γ·log(|Σ steps| / √Σ steps²) (sign consistency)
+    scores_decide: str = "both"  # which swaps the learned ranking picks: both | grow | drop (the other side ranks without ψ)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     # committed swaps (drops + grows) and how many of them the ranking without ψ would not have made
@@ -105,6 +106,7 @@ class BiDST:
         require_choice(self.name, "row_sampling", self.row_sampling, ("uniform", "grad_norm"))
         require_range(self.name, "explore_refresh", self.explore_refresh, 0.0, 1.0)
         require_range(self.name, "consistency", self.consistency, 0.0, float("inf"))
+        require_choice(self.name, "scores_decide", self.scores_decide, ("both", "grow", "drop"))
         if not isinstance(self.check_grad, bool):
             raise BidstError("option 'check_grad' of method 'bidst' must be true or false")
         if not isinstance(self.mask_interval, int) or not isinstance(self.learn_every, int):
@@ -546,8 +548,11 @@ class BiDST:
             n = min(round(alpha * k), exp_idx.numel(), k - 1)
             if n <= 0:
                 continue
-            rank = self.ranking(sp, name)
+            rank, plain = self.ranking(sp, name), self.ranking(sp, name, scores=False)
             drop, grow = self.swap_candidates(rank, act_idx, exp_idx, n)
+            if self.scores_decide != "both":  # the scores pick one side only, the control's ranking the other
+                plain_drop, plain_grow = self.swap_candidates(plain, act_idx, exp_idx, n)
+                drop, grow = (plain_drop, grow) if self.scores_decide == "grow" else (drop, plain_grow)
             if self.swap == "capped":
                 n = int((rank[grow] > rank[drop]).long().cumprod(0).sum())
                 drop, grow = drop[:n], grow[:n]
@@ -557,7 +562,7 @@ class BiDST:
             if self.explore_refresh > 0:  # the lowest-ranked candidates that were not grown make room for fresh ones
                 rest = exp_idx[~torch.isin(exp_idx, grow)]
                 stale = rest[torch.sort(rank[rest], stable=True).indices[: int(self.explore_refresh * rest.numel())]]
-            self.record_decisions(sp, name, act_idx, exp_idx, drop, grow)
+            self.record_decisions(plain, act_idx, exp_idx, drop, grow)
             values = state["shadow"][grow] if self.grow_init == "shadow" else None
             sp.change(name, state["pos"][drop], state["pos"][grow], values)
             self.refill(sp, name, drop, grow, dense_grads, stale)
@@ -574,11 +579,11 @@ class BiDST:
         return drop, grow
 
     def record_decisions(
-        self, sp: Sparsifier, name: str, act_idx: torch.Tensor, exp_idx: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor
+        self, plain: torch.Tensor, act_idx: torch.Tensor, exp_idx: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor
     ) -> None:
-        """Count this commit's swaps and those that the ranking without ψ, making as many, would not have made."""
+        """Count this commit's swaps and those that the ranking without ψ (`plain`), making as many, would not have made."""
         n = drop.numel()
-        plain_drop, plain_grow = self.swap_candidates(self.ranking(sp, name, scores=False), act_idx, exp_idx, n)
+        plain_drop, plain_grow = self.swap_candidates(plain, act_idx, exp_idx, n)
         changed = int((~torch.isin(drop, plain_drop)).sum()) + int((~torch.isin(grow, plain_grow)).sum())
         self._decisions["swaps"] += 2 * n
         self._decisions["set_by_scores"] += changed
