@@ -432,10 +432,10 @@ def test_stats_count_the_swaps_that_the_scores_decided():
     state["psi"][weakest] = 100.0  # the scores alone keep the weakest active: one drop of n differs
     drop, grow = method.swap_candidates(method.ranking(sp, name), act_idx, exp_idx, 3)
     assert weakest not in drop
-    before = dict(method._decisions)
-    method.record_decisions(method.ranking(sp, name, scores=False), act_idx, exp_idx, drop, grow)
-    assert method._decisions["swaps"] - before["swaps"] == 6
-    assert method._decisions["set_by_scores"] - before["set_by_scores"] == 1
+    before = (method._swaps, method._set_by_scores)
+    method.record_decisions(drop, grow, *method.swap_candidates(method.ranking(sp, name, scores=False), act_idx, exp_idx, 3))
+    assert method._swaps - before[0] == 6
+    assert method._set_by_scores - before[1] == 1
     assert 0.0 < method.stats()["set_by_scores"] <= 1.0
 
 

@@ -74,8 +74,8 @@ class BiDST:
     scores_decide: str = "both"  # which swaps the learned ranking picks: both | grow | drop (the other side ranks without ψ)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
-    # committed swaps (drops + grows) and how many of them the ranking without ψ would not have made
-    _decisions: dict[str, int] = field(default_factory=lambda: {"swaps": 0, "set_by_scores": 0}, init=False, repr=False)
+    _swaps: int = field(default=0, init=False, repr=False)  # committed drops + grows
+    _set_by_scores: int = field(default=0, init=False, repr=False)  # of those, the ones the ranking without ψ would not make
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
     _extra_pass: bool = field(default=False, init=False, repr=False)
@@ -214,7 +214,7 @@ class BiDST:
         return {
             "layers": {n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in self._layers.items()},
             "learn_steps": self._learn_steps,
-            "decisions": dict(self._decisions),
+            "decisions": {"swaps": self._swaps, "set_by_scores": self._set_by_scores},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,7 +224,8 @@ class BiDST:
             self._layers[name] = {k: v.clone().to(device) for k, v in saved.items()}
             self._layers[name].setdefault("sq", torch.zeros_like(self._layers[name]["shadow"]))  # older states
         self._learn_steps = int(state["learn_steps"])
-        self._decisions = {k: int(v) for k, v in state.get("decisions", {"swaps": 0, "set_by_scores": 0}).items()}
+        decisions = state.get("decisions", {})  # absent from older states
+        self._swaps, self._set_by_scores = int(decisions.get("swaps", 0)), int(decisions.get("set_by_scores", 0))
 
     def sampled_positions(self, step: int, sp: Sparsifier) -> dict[str, torch.Tensor] | None:
         """At learning steps, the exploration candidates E, whose gradient the engine reports (see `captures`)."""
@@ -548,11 +549,13 @@ class BiDST:
             n = min(round(alpha * k), exp_idx.numel(), k - 1)
             if n <= 0:
                 continue
-            rank, plain = self.ranking(sp, name), self.ranking(sp, name, scores=False)
+            rank = self.ranking(sp, name)
             drop, grow = self.swap_candidates(rank, act_idx, exp_idx, n)
-            if self.scores_decide != "both":  # the scores pick one side only, the control's ranking the other
-                plain_drop, plain_grow = self.swap_candidates(plain, act_idx, exp_idx, n)
-                drop, grow = (plain_drop, grow) if self.scores_decide == "grow" else (drop, plain_grow)
+            plain_drop, plain_grow = self.swap_candidates(self.ranking(sp, name, scores=False), act_idx, exp_idx, n)
+            if self.scores_decide == "grow":  # the scores pick one side only, the control's ranking the other
+                drop = plain_drop
+            elif self.scores_decide == "drop":
+                grow = plain_grow
             if self.swap == "capped":
                 n = int((rank[grow] > rank[drop]).long().cumprod(0).sum())
                 drop, grow = drop[:n], grow[:n]
@@ -562,7 +565,7 @@ class BiDST:
             if self.explore_refresh > 0:  # the lowest-ranked candidates that were not grown make room for fresh ones
                 rest = exp_idx[~torch.isin(exp_idx, grow)]
                 stale = rest[torch.sort(rank[rest], stable=True).indices[: int(self.explore_refresh * rest.numel())]]
-            self.record_decisions(plain, act_idx, exp_idx, drop, grow)
+            self.record_decisions(drop, grow, plain_drop[:n], plain_grow[:n])
             values = state["shadow"][grow] if self.grow_init == "shadow" else None
             sp.change(name, state["pos"][drop], state["pos"][grow], values)
             self.refill(sp, name, drop, grow, dense_grads, stale)
@@ -579,20 +582,16 @@ class BiDST:
         return drop, grow
 
     def record_decisions(
-        self, plain: torch.Tensor, act_idx: torch.Tensor, exp_idx: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor
+        self, drop: torch.Tensor, grow: torch.Tensor, plain_drop: torch.Tensor, plain_grow: torch.Tensor
     ) -> None:
-        """Count this commit's swaps and those that the ranking without ψ (`plain`), making as many, would not have made."""
-        n = drop.numel()
-        plain_drop, plain_grow = self.swap_candidates(plain, act_idx, exp_idx, n)
-        changed = int((~torch.isin(drop, plain_drop)).sum()) + int((~torch.isin(grow, plain_grow)).sum())
-        self._decisions["swaps"] += 2 * n
-        self._decisions["set_by_scores"] += changed
+        """Count this commit's swaps and those not among the as many that the ranking without ψ picks (`plain_*`)."""
+        self._swaps += drop.numel() + grow.numel()
+        self._set_by_scores += int((~torch.isin(drop, plain_drop)).sum()) + int((~torch.isin(grow, plain_grow)).sum())
 
     def stats(self) -> dict[str, float]:
         """What the learned scores decided: committed drops + grows, and the share of them that the same
         ranking without ψ (the control's) would not have chosen; 0 means the upper level changed nothing."""
-        swaps = self._decisions["swaps"]
-        return {"swap_decisions": swaps, "set_by_scores": self._decisions["set_by_scores"] / swaps if swaps else 0.0}
+        return {"swap_decisions": self._swaps, "set_by_scores": self._set_by_scores / self._swaps if self._swaps else 0.0}
 
     def refill(
         self,
