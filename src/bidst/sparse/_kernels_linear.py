@@ -196,3 +196,72 @@ def transpose(x: np.ndarray, out: np.ndarray) -> None:
         for f in range(fw):
             for b in range(full, nbu):
                 of[(f0 + f) * nbu + b] = xf[b * nfu + f0 + f]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def spmm_sddmm_t(
+    ptr: np.ndarray,
+    per: int,
+    outs: np.ndarray,
+    perm: np.ndarray,
+    values: np.ndarray,
+    dyt: np.ndarray,
+    xt: np.ndarray,
+    dxt: np.ndarray,
+    dv: np.ndarray,
+) -> None:
+    """Both gradients of a sparse Linear layer in one sweep over its slots grouped by input (`by_input`).
+
+    For input i and each of its slots q = ptr[i] .. ptr[i + 1] - 1 (output outs[q], CSR slot perm[q]):
+    dxt[i, :] = sum of values[perm[q]] * dyt[outs[q], :] and dv[perm[q]] = dot(dyt[outs[q], :], xt[i, :]).
+    Each gathered row of dyt serves both products, so the sweep gathers half the rows that spmm_t
+    and sddmm_t called one after the other would (measured: 15-35% less time than the pair).
+    Each task (one per thread) takes a block of `per` consecutive inputs.
+    """
+    nb = uint64(xt.shape[1])
+    gf = dyt.ravel()
+    xf = xt.ravel()
+    df = dxt.ravel()
+    for c in prange(-(-dxt.shape[0] // per)):
+        for i in range(c * per, min(dxt.shape[0], (c + 1) * per)):
+            io = uint64(i) * nb
+            for b in range(nb):
+                df[io + b] = 0.0
+            q = ptr[i]
+            end = ptr[i + 1]
+            # four slots per pass share the loads and stores of row i of dxt and the loads of row i of xt
+            while q + 4 <= end:
+                p0, p1, p2, p3 = perm[q], perm[q + 1], perm[q + 2], perm[q + 3]
+                g0 = uint64(outs[q]) * nb
+                g1 = uint64(outs[q + 1]) * nb
+                g2 = uint64(outs[q + 2]) * nb
+                g3 = uint64(outs[q + 3]) * nb
+                v0, v1, v2, v3 = values[p0], values[p1], values[p2], values[p3]
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for b in range(nb):
+                    a0 = gf[g0 + b]
+                    a1 = gf[g1 + b]
+                    a2 = gf[g2 + b]
+                    a3 = gf[g3 + b]
+                    xb = xf[io + b]
+                    df[io + b] += (v0 * a0 + v1 * a1) + (v2 * a2 + v3 * a3)
+                    s0 += a0 * xb
+                    s1 += a1 * xb
+                    s2 += a2 * xb
+                    s3 += a3 * xb
+                dv[p0] = s0
+                dv[p1] = s1
+                dv[p2] = s2
+                dv[p3] = s3
+                q += 4
+            while q < end:
+                p0 = perm[q]
+                g0 = uint64(outs[q]) * nb
+                v0 = values[p0]
+                s0 = np.float32(0.0)
+                for b in range(nb):
+                    a0 = gf[g0 + b]
+                    df[io + b] += v0 * a0
+                    s0 += a0 * xf[io + b]
+                dv[p0] = s0
+                q += 1

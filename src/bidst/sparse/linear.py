@@ -137,14 +137,22 @@ class _SparseLinearFn(torch.autograd.Function):
         s: SparseStructure = ctx.structure
         dyt = transposed(dy)
         dx = dv = db = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # both in one sweep (the usual case)
+            idx = s.by_input()
+            dxt = torch.empty_like(xt)
+            dv = torch.empty(s.nnz, dtype=torch.float32)
+            per = max(1, -(-s.shape[1] // numba.get_num_threads()))
+            KL.spmm_sddmm_t(idx.ptr, per, idx.tcols, idx.perm, np_view(values), np_view(dyt), np_view(xt),
+                            np_view(dxt), np_view(dv))  # fmt: skip
+            dx = dxt.t()
+        elif ctx.needs_input_grad[0]:
             idx = s.by_input()
             dxt = torch.empty_like(xt)
             zeros = np.zeros(s.shape[1], np.float32)
             KL.spmm_t(*_tiled(s, True, xt.shape[1]), idx.tcols, np_view(values)[idx.perm], zeros, np_view(dyt),
                       np_view(dxt))  # fmt: skip
             dx = dxt.t()
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and dv is None:
             dv = torch.empty(s.nnz, dtype=torch.float32)
             KL.sddmm_t(*ctx.tiles, s.cols, np_view(dyt), np_view(xt), np_view(dv))
         if ctx.needs_input_grad[2]:
