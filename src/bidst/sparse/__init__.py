@@ -11,7 +11,8 @@ Functions (autograd-aware; gradients w.r.t. input, compact values and bias):
   (zero padding; groups, depthwise included, come from the structure)
 
 On CPU float32 tensors (`uses_kernels(...)`) they run Numba kernels: SpMM, transposed SpMM and
-SDDMM with the batch innermost for Linear; direct convolution for Conv2d (no im2col) on
+SDDMM with the batch innermost for Linear (the last two fused into one sweep when both gradients
+are needed); direct convolution for Conv2d (no im2col) on
 batch-innermost activations (N, C, H, W stored as C, H, W, N), the layout their outputs keep and
 the dense twins of `layout.use_batch_innermost` pass on.
 On any other device or dtype, and for dilated convolutions, they compute the same thing as
