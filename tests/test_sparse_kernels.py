@@ -316,6 +316,30 @@ def test_layouts_chain_without_copies_and_accept_any_strides():
     close(sparse_linear(x3, v1, s1), F.linear(x3, s1.to_dense(v1)))
 
 
+def test_fused_backward_equals_the_two_kernels_it_replaces():
+    """spmm_sddmm_t gives the input and weight gradients of spmm_t + sddmm_t, for inputs with 0 to 9 slots
+    (the four-slot passes and every tail length), several rows per thread block included."""
+    from bidst.sparse import _kernels_linear as KL
+
+    gen = torch.Generator().manual_seed(11)
+    cin, cout, batch = 40, 12, 19
+    mask = torch.zeros(cout, cin, dtype=torch.bool)
+    for i in range(cin):  # input i gets i % 10 active weights
+        mask[torch.randperm(cout, generator=gen)[: i % 10], i] = True
+    s = SparseStructure.from_mask(mask)
+    idx = s.by_input()
+    values = torch.randn(s.nnz, generator=gen).numpy()
+    dyt, xt = torch.randn(cout, batch, generator=gen).numpy(), torch.randn(cin, batch, generator=gen).numpy()
+    dx_pair, dv_pair = np.empty((cin, batch), np.float32), np.empty(s.nnz, np.float32)
+    KL.spmm_t(idx.ptr, 1, cin, idx.tcols, values[idx.perm], np.zeros(cin, np.float32), dyt, dx_pair)
+    KL.sddmm_t(s.indptr, 1, cout, s.cols, dyt, xt, dv_pair)
+    for per in (1, 7, cin):
+        dx, dv = np.full((cin, batch), np.nan, np.float32), np.full(s.nnz, np.nan, np.float32)
+        KL.spmm_sddmm_t(idx.ptr, per, idx.tcols, idx.perm, values, dyt, xt, dx, dv)
+        np.testing.assert_allclose(dx, dx_pair, rtol=1e-5, atol=1e-5)  # rows of inputs without slots are zeroed
+        np.testing.assert_allclose(dv, dv_pair, rtol=1e-5, atol=1e-5)  # every slot written once
+
+
 def test_tile_pointers_split_each_row_by_column_tile():
     """Row i's slots reading column tile t are exactly tptr[i * nt + t] .. tptr[i * nt + t + 1]."""
     gen = torch.Generator().manual_seed(5)
