@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bidst.sparse import _kernels_linear as KL
-from bidst.sparse.linear import _tiled
+from bidst.sparse.linear import _tiled, rows_per_thread
 from bidst.sparse.structure import SparseStructure
 
 
@@ -36,14 +36,34 @@ def timed(fn: Callable[[], None], evict: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def sparsities(text: str) -> list[float]:
+    """Comma-separated sparsities, each in [0, 1)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsities must be comma-separated numbers, got {text!r}") from None
+    if not all(0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"every sparsity must be in [0, 1), got {text!r}")
+    return values
+
+
+def positive(text: str) -> int:
+    """A positive integer."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--features", type=int, default=1024, help="input and output features")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
-    parser.add_argument("--reps", type=int, default=31, help="calls of each, in turns")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--features", type=positive, default=1024, help="input and output features")
+    parser.add_argument("--batch", type=positive, default=256)
+    parser.add_argument("--sparsities", type=sparsities, default="0.8,0.9,0.95,0.98")
+    parser.add_argument("--reps", type=positive, default=31, help="calls of each, in turns")
+    parser.add_argument("--threads", type=positive, default=2)
     args = parser.parse_args()
+    if args.threads > numba.config.NUMBA_NUM_THREADS:
+        parser.error(f"--threads {args.threads} is more than the {numba.config.NUMBA_NUM_THREADS} Numba can use here")
     numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     n, batch = args.features, args.batch
@@ -51,7 +71,7 @@ def main() -> None:
     print(f"Linear {n}->{n}, batch {batch}, {args.threads} thread(s), median of {args.reps} calls, wall clock, ms")
     print("| sparsity | pair (spmm_t + sddmm_t) | fused (spmm_sddmm_t) | fused / pair |")
     print("| --- | --- | --- | --- |")
-    for sparsity in (float(s) for s in args.sparsities.split(",")):
+    for sparsity in args.sparsities:
         s = SparseStructure.from_mask(torch.from_numpy(rng.random((n, n)) >= sparsity))
         values = rng.standard_normal(s.nnz).astype(np.float32)
         dyt, xt = (rng.standard_normal((n, batch)).astype(np.float32) for _ in range(2))
@@ -60,7 +80,7 @@ def main() -> None:
         zeros = np.zeros(n, np.float32)
         pair_dx, pair_dv = np.empty((n, batch), np.float32), np.empty(s.nnz, np.float32)
         fused_dx, fused_dv = np.empty((n, batch), np.float32), np.empty(s.nnz, np.float32)
-        per = max(1, -(-n // numba.get_num_threads()))
+        per = rows_per_thread(n)
 
         def pair() -> None:
             KL.spmm_t(*by_input, idx.tcols, values[idx.perm], zeros, dyt, pair_dx)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bidst.sparse import _kernels_linear as KL
 from bidst.sparse import conv as sparse_conv
 from bidst.sparse import linear as sparse_linear_module
 from bidst.sparse import (
@@ -319,8 +320,6 @@ def test_layouts_chain_without_copies_and_accept_any_strides():
 def test_fused_backward_equals_the_two_kernels_it_replaces():
     """spmm_sddmm_t gives the input and weight gradients of spmm_t + sddmm_t, for inputs with 0 to 9 slots
     (the four-slot passes and every tail length), several rows per thread block included."""
-    from bidst.sparse import _kernels_linear as KL
-
     gen = torch.Generator().manual_seed(11)
     cin, cout, batch = 40, 12, 19
     mask = torch.zeros(cout, cin, dtype=torch.bool)

@@ -22,6 +22,9 @@ class Method(Protocol):
     calls `Sparsifier.change`, so the masking invariants hold for every method by construction.
     A method that reads weights only through `Sparsifier.weight`/`grad` (never `params`) may set
     `backends = ("masked", "sparse")` to allow the sparse backend; without it only "masked" is allowed.
+    Two hooks are optional: `validate()`, called once its options are set, raises BidstError on bad
+    ones; `stats()` returns numbers about the method's own decisions, which a recipe run writes to
+    `summary.json` as `method_stats`.
     """
 
     name: ClassVar[str]

@@ -64,12 +64,17 @@ def tile_ptr(indptr: np.ndarray, cols: np.ndarray, n_cols: int, ntiles: int) -> 
     return np.concatenate(([0], np.cumsum(np.bincount(key, minlength=n_rows * ntiles)))).astype(np.int64)
 
 
+def rows_per_thread(n_rows: int) -> int:
+    """Rows in each kernel task's block: one contiguous block per Numba thread."""
+    return max(1, -(-n_rows // numba.get_num_threads()))
+
+
 def _tiled(s: SparseStructure, transposed_csr: bool, batch: int) -> tuple[np.ndarray, int, int]:
     """(tile pointer, tile count, rows per thread) for the kernels over the structure's CSR or its by-input
     CSR; the tile pointers are kept on the structure."""
     n_rows, n_cols = (s.shape[1], s.shape[0]) if transposed_csr else s.shape
     nt = column_tiles(n_rows, n_cols, s.nnz, batch)
-    per = max(1, -(-n_rows // numba.get_num_threads()))
+    per = rows_per_thread(n_rows)
     if transposed_csr:
         idx = s.by_input()
         return s.derived(("input_tiles", nt), lambda: tile_ptr(idx.ptr, idx.tcols, n_cols, nt)), nt, per
@@ -137,20 +142,17 @@ class _SparseLinearFn(torch.autograd.Function):
         s: SparseStructure = ctx.structure
         dyt = transposed(dy)
         dx = dv = db = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # both in one sweep (the usual case)
+        if ctx.needs_input_grad[0]:
             idx = s.by_input()
             dxt = torch.empty_like(xt)
-            dv = torch.empty(s.nnz, dtype=torch.float32)
-            per = max(1, -(-s.shape[1] // numba.get_num_threads()))
-            KL.spmm_sddmm_t(idx.ptr, per, idx.tcols, idx.perm, np_view(values), np_view(dyt), np_view(xt),
-                            np_view(dxt), np_view(dv))  # fmt: skip
-            dx = dxt.t()
-        elif ctx.needs_input_grad[0]:
-            idx = s.by_input()
-            dxt = torch.empty_like(xt)
-            zeros = np.zeros(s.shape[1], np.float32)
-            KL.spmm_t(*_tiled(s, True, xt.shape[1]), idx.tcols, np_view(values)[idx.perm], zeros, np_view(dyt),
-                      np_view(dxt))  # fmt: skip
+            if ctx.needs_input_grad[1]:  # both gradients in one sweep (the usual case)
+                dv = torch.empty(s.nnz, dtype=torch.float32)
+                KL.spmm_sddmm_t(idx.ptr, rows_per_thread(s.shape[1]), idx.tcols, idx.perm, np_view(values),
+                                np_view(dyt), np_view(xt), np_view(dxt), np_view(dv))  # fmt: skip
+            else:
+                zeros = np.zeros(s.shape[1], np.float32)
+                KL.spmm_t(*_tiled(s, True, xt.shape[1]), idx.tcols, np_view(values)[idx.perm], zeros, np_view(dyt),
+                          np_view(dxt))  # fmt: skip
             dx = dxt.t()
         if ctx.needs_input_grad[1] and dv is None:
             dv = torch.empty(s.nnz, dtype=torch.float32)
