@@ -430,10 +430,10 @@ def test_stats_count_the_swaps_that_the_scores_decided():
     state["psi"].zero_()
     weakest = act_idx[method.ranking(sp, name).index_select(0, act_idx).argmin()]
     state["psi"][weakest] = 100.0  # the scores alone keep the weakest active: one drop of n differs
-    drop, grow = method.swap_candidates(method.ranking(sp, name), act_idx, exp_idx, 3)
+    drop, grow = method.swap_candidates(method.ranking(sp, name), act_idx, exp_idx, 3, 3)
     assert weakest not in drop
     before = (method._swaps, method._set_by_scores)
-    method.record_decisions(drop, grow, *method.swap_candidates(method.ranking(sp, name, scores=False), act_idx, exp_idx, 3))
+    method.record_decisions(drop, grow, *method.swap_candidates(method.ranking(sp, name, scores=False), act_idx, exp_idx, 3, 3))
     assert method._swaps - before[0] == 6
     assert method._set_by_scores - before[1] == 1
     assert 0.0 < method.stats()["set_by_scores"] <= 1.0
@@ -543,3 +543,39 @@ def test_ddp_ranks_keep_identical_masks_and_scores(tmp_path):
     for rank in range(2):
         result = torch.load(tmp_path / f"rank.{rank}", weights_only=True)
         assert result["same"] and result["changes"] > 0
+
+
+def test_allocate_scores_moves_budget_to_the_layer_whose_candidates_score_highest():
+    sp, _, _ = _train(steps=8, mask_interval=1000, explore="random", allocate="scores")
+    method = sp.method
+    names = [n for n in method._layers if method.explore_count(sp, n) > 0]
+    assert len(names) >= 2
+    favoured = names[-1]
+    total = sum(sp.budgets.values())
+    before = dict(sp.budgets)
+    for name in names:
+        state = method._layers[name]
+        explore = ~sp.masks[name].view(-1)[state["pos"]]
+        state["psi"].zero_()
+        state["psi"][explore] = 5.0 if name == favoured else -5.0
+    assert method.commit(sp, 1, None)
+    assert sum(sp.budgets.values()) == total  # only the allocation moves: the active count never does
+    assert sp.budgets[favoured] > before[favoured]
+    assert all(sp.budgets[n] < before[n] for n in names if n != favoured)
+    sp.check_invariants()
+    assert method.stats()["budget_moved"] == sp.budgets[favoured] - before[favoured]
+    assert all(method.explore_count(sp, n) == method.explore_size(sp, n) for n in names)  # E refilled to ⌈ρ·k⌉
+
+
+def test_allocate_scores_control_keeps_every_layer_budget():
+    """With mask_lr 0 the scores are all 0: the control of allocate: scores is the plain control, budgets fixed."""
+    plain, _, _ = _train(steps=20, mask_interval=5, mask_lr=0.0)
+    pooled, _, _ = _train(steps=20, mask_interval=5, mask_lr=0.0, allocate="scores")
+    assert pooled.topology_changes == plain.topology_changes > 0
+    assert pooled.budgets == plain.budgets == plain.target_budgets()
+    assert all(torch.equal(pooled.masks[n], plain.masks[n]) for n in plain.masks)
+
+
+def test_allocate_scores_needs_forced_swaps():
+    with pytest.raises(bidst.BidstError, match="allocate"):
+        _train(steps=2, allocate="scores", swap="capped")

@@ -72,10 +72,12 @@ class BiDST:
     check_grad: bool = False  # the dense gradient of step 1 and the checks also steps the shadow weights at E (exact)
     consistency: float = 0.0  # γ: candidates rank by ψ + log|θ_E| + γ·log(|Σ steps| / √Σ steps²) (sign consistency)
     scores_decide: str = "both"  # which swaps the learned ranking picks: both | grow | drop (the other side ranks without ψ)
+    allocate: str = "layer"  # grows per layer: layer (as many as it drops) | scores (the commit's grows go to the top ψ of all layers)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     _swaps: int = field(default=0, init=False, repr=False)  # committed drops + grows
     _set_by_scores: int = field(default=0, init=False, repr=False)  # of those, the ones the ranking without ψ would not make
+    _moved: int = field(default=0, init=False, repr=False)  # grows placed beyond their layer's drops (allocate: scores)
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
     _extra_pass: bool = field(default=False, init=False, repr=False)
@@ -107,6 +109,9 @@ class BiDST:
         require_range(self.name, "explore_refresh", self.explore_refresh, 0.0, 1.0)
         require_range(self.name, "consistency", self.consistency, 0.0, float("inf"))
         require_choice(self.name, "scores_decide", self.scores_decide, ("both", "grow", "drop"))
+        require_choice(self.name, "allocate", self.allocate, ("layer", "scores"))
+        if self.allocate == "scores" and self.swap != "forced":
+            raise BidstError("option 'allocate: scores' of method 'bidst' needs swap 'forced' (a fixed number of drops)")
         if not isinstance(self.check_grad, bool):
             raise BidstError("option 'check_grad' of method 'bidst' must be true or false")
         if not isinstance(self.mask_interval, int) or not isinstance(self.learn_every, int):
@@ -141,9 +146,9 @@ class BiDST:
         """Rows the sampled gradient at E sums over, out of `rows`: round(mask_rows·rows), at least 1."""
         return rows if self.mask_rows >= 1.0 else min(rows, max(1, round(self.mask_rows * rows)))
 
-    def explore_size(self, sp: Sparsifier, name: str) -> int:
-        """|E| of a layer: ⌈ρ·k⌉, at most the inactive positions."""
-        k = sp.budgets[name]
+    def explore_size(self, sp: Sparsifier, name: str, k: int | None = None) -> int:
+        """|E| of a layer with k (default: its budget) active weights: ⌈ρ·k⌉, at most the inactive positions."""
+        k = sp.budgets[name] if k is None else k
         return min(math.ceil(self.explore_ratio * k), sp.numel[name] - k)
 
     # -- the Method protocol -----------------------------------------------------------
@@ -214,7 +219,7 @@ class BiDST:
         return {
             "layers": {n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in self._layers.items()},
             "learn_steps": self._learn_steps,
-            "decisions": {"swaps": self._swaps, "set_by_scores": self._set_by_scores},
+            "decisions": {"swaps": self._swaps, "set_by_scores": self._set_by_scores, "moved": self._moved},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -226,6 +231,7 @@ class BiDST:
         self._learn_steps = int(state["learn_steps"])
         decisions = state.get("decisions", {})  # absent from older states
         self._swaps, self._set_by_scores = int(decisions.get("swaps", 0)), int(decisions.get("set_by_scores", 0))
+        self._moved = int(decisions.get("moved", 0))
 
     def sampled_positions(self, step: int, sp: Sparsifier) -> dict[str, torch.Tensor] | None:
         """At learning steps, the exploration candidates E, whose gradient the engine reports (see `captures`)."""
@@ -540,18 +546,22 @@ class BiDST:
     def commit(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         """Per layer: swap the lowest-ranked actives for the highest-ranked candidates if the flag holds."""
         alpha = cosine_decay(step, self.drop_fraction, self.stop_step(sp))
-        changed = False
+        volumes: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # (active slots, candidate slots, drops)
         for name in sp.sparse_names():
-            state = self._layers[name]
-            k = sp.budgets[name]
-            active = sp.masks[name].view(-1)[state["pos"]]
+            active = sp.masks[name].view(-1)[self._layers[name]["pos"]]
             act_idx, exp_idx = active.nonzero().squeeze(1), (~active).nonzero().squeeze(1)
+            k = sp.budgets[name]
             n = min(round(alpha * k), exp_idx.numel(), k - 1)
-            if n <= 0:
-                continue
+            if n > 0 and (self.swap == "capped" or n >= self.min_swap_fraction * k):  # capped: flag checked below
+                volumes[name] = (act_idx, exp_idx, n)
+        grows = self.grow_counts(volumes)
+        changed = False
+        for name, (act_idx, exp_idx, n) in volumes.items():
+            state = self._layers[name]
+            k, m = sp.budgets[name], grows[name]
             rank = self.ranking(sp, name)
-            drop, grow = self.swap_candidates(rank, act_idx, exp_idx, n)
-            plain_drop, plain_grow = self.swap_candidates(self.ranking(sp, name, scores=False), act_idx, exp_idx, n)
+            drop, grow = self.swap_candidates(rank, act_idx, exp_idx, n, m)
+            plain_drop, plain_grow = self.swap_candidates(self.ranking(sp, name, scores=False), act_idx, exp_idx, n, m)
             if self.scores_decide == "grow":  # the scores pick one side only, the control's ranking the other
                 drop = plain_drop
             elif self.scores_decide == "drop":
@@ -559,26 +569,44 @@ class BiDST:
             if self.swap == "capped":
                 n = int((rank[grow] > rank[drop]).long().cumprod(0).sum())
                 drop, grow = drop[:n], grow[:n]
-            if n == 0 or n < self.min_swap_fraction * k:
-                continue
-            stale = exp_idx[:0]
-            if self.explore_refresh > 0:  # the lowest-ranked candidates that were not grown make room for fresh ones
-                rest = exp_idx[~torch.isin(exp_idx, grow)]
-                stale = rest[torch.sort(rank[rest], stable=True).indices[: int(self.explore_refresh * rest.numel())]]
-            self.record_decisions(drop, grow, plain_drop[:n], plain_grow[:n])
+                if n == 0 or n < self.min_swap_fraction * k:
+                    continue
+            # the lowest-ranked candidates that were not grown leave C: `explore_refresh` of them make room for
+            # fresh ones, and any beyond ⌈ρ·k⌉ of a layer that the allocation shrank are not replaced
+            rest = exp_idx[~torch.isin(exp_idx, grow)]
+            excess = rest.numel() - self.explore_size(sp, name, k - drop.numel() + grow.numel())
+            leaving = max(int(self.explore_refresh * rest.numel()), excess)
+            stale = rest[torch.sort(rank[rest], stable=True).indices[:leaving]] if leaving > 0 else exp_idx[:0]
+            self.record_decisions(drop, grow, plain_drop[: drop.numel()], plain_grow[: grow.numel()])
+            self._moved += max(grow.numel() - drop.numel(), 0)
             values = state["shadow"][grow] if self.grow_init == "shadow" else None
             sp.change(name, state["pos"][drop], state["pos"][grow], values)
             self.refill(sp, name, drop, grow, dense_grads, stale)
             changed = True
         return changed
 
+    def grow_counts(self, volumes: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, int]:
+        """Grows per committing layer: as many as it drops, or (`allocate: scores`) the commit's total drops
+        spread over the layers by the learned scores: the candidates of all of them with the highest ψ win,
+        so the upper level moves budget between layers (ψ in SGD units compares across layers; the control,
+        whose ψ is 0, keeps every layer's budget)."""
+        counts = {name: n for name, (_, _, n) in volumes.items()}
+        if self.allocate == "layer" or self.mask_lr == 0 or not volumes:
+            return counts
+        names = list(volumes)
+        psi = torch.cat([self._layers[n]["psi"][volumes[n][1]] for n in names])
+        owner = torch.cat([torch.full((volumes[n][1].numel(),), i, device=psi.device) for i, n in enumerate(names)])
+        best = torch.sort(psi, descending=True, stable=True).indices[: sum(counts.values())]
+        won = torch.bincount(owner[best], minlength=len(names)).tolist()
+        return dict(zip(names, won, strict=True))
+
     @staticmethod
     def swap_candidates(
-        rank: torch.Tensor, act_idx: torch.Tensor, exp_idx: torch.Tensor, n: int
+        rank: torch.Tensor, act_idx: torch.Tensor, exp_idx: torch.Tensor, n: int, m: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The n lowest-ranked actives and the n highest-ranked candidates (indices into C; ties by position)."""
+        """The n lowest-ranked actives and the m highest-ranked candidates (indices into C; ties by position)."""
         drop = act_idx[torch.sort(rank[act_idx], stable=True).indices[:n]]
-        grow = exp_idx[torch.sort(rank[exp_idx], descending=True, stable=True).indices[:n]]
+        grow = exp_idx[torch.sort(rank[exp_idx], descending=True, stable=True).indices[:m]]
         return drop, grow
 
     def record_decisions(
@@ -590,8 +618,10 @@ class BiDST:
 
     def stats(self) -> dict[str, float]:
         """What the learned scores decided: committed drops + grows, and the share of them that the same
-        ranking without ψ (the control's) would not have chosen; 0 means the upper level changed nothing."""
-        return {"swap_decisions": self._swaps, "set_by_scores": self._set_by_scores / self._swaps if self._swaps else 0.0}
+        ranking without ψ (the control's) would not have chosen; 0 means the upper level changed nothing.
+        `budget_moved`: with `allocate: scores`, the grows placed in a layer beyond its own drops."""
+        share = self._set_by_scores / self._swaps if self._swaps else 0.0
+        return {"swap_decisions": self._swaps, "set_by_scores": share, "budget_moved": self._moved}
 
     def refill(
         self,
