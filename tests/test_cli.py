@@ -26,6 +26,23 @@ def test_listings(kind, expected, capsys):
     assert expected in capsys.readouterr().out.split()
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_method_options_listing_loads_back_as_the_defaults(as_json, capsys):
+    """`bidst methods NAME` prints options that paste under method_args: (YAML) or parse as JSON."""
+    import yaml
+
+    from bidst import method_options
+
+    assert main(["methods", "bidst", *(["--json"] if as_json else [])]) == 0
+    out = capsys.readouterr().out
+    assert (json.loads(out) if as_json else yaml.safe_load(out)) == method_options("bidst")
+    assert main(["methods", "dense"]) == 0
+    assert capsys.readouterr().out.strip() == "dense has no options"
+    assert main(["methods", "no-such-method"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown method 'no-such-method'" in err
+
+
 def test_train_writes_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--run-dir", str(run), "--json"]) == 0

@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from .errors import BidstError, SharedError
 from .signals import RunInterrupted
 
@@ -52,6 +54,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_options(name: str, as_json: bool) -> int:
+    """Print method `name`'s options with their defaults, as YAML that pastes under `method_args:` (or JSON)."""
+    from .methods import method_options
+
+    options = method_options(name)
+    if as_json:
+        print(json.dumps(options))
+    elif options:
+        print(yaml.safe_dump(options, sort_keys=False, default_flow_style=False).rstrip())
+    else:
+        print(f"{name} has no options")
+    return 0
+
+
 def _listing(kind: str, as_json: bool) -> int:
     if kind == "methods":
         from .methods import list_methods as names
@@ -80,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in ("methods", "models", "datasets"):
         p = sub.add_parser(kind, help=f"list the registered {kind}")
         p.add_argument("--json", action="store_true")
+        if kind == "methods":
+            p.add_argument("name", nargs="?", help="a method: list its options with their defaults instead")
     sub.add_parser("sweep", help="run a grid of runs from a sweep YAML (see `bidst sweep -h`)", add_help=False)
     sub.add_parser("report", help="tables and plots over run folders (see `bidst report -h`)", add_help=False)
     sub.add_parser("bench", help="time the sparse backend against dense (see `bidst bench -h`)", add_help=False)
@@ -102,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "methods" and args.name:
+            return _method_options(args.name, args.json)
         return _listing(args.command, args.json)
     except BidstError as exc:
         if rank == 0 or not isinstance(exc, SharedError):
