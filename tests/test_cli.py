@@ -33,9 +33,16 @@ def test_method_options_listing_loads_back_as_the_defaults(as_json, capsys):
 
     from bidst import method_options
 
-    assert main(["methods", "bidst", *(["--json"] if as_json else [])]) == 0
-    out = capsys.readouterr().out
-    assert (json.loads(out) if as_json else yaml.safe_load(out)) == method_options("bidst")
+    from bidst.methods import list_methods
+
+    for name in list_methods():
+        assert main(["methods", name, *(["--json"] if as_json else [])]) == 0
+        out = capsys.readouterr().out
+        options = method_options(name)
+        assert (json.loads(out) if as_json else yaml.safe_load(out) if options else {}) == options
+    assert main(["methods", "bidst"]) == 0
+    allocate = [line for line in capsys.readouterr().out.splitlines() if line.startswith("allocate:")]
+    assert len(allocate) == 1 and allocate[0].startswith("allocate: layer  # grows per layer")  # its source comment
     assert main(["methods", "dense"]) == 0
     assert capsys.readouterr().out.strip() == "dense has no options"
     assert main(["methods", "no-such-method"]) == 2

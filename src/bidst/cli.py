@@ -55,15 +55,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _method_options(name: str, as_json: bool) -> int:
-    """Print method `name`'s options with their defaults, as YAML that pastes under `method_args:` (or JSON)."""
-    from .methods import method_options
+    """Print method `name`'s options with their defaults, as commented YAML that pastes under `method_args:` (or JSON)."""
+    from .methods.base import method_options, option_comments
 
-    options = method_options(name)
+    options, comments = method_options(name), option_comments(name)
     if as_json:
         print(json.dumps(options))
-    elif options:
-        print(yaml.safe_dump(options, sort_keys=False, default_flow_style=False).rstrip())
-    else:
+    for key, value in {} if as_json else options.items():
+        line = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]  # "key: value"
+        print(f"{line}  # {comments[key]}" if key in comments else line)
+    if not options and not as_json:
         print(f"{name} has no options")
     return 0
 

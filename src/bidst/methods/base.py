@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -58,6 +60,21 @@ def method_options(name: str) -> dict[str, Any]:
     """The options of method `name` with their defaults."""
     cls = METHODS.get(name)
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+
+
+def option_comments(name: str) -> dict[str, str]:
+    """What each option of method `name` means: the comment beside its field in the source (none where absent)."""
+    options, comments = method_options(name), {}
+    for cls in reversed(METHODS.get(name).__mro__):  # subclasses' comments win, as their defaults do
+        try:
+            lines = inspect.getsourcelines(cls)[0]
+        except (OSError, TypeError):  # builtins, or source not shipped
+            continue
+        for line in lines:
+            found = re.match(r"\s+(\w+)\s*:[^#]*=[^#]*#\s*(.+)$", line)
+            if found and found.group(1) in options:
+                comments[found.group(1)] = found.group(2).strip()
+    return comments
 
 
 def create_method(name: str, **options: Any) -> Method:
