@@ -268,13 +268,14 @@ def test_flag_never_up_means_no_commit():
     assert none == []
 
 
-def test_resume_mid_run_reproduces_uninterrupted_run():
+@pytest.mark.parametrize("options", [{}, {"allocate": "scores"}])
+def test_resume_mid_run_reproduces_uninterrupted_run(options):
     steps, cut = 20, 12
-    full, full_model, _ = _train(steps=steps, mask_interval=5)
+    full, full_model, _ = _train(steps=steps, mask_interval=5, **options)
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=steps, seed=0, mask_interval=5)
+    sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=steps, seed=0, mask_interval=5, **options)
     x, y = make_data()
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(x), (32,), generator=g) for _ in range(steps)]
@@ -285,7 +286,7 @@ def test_resume_mid_run_reproduces_uninterrupted_run():
     saved = (model.state_dict(), opt.state_dict(), sp.state_dict())
     model2 = TinyNet()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    sp2 = bidst.sparsify(model2, opt2, "bidst", 0.8, total_steps=steps, seed=3, mask_interval=5)
+    sp2 = bidst.sparsify(model2, opt2, "bidst", 0.8, total_steps=steps, seed=3, mask_interval=5, **options)
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     sp2.load_state_dict(saved[2])
@@ -296,6 +297,9 @@ def test_resume_mid_run_reproduces_uninterrupted_run():
     assert all(torch.equal(sp2.masks[n], full.masks[n]) for n in full.masks)
     assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), full_model.state_dict().values()))
     assert sp2.method.stats() == full.method.stats() and full.method.stats()["swap_decisions"] > 0
+    assert sp2.budgets == full.budgets
+    if options:  # the allocation really moved budget between layers
+        assert full.method.stats()["budget_moved"] > 0 and full.budgets != full.target_budgets()
 
 
 def test_recorded_costs_match_the_plan_and_match_flops_shortens():
