@@ -50,6 +50,28 @@ def test_method_options_listing_loads_back_as_the_defaults(as_json, capsys):
     assert err.count("\n") == 0 and "unknown method 'no-such-method'" in err
 
 
+def test_print_config_is_a_recipe_of_the_run_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    """--print-config resolves recipe + overrides + the method's defaults into YAML that loads back to itself."""
+    import yaml
+
+    from bidst import method_options
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: bidst\nsparsity: 0.9\nmethod_args: {mask_lr: 0.0}\n")
+    assert main(["train", "--config", str(recipe), "sparsity=0.95", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    data = yaml.safe_load(printed)
+    assert data["sparsity"] == 0.95 and data["distribution"] == "erk"  # the override, the method's default
+    assert data["method_args"] == {**method_options("bidst"), "mask_lr": 0.0}
+    (tmp_path / "full.yaml").write_text(printed)
+    assert main(["train", "--config", str(tmp_path / "full.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    assert not (tmp_path / "runs").exists()
+    assert main(["train", "method=bidst", "method_args.allocate=bogus", "--print-config"]) == 2
+    assert "option 'allocate' of method 'bidst' must be one of" in capsys.readouterr().err
+
+
 def test_train_writes_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--run-dir", str(run), "--json"]) == 0

@@ -9,11 +9,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .errors import BidstError, SharedError
 from .signals import RunInterrupted
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 # flags for the most common config keys; each becomes a `key=value` override
 COMMON_FLAGS = {
@@ -37,6 +41,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir and config_path is None and (Path(args.run_dir) / "config.yaml").exists():
         config_path = str(Path(args.run_dir) / "config.yaml")
     cfg = load_config(config_path, overrides)
+    if args.print_config:
+        return _print_config(cfg)
     if args.resume and not args.run_dir:
         raise BidstError("--resume needs --run-dir, the folder of the run to continue")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
@@ -51,6 +57,21 @@ def _train(args: argparse.Namespace) -> int:
         print(f"final test accuracy: {summary['final_test_acc']:.2f}%")
         print(f"measured sparsity:   {100 * summary['measured_sparsity']:.1f}%")
         print(f"run folder:          {run_dir}")
+    return 0
+
+
+def _print_config(cfg: TrainConfig) -> int:
+    """Print the config a run would use as a YAML recipe, with the method's defaults filled in; train nothing.
+
+    The method and its options are built first, so a bad option fails here as it would at the start of a run.
+    """
+    from .methods import METHODS, create_method, method_options
+
+    create_method(cfg.method, **cfg.method_args)
+    data = cfg.to_dict()
+    data["distribution"] = cfg.distribution or METHODS.get(cfg.method).default_distribution
+    data["method_args"] = {**method_options(cfg.method), **cfg.method_args}
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip())
     return 0
 
 
@@ -92,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (recipe, overrides, the method's defaults) as YAML and exit")
     for key, kind in COMMON_FLAGS.items():
         train.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=f"same as {key}=VALUE")
     for kind in ("methods", "models", "datasets"):
