@@ -46,6 +46,8 @@ def write_run(folder, method, sparsity, seed, acc, mask_lr=None, finished=True):
                    "steps": 30, "epochs": 3,
                    "flops": {"total": FLOPS[method], "relative_to_dense": FLOPS[method] / 2000},
                    "time": {"total": SECONDS[method]}}
+        if method == "bidst":
+            summary["method_stats"] = {"swap_decisions": 100, "set_by_scores": 0.05 * (seed + 1)}
         (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -84,6 +86,12 @@ def test_groups_means_and_relative_costs(runs_dir, capsys):
     ablation = row_of(rows, "bidst", **{"method_args.mask_lr": 0.01})
     assert ablation["test_acc_mean"] == pytest.approx(0.92) and ablation["n"] == 2
     assert row_of(rows, "bidst", **{"method_args.mask_lr": 0.0})["test_acc_mean"] == pytest.approx(0.90)
+    assert ablation["method_stats"] == pytest.approx({"swap_decisions": 100.0, "set_by_scores": 0.075})  # seeds 0, 1
+    assert rigl["method_stats"] == {}
+    table = report.markdown(extra, rows)
+    assert table.splitlines()[0].endswith("| method stats |")
+    assert "| swap_decisions 100, set_by_scores 0.075 |" in table
+    assert all(line.endswith("| 3 | – |") for line in table.splitlines() if line.startswith("| rigl |"))  # no stats
     assert rows[0]["method"] == "dense"  # sorted by sparsity first
 
 

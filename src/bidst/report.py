@@ -218,8 +218,19 @@ def summarize(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
         for name, get in columns.items():
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([get(r) for r in members])
         row["epochs"] = "/".join(sorted({_canon(r.summary.get("epochs")) for r in members}))
+        row["method_stats"] = _stats_means(members)
         rows.append(row)
     return extra, rows
+
+
+def _stats_means(members: Sequence[Run]) -> dict[str, float]:
+    """Mean over a group's runs of each number in their summaries' `method_stats` (e.g. BiDST's set_by_scores)."""
+    values: dict[str, list[float]] = {}
+    for run in members:
+        for key, value in (run.summary.get("method_stats") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values.setdefault(key, []).append(float(value))
+    return {key: statistics.fmean(v) for key, v in values.items()}
 
 
 def _fmt(mean: float | None, std: float | None = None) -> str:
@@ -230,8 +241,9 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
 
 def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     """The report table in Markdown."""
+    stats = any(row.get("method_stats") for row in rows)  # a column only where some method reported stats
     header = ["method", "sparsity", *extra, "n", "test acc", "best val acc",
-              "train FLOPs (× dense)", "time (× dense)", "topology changes", "epochs"]
+              "train FLOPs (× dense)", "time (× dense)", "topology changes", "epochs", *(["method stats"] if stats else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [row["method"], f"{row['sparsity']:g}", *("–" if row[k] is None else _canon(row[k]) for k in extra)]
@@ -239,6 +251,8 @@ def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
         cells += [_fmt(row[f"{c}_mean"], row[f"{c}_std"]) for c in ("test_acc", "best_val_acc")]
         cells += [_fmt(row[f"{c}_mean"]) for c in ("flops_rel", "time_rel", "topology_changes")]
         cells.append(row["epochs"])
+        if stats:
+            cells.append(", ".join(f"{k} {_fmt(v)}" for k, v in row.get("method_stats", {}).items()) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -249,8 +263,14 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ";".join(v) if k == "seeds" else ("" if v is None else v) for k, v in row.items()})
+        writer.writerow({k: ";".join(v) if k == "seeds" else _stats_cell(v) if k == "method_stats"
+                         else ("" if v is None else v) for k, v in row.items()})
     return buffer.getvalue()
+
+
+def _stats_cell(stats: dict[str, float]) -> str:
+    """A CSV cell for a row's method stats: `key=value` pairs joined by semicolons (empty if none)."""
+    return ";".join(f"{k}={v:g}" for k, v in stats.items())
 
 
 # ---- figures -------------------------------------------------------------------------------
