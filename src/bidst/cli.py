@@ -65,12 +65,12 @@ def _print_config(cfg: TrainConfig) -> int:
 
     The method and its options are built first, so a bad option fails here as it would at the start of a run.
     """
-    from .methods import METHODS, create_method, method_options
+    from .methods import create_method, method_options
 
-    create_method(cfg.method, **cfg.method_args)
+    method = create_method(cfg.method, **cfg.method_args)
     data = cfg.to_dict()
-    data["distribution"] = cfg.distribution or METHODS.get(cfg.method).default_distribution
-    data["method_args"] = {**method_options(cfg.method), **cfg.method_args}
+    data["distribution"] = cfg.distribution or method.default_distribution  # as the Sparsifier resolves it
+    data["method_args"] = {key: getattr(method, key) for key in method_options(cfg.method)}
     print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip())
     return 0
 
@@ -79,14 +79,16 @@ def _method_options(name: str, as_json: bool) -> int:
     """Print method `name`'s options with their defaults, as commented YAML that pastes under `method_args:` (or JSON)."""
     from .methods.base import method_options, option_comments
 
-    options, comments = method_options(name), option_comments(name)
+    options = method_options(name)
     if as_json:
         print(json.dumps(options))
-    for key, value in {} if as_json else options.items():
+        return 0
+    if not options:
+        print(f"{name} has no options")
+    comments = option_comments(name)
+    for key, value in options.items():
         line = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]  # "key: value"
         print(f"{line}  # {comments[key]}" if key in comments else line)
-    if not options and not as_json:
-        print(f"{name} has no options")
     return 0
 
 
