@@ -50,6 +50,20 @@ def test_method_options_listing_loads_back_as_the_defaults(as_json, capsys):
     assert err.count("\n") == 0 and "unknown method 'no-such-method'" in err
 
 
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`bidst methods bidst | head -1`: a reader that went away is no traceback, just the exit status of SIGPIPE."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe now fails
+    try:
+        done = subprocess.run([sys.executable, "-m", "bidst", "methods", "bidst"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
+
+
 def test_print_config_is_a_recipe_of_the_run_and_trains_nothing(tmp_path, capsys, monkeypatch):
     """--print-config resolves recipe + overrides + the method's defaults into YAML that loads back to itself."""
     import yaml

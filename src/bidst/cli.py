@@ -131,7 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code: 2 for user errors (one line), 128 + signal after SIGINT/SIGTERM."""
+    """Entry point; returns the exit code: 2 for user errors (one line), 128 + signal after SIGINT/SIGTERM, 141
+    when stdout is a pipe whose reader went away."""
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python flushes at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`bidst methods bidst | head -1`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("sweep", "report", "bench"):  # their own parsers, errors and exit codes
         if argv[0] == "sweep":
