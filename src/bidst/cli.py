@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:
+    """Run the command `argv` names (default: the process's arguments); its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("sweep", "report", "bench"):  # their own parsers, errors and exit codes
         if argv[0] == "sweep":
