@@ -19,12 +19,12 @@ TINY = ["model=mlp", "dataset=synthetic", "train_subset=512", "batch_size=64", "
 
 
 LOAD_DATA = recipe.load_data
-_DATASETS: dict[tuple, tuple[Any, Any, Any]] = {}
+_DATASETS: dict[tuple, tuple[Any, Any, Any, Any]] = {}
 
 
-def _load_data_once(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+def _load_data_once(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
     """`recipe.load_data`, remembered per dataset settings."""
-    key = (cfg.dataset, cfg.data_root, cfg.train_subset, cfg.val_size, cfg.augment)
+    key = (cfg.dataset, cfg.data_root, cfg.train_subset, cfg.val_size, cfg.augment, cfg.holdout_size)
     if key not in _DATASETS:
         _DATASETS[key] = LOAD_DATA(cfg)
     return _DATASETS[key]

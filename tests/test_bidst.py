@@ -108,6 +108,23 @@ LAYERS = [
 ]
 
 
+def _relaxed_psi_grad(model, state, active, theta, rng, tau, x, y) -> torch.Tensor:
+    """dL/dψ by autograd: the loss on (x, y) through the straight-through relaxed mask σ((ψ+G)/τ), with the
+    logistic noise G drawn from generator state `rng` as score_grads draws it."""
+    layer, pos = model.layer, state["pos"]
+    noise = torch.rand(pos.numel(), generator=torch.Generator().set_state(rng)).clamp(1e-6, 1 - 1e-6)
+    psi = state["psi"].clone().requires_grad_(True)
+    relaxed = torch.sigmoid((psi + noise.log() - (-noise).log1p()) / tau)
+    m = active.float() + relaxed - relaxed.detach()
+    weight = torch.zeros(layer.weight.numel()).index_put((pos,), theta * m).view_as(layer.weight)
+    if isinstance(layer, nn.Conv2d):
+        out = layer._conv_forward(x, weight, layer.bias)
+    else:
+        out = nn.functional.linear(x, weight, layer.bias)
+    loss = nn.functional.cross_entropy(model.head(torch.tanh(out).flatten(1)), y)
+    return torch.autograd.grad(loss, psi)[0]
+
+
 # {}: E's gradient read off param.grad by the engine; mask_rows < 1 (all rows at this size): captured
 # inputs and output gradients, products at E only (bidst.sampled), the path of the unrolled mode
 @pytest.mark.parametrize("options", [{}, {"mask_rows": 0.9999}], ids=["engine", "captured"])
@@ -122,20 +139,39 @@ def test_score_gradients_equal_autograd_of_relaxed_objective(make, features, x_s
     _backward(sp, model, x, y)
     assert bool(method._captures) == bool(options) and bool(sp.sampled_grads) != bool(options)
     psi_grads, _ = method.score_grads(sp, step=1)
-    # reference: straight-through relaxed mask σ((ψ+G)/τ) with the same logistic noise, by autograd
-    noise = torch.rand(pos.numel(), generator=torch.Generator().set_state(rng)).clamp(1e-6, 1 - 1e-6)
-    psi = state["psi"].clone().requires_grad_(True)
-    tau = method.temperature(1, sp)
-    relaxed = torch.sigmoid((psi + noise.log() - (-noise).log1p()) / tau)
-    m = active.float() + relaxed - relaxed.detach()
-    weight = torch.zeros(layer.weight.numel()).index_put((pos,), theta * m).view_as(layer.weight)
-    if isinstance(layer, nn.Conv2d):
-        out = layer._conv_forward(x, weight, layer.bias)
-    else:
-        out = nn.functional.linear(x, weight, layer.bias)
-    loss = nn.functional.cross_entropy(model.head(torch.tanh(out).flatten(1)), y)
-    (expected,) = torch.autograd.grad(loss, psi)
+    expected = _relaxed_psi_grad(model, state, active, theta, rng, method.temperature(1, sp), x, y)
     torch.testing.assert_close(psi_grads["layer.weight"], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,features,x_shape", LAYERS)
+def test_held_out_scores_follow_the_held_out_batch_and_shadows_the_training_batch(make, features, x_shape):
+    """upper_data: holdout: dL/dψ is the relaxed objective's gradient on the held-out batch, while the
+    shadow weights' gradient is still the training batch's and the training gradient is left as it was."""
+    held = []
+
+    def holdout_batches(j):
+        g = torch.Generator().manual_seed(100 + j)
+        held.append((torch.randn(x_shape, generator=g), torch.randint(0, 3, (x_shape[0],), generator=g)))
+        return held[-1]
+
+    sp, model, method, state, x, y = _sparsified(make(), features, x_shape, upper_data="holdout",
+                                                 holdout_batches=holdout_batches)  # fmt: skip
+    layer = model.layer
+    active = sp.masks["layer.weight"].view(-1)[state["pos"]]
+    theta = torch.where(active, layer.weight.detach().view(-1)[state["pos"]], state["shadow"])
+    rng = sp.rng.get_state()
+    _backward(sp, model, x, y)
+    train_grad = layer.weight.grad.clone()
+    psi_grads, grads = method.score_grads(sp, step=1)
+    assert len(held) == 1 and method._holdout_draws == 1
+    tau = method.temperature(1, sp)
+    expected = _relaxed_psi_grad(model, state, active, theta, rng, tau, *held[0])
+    torch.testing.assert_close(psi_grads["layer.weight"], expected, rtol=1e-4, atol=1e-6)
+    on_train = _relaxed_psi_grad(model, state, active, theta, rng, tau, x, y)
+    assert not torch.allclose(psi_grads["layer.weight"], on_train, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(grads["layer.weight"], train_grad.view(-1)[state["pos"]], rtol=1e-4, atol=1e-6)
+    assert torch.equal(layer.weight.grad, train_grad)
+    assert sp.costs["mask_learning"] > 0
 
 
 def test_implicit_diag_matches_its_formula():
@@ -268,7 +304,17 @@ def test_flag_never_up_means_no_commit():
     assert none == []
 
 
-@pytest.mark.parametrize("options", [{}, {"allocate": "scores"}])
+def _holdout_batches(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out batch j for TinyNet: 16 items of other data than the training stream's."""
+    x, y = make_data(64, seed=7)
+    idx = torch.randperm(64, generator=torch.Generator().manual_seed(j))[:16]
+    return x[idx], y[idx]
+
+
+HOLDOUT = {"upper_data": "holdout", "holdout_batches": _holdout_batches}
+
+
+@pytest.mark.parametrize("options", [{}, {"allocate": "scores"}, HOLDOUT], ids=["default", "allocate", "holdout"])
 def test_resume_mid_run_reproduces_uninterrupted_run(options):
     steps, cut = 20, 12
     full, full_model, _ = _train(steps=steps, mask_interval=5, **options)
@@ -298,8 +344,37 @@ def test_resume_mid_run_reproduces_uninterrupted_run(options):
     assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), full_model.state_dict().values()))
     assert sp2.method.stats() == full.method.stats() and full.method.stats()["swap_decisions"] > 0
     assert sp2.budgets == full.budgets
-    if options:  # the allocation really moved budget between layers
+    if "allocate" in options:  # the allocation really moved budget between layers
         assert full.method.stats()["budget_moved"] > 0 and full.budgets != full.target_budgets()
+    if "upper_data" in options:  # the resumed run went on with the held-out batches it had not used
+        assert sp2.method._holdout_draws == full.method._holdout_draws == full.method._learn_steps > 0
+
+
+def test_held_out_costs_match_the_plan_and_scores_differ_from_training_data_scores():
+    sp, model, _ = _train(steps=40, mask_interval=5, learn_every=2, **HOLDOUT)
+    x, _ = make_data(32)
+    rows = layer_rows(model, sp.modules, x)
+    plan = planned_flops(sp, sp.method, rows, sp.total_steps)
+    assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
+    on_train, _, _ = _train(steps=40, mask_interval=5, learn_every=2)
+    assert plan["mask_learning"] > planned_flops(on_train, on_train.method, rows, 40)["mask_learning"]
+    assert sp.costs["mask_learning"] > on_train.costs["mask_learning"]
+    assert any(not torch.equal(a["psi"], b["psi"]) for a, b in zip(sp.method._layers.values(),
+                                                                      on_train.method._layers.values()))
+
+
+def test_held_out_pass_leaves_batch_norm_statistics_to_the_training_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    shifted = lambda j: (torch.randn(16, 6) + 5.0, torch.randint(0, 3, (16,)))  # noqa: E731
+    sp = bidst.sparsify(model, opt, "bidst", 0.5, total_steps=20, learn_every=1, upper_data="holdout",
+                        holdout_batches=shifted, filter_fn=lambda m, n: isinstance(m, nn.Linear))  # fmt: skip
+    nn.functional.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 3, (16,))).backward()
+    stats = [b.clone() for b in model[1].buffers()]
+    sp.step()
+    assert sp.method._holdout_draws == 1
+    assert all(torch.equal(a, b) for a, b in zip(model[1].buffers(), stats))
 
 
 def test_recorded_costs_match_the_plan_and_match_flops_shortens():
@@ -482,6 +557,12 @@ def test_bad_options_are_clear_errors():
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, row_sampling="importance")
     with pytest.raises(bidst.BidstError, match="scores_decide"):
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, scores_decide="neither")
+    with pytest.raises(bidst.BidstError, match="upper_data 'holdout' needs held-out batches: set holdout_size"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, upper_data="holdout")
+    with pytest.raises(bidst.BidstError, match="not 'unrolled'"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, hypergradient="unrolled", **HOLDOUT)
+    with pytest.raises(bidst.BidstError, match="use backend 'masked'"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, backend="sparse", **HOLDOUT)
 
 
 def test_every_bidst_recipe_loads_with_valid_options():

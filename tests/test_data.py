@@ -17,6 +17,7 @@ from bidst.data import (
     DatasetInfo,
     create_dataset,
     dataset_info,
+    indexed_batches,
     list_datasets,
     make_loader,
     num_batches,
@@ -494,6 +495,37 @@ def test_loader_workers_match_in_process() -> None:
     ds = create_dataset("synthetic-rgb", "val", val_size=200, augment=True)
     kw = dict(batch_size=32, shuffle=True, seed=1, epoch=0, start_batch=2)
     assert_same(batches(ds, num_workers=2, **kw), batches(ds, **kw))
+
+
+def test_indexed_batches_are_a_reshuffled_stream_per_rank() -> None:
+    ds = indexed_dataset(50)
+    draw = indexed_batches(ds, batch_size=16, seed=3)
+    first = [draw(j) for j in range(3)]  # one pass: 3 batches of 16 out of 50 items, none repeated
+    assert_same(first, [indexed_batches(ds, batch_size=16, seed=3)(j) for j in range(3)])  # a pure function of j
+    labels = torch.cat([y for _, y in first])
+    assert len(labels) == 48 and len(set(labels.tolist())) == 48
+    assert not torch.equal(draw(3)[1], first[0][1])  # the next pass reshuffles
+    assert not torch.equal(indexed_batches(ds, batch_size=16, seed=4)(0)[1], first[0][1])
+    shards = [indexed_batches(ds, batch_size=16, seed=3, rank=r, world_size=2)(1) for r in range(2)]
+    assert [len(y) for _, y in shards] == [8, 8] and not set(shards[0][1].tolist()) & set(shards[1][1].tolist())
+    with pytest.raises(BidstError, match="held-out batch of 64 items needs at least that many"):
+        indexed_batches(ds, batch_size=64, seed=0)
+
+
+def test_holdout_items_are_carved_out_of_training() -> None:
+    from bidst.config import load_config
+    from bidst.recipe import load_data
+
+    cfg = load_config(None, ["dataset=synthetic", "train_subset=300", "val_size=100", "holdout_size=60"])
+    train, holdout, _, _ = load_data(cfg)
+    plain, none, _, _ = load_data(load_config(None, ["dataset=synthetic", "train_subset=300", "val_size=100"]))
+    assert none is None and (len(train), len(holdout), len(plain)) == (240, 60, 300)
+    rows = {tuple(img.flatten().tolist()) for img in plain.images}
+    train_rows = {tuple(img.flatten().tolist()) for img in train.images}
+    held_rows = {tuple(img.flatten().tolist()) for img in holdout.images}
+    assert train_rows | held_rows == rows and not train_rows & held_rows
+    with pytest.raises(BidstError, match="holdout_size 300 must be below the 300 training items"):
+        load_data(load_config(None, ["dataset=synthetic", "train_subset=300", "val_size=100", "holdout_size=300"]))
 
 
 def test_loader_plain_dataset() -> None:

@@ -74,6 +74,21 @@ def test_resume_single_process_matches_uninterrupted(method, single, scratch):
         assert_same_run(full, part)
 
 
+def test_resume_with_held_out_upper_level_matches_uninterrupted(scratch):
+    """BiDST learning its scores on held-out items (holdout_size, upper_data: holdout) resumes exactly."""
+    extra = ("holdout_size=64", "holdout_batch=16", "method_args.upper_data=holdout", "method_args.mask_interval=3",
+             "method_args.learn_every=2")
+    full = scratch / "bidst-holdout"
+    summary = train(tiny_config("bidst", *extra), full)
+    assert change_steps(full) and summary["flops"]["mask_learning"] > 0
+    assert final_state(full)["sparsifier"]["method_state"]["holdout_draws"] > 0
+    for stop in stop_steps(full):
+        part = scratch / f"bidst-holdout-stop{stop}"
+        stopped_copy(full, part, stop)
+        train(tiny_config("bidst", *extra), part, resume=True)
+        assert_same_run(full, part)
+
+
 # -- 2-process DDP ----------------------------------------------------------------------------------------------
 
 
@@ -344,3 +359,21 @@ def test_torchrun_two_nodes_equals_spawned_ddp(ddp, tmp_path):
     summaries = [line for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # rank 0 alone reports
     assert_same_run(ddp / "rigl-full", run)
+
+
+def test_threads_setting_holds_after_torch_has_run(tmp_path):
+    """`threads: 1` in a process whose torch already ran parallel ops: Numba's pool starting must not reset torch's
+    thread count to all cores (a fresh process, so Numba's pool is not started yet)."""
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "torch.ones(1 << 20).sum()\n"
+        "from _runs import tiny_config\n"
+        "from bidst.recipe import train\n"
+        "train(tiny_config('rigl', 'epochs=1'), sys.argv[2])\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    assert out.stdout.split()[-1] == "1"

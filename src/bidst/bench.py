@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--reps and --block must be at least 1, got {args.reps} and {args.block}")
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures one thread only")
+    numba.set_num_threads(args.threads)  # first: starting Numba's OpenMP pool resets torch's thread count
     torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
     timer = Timer(time.process_time if args.clock == "cpu" else time.perf_counter,
                   min if args.stat == "min" else statistics.median, args.reps, args.block)  # fmt: skip
     out = [

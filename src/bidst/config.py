@@ -24,6 +24,8 @@ class TrainConfig:
     val_size: int = 5000  # validation images carved out of the training set (for choosing defaults)
     augment: bool = False  # the dataset's standard augmentation
     train_subset: int = 0  # train on the first N training items only (quick runs); 0: all
+    holdout_size: int = 0  # training items the weights never see, for BiDST's upper_data: holdout; 0: none
+    holdout_batch: int = 0  # items per held-out batch (the global batch, like batch_size); 0: batch_size
     # how to sparsify it
     method: str = "rigl"  # see `bidst methods`
     sparsity: float = 0.9  # fraction of zero weights over the sparsified layers
@@ -143,8 +145,9 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
     for key, choices in CHOICES.items():
         if key in values and values[key] not in choices:
             raise BidstError(f"config key {key!r} must be one of {', '.join(choices)}, got {values[key]!r}")
-    if values.get("train_subset", 0) < 0:
-        raise BidstError(f"config key 'train_subset' must be >= 0, got {values['train_subset']}")
+    for key in ("train_subset", "holdout_size", "holdout_batch"):
+        if values.get(key, 0) < 0:
+            raise BidstError(f"config key {key!r} must be >= 0, got {values[key]}")
     for key in ("epochs", "batch_size"):
         if key in values and values[key] <= 0:
             raise BidstError(f"config key {key!r} must be positive, got {values[key]}")

@@ -81,6 +81,7 @@ class Sparsifier:
         init_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         backend: str = "masked",
+        holdout_batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         backends.check_backend(backend, method, model)
         self.sparsity = check_sparsity(sparsity)
@@ -93,6 +94,8 @@ class Sparsifier:
         self.steps_per_epoch = steps_per_epoch
         self.distribution = distribution or method.default_distribution
         self.init_batch = init_batch
+        # batch j of data the weights never train on, for an upper level posed on other data (BiDST's upper_data)
+        self.holdout_batches = holdout_batches
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.step_count = 0
         self.topology_changes = 0
@@ -496,6 +499,7 @@ def sparsify(
     init_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     backend: str = "masked",
+    holdout_batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     **method_options: Any,
 ) -> Sparsifier:
     """Make `model` sparse with DST `method`; call the returned object's `step()` instead of `optimizer.step()`.
@@ -504,6 +508,8 @@ def sparsify(
     "masked" keeps dense weights times masks; "sparse" swaps the layers for `bidst.sparse` ones
     in place and puts their compact values into `optimizer` in place of the dense weights, so
     build the optimizer before calling this, as usual, and any later one from `model.parameters()`.
+    `holdout_batches(j)` returns the j-th (inputs, targets) batch of data kept out of training, for
+    a method whose upper level learns on it (BiDST with `upper_data="holdout"`).
     """
     if method == "dense":
         sparsity = 0.0
@@ -522,5 +528,6 @@ def sparsify(
         init_batch=init_batch,
         loss_fn=loss_fn,
         backend=backend,
+        holdout_batches=holdout_batches,
     )
 

@@ -20,7 +20,7 @@ from . import distributed
 from .budget import layer_rows, matched_steps
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig, build_config
-from .data import create_dataset, dataset_info, make_loader
+from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, indexed_batches, make_loader
 from .engine import Sparsifier, sparsify
 from .errors import BidstError, SharedError
 from .evolution import MaskEvolution
@@ -173,14 +173,27 @@ def check_checkpoint(state: dict[str, Any], cfg: TrainConfig, path: Path) -> Non
         raise BidstError(f"checkpoint {path} does not match this run: its config differs in {', '.join(diff)}")
 
 
-def load_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
-    """The train (or its first `train_subset` items), validation (None if val_size is 0) and test sets."""
+def load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
+    """The train set (its first `train_subset` items less the held-out ones), the held-out set (`holdout_size`
+    fixed items of the former, unaugmented; None if 0), the validation set (None if val_size is 0) and the test set."""
     train_set = create_dataset(cfg.dataset, "train", root=cfg.data_root, val_size=cfg.val_size, augment=cfg.augment)
     if cfg.train_subset:
         train_set = train_set.subset(torch.arange(min(cfg.train_subset, len(train_set))))
+    holdout_set = None
+    if cfg.holdout_size:
+        if cfg.holdout_size >= len(train_set):
+            raise BidstError(f"holdout_size {cfg.holdout_size} must be below the {len(train_set)} training items")
+        plain = train_set
+        if cfg.augment:
+            plain = create_dataset(cfg.dataset, "train", root=cfg.data_root, val_size=cfg.val_size)
+            if cfg.train_subset:
+                plain = plain.subset(torch.arange(len(train_set)))
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(HOLDOUT_SPLIT_SEED))
+        holdout_set = plain.subset(order[: cfg.holdout_size].sort().values)
+        train_set = train_set.subset(order[cfg.holdout_size :].sort().values)
     val_set = create_dataset(cfg.dataset, "val", root=cfg.data_root, val_size=cfg.val_size) if cfg.val_size else None
     test_set = create_dataset(cfg.dataset, "test", root=cfg.data_root, val_size=cfg.val_size)
-    return train_set, val_set, test_set
+    return train_set, holdout_set, val_set, test_set
 
 
 def step_stats(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, stop: StopSignals) -> tuple[float, int, int]:
@@ -210,13 +223,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))  # refuses before any work is done
     if cfg.threads > 0:  # the sparse backend's Numba kernels too: more threads than free cores stall them
-        torch.set_num_threads(cfg.threads)
+        # Numba first: starting its OpenMP pool resets the process's OpenMP thread count, torch's included
         numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams
 
     # data: each rank reads its DistributedSampler-style shard of every global batch
     info = dataset_info(cfg.dataset)
-    train_set, val_set, test_set = distributed.each_node_first(lambda: load_data(cfg))
+    train_set, holdout_set, val_set, test_set = distributed.each_node_first(lambda: load_data(cfg))
 
     def train_loader(epoch: int, start_batch: int = 0) -> Any:
         return make_loader(train_set, batch_size=cfg.batch_size // world, shuffle=True, seed=cfg.seed, epoch=epoch,
@@ -236,10 +250,20 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     model = net if cfg.backend == "sparse" else distributed.wrap(net, device)
     optimizer = make_optimizer(cfg, model)
     init_x, init_y = next(iter(train_loader(0)))
+    holdout_batches = None
+    if holdout_set is not None:
+        draw = indexed_batches(holdout_set, batch_size=cfg.holdout_batch or cfg.batch_size, seed=cfg.seed, rank=rank,
+                               world_size=world)  # fmt: skip
+
+        def holdout_batches(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = draw(j)
+            return x.to(device), y.to(device)
+
     sparsifier: Sparsifier = sparsify(
         model, optimizer, cfg.method, cfg.sparsity, total_steps=total_steps, distribution=cfg.distribution,
         steps_per_epoch=steps_per_epoch, dense_first=cfg.dense_first, dense_last=cfg.dense_last, seed=cfg.seed,
-        init_batch=(init_x.to(device), init_y.to(device)), backend=cfg.backend, **cfg.method_args,
+        init_batch=(init_x.to(device), init_y.to(device)), backend=cfg.backend, holdout_batches=holdout_batches,
+        **cfg.method_args,
     )
     if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
         rows = layer_rows(model, sparsifier.modules, init_x.to(device))

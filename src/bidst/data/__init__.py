@@ -7,14 +7,16 @@ import torch
 from ..errors import BidstError
 from . import cifar, idx, imagenet, synthetic  # noqa: F401  (modules register their datasets on import)
 from .base import DATASETS, BatchDataset, DatasetInfo
-from .loader import EpochLoader, make_loader, num_batches
+from .loader import EpochLoader, indexed_batches, make_loader, num_batches
 
 __all__ = [
     "BatchDataset",
     "DatasetInfo",
     "EpochLoader",
+    "HOLDOUT_SPLIT_SEED",
     "create_dataset",
     "dataset_info",
+    "indexed_batches",
     "list_datasets",
     "make_loader",
     "num_batches",
@@ -22,6 +24,7 @@ __all__ = [
 
 SPLITS = ("train", "val", "test")
 VAL_SPLIT_SEED = 20240601  # fixed, independent of any run seed: every run sees the same validation items
+HOLDOUT_SPLIT_SEED = 20240602  # the same for the items a run holds out of training (`holdout_size`)
 
 
 def list_datasets() -> list[str]:

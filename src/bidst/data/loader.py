@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ..errors import BidstError
 from .base import BatchDataset
 
-PERMUTATION, AUGMENTATION = 0, 1  # stream tags, so the order and the augmentation draw from unrelated seeds
+PERMUTATION, AUGMENTATION, HOLDOUT = 0, 1, 2  # stream tags, so order, augmentation and held-out draws are unrelated
 
 
 def derive_seed(*parts: int) -> int:
@@ -101,3 +101,27 @@ def make_loader(
         dataset, order, batch_size=batch_size, num_batches=total, start_batch=min(start_batch, total),
         seed=seed, epoch=epoch, rank=rank, num_workers=num_workers,
     )  # fmt: skip
+
+
+def indexed_batches(
+    dataset: BatchDataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> Callable[[int], tuple[Tensor, Tensor]]:
+    """batch(j): this rank's share of the j-th `batch_size` batch of an endless reshuffled stream over `dataset`.
+
+    A pure function of (seed, j, rank), so a resumed run draws what an uninterrupted one would (it
+    serves held-out data, e.g. to BiDST's upper level).
+    """
+    per = num_batches(len(dataset), batch_size=batch_size // world_size, world_size=world_size, drop_last=True)
+    if batch_size % world_size or per == 0:
+        raise BidstError(f"a held-out batch of {batch_size} items needs at least that many held-out items "
+                         f"({len(dataset)}) and a multiple of the {world_size} processes")
+    local = batch_size // world_size
+
+    def batch(j: int) -> tuple[Tensor, Tensor]:
+        order = epoch_order(len(dataset), shuffle=True, seed=derive_seed(HOLDOUT, seed), epoch=j // per,
+                            rank=rank, world_size=world_size)  # fmt: skip
+        b = j % per
+        generator = torch.Generator().manual_seed(derive_seed(HOLDOUT, seed, j, rank))  # any augmentation, seeded
+        return dataset.get_batch(order[b * local : (b + 1) * local], generator)
+
+    return batch

@@ -73,11 +73,14 @@ class BiDST:
     consistency: float = 0.0  # γ: candidates rank by ψ + log|θ_E| + γ·log(|Σ steps| / √Σ steps²) (sign consistency)
     scores_decide: str = "both"  # which swaps the learned ranking picks: both | grow | drop (the other side ranks without ψ)
     allocate: str = "layer"  # grows per layer: layer (as many as it drops) | scores (the commit's grows go to the top ψ of all layers)
+    upper_data: str = "train"  # the scores' gradient from the step's training batch, or "holdout": held-out batches (masked)
     _layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _learn_steps: int = field(default=0, init=False, repr=False)
     _swaps: int = field(default=0, init=False, repr=False)  # committed drops + grows
     _set_by_scores: int = field(default=0, init=False, repr=False)  # of those, the ones the ranking without ψ would not make
     _moved: int = field(default=0, init=False, repr=False)  # grows placed beyond their layer's drops (allocate: scores)
+    _holdout_draws: int = field(default=0, init=False, repr=False)  # held-out batches used so far (upper_data: holdout)
+    _holdout_rows: dict[str, int] | None = field(default=None, init=False, repr=False)  # per layer, for the cost plan
     _captures: dict[str, list[list[Any]]] = field(default_factory=dict, init=False, repr=False)
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False)
     _extra_pass: bool = field(default=False, init=False, repr=False)
@@ -110,6 +113,10 @@ class BiDST:
         require_range(self.name, "consistency", self.consistency, 0.0, float("inf"))
         require_choice(self.name, "scores_decide", self.scores_decide, ("both", "grow", "drop"))
         require_choice(self.name, "allocate", self.allocate, ("layer", "scores"))
+        require_choice(self.name, "upper_data", self.upper_data, ("train", "holdout"))
+        if self.upper_data == "holdout" and self.hypergradient == "unrolled":
+            raise BidstError("option 'upper_data: holdout' of method 'bidst' takes the first-order family of "
+                             "hypergradients, not 'unrolled'")
         if self.allocate == "scores" and self.swap != "forced":
             raise BidstError("option 'allocate: scores' of method 'bidst' needs swap 'forced' (a fixed number of drops)")
         if not isinstance(self.check_grad, bool):
@@ -140,7 +147,7 @@ class BiDST:
         subsampling), which the masked backend captures; otherwise the engine serves the candidates'
         gradients (`sampled_positions`): the sparse kernels sample them, the masked backend reads them
         off the dense gradient autograd computes anyway, with no host synchronisation per product."""
-        return self.hypergradient == "unrolled" or self.mask_rows < 1.0
+        return self.hypergradient == "unrolled" or self.mask_rows < 1.0 or self.upper_data == "holdout"
 
     def sub_rows(self, rows: int) -> int:
         """Rows the sampled gradient at E sums over, out of `rows`: round(mask_rows·rows), at least 1."""
@@ -158,6 +165,12 @@ class BiDST:
             raise BidstError("hypergradient 'unrolled' sets trial weights in dense layers: use backend 'masked'")
         if sp.backend == "sparse" and self.mask_rows < 1.0:
             raise BidstError("mask_rows < 1 subsamples captured rows, which backend 'sparse' does not capture: use 'masked'")
+        if self.upper_data == "holdout":
+            if sp.backend == "sparse":
+                raise BidstError("upper_data 'holdout' runs extra passes over dense layers: use backend 'masked'")
+            if sp.holdout_batches is None:
+                raise BidstError("upper_data 'holdout' needs held-out batches: set holdout_size in the recipe "
+                                 "(or pass holdout_batches to sparsify)")
         sp.random_masks()
         for name in sp.sparse_names():
             module = sp.modules[name]
@@ -220,6 +233,7 @@ class BiDST:
             "layers": {n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in self._layers.items()},
             "learn_steps": self._learn_steps,
             "decisions": {"swaps": self._swaps, "set_by_scores": self._set_by_scores, "moved": self._moved},
+            "holdout_draws": self._holdout_draws,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -232,6 +246,7 @@ class BiDST:
         decisions = state.get("decisions", {})  # absent from older states
         self._swaps, self._set_by_scores = int(decisions.get("swaps", 0)), int(decisions.get("set_by_scores", 0))
         self._moved = int(decisions.get("moved", 0))
+        self._holdout_draws = int(state.get("holdout_draws", 0))  # absent from older states
 
     def sampled_positions(self, step: int, sp: Sparsifier) -> dict[str, torch.Tensor] | None:
         """At learning steps, the exploration candidates E, whose gradient the engine reports (see `captures`)."""
@@ -395,8 +410,29 @@ class BiDST:
         if self.hypergradient == "unrolled" and entries:
             mask_grads = self.unrolled_mask_grads(sp, grads, thetas, {n: entries[n] for n in grads})
         else:
-            mask_grads = {n: self.mask_grad(sp, n, grads[n], thetas[n], relaxed[n], batches[n]) for n in grads}
+            upper = grads
+            if self.upper_data == "holdout" and grads:
+                upper, batches = self.holdout_grads(sp, list(grads))
+            mask_grads = {n: self.mask_grad(sp, n, upper[n], thetas[n], relaxed[n], batches[n]) for n in grads}
         return {n: mask_grads[n] * relaxed[n] * (1 - relaxed[n]) / tau for n in grads}, grads
+
+    def holdout_grads(self, sp: Sparsifier, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """(g over C, batch size) per layer on the next held-out batch at the current weights: the upper
+        level's own data (upper_data: holdout); its forward and backward are counted as mask learning."""
+        batch = cast(Any, sp.holdout_batches)(self._holdout_draws)
+        self._holdout_draws += 1
+        current = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]] for n in names}
+        buffers = [b.detach().clone() for b in sp.model.buffers()]  # batch-norm statistics see training data only
+        try:
+            grads, rows = self.extra_pass(sp, batch, current)
+        finally:
+            with torch.no_grad():
+                for buf, value in zip(sp.model.buffers(), buffers):
+                    buf.copy_(value)
+        for n in names:
+            sp.add_cost("mask_learning", (4.0 * sp.budgets[n] + 2.0 * current[n].numel()) * rows[n])
+        size = int(batch[0].shape[0])
+        return grads, dict.fromkeys(names, size)
 
     def mask_grad(
         self, sp: Sparsifier, name: str, grads: torch.Tensor, theta: torch.Tensor, relaxed: torch.Tensor, batch: int
@@ -480,11 +516,11 @@ class BiDST:
         saved = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]].clone() for n in names}
         buffers = [b.detach().clone() for b in sp.model.buffers()]
         try:
-            g_virtual = self.extra_pass(sp, batch, {n: virtual[n] * masks[n] for n in names})
+            g_virtual = self.extra_pass(sp, batch, {n: virtual[n] * masks[n] for n in names})[0]
             u = {n: masks[n] * g_virtual[n] for n in names}
             eps = self.unroll_eps / max(math.sqrt(sum(float(v.pow(2).sum()) for v in u.values())), 1e-12)
-            plus = self.extra_pass(sp, batch, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})
-            minus = self.extra_pass(sp, batch, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})
+            plus = self.extra_pass(sp, batch, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})[0]
+            minus = self.extra_pass(sp, batch, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})[0]
         finally:
             with torch.no_grad():
                 for n in names:
@@ -502,8 +538,8 @@ class BiDST:
 
     def extra_pass(
         self, sp: Sparsifier, batch: tuple[torch.Tensor, torch.Tensor], values: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Forward and backward of the step's batch with the weights at C set to `values`: g over C.
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Forward and backward of `batch` with the weights at C set to `values`: (g over C, output rows) per layer.
 
         Only input gradients are propagated (no dense weight gradient, param.grad untouched); the
         gradients over C are sampled products from the captured layer inputs and output gradients.
@@ -524,8 +560,9 @@ class BiDST:
         finally:
             self._extra_pass = False
         out = {n: self.candidate_grads(sp, n, self._captures[n], actives_from_grad=False) for n in values}
+        rows = {n: sum(output_rows(sp.modules[n], gout) for _, _, gout in self._captures[n]) for n in values}
         self._captures.clear()
-        return out
+        return out, rows
 
     # -- the topology flag -------------------------------------------------------------
     def ranking(self, sp: Sparsifier, name: str, scores: bool = True) -> torch.Tensor:
@@ -683,12 +720,22 @@ class BiDST:
             state[key] = torch.cat([state[key], additions[key].to(state[key].dtype)])
 
     # -- cost plan (for matching training FLOPs before a run) -----------------------------
+    def holdout_rows(self, sp: Sparsifier) -> dict[str, int]:
+        """Output rows of each layer on a held-out batch (one no-grad forward of batch 0, measured once)."""
+        if self._holdout_rows is None:
+            from ..budget import layer_rows  # budget imports the method registry: import at call time
+
+            inputs = cast(Any, sp.holdout_batches)(0)[0]
+            self._holdout_rows = layer_rows(sp.model, {n: sp.modules[n] for n in sp.sparse_names()}, inputs)
+        return self._holdout_rows
+
     def planned_costs(self, sp: Sparsifier, rows: dict[str, int]) -> dict[str, float]:
         """FLOPs of this method's own work over the run (dense gradients excluded: the engine plans those).
 
         `rows` maps each layer to its output positions times batch size for one step.
         """
         learn_steps = sum(1 for s in range(1, sp.total_steps + 1) if self.learns(s, sp))
+        held = self.holdout_rows(sp) if self.upper_data == "holdout" else None
         mask, unrolled = 0.0, 0.0
         for name in sp.sparse_names():
             k = sp.budgets[name]
@@ -700,6 +747,8 @@ class BiDST:
                 mask += CONSISTENCY_FLOPS * e
             if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:
                 mask += 2.0 * rows[name] * int(sp.modules[name].weight.shape[0])
+            if held is not None:  # the held-out batch's forward, input gradient and products at C
+                mask += (4.0 * k + 2.0 * (k + e)) * held[name]
             unrolled += UNROLLED_PASSES * (4.0 * k + 2.0 * (k + e)) * rows[name]
         costs = {"mask_learning": learn_steps * mask}
         if self.check_grad and self.explore == "gradient":  # one exact shadow step per dense gradient
