@@ -195,7 +195,7 @@ def _sharded_eval() -> list[float]:
     """Accuracy on 1001 items (an odd split) by sharded `evaluate`, and by one plain pass over all of them."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    test_set = TensorImageDataset.subset(LOAD_DATA(tiny_config("dense"))[2], torch.arange(1001))
+    test_set = TensorImageDataset.subset(LOAD_DATA(tiny_config("dense"))[3], torch.arange(1001))
     x, y = test_set.get_batch(torch.arange(1001), None)
     with torch.no_grad():
         plain = 100.0 * int((net(x).argmax(1) == y).sum()) / 1001
