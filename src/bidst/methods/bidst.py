@@ -12,6 +12,8 @@ Every `mask_interval` steps a flag decides whether each layer's top-k topology i
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -34,6 +36,18 @@ ADAM_EPS = 1e-8
 HYPERGRADIENTS = ("first_order", "implicit_diag", "unrolled", "second_order_diag")
 LAYER_KEYS = ("pos", "psi", "shadow", "m1", "m2", "sq")  # per-layer state, aligned over the candidate set
 CONSISTENCY_FLOPS = 3  # per candidate and learning step: square the shadow step, accumulate
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put the model's buffers (batch-norm statistics) back as they were after the extra passes inside."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in zip(model.buffers(), saved):
+                buf.copy_(value)
 
 
 @METHODS.register("bidst")
@@ -422,13 +436,8 @@ class BiDST:
         batch = cast(Any, sp.holdout_batches)(self._holdout_draws)
         self._holdout_draws += 1
         current = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]] for n in names}
-        buffers = [b.detach().clone() for b in sp.model.buffers()]  # batch-norm statistics see training data only
-        try:
+        with buffers_kept(sp.model):  # batch-norm statistics follow the training data only
             grads, rows = self.extra_pass(sp, batch, current)
-        finally:
-            with torch.no_grad():
-                for buf, value in zip(sp.model.buffers(), buffers):
-                    buf.copy_(value)
         for n in names:
             sp.add_cost("mask_learning", (4.0 * sp.budgets[n] + 2.0 * current[n].numel()) * rows[n])
         size = int(batch[0].shape[0])
@@ -514,19 +523,17 @@ class BiDST:
         lrs = {n: float(self.param_group(sp, n)["lr"]) for n in names}
         virtual = {n: thetas[n] - lrs[n] * masks[n] * grads[n] for n in names}
         saved = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]].clone() for n in names}
-        buffers = [b.detach().clone() for b in sp.model.buffers()]
         try:
-            g_virtual = self.extra_pass(sp, batch, {n: virtual[n] * masks[n] for n in names})[0]
-            u = {n: masks[n] * g_virtual[n] for n in names}
-            eps = self.unroll_eps / max(math.sqrt(sum(float(v.pow(2).sum()) for v in u.values())), 1e-12)
-            plus = self.extra_pass(sp, batch, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})[0]
-            minus = self.extra_pass(sp, batch, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})[0]
+            with buffers_kept(sp.model):
+                g_virtual = self.extra_pass(sp, batch, {n: virtual[n] * masks[n] for n in names})[0]
+                u = {n: masks[n] * g_virtual[n] for n in names}
+                eps = self.unroll_eps / max(math.sqrt(sum(float(v.pow(2).sum()) for v in u.values())), 1e-12)
+                plus = self.extra_pass(sp, batch, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})[0]
+                minus = self.extra_pass(sp, batch, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})[0]
         finally:
             with torch.no_grad():
                 for n in names:
                     sp.params[n].view(-1)[self._layers[n]["pos"]] = saved[n]
-                for buf, value in zip(sp.model.buffers(), buffers):
-                    buf.copy_(value)
         for n in names:
             rows = sum(output_rows(sp.modules[n], gout) for _, _, gout in entries[n])
             sp.add_cost("unrolled", UNROLLED_PASSES * (4.0 * sp.budgets[n] + 2.0 * masks[n].numel()) * rows)
