@@ -44,6 +44,9 @@ pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread
 METHODS = bidst.list_methods()
 SPARSE = [m for m in METHODS if supports(METHOD_CLASSES.get(m), "sparse")]  # with backend: sparse too
 DYNAMIC = {"set", "rigl", "snfs", "mest", "granet", "gmp"}  # these must change topology in a tiny run
+# BiDST learning its scores on 64 held-out items, committing every 3 steps
+HOLDOUT = ("holdout_size=64", "holdout_batch=16", "method_args.upper_data=holdout", "method_args.mask_interval=3",
+           "method_args.learn_every=2")
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +79,14 @@ def test_resume_single_process_matches_uninterrupted(method, single, scratch):
 
 def test_resume_with_held_out_upper_level_matches_uninterrupted(scratch):
     """BiDST learning its scores on held-out items (holdout_size, upper_data: holdout) resumes exactly."""
-    extra = ("holdout_size=64", "holdout_batch=16", "method_args.upper_data=holdout", "method_args.mask_interval=3",
-             "method_args.learn_every=2")
     full = scratch / "bidst-holdout"
-    summary = train(tiny_config("bidst", *extra), full)
+    summary = train(tiny_config("bidst", *HOLDOUT), full)
     assert change_steps(full) and summary["flops"]["mask_learning"] > 0
     assert final_state(full)["sparsifier"]["method_state"]["holdout_draws"] > 0
     for stop in stop_steps(full):
         part = scratch / f"bidst-holdout-stop{stop}"
         stopped_copy(full, part, stop)
-        train(tiny_config("bidst", *extra), part, resume=True)
+        train(tiny_config("bidst", *HOLDOUT), part, resume=True)
         assert_same_run(full, part)
 
 
@@ -164,6 +165,10 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
             current = []  # the resumed run's changes are checked through its files
             train(cfg, out / f"{folder}-part", resume=True)
             seen[loop] = _own_loop(method, backend)
+    # BiDST's upper level on held-out items: each rank draws its share of every held-out batch
+    current = seen["bidst/holdout"] = []
+    train(tiny_config("bidst", *HOLDOUT), out / "bidst-holdout-full")
+    current = []  # the runs below are checked by their results
     # SIGTERM reaches rank 1 alone: both ranks checkpoint after the same step and stop; the resumed run is the full one
     sigterm_after.append(6)
     with pytest.raises(RunInterrupted) as stopped:
@@ -267,6 +272,22 @@ def test_ddp_masks_identical_on_every_rank(method, backend, ddp):
     assert own == r1[loop]  # masks after each change and the final weights (sparse: seeded apart)
     if method in DYNAMIC:
         assert len(set(own[:-1])) > 1  # the masks did change, identically on both ranks
+
+
+def test_ddp_held_out_scores_agree_on_every_rank_and_with_one_process(ddp, scratch):
+    """Ranks score on different shares of each held-out batch; the averaged score gradients keep masks identical."""
+    r0, r1 = _seen(ddp, 0), _seen(ddp, 1)
+    assert r0["bidst/holdout"] == r1["bidst/holdout"]
+    changes = [step for step, _ in r0["bidst/holdout"] if step != "final"]
+    assert changes and changes == change_steps(ddp / "bidst-holdout-full")
+    one = scratch / "bidst-holdout-one"
+    train(tiny_config("bidst", *HOLDOUT), one)
+    a, b = final_state(one), final_state(ddp / "bidst-holdout-full")
+    assert a["sparsifier"]["method_state"]["holdout_draws"] == b["sparsifier"]["method_state"]["holdout_draws"] > 0
+    for key in a["sparsifier"]["masks"]:
+        assert torch.equal(a["sparsifier"]["masks"][key], b["sparsifier"]["masks"][key]), key
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("method", "backend"), RUNS)
