@@ -508,8 +508,10 @@ def test_indexed_batches_are_a_reshuffled_stream_per_rank() -> None:
     assert not torch.equal(indexed_batches(ds, batch_size=16, seed=4)(0)[1], first[0][1])
     shards = [indexed_batches(ds, batch_size=16, seed=3, rank=r, world_size=2)(1) for r in range(2)]
     assert [len(y) for _, y in shards] == [8, 8] and not set(shards[0][1].tolist()) & set(shards[1][1].tolist())
-    with pytest.raises(BidstError, match="held-out batch of 64 items needs at least that many"):
+    with pytest.raises(BidstError, match="held-out batch of 64 items is larger than the 50 held-out items"):
         indexed_batches(ds, batch_size=64, seed=0)
+    with pytest.raises(BidstError, match="held-out batch of 15 items does not split evenly over 2 processes"):
+        indexed_batches(ds, batch_size=15, seed=0, world_size=2)
 
 
 def test_holdout_items_are_carved_out_of_training() -> None:

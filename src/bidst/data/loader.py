@@ -111,10 +111,11 @@ def indexed_batches(
     A pure function of (seed, j, rank), so a resumed run draws what an uninterrupted one would (it
     serves held-out data, e.g. to BiDST's upper level).
     """
+    if batch_size % world_size:
+        raise BidstError(f"a held-out batch of {batch_size} items does not split evenly over {world_size} processes")
     per = num_batches(len(dataset), batch_size=batch_size // world_size, world_size=world_size, drop_last=True)
-    if batch_size % world_size or per == 0:
-        raise BidstError(f"a held-out batch of {batch_size} items needs at least that many held-out items "
-                         f"({len(dataset)}) and a multiple of the {world_size} processes")
+    if per == 0:
+        raise BidstError(f"a held-out batch of {batch_size} items is larger than the {len(dataset)} held-out items")
     local = batch_size // world_size
 
     def batch(j: int) -> tuple[Tensor, Tensor]:
