@@ -221,14 +221,21 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def training_steps(
-    model_name: str, density: float, interval: int, gen: torch.Generator, clock: Callable[[], float]
+    model_name: str,
+    density: float,
+    interval: int,
+    gen: torch.Generator,
+    clock: Callable[[], float],
+    batch: int | None = None,
 ) -> tuple[Step, Step, Callable[[], float], Callable[[], float]]:
     """(dense step, sparse step, seconds rebuilding so far, sparse / dense parameter + optimizer bytes).
 
     The sparse step runs RigL through a `backend="sparse"` Sparsifier with topology updates every
     `interval` steps (uniform masks at `density`, first conv and classifier dense); `clock` times its rebuilds.
+    `batch` replaces the model's benchmark batch size.
     """
     factory, shape = MODELS[model_name]
+    shape = shape if batch is None else (batch, *shape[1:])
     dense = factory()
     x = torch.randn(shape, generator=gen)
     target = torch.randint(0, 10, (shape[0],), generator=gen)
