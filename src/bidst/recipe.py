@@ -20,7 +20,7 @@ from . import distributed
 from .budget import layer_rows, matched_steps
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig, build_config
-from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, indexed_batches, make_loader
+from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
 from .engine import Sparsifier, sparsify
 from .errors import BidstError, SharedError
 from .evolution import MaskEvolution
@@ -188,9 +188,8 @@ def load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
             plain = create_dataset(cfg.dataset, "train", root=cfg.data_root, val_size=cfg.val_size)
             if cfg.train_subset:
                 plain = plain.subset(torch.arange(len(train_set)))
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(HOLDOUT_SPLIT_SEED))
-        holdout_set = plain.subset(order[: cfg.holdout_size].sort().values)
-        train_set = train_set.subset(order[cfg.holdout_size :].sort().values)
+        held, rest = fixed_split(len(train_set), cfg.holdout_size, HOLDOUT_SPLIT_SEED)
+        holdout_set, train_set = plain.subset(held), train_set.subset(rest)
     val_set = create_dataset(cfg.dataset, "val", root=cfg.data_root, val_size=cfg.val_size) if cfg.val_size else None
     test_set = create_dataset(cfg.dataset, "test", root=cfg.data_root, val_size=cfg.val_size)
     return train_set, holdout_set, val_set, test_set

@@ -16,6 +16,7 @@ __all__ = [
     "HOLDOUT_SPLIT_SEED",
     "create_dataset",
     "dataset_info",
+    "fixed_split",
     "indexed_batches",
     "list_datasets",
     "make_loader",
@@ -53,6 +54,12 @@ def create_dataset(
         raise BidstError(f"{name}: val_size={val_size} must be in 0..{len(full) - 1} (the training set's size - 1)")
     if val_size == 0:
         return full
-    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    chosen = order[:val_size] if split == "val" else order[val_size:]
-    return full.subset(chosen.sort().values)
+    chosen, rest = fixed_split(len(full), val_size, VAL_SPLIT_SEED)
+    return full.subset(chosen if split == "val" else rest)
+
+
+def fixed_split(num_items: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`size` indices, the other ones) of range(num_items), each ascending, from a permutation seeded by `seed`:
+    a split that is the same in every run."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+    return order[:size].sort().values, order[size:].sort().values
