@@ -13,9 +13,11 @@ import bidst
 from bidst import recipe
 from bidst.config import TrainConfig, load_config
 
-# 512 items in global batches of 64: 8 steps an epoch, 16 in all; topology changes every 5 steps until step 12
+# 512 items in global batches of 64: 8 steps an epoch, 16 in all; topology changes every 5 steps until step 12.
+# On the CPU even where CUDA is present: the runs are compared for exact equality, the fault tests fork them
+# (a forked child cannot use CUDA once its parent has) and the DDP tests run two ranks on one machine.
 TINY = ["model=mlp", "dataset=synthetic", "train_subset=512", "batch_size=64", "epochs=2", "val_size=0",
-        "progress=false", "log_every=1", "threads=1", "checkpoint_every=1", "keep_checkpoints=100"]
+        "progress=false", "log_every=1", "threads=1", "checkpoint_every=1", "keep_checkpoints=100", "device=cpu"]
 
 
 LOAD_DATA = recipe.load_data

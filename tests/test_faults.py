@@ -22,10 +22,8 @@ from bidst.data.tensor import TensorImageDataset
 
 pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
 
-# 4 epochs of 8 steps, a checkpoint every 2 steps, only the newest 2 kept (the deletion path is exercised too);
-# on the CPU even where CUDA is present: the runs below are forked, and a forked child cannot use CUDA once
-# the parent has (the reference run)
-LONG = tiny_args("rigl", "epochs=4", "checkpoint_every=2", "keep_checkpoints=2", "device=cpu")
+# 4 epochs of 8 steps, a checkpoint every 2 steps, only the newest 2 kept (the deletion path is exercised too)
+LONG = tiny_args("rigl", "epochs=4", "checkpoint_every=2", "keep_checkpoints=2")
 
 
 @pytest.fixture(scope="module")
