@@ -27,7 +27,7 @@ def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = No
     """Whether the Numba path applies: every tensor is CPU float32 and the weight is at most DENSE_ABOVE dense."""
     if structure is not None and structure.density > DENSE_ABOVE:
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t is not None)
+    return all(t.is_cpu and t.dtype == torch.float32 for t in tensors if t is not None)
 
 
 def np_view(t: Tensor) -> np.ndarray:

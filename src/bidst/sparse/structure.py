@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -186,7 +187,7 @@ class SparseStructure:
     @property
     def numel(self) -> int:
         """Number of entries of the dense weight."""
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     @property
     def nnz(self) -> int:
