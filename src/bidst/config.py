@@ -97,7 +97,8 @@ def _coerce(key: str, value: Any) -> Any:
             return value
     elif isinstance(value, kind):
         return value
-    raise BidstError(f"config key {key!r} must be a {kind.__name__}, got {value!r}")
+    noun = {bool: "true or false", float: "a number", int: "an integer", str: "a string"}.get(kind, kind.__name__)
+    raise BidstError(f"config key {key!r} must be {noun}, got {value!r}")
 
 
 def _check_key(key: str) -> None:
