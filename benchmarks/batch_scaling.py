@@ -7,6 +7,10 @@ through a `backend="sparse"` Sparsifier against the dense model, no topology upd
 sparse in interleaved blocks) at several batch sizes and prints ms per step and their ratio, so
 the per-step cost that does not scale with the batch can be read off the small batches.
 
+For the MLP it also times the sparse step with its Numba kernels replaced by fills of their outputs
+(`no kernels`, against dense in its own interleaved blocks): everything the step does besides the
+sparse arithmetic. The fills write 0.01, so what follows sees ordinary floats.
+
     python benchmarks/batch_scaling.py                        # MLP 1024x3 at 98%, 2 threads
     python benchmarks/batch_scaling.py --sparsity 0.95 --batches 16,256,1024 --reps 15
 """
@@ -14,13 +18,41 @@ the per-step cost that does not scale with the batch can be read off the small b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numba
 import torch
 
 from bidst.bench import MODELS, Timer, training_steps
+from bidst.sparse import _kernels_linear as KL
+
+# the sparse Linear kernels and the positions of the arrays each one writes
+OUTPUTS = {"spmm_t": (7,), "sddmm_t": (6,), "spmm_sddmm_t": (7, 8), "transpose": (1,), "sampled_dot_t": (4,)}
+
+
+@contextlib.contextmanager
+def kernels_as_fills() -> Iterator[None]:
+    """Within the block, each sparse Linear kernel only fills its outputs with 0.01."""
+
+    def fill(positions: tuple[int, ...]) -> Callable[..., None]:
+        def kernel(*arrays: Any) -> None:
+            for i in positions:
+                arrays[i].fill(0.01)
+
+        return kernel
+
+    saved = {name: getattr(KL, name) for name in OUTPUTS}
+    for name, positions in OUTPUTS.items():
+        setattr(KL, name, fill(positions))
+    try:
+        yield
+    finally:
+        for name, kernel in saved.items():
+            setattr(KL, name, kernel)
 
 
 def main() -> None:
@@ -42,12 +74,24 @@ def main() -> None:
     timer = Timer(time.perf_counter, statistics.median, args.reps, 3)
     gen = torch.Generator().manual_seed(0)
     print(f"{args.model} at {args.sparsity:.0%}, {args.threads} thread(s), median of {args.reps} x 3 steps, wall clock")
-    print("| batch | dense ms | sparse ms | sparse / dense |")
-    print("| --- | --- | --- | --- |")
+    linear = args.model.startswith("MLP")
+    extra = " no kernels ms | no kernels / dense |" if linear else ""
+    print("| batch | dense ms | sparse ms | sparse / dense |" + extra)
+    print("| --- | --- | --- | --- |" + " --- | --- |" * linear)
     for batch in batches:
         dense, sparse, _, _ = training_steps(args.model, 1.0 - args.sparsity, 10**9, gen, timer.clock, batch)
         td, ts = timer.interleaved(dense, sparse)
-        print(f"| {batch} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} |", flush=True)
+        row = f"| {batch} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} |"
+        if linear:
+            dense, sparse, _, _ = training_steps(args.model, 1.0 - args.sparsity, 10**9, gen, timer.clock, batch)
+
+            def without_kernels(step: Callable[[], None] = sparse) -> None:
+                with kernels_as_fills():
+                    step()
+
+            td0, tn = timer.interleaved(dense, without_kernels)
+            row += f" {tn * 1e3:.2f} | {tn / td0:.3f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
