@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numba
 import torch
 
 from bidst.bench import MODELS, Timer, training_steps
 from bidst.sparse import _kernels_linear as KL
+from bidst.sparse import set_threads
 
 # the sparse Linear kernels and the positions of the arrays each one writes
 OUTPUTS = {"spmm_t": (7,), "sddmm_t": (6,), "spmm_sddmm_t": (7, 8), "transpose": (1,), "sampled_dot_t": (4,)}
@@ -69,8 +69,7 @@ def main() -> None:
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not 0.0 <= args.sparsity < 1.0 or min(batches) < 1 or args.reps < 1 or args.threads < 1:
         parser.error("need 0 <= --sparsity < 1 and positive --batches, --reps and --threads")
-    numba.set_num_threads(args.threads)  # first: starting Numba's OpenMP pool resets torch's thread count
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     timer = Timer(time.perf_counter, statistics.median, args.reps, 3)
     gen = torch.Generator().manual_seed(0)
     print(f"{args.model} at {args.sparsity:.0%}, {args.threads} thread(s), median of {args.reps} x 3 steps, wall clock")

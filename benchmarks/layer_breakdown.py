@@ -33,12 +33,11 @@ import statistics
 import sys
 import time
 
-import numba
 import numpy as np
 import torch
 
 from bidst.bench import Layer, Step, Timer, layer_steps, random_mask
-from bidst.sparse import SparseStructure
+from bidst.sparse import SparseStructure, set_threads
 from bidst.sparse.conv import (
     ConvGeometry,
     chwn_forward,
@@ -136,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}")
     if not all(0.0 <= s < 1.0 for s in sparsities) or args.reps < 1 or args.block < 1 or args.batch < 1:
         ap.error("sparsities must lie in [0, 1); --reps, --block and --batch must be at least 1")
-    numba.set_num_threads(args.threads)  # first: starting Numba's OpenMP pool resets torch's thread count
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     timer = Timer(time.perf_counter, statistics.median, args.reps, args.block)
     gen = torch.Generator().manual_seed(0)
     steps = {s: layer_steps(layer, 1.0 - s, gen) for s in sparsities}

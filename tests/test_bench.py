@@ -26,7 +26,8 @@ def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("args", [["--sparsities", "0.9,x"], ["--sparsities", "1.0"], ["--models", "AlexNet"],
-                                  ["--threads", "2", "--clock", "cpu"], ["--block", "0"], ["--reps", "0"]])  # fmt: skip
+                                  ["--threads", "2", "--clock", "cpu"], ["--block", "0"], ["--reps", "0"],
+                                  ["--threads", "0"], ["--threads", "1000"]])  # fmt: skip
 def test_bench_bad_input_is_a_usage_error(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)

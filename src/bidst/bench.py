@@ -30,7 +30,7 @@ from torch import nn
 from .checkpoint import atomic_write
 from .engine import sparsify
 from .models import create_model
-from .sparse import SparseModule, SparseStructure, sparse_conv2d, sparse_linear
+from .sparse import SparseModule, SparseStructure, set_threads, sparse_conv2d, sparse_linear
 
 Step = Callable[[], None]
 UPDATE_INTERVAL = 100  # RigL's default topology-update interval, in steps
@@ -395,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--reps and --block must be at least 1, got {args.reps} and {args.block}")
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures one thread only")
-    numba.set_num_threads(args.threads)  # first: starting Numba's OpenMP pool resets torch's thread count
-    torch.set_num_threads(args.threads)
+    if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+        ap.error(f"--threads must be 1 to {numba.config.NUMBA_NUM_THREADS} (what Numba can use here), got {args.threads}")
+    set_threads(args.threads)
     timer = Timer(time.process_time if args.clock == "cpu" else time.perf_counter,
                   min if args.stat == "min" else statistics.median, args.reps, args.block)  # fmt: skip
     out = [

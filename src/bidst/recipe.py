@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numba
 import torch
 import yaml
 from torch import nn
@@ -27,6 +26,7 @@ from .evolution import MaskEvolution
 from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
 from .models import create_model
 from .signals import RunInterrupted, StopSignals, requested
+from .sparse import set_threads
 
 # config keys that may differ between a run and its resumption (they do not change the result, or only
 # from a non-finite loss on: a run stopped by one may go on with on_nonfinite=skip)
@@ -222,9 +222,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))  # refuses before any work is done
     if cfg.threads > 0:  # the sparse backend's Numba kernels too: more threads than free cores stall them
-        # Numba first: starting its OpenMP pool resets the process's OpenMP thread count, torch's included
-        numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams
 
     # data: each rank reads its DistributedSampler-style shard of every global batch

@@ -38,6 +38,12 @@ LAYER_KEYS = ("pos", "psi", "shadow", "m1", "m2", "sq")  # per-layer state, alig
 CONSISTENCY_FLOPS = 3  # per candidate and learning step: square the shadow step, accumulate
 
 
+def pass_flops(actives: int, candidates: int, rows: int) -> float:
+    """FLOPs of one extra pass over a layer (unrolled, held-out): forward and input gradient through its
+    `actives` weights, and the sampled products at its `candidates` positions, over `rows` output rows."""
+    return (4.0 * actives + 2.0 * candidates) * rows
+
+
 @contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Put the model's buffers (batch-norm statistics) back as they were after the extra passes inside."""
@@ -435,11 +441,10 @@ class BiDST:
         level's own data (upper_data: holdout); its forward and backward are counted as mask learning."""
         batch = cast(Any, sp.holdout_batches)(self._holdout_draws)
         self._holdout_draws += 1
-        current = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]] for n in names}
         with buffers_kept(sp.model):  # batch-norm statistics follow the training data only
-            grads, rows = self.extra_pass(sp, batch, current)
+            grads, rows = self.extra_pass(sp, batch, names)
         for n in names:
-            sp.add_cost("mask_learning", (4.0 * sp.budgets[n] + 2.0 * current[n].numel()) * rows[n])
+            sp.add_cost("mask_learning", pass_flops(sp.budgets[n], self._layers[n]["pos"].numel(), rows[n]))
         size = int(batch[0].shape[0])
         return grads, dict.fromkeys(names, size)
 
@@ -525,18 +530,18 @@ class BiDST:
         saved = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]].clone() for n in names}
         try:
             with buffers_kept(sp.model):
-                g_virtual = self.extra_pass(sp, batch, {n: virtual[n] * masks[n] for n in names})[0]
+                g_virtual = self.extra_pass(sp, batch, names, {n: virtual[n] * masks[n] for n in names})[0]
                 u = {n: masks[n] * g_virtual[n] for n in names}
                 eps = self.unroll_eps / max(math.sqrt(sum(float(v.pow(2).sum()) for v in u.values())), 1e-12)
-                plus = self.extra_pass(sp, batch, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})[0]
-                minus = self.extra_pass(sp, batch, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})[0]
+                plus = self.extra_pass(sp, batch, names, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})[0]
+                minus = self.extra_pass(sp, batch, names, {n: (thetas[n] - eps * u[n]) * masks[n] for n in names})[0]
         finally:
             with torch.no_grad():
                 for n in names:
                     sp.params[n].view(-1)[self._layers[n]["pos"]] = saved[n]
         for n in names:
             rows = sum(output_rows(sp.modules[n], gout) for _, _, gout in entries[n])
-            sp.add_cost("unrolled", UNROLLED_PASSES * (4.0 * sp.budgets[n] + 2.0 * masks[n].numel()) * rows)
+            sp.add_cost("unrolled", UNROLLED_PASSES * pass_flops(sp.budgets[n], masks[n].numel(), rows))
         return {
             n: virtual[n] * g_virtual[n] - lrs[n] * masks[n] * grads[n] * g_virtual[n]
             - lrs[n] * thetas[n] * (plus[n] - minus[n]) / (2 * eps)
@@ -544,15 +549,20 @@ class BiDST:
         }
 
     def extra_pass(
-        self, sp: Sparsifier, batch: tuple[torch.Tensor, torch.Tensor], values: dict[str, torch.Tensor]
+        self,
+        sp: Sparsifier,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        names: list[str],
+        values: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """Forward and backward of `batch` with the weights at C set to `values`: (g over C, output rows) per layer.
+        """Forward and backward of `batch`, with the weights at C first set to `values` if given: (g over C,
+        output rows) for each layer in `names`.
 
         Only input gradients are propagated (no dense weight gradient, param.grad untouched); the
         gradients over C are sampled products from the captured layer inputs and output gradients.
         """
         with torch.no_grad():
-            for n, v in values.items():
+            for n, v in (values or {}).items():
                 sp.params[n].view(-1)[self._layers[n]["pos"]] = v.to(sp.params[n].dtype)
         inputs, targets = batch
         model = sp.model
@@ -566,8 +576,8 @@ class BiDST:
                 torch.autograd.grad(sp.loss_fn(model(x), targets), x)
         finally:
             self._extra_pass = False
-        out = {n: self.candidate_grads(sp, n, self._captures[n], actives_from_grad=False) for n in values}
-        rows = {n: sum(output_rows(sp.modules[n], gout) for _, _, gout in self._captures[n]) for n in values}
+        out = {n: self.candidate_grads(sp, n, self._captures[n], actives_from_grad=False) for n in names}
+        rows = {n: sum(output_rows(sp.modules[n], gout) for _, _, gout in self._captures[n]) for n in names}
         self._captures.clear()
         return out, rows
 
@@ -754,9 +764,9 @@ class BiDST:
                 mask += CONSISTENCY_FLOPS * e
             if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:
                 mask += 2.0 * rows[name] * int(sp.modules[name].weight.shape[0])
-            if held is not None:  # the held-out batch's forward, input gradient and products at C
-                mask += (4.0 * k + 2.0 * (k + e)) * held[name]
-            unrolled += UNROLLED_PASSES * (4.0 * k + 2.0 * (k + e)) * rows[name]
+            if held is not None:  # the held-out batch's pass
+                mask += pass_flops(k, k + e, held[name])
+            unrolled += UNROLLED_PASSES * pass_flops(k, k + e, rows[name])
         costs = {"mask_learning": learn_steps * mask}
         if self.check_grad and self.explore == "gradient":  # one exact shadow step per dense gradient
             dense_steps = sum(1 for s in range(1, sp.total_steps + 1) if self.wants_dense_grad(s, sp))

@@ -15,6 +15,7 @@ SDDMM with the batch innermost for Linear (the last two fused into one sweep whe
 are needed); direct convolution for Conv2d (no im2col) on
 batch-innermost activations (N, C, H, W stored as C, H, W, N), the layout their outputs keep and
 the dense twins of `layout.use_batch_innermost` pass on.
+`set_threads(n)` sets torch's and the kernels' thread counts, in the order that keeps both.
 On any other device or dtype, and for dilated convolutions, they compute the same thing as
 masked dense PyTorch ops. The kernels use `numba.get_num_threads()` threads.
 
@@ -40,7 +41,7 @@ Conversions to dense are on demand only: `structure.to_dense(values)`, `structur
 positions ("<module>.active_positions"), so loading a checkpoint restores the topology.
 """
 
-from ._common import uses_kernels
+from ._common import set_threads, uses_kernels
 from .conv import sparse_conv2d
 from .linear import sparse_linear
 from .modules import (
@@ -60,6 +61,7 @@ __all__ = [
     "SparseStructure",
     "TopologyDelta",
     "remap_optimizer_state",
+    "set_threads",
     "sparse_conv2d",
     "sparse_linear",
     "to_dense_modules",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -21,6 +22,15 @@ def pair(v: int | tuple[int, int]) -> tuple[int, int]:
 # Above this density the masked dense path is faster than the sparse kernels on CPU (measured
 # crossover about 0.25-0.35), e.g. early in dense-to-sparse (gradual pruning) training.
 DENSE_ABOVE = 0.3
+
+
+def set_threads(threads: int) -> None:
+    """Run torch and the sparse kernels on `threads` threads (Numba: at most the NUMBA_NUM_THREADS it allows).
+
+    Numba first: starting its OpenMP pool resets the process's OpenMP thread count, torch's included.
+    """
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
 
 
 def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = None) -> bool:
