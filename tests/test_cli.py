@@ -128,6 +128,20 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # nothing is left behind by a run that could not start
 
 
+def test_unusable_run_folder_or_recipe_as_override_is_one_line(tmp_path, capsys):
+    """A run folder that is a file (or lies under one) is refused before any work, and the file is left as it was;
+    a recipe passed without --config is named as such."""
+    afile = tmp_path / "results.txt"
+    afile.write_text("keep me")
+    for run_dir, message in ((afile, "is a file, not a folder"), (afile / "run", f"{afile} is a file")):
+        assert main(["train", *TINY, "--run-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert afile.read_text() == "keep me"
+    assert main(["train", "configs/fashion-mnist.yaml"]) == 2
+    assert "a recipe file goes after --config" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs(precision, tmp_path, capsys):
     assert main(["train", *TINY, "epochs=1", f"precision={precision}", "--run-dir", str(tmp_path / "r"), "--json"]) == 0

@@ -111,7 +111,8 @@ def _check_key(key: str) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `key=value` and parse the value as YAML (so 0.9, true, null and [1, 2] work)."""
     if "=" not in text:
-        raise BidstError(f"override {text!r} is not of the form key=value")
+        hint = f" (a recipe file goes after --config: --config {text})" if text.endswith((".yaml", ".yml")) else ""
+        raise BidstError(f"override {text!r} is not of the form key=value{hint}")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw else ""

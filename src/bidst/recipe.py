@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,6 +146,17 @@ def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse, before any work, a new run's folder that is a file, lies under one, cannot be created, or holds files."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise BidstError(f"cannot use run folder {run_dir}: {existing} is a file, not a folder")
+    if existing == run_dir and any(run_dir.iterdir()):
+        raise BidstError(f"run folder {run_dir} already exists and is not empty; use --resume or another --run-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BidstError(f"cannot use run folder {run_dir}: {existing} is not writable")
+
+
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
     """Create the run folder (refusing to reuse a non-empty one) or check a resumed run's config."""
     config_file = run_dir / "config.yaml"
@@ -156,9 +168,11 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfi
             raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
         remove_partial(run_dir / "checkpoints")
         return cfg
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise BidstError(f"run folder {run_dir} already exists and is not empty; use --resume or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_new_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BidstError(f"cannot create run folder {run_dir}: {exc.strerror or exc}") from None
     _write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg
 
@@ -219,8 +233,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.batch_size % world:
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))  # refuses before any work is done
+    if not resume:
+        distributed.on_rank0(lambda: check_new_run_dir(run_dir))  # refuses before any work is done
     if cfg.threads > 0:  # the sparse backend's Numba kernels too: more threads than free cores stall them
         set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams
