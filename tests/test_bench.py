@@ -45,3 +45,15 @@ def test_timer_runs_blocks_of_consecutive_steps_and_reports_the_mean_step():
     assert "".join(calls) == "ds" + "dddsss" * 2  # one warm-up each, then alternating blocks
     assert calls.count("s") == timer.steps == 7
     assert td == ts == 1 / 3  # each block spans one clock tick over three steps
+
+
+def test_bench_unusable_out_is_refused_before_measuring(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    for out in (tmp_path, afile / "performance.md"):  # a folder; a path under a file
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(out), "--models", "MLP 1024x3"])
+        assert exc.value.code == 2
+        err = capsys.readouterr()
+        assert "--out" in err.err and "Whole training step" not in err.out  # nothing was measured
+    assert afile.read_text() == "keep me"

@@ -130,6 +130,16 @@ def test_failed_report_leaves_no_files(runs_dir, tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_out_that_is_a_file_is_a_one_line_error_and_the_file_is_kept(runs_dir, tmp_path, capsys):
+    afile = tmp_path / "report"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub"):
+        assert report.main([str(runs_dir), "--out", str(out), "--no-plots"]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bidst report: error")]
+        assert len(errors) == 1 and str(afile) in errors[0]
+    assert afile.read_text() == "keep me"
+
+
 def test_no_runs_and_missing_matplotlib_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert report.main([str(tmp_path), "--out", str(tmp_path / "r"), "--no-plots"]) == 1
     assert "no finished runs" in capsys.readouterr().err

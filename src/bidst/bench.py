@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, make_folder
 from .engine import sparsify
+from .errors import BidstError
 from .models import create_model
 from .sparse import SparseModule, SparseStructure, set_threads, sparse_conv2d, sparse_linear
 
@@ -352,7 +353,7 @@ def write_report(path: Path, lines: list[str]) -> None:
         text = old[: old.index(start) + len(start)] + "\n" + "\n".join(body) + "\n" + old[old.index(end) :]
     else:
         text = "\n".join(lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -397,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clock cpu measures one thread only")
     if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         ap.error(f"--threads must be 1 to {numba.config.NUMBA_NUM_THREADS} (what Numba can use here), got {args.threads}")
+    if args.out:  # before the measurements, which take minutes
+        if Path(args.out).is_dir():
+            ap.error(f"--out {args.out} is a folder; give a Markdown file")
+        try:
+            make_folder(Path(args.out).parent)
+        except BidstError as e:
+            ap.error(f"--out {args.out}: {e}")
     set_threads(args.threads)
     timer = Timer(time.process_time if args.clock == "cpu" else time.perf_counter,
                   min if args.stat == "min" else statistics.median, args.reps, args.block)  # fmt: skip
@@ -416,5 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(models, sparsities, out)
     if args.out:
-        write_report(Path(args.out), out)
+        try:
+            write_report(Path(args.out), out)
+        except BidstError as e:  # the measurements are on stdout above
+            print(f"bidst bench: error: {e}", file=sys.stderr)
+            return 1
     return 0

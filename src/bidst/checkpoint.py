@@ -30,6 +30,16 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def make_folder(path: Path) -> None:
+    """`mkdir -p path`, with a file in the way or a refusal by the OS as a one-line BidstError."""
+    if path.exists() and not path.is_dir():
+        raise BidstError(f"cannot use {path} as a folder: it is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BidstError(f"cannot create folder {path}: {exc.strerror or exc}") from None
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write `path` through a temporary file that is flushed, fsynced and renamed, so readers see old or new.
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .budget import layer_rows, matched_steps
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, make_folder, remove_partial, save_checkpoint
 from .config import TrainConfig, build_config
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
 from .engine import Sparsifier, sparsify
@@ -169,10 +169,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfi
         remove_partial(run_dir / "checkpoints")
         return cfg
     check_new_run_dir(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BidstError(f"cannot create run folder {run_dir}: {exc.strerror or exc}") from None
+    make_folder(run_dir)
     _write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg
 

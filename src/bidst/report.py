@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import make_folder
 from .config import TrainConfig
 from .errors import BidstError
 
@@ -424,7 +425,7 @@ def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True
         raise BidstError("no finished runs to report (a run is finished when it has summary.json)")
     extra, rows = summarize(runs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     texts = {"report.md": markdown(extra, rows), "report.csv": to_csv(rows)}
     figs = figures(runs, extra) if plots else {}
     staged: dict[str, str] = {}
@@ -437,6 +438,8 @@ def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True
                 figs[name].savefig(staged[name], format="png", dpi=110)
         for name, tmp in staged.items():
             os.replace(tmp, out / name)
+    except OSError as exc:
+        raise BidstError(f"could not write the report into {out}: {exc.strerror or exc}") from None
     finally:
         for tmp in staged.values():
             if os.path.exists(tmp):
