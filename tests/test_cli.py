@@ -109,6 +109,7 @@ def test_train_writes_run_folder(tmp_path, capsys):
     [
         (["sparsity=1.5"], "sparsity must be in [0, 1)"),
         (["method=rigel"], "unknown method 'rigel'; known:"),
+        (["match_flops=rigel"], "match_flops: unknown method 'rigel'; known:"),
         (["model=resnet33"], "unknown model 'resnet33'"),
         (["dataset=cifar11"], "unknown dataset 'cifar11'"),
         (["epohcs=3"], "unknown config key 'epohcs'; did you mean 'epochs'?"),
@@ -133,7 +134,7 @@ def test_unusable_run_folder_or_recipe_as_override_is_one_line(tmp_path, capsys)
     a recipe passed without --config is named as such."""
     afile = tmp_path / "results.txt"
     afile.write_text("keep me")
-    for run_dir, message in ((afile, "is a file, not a folder"), (afile / "run", f"{afile} is a file")):
+    for run_dir, message in ((afile, "as a folder: it is a file"), (afile / "run", f"{afile} is a file")):
         assert main(["train", *TINY, "--run-dir", str(run_dir)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -1,6 +1,7 @@
 """bidst sweep driven by a fake trainer: expansion, validation, failure, and kill-then-rerun resume."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # A stand-in for `bidst train` with its folder rules (a new run needs an empty folder, a resumed
 # one its config.yaml): writes config and a checkpoint, sleeps, then metrics and summary.json
-# (atomically); appends "start"/"done" lines to $FAKE_COUNTER; fails for method=broken.
+# (atomically); appends "start"/"done" lines to $FAKE_COUNTER; fails for seed=666.
 FAKE_TRAINER = r'''
 import json, os, sys, time, pathlib, yaml
 args = sys.argv[1:]
@@ -30,7 +31,7 @@ config = dict(base, **{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a i
 resume = "--resume" in args
 with open(os.environ["FAKE_COUNTER"], "a") as f:
     f.write(f"start {run_dir} {resume}\n")
-if config["method"] == "broken" or (run_dir.exists() and any(run_dir.iterdir())) != resume:
+if config["seed"] == 666 or (run_dir.exists() and any(run_dir.iterdir())) != resume:
     sys.exit(3)
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / "checkpoints").mkdir(exist_ok=True)  # before config.yaml: leaves a folder a sweep must clear
@@ -76,12 +77,12 @@ def events(counter: Path) -> list[list[str]]:
 
 def test_expansion_names_and_override_precedence(env):
     folder, _, _ = env
-    path = write_sweep(folder, "s.yaml", "out", overrides={"epochs": 10, "method_args": {"alpha": 0.3}},
+    path = write_sweep(folder, "s.yaml", "out", overrides={"epochs": 10, "method_args": {"drop_fraction": 0.2}},
                        method_overrides={"rigl": {"epochs": 8}})
     spec = sweep.load_sweep(path)
     assert [r.name for r in spec.runs][:2] == ["method=set/sparsity=0.5/seed=0", "method=set/sparsity=0.5/seed=1"]
     rigl = next(r for r in spec.runs if r.name == "method=rigl/sparsity=0.9/seed=1")
-    assert rigl.overrides == ("epochs=8", "method_args.alpha=0.3", "method=rigl", "sparsity=0.9", "seed=1")
+    assert rigl.overrides == ("epochs=8", "method_args.drop_fraction=0.2", "method=rigl", "sparsity=0.9", "seed=1")
     assert len(spec.runs) == 8
     assert rigl.run_dir == folder / "out" / rigl.name
     cmd = sweep.train_command(spec, rigl, ["train"])
@@ -103,17 +104,32 @@ def test_override_values_read_back_as_yaml(value):
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "gird": 1}, "unknown key"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "method_overrides": {"snfs": {}}}, "not in grid.method"),
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "grid.seed repeats a value"),
+        # every run's config is checked before any starts
+        ({"base": "recipe.yaml", "out": "o", "grid": {**GRID, "sparsity": [0.5, 1.5]}},
+         "run method=set/sparsity=1.5/seed=0: sparsity must be in [0, 1)"),
+        ({"base": "recipe.yaml", "out": "o", "grid": {**GRID, "method": ["rigl", "rigel"]}}, "unknown method 'rigel'"),
+        ({"base": "recipe.yaml", "out": "o", "grid": GRID, "overrides": {"method_args": {"alpah": 0.3}}},
+         "unknown option(s) alpah for method 'set'"),
     ],
 )
 def test_invalid_sweep_files_are_one_line_errors(env, capsys, spec, message):
     folder, train_cmd, _ = env
     path = folder / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(BidstError, match=message):
+    with pytest.raises(BidstError, match=re.escape(message)):
         sweep.load_sweep(path)
     assert sweep.main([str(path)], train_cmd=train_cmd) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_an_out_folder_under_a_file_is_a_one_line_error_before_any_run(env, capsys):
+    folder, train_cmd, counter = env
+    path = write_sweep(folder, "s.yaml", "recipe.yaml/out")
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    err = capsys.readouterr().err
+    assert "recipe.yaml is a file" in err and err.count("\n") == 1
+    assert counter.read_text() == ""  # no run started
 
 
 def test_a_method_override_of_a_grid_key_collapses_its_runs(env):
@@ -129,11 +145,11 @@ def test_failed_runs_are_reported_and_others_finish(env, capsys):
     folder, train_cmd, _ = env
     path = folder / "s.yaml"
     path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
-                                    "grid": {"method": ["broken", "set"], "sparsity": [0.5], "seed": [0]}}))
+                                    "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0, 666]}}))
     assert sweep.main([str(path), "--jobs", "2"], train_cmd=train_cmd) == 1
-    assert "method=broken/sparsity=0.5/seed=0" in capsys.readouterr().err
+    assert "method=set/sparsity=0.5/seed=666" in capsys.readouterr().err
     assert (folder / "out/method=set/sparsity=0.5/seed=0/summary.json").exists()
-    assert (folder / "out/method=broken/sparsity=0.5/seed=0.log").read_text().startswith("$ ")
+    assert (folder / "out/method=set/sparsity=0.5/seed=666.log").read_text().startswith("$ ")
 
 
 def wait_for(predicate, timeout: float = 30.0) -> None:

@@ -30,10 +30,17 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def nearest_folder(path: Path) -> Path:
+    """`path` or its nearest existing parent, which must be a folder: a file there (`path` or above) is a BidstError."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise BidstError(f"cannot use {path} as a folder: {'it' if existing == path else existing} is a file")
+    return existing
+
+
 def make_folder(path: Path) -> None:
     """`mkdir -p path`, with a file in the way or a refusal by the OS as a one-line BidstError."""
-    if path.exists() and not path.is_dir():
-        raise BidstError(f"cannot use {path} as a folder: it is a file")
+    nearest_folder(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -18,14 +18,16 @@ from tqdm import tqdm
 
 from . import distributed
 from .budget import layer_rows, matched_steps
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, make_folder, remove_partial, save_checkpoint
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, make_folder, nearest_folder, remove_partial, save_checkpoint
 from .config import TrainConfig, build_config
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
+from .density import check_sparsity
 from .engine import Sparsifier, sparsify
 from .errors import BidstError, SharedError
 from .evolution import MaskEvolution
 from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
-from .models import create_model
+from .methods import METHODS, create_method
+from .models import MODELS, create_model
 from .signals import RunInterrupted, StopSignals, requested
 from .sparse import set_threads
 
@@ -146,15 +148,24 @@ def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """The checks of a config that need no data or model: sparsity, method and its options, match_flops, model
+    and dataset names. `train` makes them first, and `bidst sweep` for every run before it starts any."""
+    check_sparsity(cfg.sparsity)
+    create_method(cfg.method, **cfg.method_args)
+    if cfg.match_flops and cfg.match_flops not in METHODS:
+        raise BidstError(f"match_flops: unknown method {cfg.match_flops!r}; known: {', '.join(METHODS.names())}")
+    MODELS.get(cfg.model)
+    dataset_info(cfg.dataset)
+
+
 def check_new_run_dir(run_dir: Path) -> None:
     """Refuse, before any work, a new run's folder that is a file, lies under one, cannot be created, or holds files."""
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    if not existing.is_dir():
-        raise BidstError(f"cannot use run folder {run_dir}: {existing} is a file, not a folder")
+    existing = nearest_folder(run_dir)
     if existing == run_dir and any(run_dir.iterdir()):
         raise BidstError(f"run folder {run_dir} already exists and is not empty; use --resume or another --run-dir")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise BidstError(f"cannot use run folder {run_dir}: {existing} is not writable")
+        raise BidstError(f"cannot use {run_dir} as a folder: {existing} is not writable")
 
 
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
@@ -227,6 +238,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     """The body of `train` on one rank, on `device`, watching `stop` for SIGINT/SIGTERM."""
     if resume and (run_dir / "summary.json").exists():
         return json.loads((run_dir / "summary.json").read_text())
+    check_config(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.batch_size % world:
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")

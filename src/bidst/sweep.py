@@ -40,6 +40,7 @@ from typing import IO, Any
 import yaml
 from tqdm import tqdm
 
+from .checkpoint import make_folder
 from .errors import BidstError
 from .report import flatten
 
@@ -161,7 +162,22 @@ def load_sweep(path: str | Path) -> Sweep:
         settings.update(flatten(_mapping(per_method.get(str(point.get("method")), {}), "method_overrides entry")))
         name = "/".join(_folder_part(k, settings[k]) for k in order)
         runs[name] = SweepRun(name, out / name, tuple(f"{k}={yaml_value(v)}" for k, v in settings.items()))
-    return Sweep(base, out, tuple(runs.values()))
+    sweep = Sweep(base, out, tuple(runs.values()))
+    check_runs(sweep)
+    return sweep
+
+
+def check_runs(sweep: Sweep) -> None:
+    """Check every run's config as `bidst train` would before its data loads, so a bad grid value stops the
+    sweep before any run starts instead of failing in each run it reaches."""
+    from .config import load_config
+    from .recipe import check_config
+
+    for run in sweep.runs:
+        try:
+            check_config(load_config(sweep.base, list(run.overrides)))
+        except BidstError as e:
+            raise BidstError(f"run {run.name}: {e}") from None
 
 
 def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:
@@ -227,6 +243,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
     if jobs < 1:
         raise BidstError(f"--jobs must be at least 1, got {jobs}")
     cmd = list(train_cmd or TRAIN_CMD)
+    make_folder(sweep.out)
     pending = [r for r in sweep.runs if r.status() != "done"]
     total, failed = len(sweep.runs), []
     active: dict[subprocess.Popen, tuple[SweepRun, IO[bytes]]] = {}
