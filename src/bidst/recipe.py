@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from . import distributed
 from .budget import layer_rows, matched_steps
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, make_folder, nearest_folder, remove_partial, save_checkpoint
+from .checkpoint import (
+    atomic_write,
+    latest_checkpoint,
+    load_checkpoint,
+    make_folder,
+    nearest_folder,
+    remove_partial,
+    save_checkpoint,
+)
 from .config import TrainConfig, build_config
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
 from .density import check_sparsity
@@ -160,7 +168,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse, before any work, a new run's folder that is a file, lies under one, cannot be created, or holds files."""
+    """Refuse, before any work, a new run's folder that is a file, lies under a file or an unwritable folder, or holds files."""
     existing = nearest_folder(run_dir)
     if existing == run_dir and any(run_dir.iterdir()):
         raise BidstError(f"run folder {run_dir} already exists and is not empty; use --resume or another --run-dir")
