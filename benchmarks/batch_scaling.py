@@ -69,10 +69,11 @@ def main() -> None:
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not 0.0 <= args.sparsity < 1.0 or min(batches) < 1 or args.reps < 1 or args.threads < 1:
         parser.error("need 0 <= --sparsity < 1 and positive --batches, --reps and --threads")
-    set_threads(args.threads)
+    numba_threads = set_threads(args.threads)
     timer = Timer(time.perf_counter, statistics.median, args.reps, 3)
     gen = torch.Generator().manual_seed(0)
-    print(f"{args.model} at {args.sparsity:.0%}, {args.threads} thread(s), median of {args.reps} x 3 steps, wall clock")
+    print(f"{args.model} at {args.sparsity:.0%}, {args.threads} torch / {numba_threads} Numba thread(s), "
+          f"median of {args.reps} x 3 steps, wall clock")
     linear = args.model.startswith("MLP")
     extra = " no kernels ms | no kernels / dense |" if linear else ""
     print("| batch | dense ms | sparse ms | sparse / dense |" + extra)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}")
     if not all(0.0 <= s < 1.0 for s in sparsities) or args.reps < 1 or args.block < 1 or args.batch < 1:
         ap.error("sparsities must lie in [0, 1); --reps, --block and --batch must be at least 1")
-    set_threads(args.threads)
+    numba_threads = set_threads(args.threads)
     timer = Timer(time.perf_counter, statistics.median, args.reps, args.block)
     gen = torch.Generator().manual_seed(0)
     steps = {s: layer_steps(layer, 1.0 - s, gen) for s in sparsities}
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         row += [td, ts]
     command = " ".join(["python benchmarks/layer_breakdown.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"{layer.name}: `{command}`")
-    print(f"{args.threads} thread(s), median of {args.reps} repetitions of {args.block} steps, wall clock, ms per step\n")
+    print(f"{args.threads} torch / {numba_threads} Numba thread(s), median of {args.reps} repetitions of {args.block} steps, wall clock, ms per step\n")
     print("| sparsity | dense | sparse | ratio | kernels | alone | empty | faults dense / sparse | retained: dense | sparse | ratio |")
     print("|" + " --- |" * 11)
     for s, td, ts, tk, ta, te, fd, fs, rd, rs in rows:

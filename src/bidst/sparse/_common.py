@@ -24,13 +24,15 @@ def pair(v: int | tuple[int, int]) -> tuple[int, int]:
 DENSE_ABOVE = 0.3
 
 
-def set_threads(threads: int) -> None:
-    """Run torch and the sparse kernels on `threads` threads (Numba: at most the NUMBA_NUM_THREADS it allows).
+def set_threads(threads: int) -> int:
+    """Run torch and the sparse kernels on `threads` threads; returns Numba's count (at most the NUMBA_NUM_THREADS
+    it allows).
 
     Numba first: starting its OpenMP pool resets the process's OpenMP thread count, torch's included.
     """
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(threads)
+    return numba.get_num_threads()
 
 
 def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = None) -> bool:
