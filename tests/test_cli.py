@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from bidst.cli import main
+from bidst.config import load_config
+from bidst.errors import BidstError
+from bidst.methods import create_method
 
 TINY = ["model=mlp", "dataset=synthetic", "epochs=2", "batch_size=256", "val_size=200", "progress=false",
         "train_subset=3000", "log_every=5",
@@ -188,3 +191,17 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, capsys):
     # a config that differs from the saved run is refused too
     assert main(["train", *TINY, "epochs=1", "sparsity=0.5", "--run-dir", str(run), "--resume"]) == 2
     assert "config differs" in capsys.readouterr().err
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads `1e-3` as a string (YAML 1.1); recipes, overrides and method options take it as a number."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: rigl\nlr: 1e-2\nweight_decay: 5E-4\nmethod_args:\n  drop_fraction: 3e-1\n")
+    cfg = load_config(recipe, ["momentum=9e-1", "method_args.interval=1e2"])
+    assert (cfg.lr, cfg.weight_decay, cfg.momentum) == (0.01, 0.0005, 0.9)
+    assert cfg.method_args == {"drop_fraction": 0.3, "interval": 100.0}
+    method = create_method("rigl", **cfg.method_args)  # an integral float where the option is an integer
+    assert method.interval == 100 and type(method.interval) is int and type(create_method("rigl", drop_fraction=1).drop_fraction) is float
+    with pytest.raises(BidstError, match="option 'interval' of method 'rigl' must be like 100, got 100.5"):
+        create_method("rigl", interval=100.5)
+    assert load_config(None, ["dataset=1e5x"]).dataset == "1e5x"  # not a number: stays a string

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,21 @@ from typing import Any
 import yaml
 
 from .errors import BidstError
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading exponent floats without a dot (1e-3, 5E4) as numbers, as YAML 1.2 does:
+    PyYAML follows YAML 1.1, where `lr: 1e-3` is the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely (recipes, overrides, sweep files, saved configs), exponent floats included."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise BidstError(f"override {text!r} is not of the form key=value{hint}")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = load_yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -162,7 +178,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except FileNotFoundError:
             raise BidstError(f"recipe {path} does not exist") from None
         except (OSError, yaml.YAMLError) as exc:

@@ -27,7 +27,7 @@ from .checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from .config import TrainConfig, build_config
+from .config import TrainConfig, build_config, load_yaml
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
 from .density import check_sparsity
 from .engine import Sparsifier, sparsify
@@ -182,7 +182,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfi
     if resume:
         if not config_file.exists():
             raise BidstError(f"cannot resume: {run_dir} holds no config.yaml")
-        diff = config_diff(build_config(yaml.safe_load(config_file.read_text())).to_dict(), cfg)
+        diff = config_diff(build_config(load_yaml(config_file.read_text())).to_dict(), cfg)
         if diff:
             raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
         remove_partial(run_dir / "checkpoints")

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from .checkpoint import make_folder
-from .config import TrainConfig
+from .config import TrainConfig, load_yaml
 from .errors import BidstError
 
 _NEVER_GROUP = {"run_dir", "resume"}
@@ -93,7 +93,7 @@ def _load_run(folder: Path) -> Run | None:
     try:
         summary = json.loads((folder / "summary.json").read_text())
         config_file = folder / "config.yaml"
-        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+        config = load_yaml(config_file.read_text()) if config_file.exists() else {}
         if not isinstance(summary, dict) or not isinstance(config, dict) or "final_test_acc" not in summary:
             raise TypeError("summary.json without final_test_acc, or config.yaml not a mapping")
         # keys added to TrainConfig after a run was made take their defaults, so they never split groups

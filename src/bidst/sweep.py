@@ -41,6 +41,7 @@ import yaml
 from tqdm import tqdm
 
 from .checkpoint import make_folder
+from .config import load_config, load_yaml
 from .errors import BidstError
 from .report import flatten
 
@@ -120,7 +121,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """Parse and check a sweep file and expand its grid; problems raise a one-line BidstError."""
     path = Path(path)
     try:
-        spec = _mapping(yaml.safe_load(path.read_text()), f"sweep file {path}")
+        spec = _mapping(load_yaml(path.read_text()), f"sweep file {path}")
     except OSError as e:
         raise BidstError(f"cannot read sweep file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -170,8 +171,7 @@ def load_sweep(path: str | Path) -> Sweep:
 def check_runs(sweep: Sweep) -> None:
     """Check every run's config as `bidst train` would before its data loads, so a bad grid value stops the
     sweep before any run starts instead of failing in each run it reaches."""
-    from .config import load_config
-    from .recipe import check_config
+    from .recipe import check_config  # imports torch: only when checking
 
     for run in sweep.runs:
         try:

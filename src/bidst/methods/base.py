@@ -77,6 +77,23 @@ def option_comments(name: str) -> dict[str, str]:
     return comments
 
 
+def _option_value(method: str, key: str, default: Any, value: Any) -> Any:
+    """`value` as the type of the option's default: an integral float (1e2) becomes an int, an int a float."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if number and float(value).is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if number:
+            return float(value)
+    elif not isinstance(default, str) or isinstance(value, str):
+        return value
+    raise BidstError(f"option {key!r} of method {method!r} must be like {default!r}, got {value!r}")
+
+
 def create_method(name: str, **options: Any) -> Method:
     """Build method `name` with `options`; unknown options raise BidstError listing the valid ones."""
     cls = METHODS.get(name)
@@ -87,14 +104,7 @@ def create_method(name: str, **options: Any) -> Method:
             f"unknown option(s) {', '.join(unknown)} for method {name!r}; "
             f"options: {', '.join(sorted(valid)) or '(none)'}"
         )
-    for key, value in options.items():
-        default = valid[key]
-        if isinstance(default, bool) != isinstance(value, bool) or (
-            isinstance(default, (int, float)) and not isinstance(value, (int, float))
-        ) or (isinstance(default, str) and not isinstance(value, str)):
-            raise BidstError(
-                f"option {key!r} of method {name!r} must be like {default!r}, got {value!r}"
-            )
+    options = {key: _option_value(name, key, valid[key], value) for key, value in options.items()}
     method = cls(**options)
     check = getattr(method, "validate", None)
     if check is not None:
