@@ -23,10 +23,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bidst", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("kind,expected", [("methods", "rigl"), ("models", "resnet32"), ("datasets", "fashion-mnist")])
-def test_listings(kind, expected, capsys):
+@pytest.mark.parametrize("kind,expected,says", [("methods", "rigl", "RigL at ERK"), ("models", "resnet32", "CIFAR ResNet-32"),
+                                               ("datasets", "fashion-mnist", "10 classes, 1x28x28 images")])
+def test_listings(kind, expected, says, capsys):
+    """One line per name with what it is; --json gives the names alone."""
     assert main([kind]) == 0
-    assert expected in capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    line = next(line for line in lines if line.split()[0] == expected)
+    assert says in line and all(len(line.split()) > 1 for line in lines)
+    assert main([kind, "--json"]) == 0
+    assert expected in json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("as_json", [False, True])

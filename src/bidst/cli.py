@@ -93,14 +93,24 @@ def _method_options(name: str, as_json: bool) -> int:
 
 
 def _listing(kind: str, as_json: bool) -> int:
-    if kind == "methods":
-        from .methods import list_methods as names
-    elif kind == "models":
-        from .models import list_models as names
+    """The registered names of `kind`, each with what it is in a line (JSON: the names only)."""
+    from .data import dataset_info, list_datasets
+    from .methods import METHODS, list_methods
+    from .models import MODELS, list_models
+
+    def summary(name: str) -> str:
+        if kind == "datasets":
+            info = dataset_info(name)
+            return f"{info.num_classes} classes, {info.in_channels}x{info.image_size}x{info.image_size} images"
+        doc = (METHODS if kind == "methods" else MODELS).get(name).__doc__ or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    items = {"methods": list_methods, "models": list_models, "datasets": list_datasets}[kind]()
+    if as_json:
+        print(json.dumps(items))
     else:
-        from .data import list_datasets as names
-    items = names()
-    print(json.dumps(items) if as_json else "\n".join(items))
+        width = max(map(len, items))
+        print("\n".join(f"{name:<{width}}  {summary(name)}".rstrip() for name in items))
     return 0
 
 
@@ -120,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key, kind in COMMON_FLAGS.items():
         train.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=f"same as {key}=VALUE")
     for kind in ("methods", "models", "datasets"):
-        p = sub.add_parser(kind, help=f"list the registered {kind}")
-        p.add_argument("--json", action="store_true")
+        p = sub.add_parser(kind, help=f"list the registered {kind}, each with what it is")
+        p.add_argument("--json", action="store_true", help="the names only, as a JSON list")
         if kind == "methods":
             p.add_argument("name", nargs="?", help="a method: list its options with their defaults instead")
     sub.add_parser("sweep", help="run a grid of runs from a sweep YAML (see `bidst sweep -h`)", add_help=False)
