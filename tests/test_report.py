@@ -147,3 +147,18 @@ def test_no_runs_and_missing_matplotlib_are_one_line_errors(tmp_path, capsys, mo
     assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "bidst[plots]" in err and err.count("\n") == 1
+
+
+def test_series_at_one_sparsity_sit_side_by_side_inside_the_axes(runs_dir):
+    """The four sparse series at 90% are drawn a few points apart, and the axes' limits hold every error bar."""
+    pytest.importorskip("matplotlib")
+    runs = report.find_runs([runs_dir])
+    extra, _ = report.summarize(runs)
+    fig = report.figures(runs, extra)["accuracy_vs_sparsity.png"]
+    ax = fig.axes[0]
+    markers = [line for line in ax.lines if line.get_marker() == "o"]
+    assert len(markers) == 4  # rigl, set and bidst at two mask_lr; dense is a horizontal line
+    xs = [float(line.get_transform().transform(line.get_xydata())[0, 0]) for line in markers]
+    assert len({round(x, 3) for x in xs}) == 4
+    low, high = ax.get_ylim()
+    assert low <= 0.86 and high >= statistics.mean([0.90, 0.94]) + statistics.stdev([0.90, 0.94])

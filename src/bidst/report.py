@@ -287,7 +287,7 @@ def _figure_class() -> Any:
 
 def _series(run: Run, extra: Sequence[str]) -> str:
     flat = flatten(run.config)
-    return " ".join([run.method, *(f"{k}={_canon(flat[k])}" for k in extra if flat.get(k) is not None)])
+    return " ".join([run.method, *(f"{k}={_canon(flat[k])}" for k in extra if flat.get(k) not in (None, {}))])
 
 
 def _curve(runs: Sequence[Run], points: Callable[[Run], dict[int, float]]):
@@ -343,14 +343,21 @@ def _accuracy_vs_sparsity(Figure, runs, extra, colors):
     by_series: dict[str, list[Run]] = {}
     for run in runs:
         by_series.setdefault(_series(run, extra), []).append(run)
+    from matplotlib.transforms import offset_copy
+
+    sparse = [name for name, members in sorted(by_series.items()) if members[0].method != "dense"]
     for name, members in sorted(by_series.items()):
         levels = sorted({r.sparsity for r in members})
         stats = [_mean_std([r.summary["final_test_acc"] for r in members if r.sparsity == s]) for s in levels]
         if members[0].method == "dense":
             ax.axhline(stats[0][0], color=colors[name], linestyle="--", label=name)
             continue
+        # series side by side, a few points apart, so that error bars at the same sparsity do not hide each other
+        shift = offset_copy(ax.transData, fig=fig, x=4.0 * (sparse.index(name) - (len(sparse) - 1) / 2), units="points")
         ax.errorbar(levels, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats],
-                    color=colors[name], marker="o", capsize=3, label=name)
+                    color=colors[name], marker="o", capsize=3, label=name, transform=shift)
+        ax.update_datalim([(x, m + sign * (s or 0.0)) for x, (m, s) in zip(levels, stats) for sign in (-1, 1)])
+    ax.autoscale_view()
     ax.set_xlabel("sparsity")
     ax.set_ylabel("final test accuracy")
     ax.legend(fontsize="small")
