@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import bidst
-from bidst.budget import layer_rows, matched_steps, planned_flops
+from bidst.budget import matched_steps, model_rows, planned_flops
+from bidst.methods import bidst as bidst_method
 from bidst.sampled import output_rows as sampled_rows
 from bidst.sampled import sampled_weight_grad
 from conftest import TinyNet, make_data
@@ -353,7 +354,7 @@ def test_resume_mid_run_reproduces_uninterrupted_run(options):
 def test_held_out_costs_match_the_plan_and_scores_differ_from_training_data_scores():
     sp, model, _ = _train(steps=40, mask_interval=5, learn_every=2, **HOLDOUT)
     x, _ = make_data(32)
-    rows = layer_rows(model, sp.modules, x)
+    rows = model_rows(model, x)
     plan = planned_flops(sp, sp.method, rows, sp.total_steps)
     assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
     on_train, _, _ = _train(steps=40, mask_interval=5, learn_every=2)
@@ -361,6 +362,32 @@ def test_held_out_costs_match_the_plan_and_scores_differ_from_training_data_scor
     assert sp.costs["mask_learning"] > on_train.costs["mask_learning"]
     assert any(not torch.equal(a["psi"], b["psi"]) for a, b in zip(sp.method._layers.values(),
                                                                       on_train.method._layers.values()))
+
+
+@pytest.mark.parametrize("options", [HOLDOUT, {"hypergradient": "unrolled"}], ids=["holdout", "unrolled"])
+def test_extra_passes_count_the_layers_kept_dense(options):
+    """The held-out and unrolled passes also run through layers the scores do not learn on (here the classifier,
+    kept dense): their recorded cost counts them, and equals the plan."""
+    sp, model, _ = _train(steps=30, mask_interval=5, learn_every=2, dense_last=True, **options)
+    assert "fc2.weight" not in sp.sparse_names()
+    x, _ = make_data(32)
+    rows = model_rows(model, x)
+    phase = "unrolled" if "hypergradient" in options else "mask_learning"
+    plan = planned_flops(sp, sp.method, rows, sp.total_steps)
+    assert sp.costs[phase] == pytest.approx(plan[phase])
+    # the other layers' share: forward and input gradient of their active weights on every extra pass
+    passes = sp.method._learn_steps * (3 if phase == "unrolled" else 1)
+    pass_rows = model_rows(model, _holdout_batches(0)[0]) if phase == "mask_learning" else rows
+    learning = [n for n in sp.sparse_names() if sp.method.explore_size(sp, n) > 0]
+    others = passes * sum(4.0 * sp.budgets[n] * r for n, r in pass_rows.items() if n not in learning)
+    learning_only = {n: r for n, r in rows.items() if n in sp.sparse_names()}
+    if phase == "unrolled":  # without the other layers' rows the plan refuses instead of undercounting
+        with pytest.raises(bidst.BidstError, match="output rows of every Conv/Linear layer.*fc2.weight"):
+            sp.method.planned_costs(sp, learning_only)
+    with pytest.MonkeyPatch.context() as mp:  # the same plan without the other layers
+        mp.setattr(bidst_method, "other_layers", lambda sp, names: {})
+        without = planned_flops(sp, sp.method, rows, sp.total_steps)[phase]
+    assert "fc2.weight" not in learning and plan[phase] - without == pytest.approx(others)
 
 
 def test_held_out_pass_leaves_batch_norm_statistics_to_the_training_data():
@@ -380,7 +407,7 @@ def test_held_out_pass_leaves_batch_norm_statistics_to_the_training_data():
 def test_recorded_costs_match_the_plan_and_match_flops_shortens():
     sp, model, _ = _train(steps=40, mask_interval=5, learn_every=2)
     x, _ = make_data(32)
-    rows = layer_rows(model, sp.modules, x)
+    rows = model_rows(model, x)
     plan = planned_flops(sp, sp.method, rows, sp.total_steps)
     assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
     assert "dense_grad" not in sp.costs  # the training loop counts dense gradients for every method alike
@@ -423,7 +450,7 @@ def test_sub_batched_mask_learning_costs_match_the_plan(sampling):
     sp, model, _ = _train(steps=40, mask_interval=5, learn_every=1, mask_rows=0.2, row_sampling=sampling,
                           explore_ratio=1.0)
     x, _ = make_data(32)
-    rows = layer_rows(model, sp.modules, x)
+    rows = model_rows(model, x)
     plan = planned_flops(sp, sp.method, rows, sp.total_steps)
     assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
     full = bidst.create_method("bidst", learn_every=1, explore_ratio=1.0)
@@ -454,7 +481,7 @@ def test_explore_refresh_replaces_that_share_of_the_candidates_not_grown(refresh
 def test_check_grad_steps_shadows_with_the_dense_gradient_and_costs_match_the_plan():
     sp, model, _ = _train(steps=30, mask_interval=5, learn_every=3, check_grad=True, explore_refresh=0.3)
     x, _ = make_data(32)
-    rows = layer_rows(model, sp.modules, x)
+    rows = model_rows(model, x)
     plan = planned_flops(sp, sp.method, rows, sp.total_steps)
     assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
     without = planned_flops(sp, bidst.create_method("bidst", learn_every=3, mask_interval=5), rows, sp.total_steps)
@@ -491,7 +518,7 @@ def test_consistency_ranks_a_steady_candidate_above_a_noisy_one_of_equal_shadow(
     assert float(plain[steady]) == float(plain[noisy])  # without it they tie
     # recorded costs still equal the plan with the extra accumulator
     sp, model, _ = _train(steps=30, mask_interval=5, learn_every=2, consistency=1.0)
-    rows = layer_rows(model, sp.modules, make_data(32)[0])
+    rows = model_rows(model, make_data(32)[0])
     plan = planned_flops(sp, sp.method, rows, sp.total_steps)
     assert sp.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
     assert any(bool((s["sq"] > 0).any()) for s in sp.method._layers.values())

@@ -44,6 +44,17 @@ def layer_rows(model: nn.Module, layers: dict[str, nn.Module], example_input: to
     return rows
 
 
+def model_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Conv/Linear layer of `model`, keyed by its weight's name as `named_parameters` gives it."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def model_rows(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Output positions times batch of every Conv/Linear layer of `model` on `example_input`: the `rows` of a plan."""
+    return layer_rows(model, model_layers(model), example_input)
+
+
 def planned_flops(sp: Sparsifier, method: Method, rows: dict[str, int], steps: int) -> dict[str, float]:
     """FLOPs of `steps` steps of `method` at `sp`'s layers and budgets, by phase ('train', 'dense_grad', ...)."""
     saved = sp.total_steps

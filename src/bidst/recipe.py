@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .budget import layer_rows, matched_steps
+from .budget import matched_steps, model_rows
 from .checkpoint import (
     atomic_write,
     latest_checkpoint,
@@ -294,7 +294,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         **cfg.method_args,
     )
     if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
-        rows = layer_rows(model, sparsifier.modules, init_x.to(device))
+        rows = model_rows(model, init_x.to(device))
         total_steps = sparsifier.total_steps = matched_steps(sparsifier, cfg.match_flops, rows)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference

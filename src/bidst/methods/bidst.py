@@ -44,6 +44,25 @@ def pass_flops(actives: int, candidates: int, rows: int) -> float:
     return (4.0 * actives + 2.0 * candidates) * rows
 
 
+def other_layers(sp: Sparsifier, names: list[str]) -> dict[str, nn.Module]:
+    """The model's Conv/Linear layers outside `names` (the layers whose scores learn), by weight name: an extra
+    pass runs through them too (layers kept dense, never sparsified, or without candidates)."""
+    from ..budget import model_layers  # budget imports the method registry: import at call time
+
+    learning = set(names)
+    return {n: m for n, m in model_layers(sp.model).items() if n not in learning}
+
+
+def other_pass_flops(sp: Sparsifier, layers: dict[str, nn.Module], rows: dict[str, int]) -> float:
+    """FLOPs of one extra pass (forward and input gradient) through `layers` (active weights: the layer's budget
+    where the sparsifier holds one, else all) with these output rows."""
+    missing = sorted(set(layers) - set(rows))
+    if missing:
+        raise BidstError(f"the cost plan needs the output rows of every Conv/Linear layer (bidst.budget.model_rows); "
+                         f"missing: {', '.join(missing)}")
+    return sum(pass_flops(sp.budgets.get(n, int(m.weight.numel())), 0, rows[n]) for n, m in layers.items())
+
+
 @contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Put the model's buffers (batch-norm statistics) back as they were after the extra passes inside."""
@@ -442,9 +461,11 @@ class BiDST:
         batch = cast(Any, sp.holdout_batches)(self._holdout_draws)
         self._holdout_draws += 1
         with buffers_kept(sp.model):  # batch-norm statistics follow the training data only
-            grads, rows = self.extra_pass(sp, batch, names)
+            grads, rows, other = self.extra_pass(sp, batch, names)
         for n in names:
             sp.add_cost("mask_learning", pass_flops(sp.budgets[n], self._layers[n]["pos"].numel(), rows[n]))
+        if other:
+            sp.add_cost("mask_learning", other)
         size = int(batch[0].shape[0])
         return grads, dict.fromkeys(names, size)
 
@@ -530,7 +551,7 @@ class BiDST:
         saved = {n: sp.params[n].detach().view(-1)[self._layers[n]["pos"]].clone() for n in names}
         try:
             with buffers_kept(sp.model):
-                g_virtual = self.extra_pass(sp, batch, names, {n: virtual[n] * masks[n] for n in names})[0]
+                g_virtual, _, other = self.extra_pass(sp, batch, names, {n: virtual[n] * masks[n] for n in names})
                 u = {n: masks[n] * g_virtual[n] for n in names}
                 eps = self.unroll_eps / max(math.sqrt(sum(float(v.pow(2).sum()) for v in u.values())), 1e-12)
                 plus = self.extra_pass(sp, batch, names, {n: (thetas[n] + eps * u[n]) * masks[n] for n in names})[0]
@@ -542,6 +563,8 @@ class BiDST:
         for n in names:
             rows = sum(output_rows(sp.modules[n], gout) for _, _, gout in entries[n])
             sp.add_cost("unrolled", UNROLLED_PASSES * pass_flops(sp.budgets[n], masks[n].numel(), rows))
+        if other:  # the three passes run on the same batch
+            sp.add_cost("unrolled", UNROLLED_PASSES * other)
         return {
             n: virtual[n] * g_virtual[n] - lrs[n] * masks[n] * grads[n] * g_virtual[n]
             - lrs[n] * thetas[n] * (plus[n] - minus[n]) / (2 * eps)
@@ -554,9 +577,9 @@ class BiDST:
         batch: tuple[torch.Tensor, torch.Tensor],
         names: list[str],
         values: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
         """Forward and backward of `batch`, with the weights at C first set to `values` if given: (g over C,
-        output rows) for each layer in `names`.
+        output rows) for each layer in `names`, and the FLOPs of the pass through the model's other layers.
 
         Only input gradients are propagated (no dense weight gradient, param.grad untouched); the
         gradients over C are sampled products from the captured layer inputs and output gradients.
@@ -569,6 +592,16 @@ class BiDST:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = cast(nn.Module, model.module)  # the extra passes must not trigger DDP's gradient reduction
         self._captures.clear()
+        others = other_layers(sp, names)
+        other_rows = dict.fromkeys(others, 0)
+
+        def count(name: str) -> Any:
+            def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                other_rows[name] += output_rows(module, output)
+
+            return hook
+
+        handles = [m.register_forward_hook(count(n)) for n, m in others.items()]
         self._extra_pass = True
         try:
             with torch.enable_grad():
@@ -576,10 +609,12 @@ class BiDST:
                 torch.autograd.grad(sp.loss_fn(model(x), targets), x)
         finally:
             self._extra_pass = False
+            for handle in handles:
+                handle.remove()
         out = {n: self.candidate_grads(sp, n, self._captures[n], actives_from_grad=False) for n in names}
         rows = {n: sum(output_rows(sp.modules[n], gout) for _, _, gout in self._captures[n]) for n in names}
         self._captures.clear()
-        return out, rows
+        return out, rows, other_pass_flops(sp, others, other_rows)
 
     # -- the topology flag -------------------------------------------------------------
     def ranking(self, sp: Sparsifier, name: str, scores: bool = True) -> torch.Tensor:
@@ -738,12 +773,11 @@ class BiDST:
 
     # -- cost plan (for matching training FLOPs before a run) -----------------------------
     def holdout_rows(self, sp: Sparsifier) -> dict[str, int]:
-        """Output rows of each layer on a held-out batch (one no-grad forward of batch 0, measured once)."""
+        """Output rows of every Conv/Linear layer on a held-out batch (one no-grad forward of batch 0, measured once)."""
         if self._holdout_rows is None:
-            from ..budget import layer_rows  # budget imports the method registry: import at call time
+            from ..budget import model_rows  # budget imports the method registry: import at call time
 
-            inputs = cast(Any, sp.holdout_batches)(0)[0]
-            self._holdout_rows = layer_rows(sp.model, {n: sp.modules[n] for n in sp.sparse_names()}, inputs)
+            self._holdout_rows = model_rows(sp.model, cast(Any, sp.holdout_batches)(0)[0])
         return self._holdout_rows
 
     def planned_costs(self, sp: Sparsifier, rows: dict[str, int]) -> dict[str, float]:
@@ -753,12 +787,17 @@ class BiDST:
         """
         learn_steps = sum(1 for s in range(1, sp.total_steps + 1) if self.learns(s, sp))
         held = self.holdout_rows(sp) if self.upper_data == "holdout" else None
+        learning = [n for n in sp.sparse_names() if self.explore_size(sp, n) > 0]  # score_grads skips the others
         mask, unrolled = 0.0, 0.0
-        for name in sp.sparse_names():
+        if held is not None or self.hypergradient == "unrolled":  # the extra passes also run through the other layers
+            others = other_layers(sp, learning)
+            if held is not None:
+                mask += other_pass_flops(sp, others, held)
+            if self.hypergradient == "unrolled":
+                unrolled += UNROLLED_PASSES * other_pass_flops(sp, others, rows)
+        for name in learning:
             k = sp.budgets[name]
             e = self.explore_size(sp, name)
-            if e == 0:  # score_grads skips layers without candidates
-                continue
             mask += 2.0 * e * self.sub_rows(rows[name]) + SCORE_FLOPS * (k + e)
             if self.consistency > 0:
                 mask += CONSISTENCY_FLOPS * e
