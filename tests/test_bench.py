@@ -9,10 +9,11 @@ from bidst.bench import MARKERS, Timer, main
 
 
 def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
+    """A tiny run (the MLP by its short name) rewrites only the part between the markers."""
     threads = numba.get_num_threads()
     report = tmp_path / "performance.md"
     report.write_text(f"# Title\n\nprose before\n\n{MARKERS[0]}\nold table\n{MARKERS[1]}\n\nprose after\n")
-    assert main(["--models", "MLP 1024x3", "--sparsities", "0.9", "--no-layers", "--reps", "1", "--block", "1", "--profile",
+    assert main(["--models", "mlp", "--sparsities", "0.9", "--no-layers", "--reps", "1", "--block", "1", "--profile",
                  "--out", str(report)]) == 0  # fmt: skip
     text = report.read_text()
     assert text.startswith("# Title\n\nprose before\n") and text.endswith(f"{MARKERS[1]}\n\nprose after\n")

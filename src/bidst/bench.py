@@ -74,6 +74,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
+# short names for --models
+ALIASES = {"mlp": "MLP 1024x3", "cnn": "CNN (Fashion-MNIST)", "resnet32": "ResNet-32", "vgg19": "VGG-19"}
+
+
 def sparse_layer_names(model: nn.Module) -> list[str]:
     """Weights the benchmarks make sparse: every Conv2d/Linear but the first conv and the classifier."""
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -371,7 +375,8 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `bidst bench`; returns the exit code."""
     ap = argparse.ArgumentParser(prog="bidst bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma-separated, of: {', '.join(MODELS)} (or {', '.join(ALIASES)})")
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions per measurement")
     ap.add_argument("--block", type=int, default=3, help="consecutive steps of one backend per repetition")
@@ -382,10 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also profile a regular sparse step per model and sparsity")
     ap.add_argument("--out", help="write the Markdown report here (between its bench markers if it has them)")
     args = ap.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",")]
+    named = {**{name.lower(): name for name in MODELS}, **ALIASES}
+    models = [named.get(m.strip().lower(), m.strip()) for m in args.models.split(",")]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
-        ap.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+        ap.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)} (or {', '.join(ALIASES)})")
     try:
         sparsities = [float(x) for x in args.sparsities.split(",")]
     except ValueError:
