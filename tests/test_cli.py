@@ -211,3 +211,11 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     with pytest.raises(BidstError, match="option 'interval' of method 'rigl' must be like 100, got 100.5"):
         create_method("rigl", interval=100.5)
     assert load_config(None, ["dataset=1e5x"]).dataset == "1e5x"  # not a number: stays a string
+
+
+def test_version(capsys):
+    import bidst
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"bidst {bidst.__version__}"

@@ -116,7 +116,10 @@ def _listing(kind: str, as_json: bool) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `bidst`."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="bidst", description="Dynamic sparse training for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"bidst {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one run from a YAML recipe")
     train.add_argument("--config", help="recipe YAML (configs/...); defaults apply to missing keys")
