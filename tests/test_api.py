@@ -66,3 +66,13 @@ def test_filter_selecting_nothing_is_an_error():
         assert "no layer to sparsify" in str(exc)
     else:
         raise AssertionError("expected a BidstError")
+
+
+def test_repr_says_what_the_sparsifier_is_doing():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "set", 0.5, total_steps=10)
+    model(torch.randn(4, 8)).sum().backward()
+    sp.step()
+    assert repr(sp) == ("Sparsifier(method='set', sparsity=0.5, layers=2, measured_sparsity=0.5000, step=1/10, "
+                        "topology_changes=0, backend='masked')")

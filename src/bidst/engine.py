@@ -209,6 +209,11 @@ class Sparsifier:
                 grad = torch.zeros(positions.numel(), dtype=values.dtype, device=values.device)
             self.sampled_grads[name] = grad.detach() / scale if scale != 1.0 else grad.detach()
 
+    def __repr__(self) -> str:
+        return (f"Sparsifier(method={self.method.name!r}, sparsity={self.sparsity:g}, layers={len(self.params)}, "
+                f"measured_sparsity={self.measured_sparsity():.4f}, step={self.step_count}/{self.total_steps}, "
+                f"topology_changes={self.topology_changes}, backend={self.backend!r})")
+
     # -- helpers for methods -------------------------------------------------------------
     def sparse_names(self) -> list[str]:
         """Layers the method may change (all but those kept dense)."""
