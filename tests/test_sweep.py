@@ -132,6 +132,18 @@ def test_an_out_folder_under_a_file_is_a_one_line_error_before_any_run(env, caps
     assert counter.read_text() == ""  # no run started
 
 
+def test_a_foreign_file_in_a_new_runs_folder_stops_the_sweep_and_is_kept(env, capsys):
+    folder, train_cmd, counter = env
+    path = write_sweep(folder, "s.yaml", "out")
+    foreign = folder / "out/method=set/sparsity=0.5/seed=1/notes.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("mine")
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    err = capsys.readouterr().err
+    assert "holds notes.txt but no run config" in err and err.count("\n") == 1
+    assert foreign.read_text() == "mine" and counter.read_text() == ""  # kept, and no run started
+
+
 def test_a_method_override_of_a_grid_key_collapses_its_runs(env):
     folder, _, _ = env
     spec = sweep.load_sweep(write_sweep(folder, "s.yaml", "out", grid={**GRID, "method": ["dense", "rigl"]},

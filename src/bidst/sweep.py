@@ -188,7 +188,7 @@ def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list
 
 def _start(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> tuple[subprocess.Popen, IO[bytes]]:
     if run.status() == "new" and run.run_dir.exists():
-        shutil.rmtree(run.run_dir)  # killed before it saved a config: nothing to resume, and `train` wants it empty
+        shutil.rmtree(run.run_dir)  # empty folders a run killed before it saved a config left (checked in run_sweep)
     run.run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = train_command(sweep, run, train_cmd)
     log = open(run.log_path, "ab")  # noqa: SIM115  (stays open for the child's whole life)
@@ -245,6 +245,12 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
     cmd = list(train_cmd or TRAIN_CMD)
     make_folder(sweep.out)
     pending = [r for r in sweep.runs if r.status() != "done"]
+    for run in pending:  # a new run's folder is cleared before it starts: only ever one a killed run left empty
+        files = run.run_dir.rglob("*") if run.status() == "new" else ()
+        stray = next((p for p in files if not p.is_dir() and p.suffix != ".tmp"), None)  # .tmp: an unfinished write
+        if stray is not None:
+            raise BidstError(f"{run.run_dir} holds {stray.relative_to(run.run_dir)} but no run config: not a run this "
+                             "sweep started; move it away or give the sweep another out")
     total, failed = len(sweep.runs), []
     active: dict[subprocess.Popen, tuple[SweepRun, IO[bytes]]] = {}
     interrupts = _Interrupts()
