@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bidst.budget import layer_rows, planned_flops
+from bidst.budget import model_rows, planned_flops
 from bidst.config import load_config
 from bidst.engine import sparsify
 from bidst.models import create_model
@@ -164,7 +164,7 @@ def run_flops(folder: Path, summary: dict) -> dict[str, float]:
     steps_per_epoch = (cfg.train_subset or TRAIN_ITEMS - cfg.val_size) // cfg.batch_size
     sp = sparsify(model, opt, cfg.method, cfg.sparsity, total_steps=summary["steps"], distribution=cfg.distribution,
                   steps_per_epoch=steps_per_epoch, seed=cfg.seed, **cfg.method_args)
-    rows = layer_rows(model, sp.modules, torch.zeros(cfg.batch_size, 1, 28, 28))
+    rows = model_rows(model, torch.zeros(cfg.batch_size, 1, 28, 28))
     plan = planned_flops(sp, sp.method, rows, summary["steps"])
     plan["dense"] = cfg.epochs * steps_per_epoch * sum(6.0 * sp.numel[n] * rows[n] for n in sp.params)
     return plan
