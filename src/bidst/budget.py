@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .methods import create_method
-from .sampled import output_rows
+from .sampled import rows_counted
 
 if TYPE_CHECKING:
     from .engine import Sparsifier
@@ -24,23 +24,13 @@ if TYPE_CHECKING:
 
 def layer_rows(model: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor) -> dict[str, int]:
     """Output positions times batch of each layer in `layers` on `example_input` (one no-grad eval forward)."""
-    rows = dict.fromkeys(layers, 0)
-    handles = []
-    for name, module in layers.items():
-
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor, name: str = name) -> None:
-            rows[name] += output_rows(module, output)
-
-        handles.append(module.register_forward_hook(hook))
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), rows_counted(layers) as rows:
             model(example_input)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
     return rows
 
 

@@ -8,6 +8,9 @@ same call with a kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,3 +169,22 @@ def output_rows(module: nn.Module, grad_output: torch.Tensor) -> int:
     """Output positions times batch of one call: the FLOPs of one sampled position are twice this."""
     channels = grad_output.shape[-1] if isinstance(module, nn.Linear) else grad_output.shape[1]
     return grad_output.numel() // channels
+
+
+@contextmanager
+def rows_counted(layers: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
+    """Within the block, the output rows (`output_rows`) of every forward call of `layers`, summed per name."""
+    rows = dict.fromkeys(layers, 0)
+
+    def counter(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            rows[name] += output_rows(module, output)
+
+        return hook
+
+    handles = [module.register_forward_hook(counter(name)) for name, module in layers.items()]
+    try:
+        yield rows
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import BidstError
-from ..sampled import output_row_norms, output_rows, sampled_weight_grad
+from ..sampled import output_row_norms, output_rows, rows_counted, sampled_weight_grad
 from ..schedules import cosine_decay, is_update_step
 from ..scores import grow_highest, random_scores
 from .base import METHODS, require_choice, require_range
@@ -593,24 +593,13 @@ class BiDST:
             model = cast(nn.Module, model.module)  # the extra passes must not trigger DDP's gradient reduction
         self._captures.clear()
         others = other_layers(sp, names)
-        other_rows = dict.fromkeys(others, 0)
-
-        def count(name: str) -> Any:
-            def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-                other_rows[name] += output_rows(module, output)
-
-            return hook
-
-        handles = [m.register_forward_hook(count(n)) for n, m in others.items()]
         self._extra_pass = True
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), rows_counted(others) as other_rows:
                 x = inputs.detach().requires_grad_(True)
                 torch.autograd.grad(sp.loss_fn(model(x), targets), x)
         finally:
             self._extra_pass = False
-            for handle in handles:
-                handle.remove()
         out = {n: self.candidate_grads(sp, n, self._captures[n], actives_from_grad=False) for n in names}
         rows = {n: sum(output_rows(sp.modules[n], gout) for _, _, gout in self._captures[n]) for n in names}
         self._captures.clear()
@@ -787,17 +776,17 @@ class BiDST:
         """
         learn_steps = sum(1 for s in range(1, sp.total_steps + 1) if self.learns(s, sp))
         held = self.holdout_rows(sp) if self.upper_data == "holdout" else None
-        learning = [n for n in sp.sparse_names() if self.explore_size(sp, n) > 0]  # score_grads skips the others
+        sizes = {n: self.explore_size(sp, n) for n in sp.sparse_names()}
+        learning = {n: e for n, e in sizes.items() if e > 0}  # score_grads skips the layers without candidates
         mask, unrolled = 0.0, 0.0
         if held is not None or self.hypergradient == "unrolled":  # the extra passes also run through the other layers
-            others = other_layers(sp, learning)
+            others = other_layers(sp, list(learning))
             if held is not None:
                 mask += other_pass_flops(sp, others, held)
             if self.hypergradient == "unrolled":
                 unrolled += UNROLLED_PASSES * other_pass_flops(sp, others, rows)
-        for name in learning:
+        for name, e in learning.items():
             k = sp.budgets[name]
-            e = self.explore_size(sp, name)
             mask += 2.0 * e * self.sub_rows(rows[name]) + SCORE_FLOPS * (k + e)
             if self.consistency > 0:
                 mask += CONSISTENCY_FLOPS * e
