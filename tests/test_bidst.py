@@ -12,8 +12,9 @@ from torch import nn
 import bidst
 from bidst.budget import matched_steps, model_rows, planned_flops
 from bidst.methods import bidst as bidst_method
+from bidst.sparse import SparseLinear
 from bidst.sampled import output_rows as sampled_rows
-from bidst.sampled import sampled_weight_grad
+from bidst.sampled import output_row_norms, sampled_weight_grad
 from conftest import TinyNet, make_data
 
 
@@ -388,6 +389,30 @@ def test_extra_passes_count_the_layers_kept_dense(options):
         mp.setattr(bidst_method, "other_layers", lambda sp, names: {})
         without = planned_flops(sp, sp.method, rows, sp.total_steps)[phase]
     assert "fc2.weight" not in learning and plan[phase] - without == pytest.approx(others)
+
+
+def test_plans_and_matched_steps_are_the_same_under_the_sparse_backend():
+    """The sparse backend swaps Conv/Linear layers for sparse twins: the plan must still see their rows, so a run
+    is held to the same FLOPs and steps as under masked compute (`match_flops` with `backend: sparse` failed)."""
+    x, _ = make_data(32)
+    runs = {b: _train(steps=30, mask_interval=5, learn_every=2, dense_last=True, backend=b) for b in ("masked", "sparse")}
+    rows = {b: model_rows(model, x) for b, (_, model, _) in runs.items()}
+    assert rows["sparse"] == rows["masked"] and set(rows["sparse"]) == {f"{n}.weight" for n in ("conv1", "conv2",
+                                                                                               "fc1", "fc2")}
+    (masked, _, _), (sparse, _, _) = runs["masked"], runs["sparse"]
+    plan = planned_flops(sparse, sparse.method, rows["sparse"], 30)
+    assert plan == pytest.approx(planned_flops(masked, masked.method, rows["masked"], 30))
+    assert sparse.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
+    assert matched_steps(sparse, "rigl", rows["sparse"]) == matched_steps(masked, "rigl", rows["masked"]) < 30
+
+
+def test_output_rows_of_a_sparse_linear_layer_are_those_of_its_dense_twin():
+    """Rows of a Linear output are all positions but the last dim, for a SparseLinear too (3-D input: not dim 1)."""
+    dense = nn.Linear(7, 5)
+    sparse = SparseLinear.from_dense(dense, torch.rand(5, 7) < 0.5)
+    out = torch.randn(2, 3, 5)
+    assert sampled_rows(sparse, out) == sampled_rows(dense, out) == 6
+    assert torch.equal(output_row_norms(sparse, out), output_row_norms(dense, out))
 
 
 def test_held_out_pass_leaves_batch_norm_statistics_to_the_training_data():

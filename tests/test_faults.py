@@ -230,6 +230,15 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("on_nonfinite=ignore", "config key 'on_nonfinite' must be one of stop, skip"),
     ("batch_size=0", "config key 'batch_size' must be positive"),
+    ("log_every=0", "config key 'log_every' must be positive"),
+    ("iou_interval=0", "config key 'iou_interval' must be positive"),
+    ("lr=-0.1", "config key 'lr' must be >= 0"),
+    ("momentum=-0.5", "config key 'momentum' must be >= 0"),
+    ("weight_decay=-1e-4", "config key 'weight_decay' must be >= 0"),
+    ("threads=-2", "config key 'threads' must be >= 0"),
+    ("label_smoothing=1.5", "config key 'label_smoothing' must be in [0, 1]"),
+    ("lr=.inf", "config key 'lr' must be a finite number"),
+    ("sparsity=.nan", "config key 'sparsity' must be a finite number"),
 ])
 def test_invalid_reliability_settings(override, message, tmp_path, capsys):
     assert main(["train", *tiny_args("rigl"), override, "--run-dir", str(tmp_path / "r")]) == 2

@@ -16,6 +16,7 @@ from torch import nn
 
 from .methods import create_method
 from .sampled import rows_counted
+from .sparse import SparseConv2d, SparseLinear
 
 if TYPE_CHECKING:
     from .engine import Sparsifier
@@ -35,8 +36,9 @@ def layer_rows(model: nn.Module, layers: dict[str, nn.Module], example_input: to
 
 
 def model_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv/Linear layer of `model`, keyed by its weight's name as `named_parameters` gives it."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    """Every Conv/Linear layer of `model`, sparse-backend twins included, keyed by its weight's name as
+    `named_parameters` gives it (a twin's trainable tensor is `values`, but the sparsifier keeps the weight's name)."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
     return {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ class TrainConfig:
     log_every: int = 50  # steps between step lines in metrics.jsonl
     iou_interval: int = 5  # epochs between the mask snapshots whose IoU is logged (BiDST's Figure 4)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
-    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep; 0: all
     progress: bool = True  # tqdm bars on stderr
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +89,12 @@ CHOICES = {
     "on_nonfinite": ("stop", "skip"),
     "backend": ("masked", "sparse"),
 }
+
+
+# numeric keys' ranges, checked before anything runs (PyTorch's own errors for these come as tracebacks, late)
+AT_LEAST_ZERO = {"val_size", "train_subset", "holdout_size", "holdout_batch", "lr", "momentum", "weight_decay",
+                 "warmup_epochs", "threads", "num_workers", "checkpoint_every", "keep_checkpoints"}  # fmt: skip
+POSITIVE = {"epochs", "batch_size", "log_every", "iou_interval"}
 
 
 def _fields() -> dict[str, dataclasses.Field[Any]]:
@@ -163,12 +170,15 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
     for key, choices in CHOICES.items():
         if key in values and values[key] not in choices:
             raise BidstError(f"config key {key!r} must be one of {', '.join(choices)}, got {values[key]!r}")
-    for key in ("train_subset", "holdout_size", "holdout_batch"):
-        if values.get(key, 0) < 0:
-            raise BidstError(f"config key {key!r} must be >= 0, got {values[key]}")
-    for key in ("epochs", "batch_size"):
-        if key in values and values[key] <= 0:
-            raise BidstError(f"config key {key!r} must be positive, got {values[key]}")
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BidstError(f"config key {key!r} must be a finite number, got {value}")
+        if key in AT_LEAST_ZERO and value < 0:
+            raise BidstError(f"config key {key!r} must be >= 0, got {value}")
+        if key in POSITIVE and value <= 0:
+            raise BidstError(f"config key {key!r} must be positive, got {value}")
+    if not 0.0 <= values.get("label_smoothing", 0.0) <= 1.0:
+        raise BidstError(f"config key 'label_smoothing' must be in [0, 1], got {values['label_smoothing']}")
     return TrainConfig(**values)
 
 

@@ -60,7 +60,7 @@ def other_pass_flops(sp: Sparsifier, layers: dict[str, nn.Module], rows: dict[st
     if missing:
         raise BidstError(f"the cost plan needs the output rows of every Conv/Linear layer (bidst.budget.model_rows); "
                          f"missing: {', '.join(missing)}")
-    return sum(pass_flops(sp.budgets.get(n, int(m.weight.numel())), 0, rows[n]) for n, m in layers.items())
+    return sum(pass_flops(sp.budgets[n] if n in sp.budgets else m.weight.numel(), 0, rows[n]) for n, m in layers.items())
 
 
 @contextmanager
