@@ -639,6 +639,11 @@ def test_training_recipe_matches_rigl_flops(tmp_path):
             "method_args.learn_every=1", "threads=1"]
     summary = train(load_config(None, args), tmp_path / "run")
     assert 0 < summary["steps"] < 2 * 10  # fewer steps than the 2 epochs of 10 that RigL takes
+    rigl = train(load_config(None, [*args[:7], "method=rigl", "threads=1"]), tmp_path / "rigl")
+    assert rigl["steps"] == 20
+    # both against dense training of the whole 2 epochs: the shortened run shows that it cost no more than RigL
+    assert summary["flops"]["dense_reference"] == rigl["flops"]["dense_reference"] > 0
+    assert summary["flops"]["relative_to_dense"] <= rigl["flops"]["relative_to_dense"]
     assert summary["method_costs"]["mask_learning"] > 0 and summary["topology_changes"] > 0
     assert summary["method_stats"]["swap_decisions"] > 0 and 0.0 <= summary["method_stats"]["set_by_scores"] <= 1.0
     assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)

@@ -115,6 +115,8 @@ def test_meter_accumulates_and_relates_to_dense():
     assert with_method["flops"]["dense_grad"] == 240.0 and with_method["flops"]["mask_learning"] == 36.0
     assert with_method["flops"]["relative_to_dense"] == pytest.approx(516 / 720)
     assert meter.totals()["flops"]["total"] == 360.0  # the meter itself is unchanged
+    whole = meter.summary(dense_total=1440.0)  # e.g. dense training of a schedule twice as long as this run
+    assert whole["flops"]["dense_reference"] == 1440.0 and whole["flops"]["relative_to_dense"] == pytest.approx(0.25)
     with pytest.raises(BidstError):
         flops.CostMeter().relative_to()
 

@@ -277,19 +277,22 @@ class CostMeter:
         flops = self.totals()["flops"]
         return {phase: value / dense for phase, value in flops.items()}
 
-    def summary(self, extra_flops: Mapping[str, float] | None = None) -> dict[str, Any]:
+    def summary(self, extra_flops: Mapping[str, float] | None = None, dense_total: float | None = None) -> dict[str, Any]:
         """The `flops` and `time` dicts (plus peak memory) for summary.json, see `totals`.
 
         `extra_flops` adds FLOPs by phase that were counted elsewhere and checkpointed there
         (the Sparsifier's ``costs``: the methods' own work), without changing this meter.
+        `dense_total` replaces the accumulated dense reference (e.g. dense training of a whole
+        schedule that this run was cut short of).
         """
         totals = self.totals()
         flops = dict(totals["flops"])
         for phase, value in (extra_flops or {}).items():
             flops[phase] = flops.get(phase, 0.0) + float(value)
             flops["total"] += float(value)
-        flops["dense_reference"] = self._dense_flops
-        flops["relative_to_dense"] = flops["total"] / self._dense_flops if self._dense_flops > 0 else None
+        dense = self._dense_flops if dense_total is None else float(dense_total)
+        flops["dense_reference"] = dense
+        flops["relative_to_dense"] = flops["total"] / dense if dense > 0 else None
         return {"flops": flops, "time": totals["time"], "peak_memory_bytes": totals["peak_memory_bytes"]}
 
     def state_dict(self) -> dict[str, Any]:

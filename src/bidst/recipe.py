@@ -445,7 +445,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         "backend": cfg.backend, "rebuild_s": sparsifier.rebuild_seconds,
         "inference_flops": inference_flops(shapes, sparsifier.masks),
         "dense_inference_flops": inference_flops(shapes),
-        **meter.summary(extra_flops=sparsifier.costs),
+        # against dense training of the recipe's whole schedule (full batches: drop_last), so a run that match_flops
+        # shortened shows what it saved instead of its cost over fewer steps
+        **meter.summary(extra_flops=sparsifier.costs, dense_total=dense_step_flops * world * cfg.epochs * steps_per_epoch),
     }
     distributed.on_rank0(lambda: _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n"))
     return summary
