@@ -406,6 +406,29 @@ def test_plans_and_matched_steps_are_the_same_under_the_sparse_backend():
     assert matched_steps(sparse, "rigl", rows["sparse"]) == matched_steps(masked, "rigl", rows["masked"]) < 30
 
 
+@pytest.mark.parametrize("method", ["gmp", "granet"])
+def test_dense_to_sparse_plans_follow_the_pruning_schedule(method):
+    """GMP and GraNet start dense and prune on a schedule: their plan counts the active weights each step really
+    has (so match_flops=rigl shortens them, against RigL at the run's target budgets), not constant budgets."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = bidst.sparsify(model, opt, method, 0.8, total_steps=40, interval=5)
+    x, y = make_data()
+    rows = model_rows(model, x[:32])
+    recorded = 0.0
+    for step in range(40):
+        recorded += sum(6.0 * int(sp.masks[n].sum()) * rows[n] for n in sp.params)  # forward + backward, active
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[step : step + 32]), y[step : step + 32]).backward()
+        sp.step()
+    assert sp.topology_changes > 0
+    assert planned_flops(sp, sp.method, rows, 40)["train"] == pytest.approx(recorded)
+    rigl = sum(planned_flops(sp, bidst.create_method("rigl"), rows, 40, sp.target_budgets()).values())
+    steps = matched_steps(sp, "rigl", rows)
+    assert steps < 40 and sum(planned_flops(sp, sp.method, rows, steps).values()) <= rigl
+
+
 def test_output_rows_of_a_sparse_linear_layer_are_those_of_its_dense_twin():
     """Rows of a Linear output are all positions but the last dim, for a SparseLinear too (3-D input: not dim 1)."""
     dense = nn.Linear(7, 5)

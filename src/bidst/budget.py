@@ -1,7 +1,8 @@
 """Training-FLOPs plans, so that a run can be held to another method's training cost (BiDST's 158 vs 160 epochs).
 
 A plan counts, per step, the forward and backward of the active weights (3 × 2·k·rows per layer,
-rows = output positions × batch), a dense weight gradient of every sparse layer at each step where
+rows = output positions × batch; k follows the method's `budget_changes` where it has them, as
+dense-to-sparse GMP and GraNet do, and is the layer budget otherwise), a dense weight gradient of every sparse layer at each step where
 the method asks the engine for one (`wants_dense_grad`), and the method's own declared work
 (`planned_costs`, e.g. BiDST's mask learning and unrolled passes). Counting follows the
 FLOPs conventions of the RigL paper: Conv/Linear weights only, 2 FLOPs per multiply-add.
@@ -47,13 +48,24 @@ def model_rows(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     return layer_rows(model, model_layers(model), example_input)
 
 
-def planned_flops(sp: Sparsifier, method: Method, rows: dict[str, int], steps: int) -> dict[str, float]:
-    """FLOPs of `steps` steps of `method` at `sp`'s layers and budgets, by phase ('train', 'dense_grad', ...)."""
+def planned_flops(
+    sp: Sparsifier, method: Method, rows: dict[str, int], steps: int, budgets: dict[str, int] | None = None
+) -> dict[str, float]:
+    """FLOPs of `steps` steps of `method` at `sp`'s layers, by phase ('train', 'dense_grad', ...): at `budgets`
+    (default: `sp`'s current ones), or along the method's own `budget_changes` where it has them."""
     saved = sp.total_steps
     sp.total_steps = steps
     try:
-        budgets = dict(sp.numel) if method.name == "dense" else sp.budgets
-        plan = {"train": steps * sum(6.0 * budgets[n] * rows[n] for n in sp.params)}
+        schedule = getattr(method, "budget_changes", None)
+        if method.name == "dense":
+            changes = [(0, dict(sp.numel))]
+        elif schedule is not None:
+            changes = schedule(sp, steps)
+        else:
+            changes = [(0, budgets if budgets is not None else sp.budgets)]
+        plan = {"train": 0.0}
+        for (start, held), (end, _) in zip(changes, [*changes[1:], (steps, None)]):  # steps start+1..end
+            plan["train"] += max(0, min(end, steps) - start) * sum(6.0 * held[n] * rows[n] for n in sp.params)
         dense_steps = sum(1 for s in range(1, steps + 1) if method.wants_dense_grad(s, sp))
         if dense_steps:
             plan["dense_grad"] = dense_steps * sum(2.0 * sp.numel[n] * rows[n] for n in sp.sparse_names())
@@ -68,9 +80,10 @@ def planned_flops(sp: Sparsifier, method: Method, rows: dict[str, int], steps: i
 def matched_steps(sp: Sparsifier, baseline: str, rows: dict[str, int]) -> int:
     """The most steps (at most `sp.total_steps`) whose plan costs no more than `baseline` over `sp.total_steps`.
 
-    The baseline is planned with its default options at this run's layer budgets.
+    The baseline is planned with its default options at this run's target layer budgets (what a dense-to-sparse
+    run ends at, not the dense layers it starts from).
     """
-    budget = sum(planned_flops(sp, create_method(baseline), rows, sp.total_steps).values())
+    budget = sum(planned_flops(sp, create_method(baseline), rows, sp.total_steps, sp.target_budgets()).values())
     lo, hi = 1, sp.total_steps
     while lo < hi:
         mid = (lo + hi + 1) // 2

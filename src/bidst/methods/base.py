@@ -26,7 +26,8 @@ class Method(Protocol):
     `backends = ("masked", "sparse")` to allow the sparse backend; without it only "masked" is allowed.
     Two hooks are optional: `validate()`, called once its options are set, raises BidstError on bad
     ones; `stats()` returns numbers about the method's own decisions, which a recipe run writes to
-    `summary.json` as `method_stats`.
+    `summary.json` as `method_stats`. For FLOPs plans (`bidst.budget`), `planned_costs(sp, rows)` gives the
+    method's own work by phase and `budget_changes(sp, steps)` the layer budgets over training where they change.
     """
 
     name: ClassVar[str]
