@@ -406,14 +406,15 @@ def test_plans_and_matched_steps_are_the_same_under_the_sparse_backend():
     assert matched_steps(sparse, "rigl", rows["sparse"]) == matched_steps(masked, "rigl", rows["masked"]) < 30
 
 
-@pytest.mark.parametrize("method", ["gmp", "granet"])
-def test_dense_to_sparse_plans_follow_the_pruning_schedule(method):
-    """GMP and GraNet start dense and prune on a schedule: their plan counts the active weights each step really
-    has (so match_flops=rigl shortens them, against RigL at the run's target budgets), not constant budgets."""
+@pytest.mark.parametrize("method,options", [("gmp", {}), ("granet", {}), ("mest", {"variant": "ems", "interval_unit": "steps"})])
+def test_dense_to_sparse_plans_follow_the_pruning_schedule(method, options):
+    """GMP and GraNet start dense and MEST's EM&S below the target, and prune on a schedule: their plan counts the
+    active weights each step really has (so match_flops=rigl shortens them, against RigL at the run's target
+    budgets), not constant budgets."""
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sp = bidst.sparsify(model, opt, method, 0.8, total_steps=40, interval=5)
+    sp = bidst.sparsify(model, opt, method, 0.8, total_steps=40, interval=5, **options)
     x, y = make_data()
     rows = model_rows(model, x[:32])
     recorded = 0.0

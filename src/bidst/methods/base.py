@@ -27,7 +27,7 @@ class Method(Protocol):
     Two hooks are optional: `validate()`, called once its options are set, raises BidstError on bad
     ones; `stats()` returns numbers about the method's own decisions, which a recipe run writes to
     `summary.json` as `method_stats`. For FLOPs plans (`bidst.budget`), `planned_costs(sp, rows)` gives the
-    method's own work by phase and `budget_changes(sp, steps)` the layer budgets over training where they change.
+    method's own work by phase and `budget_changes(sp, steps)` the layer budgets over training where they change (None: they do not).
     """
 
     name: ClassVar[str]

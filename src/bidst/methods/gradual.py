@@ -53,7 +53,7 @@ class GMP(Stateless):
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
         return False
 
-    def budget_changes(self, sp: Sparsifier, steps: int) -> list[tuple[int, dict[str, int]]]:
+    def budget_changes(self, sp: Sparsifier, steps: int) -> list[tuple[int, dict[str, int]]] | None:
         """(step, budgets): the layers hold `budgets` from after `step` on; the initial ones, then each pruning's
         (for FLOPs plans: `bidst.budget.planned_flops`). Uses `sp.total_steps` for the schedule's window."""
         prunes = [(s, self._budgets(sp, s)) for s in range(1, steps + 1) if self._is_update(s, sp)]

@@ -56,6 +56,16 @@ class MEST(Stateless, UpdateSchedule):
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
         return False
 
+    def budget_changes(self, sp: Sparsifier, steps: int) -> list[tuple[int, dict[str, int]]] | None:
+        """Under `ems`, (step, budgets) from the start budgets through each mutation's (for FLOPs plans, see
+        GMP.budget_changes); None under `em`, whose budgets do not change."""
+        if self.variant != "ems":
+            return None
+        end = int(self.ems_end_fraction * sp.total_steps)
+        start = self._start_density(sp)
+        mutations = [(s, scheduled_budgets(sp, start, s, 0, end)) for s in range(1, steps + 1) if self.is_update(s, sp)]
+        return [(0, scheduled_budgets(sp, start, 0, 0, 1)), *mutations]
+
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         if not self.is_update(step, sp):
             return False
