@@ -245,3 +245,14 @@ def test_invalid_reliability_settings(override, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
+
+
+def test_resuming_a_finished_run_gives_its_results_only_for_its_own_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args("rigl", "epochs=1"), "--run-dir", str(run)]) == 0
+    before = (run / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume", "sparsity=0.8"]) == 2  # another run, not this one
+    assert "cannot resume" in capsys.readouterr().err and (run / "summary.json").read_bytes() == before
+    assert main(["train", "--run-dir", str(run), "--resume", "threads=2", "--json"]) == 0  # a key that may differ
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(before)

@@ -176,15 +176,21 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise BidstError(f"cannot use {run_dir} as a folder: {existing} is not writable")
 
 
+def check_resumed_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume (or to report a finished run for) a config that differs from the one saved in `run_dir`."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise BidstError(f"cannot resume: {run_dir} holds no config.yaml")
+    diff = config_diff(build_config(load_yaml(config_file.read_text())).to_dict(), cfg)
+    if diff:
+        raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
+
+
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
     """Create the run folder (refusing to reuse a non-empty one) or check a resumed run's config."""
     config_file = run_dir / "config.yaml"
     if resume:
-        if not config_file.exists():
-            raise BidstError(f"cannot resume: {run_dir} holds no config.yaml")
-        diff = config_diff(build_config(load_yaml(config_file.read_text())).to_dict(), cfg)
-        if diff:
-            raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
+        check_resumed_config(cfg, run_dir)
         remove_partial(run_dir / "checkpoints")
         return cfg
     check_new_run_dir(run_dir)
@@ -244,7 +250,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, stop: StopSignals) -> dict[str, Any]:
     """The body of `train` on one rank, on `device`, watching `stop` for SIGINT/SIGTERM."""
-    if resume and (run_dir / "summary.json").exists():
+    if resume and (run_dir / "summary.json").exists():  # finished: its results, if they are this config's
+        check_resumed_config(cfg, run_dir)
         return json.loads((run_dir / "summary.json").read_text())
     check_config(cfg)
     rank, world = distributed.rank(), distributed.world_size()
