@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,6 +67,14 @@ def test_filter_selecting_nothing_is_an_error():
         assert "no layer to sparsify" in str(exc)
     else:
         raise AssertionError("expected a BidstError")
+
+
+def test_sparsifying_a_sparse_backend_model_again_says_so():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bidst.sparsify(model, opt, "rigl", 0.5, total_steps=10, backend="sparse")
+    with pytest.raises(bidst.BidstError, match="already sparse-backend twins"):
+        bidst.sparsify(model, opt, "rigl", 0.5, total_steps=10, backend="sparse")
 
 
 def test_repr_says_what_the_sparsifier_is_doing():

@@ -15,7 +15,7 @@ from . import distributed
 from .density import check_sparsity, layer_budgets, layer_densities
 from .errors import BidstError
 from .methods.base import Method, create_method
-from .sparse import remap_optimizer_state
+from .sparse import SparseConv2d, SparseLinear, remap_optimizer_state
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -125,6 +125,9 @@ class Sparsifier:
                 self.params[name] = weight
                 self.modules[name] = module
         if not self.params:
+            if any(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules()):
+                raise BidstError("no layer to sparsify: the model's layers are already sparse-backend twins "
+                                 "(a model is sparsified once; build a new Sparsifier on a fresh model)")
             raise BidstError("no layer to sparsify: the filter selected no weight (Conv/Linear by default)")
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.params.items() if id(p) not in in_optimizer]
