@@ -144,9 +144,15 @@ def test_state_dict_roundtrip_and_mismatch():
     assert all(torch.equal(other.masks[n], sp.masks[n]) for n in sp.masks)
     assert other.step_count == sp.step_count and other.budgets == sp.budgets
     wrong = nn.Sequential(nn.Linear(3, 3))
-    wrong_sp = bidst.sparsify(wrong, torch.optim.SGD(wrong.parameters(), lr=0.1), "snfs", 0.5, total_steps=5)
+    wrong_sp = bidst.sparsify(wrong, torch.optim.SGD(wrong.parameters(), lr=0.1), "snfs", 0.8, total_steps=5)
     with pytest.raises(bidst.BidstError, match="do not match"):
         wrong_sp.load_state_dict(state)
+    for options, message in (({"sparsity": 0.9}, "sparsity 0.8, not 0.9"),
+                             ({"distribution": "uniform"}, "distribution 'erk', not 'uniform'")):  # fmt: skip
+        args = {"sparsity": 0.8, "total_steps": 12, "interval": 5, **options}
+        elsewhere = bidst.sparsify(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), "snfs", **args)
+        with pytest.raises(bidst.BidstError, match=message):  # its budgets would contradict this sparsifier's targets
+            elsewhere.load_state_dict(state)
 
 
 def test_report_lists_target_and_actual():

@@ -448,9 +448,12 @@ class Sparsifier:
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Masks, budgets, step, counters, the mask RNG and the method state (tensors and numbers only)."""
+        """Method, sparsity, distribution, masks, budgets, step, counters, the mask RNG and the method state (tensors,
+        numbers and strings only)."""
         return {
             "method": self.method.name,
+            "sparsity": self.sparsity,
+            "distribution": self.distribution,
             "step": self.step_count,
             "topology_changes": self.topology_changes,
             "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
@@ -465,6 +468,9 @@ class Sparsifier:
         """Restore `state_dict()`; a state from another method or model is refused with a clear error."""
         if state.get("method") != self.method.name:
             raise BidstError(f"checkpoint is for method {state.get('method')!r}, not {self.method.name!r}")
+        for key in ("sparsity", "distribution"):  # absent from older states
+            if key in state and state[key] != getattr(self, key):
+                raise BidstError(f"checkpoint is for {key} {state[key]!r}, not {getattr(self, key)!r}")
         masks = state["masks"]
         if set(masks) != set(self.masks):
             extra, missing = sorted(set(masks) - set(self.masks)), sorted(set(self.masks) - set(masks))
