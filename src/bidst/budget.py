@@ -2,10 +2,11 @@
 
 A plan counts, per step, the forward and backward of the active weights (3 × 2·k·rows per layer,
 rows = output positions × batch; k follows the method's `budget_changes` where it has them, as
-dense-to-sparse GMP and GraNet and MEST's EM&S do, and is the layer budget otherwise), a dense weight gradient of every sparse layer at each step where
-the method asks the engine for one (`wants_dense_grad`), and the method's own declared work
-(`planned_costs`, e.g. BiDST's mask learning and unrolled passes). Counting follows the
-FLOPs conventions of the RigL paper: Conv/Linear weights only, 2 FLOPs per multiply-add.
+dense-to-sparse GMP and GraNet and MEST's EM&S do, and is the layer budget otherwise), a dense
+weight gradient of every sparse layer at each step where the method asks the engine for one
+(`wants_dense_grad`), and the method's own declared work (`planned_costs`, e.g. BiDST's mask
+learning and unrolled passes). Counting follows the FLOPs conventions of the RigL paper:
+Conv/Linear weights only, 2 FLOPs per multiply-add.
 """
 
 from __future__ import annotations
@@ -57,11 +58,10 @@ def planned_flops(
     sp.total_steps = steps
     try:
         schedule = getattr(method, "budget_changes", None)
-        changes = schedule(sp, steps) if schedule is not None else None  # None: constant budgets
         if method.name == "dense":
             changes = [(0, dict(sp.numel))]
-        elif changes is None:
-            changes = [(0, budgets if budgets is not None else sp.budgets)]
+        else:  # a schedule's (step, budgets) pairs; None or no schedule: constant budgets
+            changes = (schedule(sp, steps) if schedule is not None else None) or [(0, budgets or sp.budgets)]
         plan = {"train": 0.0}
         for (start, held), (end, _) in zip(changes, [*changes[1:], (steps, None)]):  # steps start+1..end
             plan["train"] += max(0, min(end, steps) - start) * sum(6.0 * held[n] * rows[n] for n in sp.params)
