@@ -376,6 +376,11 @@ def test_missing_data_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_pa
         create_dataset("cifar10", "test")
     with pytest.raises(BidstError, match=f"no data in {tmp_path / 'empty'}; .*pass root="):
         create_dataset("mnist", "test", root=str(tmp_path / "empty"))  # explicit root: no download attempt
+    partial = tmp_path / "partial" / "cifar-10-batches-py"
+    partial.mkdir(parents=True)
+    (partial / "data_batch_1").write_bytes(b"")
+    with pytest.raises(BidstError, match="it needs cifar-10-batches-py/ with data_batch_1, .*data_batch_5, test_batch"):
+        create_dataset("cifar10", "test", root=str(partial.parent))  # an incomplete extraction names what it lacks
 
 
 def test_download_into_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -78,7 +78,9 @@ def register_cifar(
     def present(root: Path) -> bool:
         return all((batch_dir(root) / f).is_file() for names in files.values() for f in names)
 
-    how_to = f"download {url} and extract it into $BIDST_DATA/{name} or {roots.cache_dir(name)}, or pass root="
+    needed = ", ".join(sorted({f for names in files.values() for f in names}))
+    how_to = (f"it needs {folder}/ with {needed}: download {url} and extract it into $BIDST_DATA/{name} or "
+              f"{roots.cache_dir(name)}, or pass root=")  # fmt: skip
 
     @register(name, DatasetInfo(num_classes=num_classes, in_channels=3, image_size=32))
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:
