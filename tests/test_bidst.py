@@ -673,6 +673,23 @@ def test_training_recipe_matches_rigl_flops(tmp_path):
     assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
 
 
+def test_recorded_dense_gradients_count_the_changeable_layers_as_the_plan_does(tmp_path):
+    """A layer kept dense gets its whole gradient from the ordinary backward: RigL's extra dense gradient is counted
+    over the layers it may change only (as `planned_flops` does), so keeping the first layer dense removes its share."""
+    import math
+
+    from bidst.config import load_config
+    from bidst.recipe import train
+
+    args = ["model=mlp", "dataset=synthetic", "epochs=2", "batch_size=128", "val_size=200", "progress=false",
+            "train_subset=1280", "method=rigl", "method_args.interval=4", "threads=1", "sparsity=0.1"]
+    runs = {d: train(load_config(None, [*args, f"dense_first={d}"]), tmp_path / str(d)) for d in ("false", "true")}
+    numel = [math.prod(layer["shape"]) for layer in runs["true"]["layers"]]  # every Linear has `batch` output rows
+    share = sum(numel[1:]) / sum(numel)
+    assert runs["false"]["flops"]["dense_grad"] > 0
+    assert runs["true"]["flops"]["dense_grad"] == pytest.approx(share * runs["false"]["flops"]["dense_grad"])
+
+
 def _ddp_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 

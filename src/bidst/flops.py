@@ -168,7 +168,7 @@ def dense_train_step_flops(shapes: Mapping[str, LayerShape], batch: int | None =
 
 
 def dense_grad_flops(shapes: Mapping[str, LayerShape], batch: int | None = None) -> float:
-    """FLOPs of the dense weight gradient of every layer (RigL / gradient exploration)."""
+    """FLOPs of the dense weight gradient of every layer in `shapes` (RigL / gradient exploration)."""
     return sum(weight_grad_flops(s, s.numel, batch) for s in shapes.values())
 
 

@@ -308,6 +308,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     shapes = layer_shapes(net, init_x.to(device))
     step_flops = train_step_flops(shapes, sparsifier.masks)
     dense_step_flops = dense_train_step_flops(shapes)
+    changeable_shapes = {n: shapes[n] for n in sparsifier.sparse_names()}
     shapes_batch = init_x.shape[0]  # the (per-rank) batch the per-layer shapes were measured with
     meter = CostMeter(device)
     evolution = MaskEvolution(cfg.iou_interval)
@@ -395,8 +396,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             for phase, flops in step_flops.items():
                 meter.add(phase, flops * scale)
             meter.add_dense_reference(dense_step_flops * scale)
-            if sparsifier.captured_dense_grad:
-                meter.add("dense_grad", dense_grad_flops(shapes) * scale)
+            if sparsifier.captured_dense_grad:  # of the layers the method may change, as the plan counts it: a layer
+                # kept dense has its whole gradient from the ordinary backward already
+                meter.add("dense_grad", dense_grad_flops(changeable_shapes) * scale)
             if changed:
                 evolution.commit(sparsifier.last_swaps, sparsifier.masks)
                 step_flops = train_step_flops(shapes, sparsifier.masks)
