@@ -287,6 +287,18 @@ def test_a_loss_scale_leaves_scores_and_shadows_unchanged():
             torch.testing.assert_close(other[key], state[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [{"hypergradient": "unrolled"}, {"mask_rows": 0.5}], ids=["unrolled", "mask_rows"])
+def test_a_loss_scale_is_refused_where_captured_gradients_would_stay_scaled(options, tmp_path, capsys):
+    with pytest.raises(bidst.BidstError, match="fp16 with a GradScaler is not supported"):
+        _train(steps=3, scale=1024.0, **options)
+    from bidst.cli import main
+
+    args = ["model=mlp", "dataset=synthetic", "precision=fp16", "method=bidst", "progress=false",
+            *(f"method_args.{k}={v}" for k, v in options.items())]  # fmt: skip
+    assert main(["train", *args, "--run-dir", str(tmp_path / "r")]) == 2  # a recipe: before anything is made
+    assert "use bf16 or fp32" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("swap,frac", [("forced", 0.1), ("capped", 0.0)])
 def test_commit_only_when_flag_holds_and_active_count_fixed(swap, frac):
     record: list = []

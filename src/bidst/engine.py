@@ -392,6 +392,9 @@ class Sparsifier:
         """
         step = self.step_count + 1
         self.batch = batch
+        check_scaling = getattr(self.method, "check_loss_scaling", None)
+        if scaler is not None and scaler.is_enabled() and check_scaling is not None:
+            check_scaling()
         self.sync_gradients()
         if scaler is not None:
             scaler.unscale_(self.optimizer)

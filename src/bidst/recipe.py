@@ -160,7 +160,9 @@ def check_config(cfg: TrainConfig) -> None:
     """The checks of a config that need no data or model: sparsity, method and its options, match_flops, model
     and dataset names. `train` makes them first, and `bidst sweep` for every run before it starts any."""
     check_sparsity(cfg.sparsity)
-    create_method(cfg.method, **cfg.method_args)
+    method = create_method(cfg.method, **cfg.method_args)
+    if cfg.precision == "fp16" and hasattr(method, "check_loss_scaling"):  # fp16 trains with a GradScaler
+        method.check_loss_scaling()
     if cfg.match_flops and cfg.match_flops not in METHODS:
         raise BidstError(f"match_flops: unknown method {cfg.match_flops!r}; known: {', '.join(METHODS.names())}")
     MODELS.get(cfg.model)

@@ -27,7 +27,9 @@ class Method(Protocol):
     Two hooks are optional: `validate()`, called once its options are set, raises BidstError on bad
     ones; `stats()` returns numbers about the method's own decisions, which a recipe run writes to
     `summary.json` as `method_stats`. For FLOPs plans (`bidst.budget`), `planned_costs(sp, rows)` gives the
-    method's own work by phase and `budget_changes(sp, steps)` the layer budgets over training where they change (None: they do not).
+    method's own work by phase and `budget_changes(sp, steps)` the layer budgets over training where they
+    change (None: they do not). `check_loss_scaling()` raises BidstError if the method cannot work with a
+    scaled loss (a GradScaler).
     """
 
     name: ClassVar[str]

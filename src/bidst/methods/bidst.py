@@ -226,6 +226,13 @@ class BiDST:
             if self.captures():  # the masked backend only (the sparse one refuses these options above)
                 self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
 
+    def check_loss_scaling(self) -> None:
+        """Refuse a scaled loss (fp16's GradScaler) where the captured output gradients would stay scaled while the
+        actives' weight gradients are unscaled: `unrolled` and `mask_rows` < 1 read the captures."""
+        if self.hypergradient == "unrolled" or self.mask_rows < 1.0:
+            raise BidstError("fp16 with a GradScaler is not supported with hypergradient 'unrolled' or mask_rows < 1 "
+                             "(their captured gradients stay scaled): use bf16 or fp32")
+
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
         """The dense gradient is needed only to choose E by gradient: at step 1 and at flag checks."""
         return self.explore == "gradient" and (step == 1 or self.is_check(step, sp))
