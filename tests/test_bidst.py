@@ -442,6 +442,23 @@ def test_dense_to_sparse_plans_follow_the_pruning_schedule(method, options):
     assert steps < 40 and sum(planned_flops(sp, sp.method, rows, steps).values()) <= rigl
 
 
+@pytest.mark.parametrize("method,options", [("snfs", {}), ("mest", {"interval_unit": "steps"}),
+                                            ("mest", {"variant": "ems", "interval_unit": "steps"})])  # fmt: skip
+def test_baselines_own_costs_match_their_plans(method, options):
+    """SNFS's dense momentum and MEST's drop scores are planned as they are recorded (match_flops against them)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = bidst.sparsify(model, opt, method, 0.8, total_steps=40, interval=5, **options)
+    x, y = make_data()
+    for step in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[step : step + 32]), y[step : step + 32]).backward()
+        sp.step()
+    plan = planned_flops(sp, sp.method, model_rows(model, x[:32]), 40)
+    assert sp.costs and all(plan[phase] == pytest.approx(flops) for phase, flops in sp.costs.items())
+
+
 def test_output_rows_of_a_sparse_linear_layer_are_those_of_its_dense_twin():
     """Rows of a Linear output are all positions but the last dim, for a SparseLinear too (3-D input: not dim 1)."""
     dense = nn.Linear(7, 5)

@@ -4,9 +4,9 @@ A plan counts, per step, the forward and backward of the active weights (3 × 2�
 rows = output positions × batch; k follows the method's `budget_changes` where it has them, as
 dense-to-sparse GMP and GraNet and MEST's EM&S do, and is the layer budget otherwise), a dense
 weight gradient of every sparse layer at each step where the method asks the engine for one
-(`wants_dense_grad`), and the method's own declared work (`planned_costs`, e.g. BiDST's mask
-learning and unrolled passes). Counting follows the FLOPs conventions of the RigL paper:
-Conv/Linear weights only, 2 FLOPs per multiply-add.
+(`wants_dense_grad`), and the method's own declared work (`planned_costs`: SNFS's momentum,
+MEST's drop scores, BiDST's mask learning and unrolled passes). Counting follows the FLOPs
+conventions of the RigL paper: Conv/Linear weights only, 2 FLOPs per multiply-add.
 """
 
 from __future__ import annotations

@@ -45,6 +45,12 @@ class SNFS(UpdateSchedule):
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
         return step <= self.stop_step(sp)
 
+    def planned_costs(self, sp: Sparsifier, rows: dict[str, int]) -> dict[str, float]:
+        """The dense momentum's update, 2 FLOPs per weight of every changeable layer at each dense-gradient step."""
+        del rows
+        steps = sum(1 for s in range(1, sp.total_steps + 1) if self.wants_dense_grad(s, sp))
+        return {"momentum": steps * 2.0 * sum(sp.numel[n] for n in sp.sparse_names())}
+
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         if dense_grads is None:
             return False
