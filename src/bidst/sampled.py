@@ -18,6 +18,8 @@ from torch import nn
 from .errors import BidstError
 from .sparse import SparseLinear
 
+LINEAR = (nn.Linear, SparseLinear)  # output features last; every other layer here has channels at dim 1
+
 CHUNK_ELEMENTS = {"cpu": 1 << 18}  # elements of one gathered block (positions x row length): cache-sized on CPU
 DEVICE_CHUNK_ELEMENTS = 1 << 25  # on accelerators: large blocks, few kernel launches
 LONG_ROW = 4096  # from this row length on, one dot product per position beats gathering copies
@@ -160,7 +162,7 @@ def sampled_weight_grad(
 
 def output_row_norms(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each output row's gradient (over output features/channels), in `rows` order."""
-    if isinstance(module, (nn.Linear, SparseLinear)):
+    if isinstance(module, LINEAR):
         return grad_output.reshape(-1, grad_output.shape[-1]).float().norm(dim=1)
     channels = grad_output.shape[1]
     return grad_output.movedim(1, -1).reshape(-1, channels).float().norm(dim=1)
@@ -168,7 +170,7 @@ def output_row_norms(module: nn.Module, grad_output: torch.Tensor) -> torch.Tens
 
 def output_rows(module: nn.Module, grad_output: torch.Tensor) -> int:
     """Output positions times batch of one call: the FLOPs of one sampled position are twice this."""
-    channels = grad_output.shape[-1] if isinstance(module, (nn.Linear, SparseLinear)) else grad_output.shape[1]
+    channels = grad_output.shape[-1] if isinstance(module, LINEAR) else grad_output.shape[1]
     return grad_output.numel() // channels
 
 

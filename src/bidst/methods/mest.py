@@ -59,13 +59,12 @@ class MEST(Stateless, UpdateSchedule):
     def planned_costs(self, sp: Sparsifier, rows: dict[str, int]) -> dict[str, float]:
         """The drop score |w| + λ|g|, 3 FLOPs per active weight at each mutation, at the budgets held then."""
         del rows
-        changes = self.budget_changes(sp, sp.total_steps) or [(0, sp.budgets)]
-        flops = 0.0
-        for step in range(1, sp.total_steps + 1):
-            if self.is_update(step, sp):
-                held = next(budgets for start, budgets in reversed(changes) if start < step)
-                flops += 3.0 * sum(held[n] for n in sp.sparse_names())
-        return {"scoring": flops}
+        changes = self.budget_changes(sp, sp.total_steps)
+        if changes is None:  # EM: the same budgets at every mutation
+            held = [sp.budgets] * sum(1 for s in range(1, sp.total_steps + 1) if self.is_update(s, sp))
+        else:  # EM&S: one change per mutation, each scored at the budgets held before it
+            held = [budgets for _, budgets in changes[:-1]]
+        return {"scoring": sum(3.0 * sum(b[n] for n in sp.sparse_names()) for b in held)}
 
     def budget_changes(self, sp: Sparsifier, steps: int) -> list[tuple[int, dict[str, int]]] | None:
         """Under `ems`, (step, budgets) from the start budgets through each mutation's (for FLOPs plans, see
