@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -10,10 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 from _runs import LOAD_DATA, reuse_datasets
+from hypothesis import settings
 from torch import nn
 
 import bidst
 from bidst import recipe
+
+# Property tests draw the same examples on every run (a function of each test), so a clean clone
+# sees what earlier runs saw; HYPOTHESIS_PROFILE=explore draws fresh ones each run.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 class TinyNet(nn.Module):

@@ -120,7 +120,9 @@ class Sparsifier:
         fn = filter_fn or default_filter
         for mod_name, module in _unwrap(model).named_modules():
             weight = getattr(module, "weight", None)
-            if isinstance(weight, nn.Parameter) and fn(module, mod_name):
+            # a weight tied between layers is one tensor with one mask, under the first layer's name
+            tied = any(weight is p for p in self.params.values())
+            if isinstance(weight, nn.Parameter) and not tied and fn(module, mod_name):
                 name = f"{mod_name}.weight" if mod_name else "weight"
                 self.params[name] = weight
                 self.modules[name] = module
@@ -152,6 +154,8 @@ class Sparsifier:
             n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
         }
         self.budgets: dict[str, int] = dict(self.numel)
+        if backend == "sparse":  # before the masks touch the model, so a refusal leaves it as it was
+            backends.check_layers(_unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()})
         method.setup(self)
         self.apply_masks()
         if backend == "sparse":
@@ -161,11 +165,14 @@ class Sparsifier:
         self.check_invariants()
         self.check_ranks_agree("after the initial masks")
 
+    def _sparse_backend_names(self) -> list[str]:
+        """The layers the sparse backend swaps for twins: a layer at target density 1 computes faster dense,
+        and a fixed-budget method never thins it."""
+        return [n for n in self.sparse_names() if self.target_densities[n] < 1.0]
+
     def _swap_in(self) -> None:
         """Replace the changeable layers by sparse twins, their weights in the optimizer by the compact values."""
-        # a layer at target density 1 computes faster dense, and a fixed-budget method never thins it
-        names = [n for n in self.sparse_names() if self.target_densities[n] < 1.0]
-        backends.check_layers({n: self.modules[n] for n in names})
+        names = self._sparse_backend_names()
         self.sparse_layers = backends.swap_in(_unwrap(self.model), self.optimizer, {n: self.masks[n] for n in names})
         for name, layer in self.sparse_layers.items():
             self.params[name] = layer.values

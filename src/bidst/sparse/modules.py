@@ -144,6 +144,18 @@ class SparseLinear(_SparseLayer):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, density={self.structure.density:.4f}"
 
 
+def zero_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """The (height, width) zero padding of `conv` as numbers; ValueError where a sparse twin cannot pad as it does."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
+    if not isinstance(conv.padding, str):
+        return pair(conv.padding)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if conv.padding == "same" and any(t % 2 for t in total):
+        raise ValueError("padding='same' with an even effective kernel is asymmetric: not supported")
+    return (0, 0) if conv.padding == "valid" else (total[0] // 2, total[1] // 2)
+
+
 class SparseConv2d(_SparseLayer):
     """A zero-padded Conv2d that stores only its active weights and computes with direct sparse kernels."""
 
@@ -165,17 +177,9 @@ class SparseConv2d(_SparseLayer):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: Tensor) -> SparseConv2d:
         """The sparse layer holding `conv`'s weights at the True entries of `mask` (copies)."""
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
-        padding = conv.padding
-        if isinstance(padding, str):
-            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-            if padding == "same" and any(t % 2 for t in total):
-                raise ValueError("padding='same' with an even effective kernel is asymmetric: not supported")
-            padding = (0, 0) if padding == "valid" else (total[0] // 2, total[1] // 2)
         structure = SparseStructure.from_mask(mask.to(torch.bool), conv.groups)
         bias = None if conv.bias is None else conv.bias.detach().clone()
-        return cls(structure, structure.gather(conv.weight), bias, conv.stride, padding, conv.dilation)  # type: ignore[arg-type]
+        return cls(structure, structure.gather(conv.weight), bias, conv.stride, zero_padding(conv), conv.dilation)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
         """F.conv2d with the sparse weight."""
@@ -212,6 +216,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def module_paths(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every dotted path at which `module` (the same object) sits in `model`: more than one for a layer used twice."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` at every path of `old`, so a layer used at several places stays one layer."""
+    for path in module_paths(model, old):
+        _set_submodule(model, path, new)
+
+
 def to_sparse_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, SparseModule]:
     """Swaps, in place, each nn.Linear / nn.Conv2d whose "<module>.weight" is a key of `masks` for its sparse twin.
 
@@ -230,17 +245,17 @@ def to_sparse_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str
             sparse = SparseConv2d.from_dense(dense, mask)
         else:
             raise ValueError(f"{mod_name!r} is a {type(dense).__name__}; only nn.Linear and nn.Conv2d can be made sparse")
-        _set_submodule(model, mod_name, sparse)
+        _replace_module(model, dense, sparse)
         swapped[weight_name] = sparse
     return swapped
 
 
 def to_dense_modules(model: nn.Module) -> list[str]:
     """Swaps, in place, every SparseLinear / SparseConv2d back to its dense nn module; returns their names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
-    for name in names:
-        _set_submodule(model, name, model.get_submodule(name).to_dense_module())  # type: ignore[operator]
-    return names
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    for _, layer in layers:
+        _replace_module(model, layer, layer.to_dense_module())
+    return [n for n, _ in layers]
 
 
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, delta: TopologyDelta) -> None:
