@@ -131,7 +131,7 @@ def require_choice(method: str, key: str, value: str, choices: tuple[str, ...]) 
         raise BidstError(f"option {key!r} of method {method!r} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def require_range(method: str, key: str, value: float, lo: float, hi: float) -> None:
-    """Raise BidstError unless lo <= value <= hi."""
-    if not lo <= value <= hi:
-        raise BidstError(f"option {key!r} of method {method!r} must be in [{lo}, {hi}], got {value}")
+def require_range(method: str, key: str, value: float, lo: float, hi: float, *, above_lo: bool = False) -> None:
+    """Raise BidstError unless lo <= value <= hi (lo < value with `above_lo`)."""
+    if not (lo < value if above_lo else lo <= value) or not value <= hi:
+        raise BidstError(f"option {key!r} of method {method!r} must be in {'(' if above_lo else '['}{lo}, {hi}], got {value}")

@@ -32,7 +32,7 @@ class UpdateSchedule:
         name = getattr(self, "name", "method")
         require_range(name, "drop_fraction", self.drop_fraction, 0.0, 1.0)
         require_range(name, "stop_fraction", self.stop_fraction, 0.0, 1.0)
-        require_range(name, "interval", self.interval, 1e-9, float("inf"))
+        require_range(name, "interval", self.interval, 0, float("inf"), above_lo=True)
         require_choice(name, "decay", self.decay, DECAYS)
         require_choice(name, "interval_unit", self.interval_unit, UNITS)
 
