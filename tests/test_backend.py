@@ -383,3 +383,26 @@ def test_magnitude_drop_ranks_the_active_weights_as_the_dense_weight_would(backe
         expected = drop_lowest(dense.abs(), sp.masks[name].view(-1), k)
         assert torch.equal(magnitude_drop(sp)(name, k), expected)
     assert magnitude_drop(sp)(name, 3).tolist() == positions[ties.sort().values].tolist()
+
+
+@pytest.mark.parametrize("method", ["rigl", "bidst"])
+def test_gradients_clipped_after_prepare_gradients_train_alike_on_both_backends(method):
+    runs = [build(b, method, "sgd", 8, interval=2) if method == "rigl" else build(b, method, "sgd", 8, mask_interval=2)
+            for b in ("masked", "sparse")]
+    x, y = make_data(256)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        norms = []
+        for model, opt, sp in runs:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            sp.prepare_gradients()
+            norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+            sp.step()
+        assert norms[0] == pytest.approx(norms[1], rel=1e-4) and norms[0] > 0.05  # the clip binds
+    (dm, _, dsp), (sm, _, ssp) = runs
+    assert ssp.topology_changes == dsp.topology_changes > 0
+    for name in dsp.masks:
+        assert torch.equal(dsp.masks[name], ssp.masks[name])
+        torch.testing.assert_close(ssp.weight(name), dsp.weight(name), **TOL)

@@ -112,6 +112,8 @@ class Sparsifier:
         self.sampled_grads: dict[str, torch.Tensor] = {}  # the last step's gradients at those positions
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
         self._synced_step = 0  # sparse backend under DDP: the step whose gradients are already averaged over ranks
+        self._prepared_step = 0  # the step whose gradients prepare_gradients has made ready for the optimizer
+        self._prepared: tuple[dict[str, torch.Tensor] | None, bool] = (None, True)  # its dense gradients, finite
         if backend == "sparse":  # no DDP wrapper here (see sync_gradients): start every rank from rank 0's state, as DDP does
             distributed.broadcast_state(model)
 
@@ -371,8 +373,7 @@ class Sparsifier:
         The sparse backend trains the model without a DDP wrapper, because a topology change resizes
         the layers' parameters, which DDP cannot follow; this all-reduce does what DDP's would, for
         every parameter gradient and the gradients captured for the method (dense or at sampled
-        positions). `step()` calls it; call it yourself before anything that reads the averaged
-        gradients first, such as gradient clipping.
+        positions). `prepare_gradients()` calls it.
         """
         step = self.step_count + 1
         if self.backend != "sparse" or self._synced_step == step or distributed.world_size() == 1:
@@ -382,23 +383,19 @@ class Sparsifier:
         distributed.all_reduce_mean_many(grads + [g for g in captured if g is not None])
         self._synced_step = step
 
-    def step(
-        self, scaler: torch.amp.GradScaler | None = None, batch: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> bool:
-        """Optimizer step plus the method's work; returns True if the topology changed.
+    def prepare_gradients(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Make every `param.grad` the gradient the optimizer step will apply; `step()` calls it once per step.
 
-        `batch` (inputs, targets) is kept as `self.batch` for methods that take extra passes on it
-        (BiDST's unrolled hypergradient); the others ignore it.
-
-        Gradients of inactive weights are zeroed before the optimizer sees them, so momentum and
-        Adam moments never accumulate there; weights are re-masked afterwards so no optimizer
-        feature (weight decay, AdamW's decoupled decay) can revive an inactive weight. Sparse layers
-        have no inactive weights; their dense gradients, when the method wants them, were requested
-        before the backward (at the end of the previous step). Under DDP with the sparse backend
-        the gradients are averaged over ranks first (`sync_gradients`).
+        Averages over DDP ranks (sparse backend, `sync_gradients`), unscales with `scaler`, keeps
+        what the method needs from this backward (dense gradients, gradients at sampled positions),
+        then zeroes the inactive weights' gradients. Call it yourself, with the same scaler as
+        `step()`, before anything that reads the gradients, such as clipping: then both backends
+        clip the same gradient (a masked layer's dense gradient would count inactive weights).
+        A step whose gradients were prepared must be taken with `step()`.
         """
         step = self.step_count + 1
-        self.batch = batch
+        if self._prepared_step == step:
+            return
         check_scaling = getattr(self.method, "check_loss_scaling", None)
         if scaler is not None and scaler.is_enabled() and check_scaling is not None:
             check_scaling()
@@ -424,6 +421,27 @@ class Sparsifier:
             for name, param in self.params.items():
                 if param.grad is not None and name not in self.sparse_layers:
                     param.grad.mul_(self.masks[name])
+        self._prepared_step, self._prepared = step, (dense_grads, finite)
+
+    def step(
+        self, scaler: torch.amp.GradScaler | None = None, batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> bool:
+        """Optimizer step plus the method's work; returns True if the topology changed.
+
+        `batch` (inputs, targets) is kept as `self.batch` for methods that take extra passes on it
+        (BiDST's unrolled hypergradient); the others ignore it.
+
+        Gradients of inactive weights are zeroed before the optimizer sees them (`prepare_gradients`),
+        so momentum and Adam moments never accumulate there; weights are re-masked afterwards so no
+        optimizer feature (weight decay, AdamW's decoupled decay) can revive an inactive weight.
+        Sparse layers have no inactive weights; their dense gradients, when the method wants them,
+        were requested before the backward (at the end of the previous step). Under DDP with the
+        sparse backend the gradients are averaged over ranks first (`sync_gradients`).
+        """
+        step = self.step_count + 1
+        self.batch = batch
+        self.prepare_gradients(scaler)
+        (dense_grads, finite), self._prepared = self._prepared, (None, True)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
