@@ -180,3 +180,19 @@ def test_the_layers_above_run_on_the_kernels():
     for seed in (1, 3):
         for name, mask in random_masks(model, 0.2, seed).items():
             assert mask.float().mean() <= _common.DENSE_ABOVE, name
+
+
+def test_a_layer_first_run_under_inference_mode_still_trains():
+    # density 0.5 takes the masked dense path, whose cached index tensor is first made here under inference mode
+    torch.manual_seed(0)
+    mask = torch.zeros(24, dtype=torch.bool)
+    mask[::2] = True
+    layer = SparseLinear.from_dense(nn.Linear(6, 4), mask.view(4, 6))
+    layer.update_topology(torch.tensor([0, 2]), torch.tensor([1, 3]))  # a new structure, no index tensor made yet
+    x = torch.randn(3, 6)
+    with torch.inference_mode():
+        expected = layer(x)
+    out = layer(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape

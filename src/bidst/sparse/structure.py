@@ -251,10 +251,15 @@ class SparseStructure:
         return sum(a.nbytes for a in {id(a): a for a in arrays if isinstance(a, np.ndarray)}.values())
 
     def flat_indices(self, device: torch.device | str = "cpu") -> Tensor:
-        """Active flat positions as an int64 tensor on `device` (cached per device)."""
+        """Active flat positions as an int64 tensor on `device` (cached per device).
+
+        Made outside inference mode even when first asked for inside it: autograd refuses inference
+        tensors, and the cached one serves later training steps too.
+        """
         dev = torch.device(device)
         if dev not in self._flat_on:
-            self._flat_on[dev] = torch.from_numpy(self.flat).to(dev)
+            with torch.inference_mode(False):
+                self._flat_on[dev] = torch.from_numpy(self.flat).to(dev)
         return self._flat_on[dev]
 
     def gather(self, weight: Tensor) -> Tensor:
