@@ -406,3 +406,29 @@ def test_gradients_clipped_after_prepare_gradients_train_alike_on_both_backends(
     for name in dsp.masks:
         assert torch.equal(dsp.masks[name], ssp.masks[name])
         torch.testing.assert_close(ssp.weight(name), dsp.weight(name), **TOL)
+
+
+def test_torch_compile_of_a_sparse_backend_model_trains_as_eager(monkeypatch):
+    """TorchDynamo cannot trace the Numba kernels (it crashed tracing into Numba's dispatcher): the sparse
+    layers run eagerly inside a compiled model."""
+    import bidst.sparse.conv as sparse_conv
+    import bidst.sparse.linear as sparse_lin
+
+    eager_calls = []
+    for module, name in ((sparse_lin, "_eager_sparse_linear"), (sparse_conv, "_eager_sparse_conv2d")):
+        run_eagerly = getattr(module, name)
+        monkeypatch.setattr(module, name, torch.compiler.disable(
+            lambda *a, _f=run_eagerly, _n=name, **k: eager_calls.append(_n) or _f(*a, **k)))
+    x, y = make_data(32)
+    outs = []
+    for compiled in (True, False):  # compiled first: its tracing meets kernels not yet compiled by Numba
+        model, opt, sp = build("sparse", "rigl", "sgd", 6, interval=2)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        for _ in range(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(run(x), y).backward()
+            sp.step()
+        outs.append((run(x).detach(), sp.topology_changes))
+    assert outs[0][1] == outs[1][1] > 0
+    torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
+    assert {"_eager_sparse_linear", "_eager_sparse_conv2d"} <= set(eager_calls)  # the compiled model's sparse layers

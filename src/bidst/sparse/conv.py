@@ -191,6 +191,8 @@ def sparse_conv2d(
     module docstring), as is the dense path's for a batch-innermost input. Dilated convolutions take
     the masked dense path.
     """
+    if torch.compiler.is_compiling():  # TorchDynamo cannot trace the Numba kernels: run this call eagerly
+        return _eager_sparse_conv2d(x, values, structure, bias, stride, padding, dilation)
     if len(structure.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a 4-D weight structure, got shape {structure.shape}")
     if x.dim() != 4 or x.shape[1] != structure.in_channels:
@@ -205,3 +207,6 @@ def sparse_conv2d(
         # keep a batch-innermost chain so (the layers after expect it; mixed layouts slow their backward)
         return batch_innermost(tuple(y.shape), y).copy_(y) if is_batch_innermost(x) else y
     return _ChwnConvFn.apply(x, values.contiguous(), bias, structure, geom)
+
+
+_eager_sparse_conv2d = torch.compiler.disable(sparse_conv2d)

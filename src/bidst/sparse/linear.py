@@ -175,6 +175,8 @@ def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: T
     The output of the CPU kernels has the batch innermost in memory (transposed strides); a
     following sparse_linear consumes it without a copy.
     """
+    if torch.compiler.is_compiling():  # TorchDynamo cannot trace the Numba kernels: run this call eagerly
+        return _eager_sparse_linear(x, values, structure, bias)
     if len(structure.shape) != 2:
         raise ValueError(f"sparse_linear needs a 2-D weight structure, got shape {structure.shape}")
     out_f, in_f = structure.shape
@@ -185,3 +187,6 @@ def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: T
     lead = x.shape[:-1]
     y = _SparseLinearFn.apply(x.reshape(-1, in_f), values.contiguous(), bias, structure)
     return y if x.dim() == 2 else y.reshape(*lead, out_f)
+
+
+_eager_sparse_linear = torch.compiler.disable(sparse_linear)
