@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numba
 import pytest
 
@@ -51,7 +53,8 @@ def test_timer_runs_blocks_of_consecutive_steps_and_reports_the_mean_step():
 def test_bench_unusable_out_is_refused_before_measuring(tmp_path, capsys):
     afile = tmp_path / "notes.txt"
     afile.write_text("keep me")
-    for out in (tmp_path, afile / "performance.md"):  # a folder; a path under a file
+    # a folder; a path under a file; a folder that takes no files (procfs, for root too)
+    for out in (tmp_path, afile / "performance.md", Path("/proc/performance.md")):
         with pytest.raises(SystemExit) as exc:
             main(["--out", str(out), "--models", "MLP 1024x3"])
         assert exc.value.code == 2

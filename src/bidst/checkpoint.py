@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,12 +40,18 @@ def nearest_folder(path: Path) -> Path:
 
 
 def make_folder(path: Path) -> None:
-    """`mkdir -p path`, with a file in the way or a refusal by the OS as a one-line BidstError."""
+    """`mkdir -p path` and prove it takes files (a probe file, removed again), with a file in the way or a
+    refusal by the OS as a one-line BidstError: the jobs that write there find out before they start."""
     nearest_folder(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BidstError(f"cannot create folder {path}: {exc.strerror or exc}") from None
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".bidst-probe-"):
+            pass
+    except OSError as exc:
+        raise BidstError(f"cannot write in folder {path}: {exc.strerror or exc}") from None
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
