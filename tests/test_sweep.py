@@ -101,6 +101,7 @@ def test_override_values_read_back_as_yaml(value):
         ({"out": "o", "grid": GRID}, "missing base"),
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": 3}}, "grid.seed must be a non-empty list"),
         ({"base": "nowhere.yaml", "out": "o", "grid": GRID}, "does not exist"),
+        ({"base": {"epochs": 1}, "out": "o", "grid": GRID}, "base must name a recipe YAML file, got {'epochs': 1}"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "gird": 1}, "unknown key"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "method_overrides": {"snfs": {}}}, "not in grid.method"),
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "grid.seed repeats a value"),

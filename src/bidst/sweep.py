@@ -135,7 +135,10 @@ def load_sweep(path: str | Path) -> Sweep:
                 + ([f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"] if unknown else [])
             )
         )
-    base = path.parent / str(spec["base"])
+    if not isinstance(spec["base"], str):
+        raise BidstError(f"sweep file {path}: base must name a recipe YAML file, got {spec['base']!r} "
+                         "(config keys go under overrides)")
+    base = path.parent / spec["base"]
     if not base.is_file():
         raise BidstError(f"sweep file {path}: base recipe {base} does not exist")
     grid = _mapping(spec["grid"], "grid")
