@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+
 import pytest
 import torch
 from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
@@ -150,7 +153,8 @@ def test_state_dict_roundtrip_and_mismatch():
     for options, message in (({"sparsity": 0.9}, "sparsity 0.8, not 0.9"),
                              ({"distribution": "uniform"}, "distribution 'erk', not 'uniform'")):  # fmt: skip
         args = {"sparsity": 0.8, "total_steps": 12, "interval": 5, **options}
-        elsewhere = bidst.sparsify(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), "snfs", **args)
+        fresh = TinyNet()
+        elsewhere = bidst.sparsify(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), "snfs", **args)
         with pytest.raises(bidst.BidstError, match=message):  # its budgets would contradict this sparsifier's targets
             elsewhere.load_state_dict(state)
 
@@ -176,3 +180,18 @@ def test_report_lists_target_and_actual():
 )
 def test_all_finite_is_exact_where_the_sum_overflows(values, finite):
     assert all_finite(torch.tensor(values)) is finite
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_model_is_sparsified_once_at_a_time(backend):
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = bidst.sparsify(model, opt, "rigl", 0.8, total_steps=10, backend=backend)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(bidst.BidstError, match="already sparsified by another Sparsifier"):
+        bidst.sparsify(model, opt, "set", 0.5, total_steps=10)  # it would mask the weights a second time
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    del first
+    gc.collect()
+    if backend == "masked":  # once the first is gone, its model may be sparsified anew
+        assert bidst.sparsify(model, opt, "set", 0.5, total_steps=10).measured_sparsity() == pytest.approx(0.5, abs=0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,10 @@ class LayerReport:
         return 1.0 - self.density
 
 
+# id of every parameter a live Sparsifier trains -> that Sparsifier: a model is sparsified once at a time
+_OWNERS: weakref.WeakValueDictionary[int, Sparsifier] = weakref.WeakValueDictionary()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module under a DDP/DataParallel wrapper, so parameter names do not depend on the wrapper."""
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
@@ -84,6 +89,9 @@ class Sparsifier:
         holdout_batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         backends.check_backend(backend, method, model)
+        if any(id(p) in _OWNERS for p in _unwrap(model).parameters()):
+            raise BidstError("the model is already sparsified by another Sparsifier, which masks its weights too: "
+                             "build the new one on a fresh model (or drop every reference to the old one first)")
         self.sparsity = check_sparsity(sparsity)
         if not isinstance(total_steps, int) or total_steps <= 0:
             raise BidstError(f"total_steps must be a positive integer, got {total_steps!r}")
@@ -166,6 +174,8 @@ class Sparsifier:
             self._request_grads(self.step_count + 1)
         self.check_invariants()
         self.check_ranks_agree("after the initial masks")
+        for param in _unwrap(model).parameters():
+            _OWNERS[id(param)] = self
 
     def _sparse_backend_names(self) -> list[str]:
         """The layers the sparse backend swaps for twins: a layer at target density 1 computes faster dense,
