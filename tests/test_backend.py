@@ -432,3 +432,26 @@ def test_torch_compile_of_a_sparse_backend_model_trains_as_eager(monkeypatch):
     assert outs[0][1] == outs[1][1] > 0
     torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
     assert {"_eager_sparse_linear", "_eager_sparse_conv2d"} <= set(eager_calls)  # the compiled model's sparse layers
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_frozen_layer_stays_dense_and_frozen(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    model[0].requires_grad_(False)  # e.g. a pretrained input layer
+    frozen = model[0].weight.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "rigl", 0.8, total_steps=6, backend=backend, interval=2)
+    assert sp.sparse_names() == ["2.weight", "4.weight"]  # the default filter leaves frozen weights alone
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    assert sp.topology_changes > 0 and torch.equal(model[0].weight, frozen)
+    chosen = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    chosen[0].weight.requires_grad_(False)  # selected by the user's filter: a sparse twin keeps it frozen
+    bidst.sparsify(chosen, torch.optim.SGD(chosen.parameters(), lr=0.1), "static", 0.8, total_steps=5, backend=backend,
+                   filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    assert [p.requires_grad for p in chosen.parameters()] == [False, True, True, True]

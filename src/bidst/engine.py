@@ -22,9 +22,9 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Sparsify the weights of every Conv and Linear layer."""
+    """Sparsify the weights of every trainable Conv and Linear layer; a frozen one (requires_grad False) stays as it is."""
     del name
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.weight.requires_grad
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class Sparsifier:
             if any(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules()):
                 raise BidstError("no layer to sparsify: the model's layers are already sparse-backend twins "
                                  "(a model is sparsified once; build a new Sparsifier on a fresh model)")
-            raise BidstError("no layer to sparsify: the filter selected no weight (Conv/Linear by default)")
+            raise BidstError("no layer to sparsify: the filter selected no weight (trainable Conv/Linear by default)")
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.params.items() if id(p) not in in_optimizer]
         if missing:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -92,6 +92,13 @@ class _SparseLayer(nn.Module):
             prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
         )  # fmt: skip
 
+    def _trainable_as(self, dense: nn.Module) -> Self:
+        """This layer with `dense`'s requires_grad flags on its values and bias (a frozen layer stays frozen)."""
+        self.values.requires_grad_(dense.weight.requires_grad)
+        if self.bias is not None and dense.bias is not None:
+            self.bias.requires_grad_(dense.bias.requires_grad)
+        return self
+
     def _init_sparse(self, structure: SparseStructure, values: Tensor, bias: Tensor | None) -> None:
         """Registers the structure, the compact values and the optional bias."""
         if values.shape != (structure.nnz,):
@@ -115,7 +122,7 @@ class SparseLinear(_SparseLayer):
         """The sparse layer holding `linear`'s weights at the True entries of `mask` (copies)."""
         structure = SparseStructure.from_mask(mask.to(torch.bool))
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(structure, structure.gather(linear.weight), bias)
+        return cls(structure, structure.gather(linear.weight), bias)._trainable_as(linear)
 
     @property
     def in_features(self) -> int:
@@ -179,7 +186,8 @@ class SparseConv2d(_SparseLayer):
         """The sparse layer holding `conv`'s weights at the True entries of `mask` (copies)."""
         structure = SparseStructure.from_mask(mask.to(torch.bool), conv.groups)
         bias = None if conv.bias is None else conv.bias.detach().clone()
-        return cls(structure, structure.gather(conv.weight), bias, conv.stride, zero_padding(conv), conv.dilation)  # type: ignore[arg-type]
+        layer = cls(structure, structure.gather(conv.weight), bias, conv.stride, zero_padding(conv), conv.dilation)  # type: ignore[arg-type]
+        return layer._trainable_as(conv)
 
     def forward(self, x: Tensor) -> Tensor:
         """F.conv2d with the sparse weight."""
