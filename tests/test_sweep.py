@@ -1,5 +1,6 @@
 """bidst sweep driven by a fake trainer: expansion, validation, failure, and kill-then-rerun resume."""
 
+import json
 import os
 import re
 import signal
@@ -42,7 +43,8 @@ acc = round(0.5 + config["sparsity"] / 4 + config["seed"] / 100 + (config["metho
 epochs = [{"kind": "epoch", "epoch": e, "step": e, "test_acc": acc * e / 2} for e in (1, 2)]
 (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
 summary = dict(method=config["method"], sparsity=config["sparsity"], seed=config["seed"], final_test_acc=acc,
-               best_val_acc=acc, epochs=config["epochs"], flops={"total": 1.0 - config["sparsity"]})
+               best_val_acc=acc, epochs=config["epochs"], flops={"total": 1.0 - config["sparsity"]},
+               threads=[os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")])
 (run_dir / "summary.tmp").write_text(json.dumps(summary))
 os.replace(run_dir / "summary.tmp", run_dir / "summary.json")
 with open(os.environ["FAKE_COUNTER"], "a") as f:
@@ -163,6 +165,20 @@ def test_failed_runs_are_reported_and_others_finish(env, capsys):
     assert "method=set/sparsity=0.5/seed=666" in capsys.readouterr().err
     assert (folder / "out/method=set/sparsity=0.5/seed=0/summary.json").exists()
     assert (folder / "out/method=set/sparsity=0.5/seed=666.log").read_text().startswith("$ ")
+    summary = json.loads((folder / "out/method=set/sparsity=0.5/seed=0/summary.json").read_text())
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))  # two runs at a time share the cores
+    assert summary["threads"] == [os.environ.get(v, share) for v in sweep.THREAD_VARS]
+
+
+def test_parallel_runs_get_a_share_of_the_cores_unless_the_environment_says(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for var in sweep.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert not set(sweep.THREAD_VARS) & set(sweep.child_env(1))  # one run at a time: its defaults, all cores
+    assert [sweep.child_env(3)[v] for v in sweep.THREAD_VARS] == ["2", "2", "2"]
+    assert sweep.child_env(16)["NUMBA_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert sweep.child_env(3)["OMP_NUM_THREADS"] == "4"
 
 
 def wait_for(predicate, timeout: float = 30.0) -> None:
