@@ -196,9 +196,8 @@ def child_env(jobs: int) -> dict[str, str]:
     """The environment of a run: with several runs at a time, each one's thread pools get a share of the cores.
 
     A run whose config leaves `threads` at 0 would otherwise start one thread per core in each of
-    the `jobs` runs, and spinning OpenMP threads on shared cores slow everything down (on 2 cores,
-    4 short MLP runs at --jobs 2 took 39 s against 10 s with one thread each). Thread counts the
-    caller's environment already sets, and a run's own `threads`, take precedence.
+    the `jobs` runs, and spinning OpenMP threads on shared cores slow everything down. Thread counts
+    the caller's environment already sets, and a run's own `threads`, take precedence.
     """
     env = dict(os.environ)
     if jobs > 1:
