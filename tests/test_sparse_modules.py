@@ -196,3 +196,12 @@ def test_a_layer_first_run_under_inference_mode_still_trains():
     out.sum().backward()
     torch.testing.assert_close(out.detach(), expected)
     assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape
+
+
+def test_reading_a_sparse_layers_weight_says_what_it_has_instead():
+    layer = SparseLinear.from_dense(nn.Linear(6, 4), torch.rand(4, 6) < 0.5)
+    with pytest.raises(AttributeError, match="no dense 'weight': backend 'sparse' trains `values`"):
+        layer.weight  # noqa: B018  (user code that reads .weight, e.g. F.linear(x, layer.weight))
+    assert getattr(layer, "weight", None) is None and layer.values is layer._parameters["values"]
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        layer.nothing  # noqa: B018

@@ -22,6 +22,17 @@ class _SparseLayer(nn.Module):
     values: nn.Parameter
     bias: nn.Parameter | None
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        raise AttributeError(
+            f"{type(self).__name__} has no dense 'weight': backend 'sparse' trains `values` at `structure`'s active "
+            "positions (`dense_weight()` builds a dense copy); code that reads a layer's .weight needs backend 'masked'"
+        )
+
     def dense_weight(self) -> Tensor:
         """The dense weight (zeros at inactive positions), detached: for checks, export and checkpoints."""
         return self.structure.to_dense(self.values.detach())
