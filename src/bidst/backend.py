@@ -45,31 +45,28 @@ def check_backend(backend: str, method: object, model: nn.Module) -> None:
 def check_layers(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Raise BidstError unless every module has a sparse twin: an exact nn.Linear or a zero-padded nn.Conv2d
     whose parameters no other module holds (a twin holds copies, so a tie would silently break)."""
-    for name, module in modules.items():
-        mod_name = f"layer {name.rpartition('.')[0]!r}"
-        if type(module) is nn.Conv2d:
-            try:
-                zero_padding(module)
-            except ValueError as e:
-                raise BidstError(f"backend 'sparse' cannot make {mod_name} sparse: {e} (keep it out with filter_fn, "
-                                 "or use backend 'masked')") from None
-        elif type(module) is not nn.Linear:
-            raise BidstError(
-                f"backend 'sparse' supports nn.Linear and zero-padded nn.Conv2d layers; {mod_name} is a "
-                f"{type(module).__name__} (keep it out with filter_fn, or use backend 'masked')"
-            )
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, m in model.named_modules():
         for leaf, p in m.named_parameters(recurse=False):
             holders.setdefault(id(p), []).append((f"{path}.{leaf}" if path else leaf, m))
     for name, module in modules.items():
+        layer = f"layer {name.rpartition('.')[0]!r}"
+        if type(module) is nn.Conv2d:
+            try:
+                zero_padding(module)
+            except ValueError as e:
+                raise BidstError(f"backend 'sparse' cannot make {layer} sparse: {e} (keep it out with filter_fn, "
+                                 "or use backend 'masked')") from None
+        elif type(module) is not nn.Linear:
+            raise BidstError(
+                f"backend 'sparse' supports nn.Linear and zero-padded nn.Conv2d layers; {layer} is a "
+                f"{type(module).__name__} (keep it out with filter_fn, or use backend 'masked')"
+            )
         for p in module.parameters(recurse=False):
             others = [path for path, m in holders[id(p)] if m is not module]
             if others:
-                raise BidstError(
-                    f"backend 'sparse' cannot keep layer {name.rpartition('.')[0]!r}'s parameters shared with "
-                    f"{others[0]} (its sparse twin would hold a copy); use backend 'masked' or untie them"
-                )
+                raise BidstError(f"backend 'sparse' cannot keep {layer}'s parameters shared with {others[0]} (its "
+                                 "sparse twin would hold a copy); use backend 'masked' or untie them")
 
 
 def _replace_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, gather: SparseStructure | None) -> None:

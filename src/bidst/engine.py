@@ -131,8 +131,7 @@ class Sparsifier:
         for mod_name, module in _unwrap(model).named_modules():
             weight = getattr(module, "weight", None)
             # a weight tied between layers is one tensor with one mask, under the first layer's name
-            tied = any(weight is p for p in self.params.values())
-            if isinstance(weight, nn.Parameter) and not tied and fn(module, mod_name):
+            if isinstance(weight, nn.Parameter) and fn(module, mod_name) and all(weight is not p for p in self.params.values()):
                 name = f"{mod_name}.weight" if mod_name else "weight"
                 self.params[name] = weight
                 self.modules[name] = module
