@@ -266,6 +266,22 @@ def test_a_refused_sparse_backend_leaves_the_model_and_optimizer_as_they_were(ma
     assert [list(g["params"]) for g in opt.param_groups] == params
 
 
+def test_biases_outside_the_optimizer_are_refused_before_any_change_and_frozen_ones_are_allowed():
+    model = TinyNet()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    opt = torch.optim.SGD(weights, lr=0.1)  # the biases train in another optimizer
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(bidst.BidstError, match="needs layer '.*''s bias in the optimizer given to sparsify"):
+        bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, backend="sparse")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert opt.param_groups[0]["params"] == weights and not any(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules())
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.endswith("bias"))  # frozen biases need no optimizer
+    sp = bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, backend="sparse")
+    assert sp.sparse_layers and all(not m.bias.requires_grad for m in sp.sparse_layers.values() if m.bias is not None)
+    assert len(opt.param_groups[0]["params"]) == len(weights)
+
+
 def test_a_weight_tied_between_layers_has_one_mask_on_the_masked_backend():
     model = tied_net()
     sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.75, total_steps=10,

@@ -42,9 +42,11 @@ def check_backend(backend: str, method: object, model: nn.Module) -> None:
         )
 
 
-def check_layers(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+def check_layers(model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
     """Raise BidstError unless every module has a sparse twin: an exact nn.Linear or a zero-padded nn.Conv2d
-    whose parameters no other module holds (a twin holds copies, so a tie would silently break)."""
+    whose parameters no other module holds (a twin holds copies, so a tie would silently break) and whose
+    trainable parameters are in `optimizer` (the twin's replace them there)."""
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, m in model.named_modules():
         for leaf, p in m.named_parameters(recurse=False):
@@ -62,21 +64,21 @@ def check_layers(model: nn.Module, modules: dict[str, nn.Module]) -> None:
                 f"backend 'sparse' supports nn.Linear and zero-padded nn.Conv2d layers; {layer} is a "
                 f"{type(module).__name__} (keep it out with filter_fn, or use backend 'masked')"
             )
-        for p in module.parameters(recurse=False):
+        for leaf, p in module.named_parameters(recurse=False):
             others = [path for path, m in holders[id(p)] if m is not module]
             if others:
                 raise BidstError(f"backend 'sparse' cannot keep {layer}'s parameters shared with {others[0]} (its "
                                  "sparse twin would hold a copy); use backend 'masked' or untie them")
+            if p.requires_grad and id(p) not in in_optimizer:
+                raise BidstError(f"backend 'sparse' needs {layer}'s {leaf} in the optimizer given to sparsify (the "
+                                 "sparse twin's copy replaces it there); add it to that optimizer, or use backend 'masked'")
 
 
 def _replace_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, gather: SparseStructure | None) -> None:
-    """Put `new` in `old`'s place in the optimizer's groups and state; per-weight state is gathered by `gather` if given."""
-    found = False
+    """Put `new` in `old`'s place in the optimizer's groups and state (if it is there: a frozen bias may not be);
+    per-weight state is gathered by `gather` if given."""
     for group in optimizer.param_groups:
-        found = found or any(p is old for p in group["params"])
         group["params"] = [new if p is old else p for p in group["params"]]
-    if not found:
-        raise BidstError("the optimizer does not hold a parameter of a layer being made sparse")
     state = optimizer.state.pop(old, None)
     if state:
         optimizer.state[new] = {

@@ -164,7 +164,7 @@ class Sparsifier:
         }
         self.budgets: dict[str, int] = dict(self.numel)
         if backend == "sparse":  # before the masks touch the model, so a refusal leaves it as it was
-            backends.check_layers(_unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()})
+            backends.check_layers(_unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()}, optimizer)
         method.setup(self)
         self.apply_masks()
         if backend == "sparse":
