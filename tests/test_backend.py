@@ -282,6 +282,37 @@ def test_biases_outside_the_optimizer_are_refused_before_any_change_and_frozen_o
     assert len(opt.param_groups[0]["params"]) == len(weights)
 
 
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize(
+    "make_opt,key,start",
+    [(lambda ps: torch.optim.Rprop(ps, lr=0.01), "step_size", 0.01),
+     (lambda ps: torch.optim.Adagrad(ps, lr=0.01, initial_accumulator_value=0.1), "sum", 0.1),
+     (lambda ps: torch.optim.Adam(ps, lr=0.01), "exp_avg_sq", 0.0)],
+    ids=["rprop", "adagrad", "adam"],
+)
+def test_grown_weights_start_with_a_fresh_weights_optimizer_state(backend, make_opt, key, start):
+    model = TinyNet()
+    opt = make_opt(model.parameters())
+    sp = bidst.sparsify(model, opt, "set", 0.9, total_steps=20, interval=3, drop_fraction=0.3, backend=backend)
+    name = "fc1.weight"
+    x, y = make_data(32)
+    grown = None
+    for _ in range(6):
+        before = sp.masks[name].clone()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+        if not torch.equal(sp.masks[name], before):
+            grown = (sp.masks[name] & ~before).view(-1)
+            break
+    assert grown is not None and grown.any()
+    state = opt.state[sp.params[name]][key].detach()
+    layer = sp.sparse_layers.get(name)
+    dense = (layer.structure.to_dense(state) if layer is not None else state).view(-1)
+    assert torch.all(dense[grown] == start)  # an Rprop step size of 0 would freeze a grown weight for good
+    assert torch.all(dense[~sp.masks[name].view(-1)] == 0)
+
+
 def test_a_weight_tied_between_layers_has_one_mask_on_the_masked_backend():
     model = tied_net()
     sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.75, total_steps=10,

@@ -17,6 +17,7 @@ from .density import check_sparsity, layer_budgets, layer_densities
 from .errors import BidstError
 from .methods.base import Method, create_method
 from .sparse import SparseConv2d, SparseLinear, remap_optimizer_state
+from .sparse.modules import fresh_state
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -323,7 +324,8 @@ class Sparsifier:
         """Deactivate flat positions `drop`, activate `grow`; clear their weights and optimizer state.
 
         Dropping an inactive position or growing an active one is a bug in the method and raises.
-        New weights start at zero unless `grow_values` is given.
+        New weights start at zero unless `grow_values` is given, their optimizer state as a fresh weight's
+        (`fresh_state`: zero but for Rprop's step size and Adagrad's initial accumulator).
         """
         mask = self.masks[name].view(-1)
         drop = drop.to(mask.device, torch.long)
@@ -348,10 +350,11 @@ class Sparsifier:
         weight = self.params[name].data.view(-1)
         weight[drop] = 0.0
         weight[grow] = 0.0 if grow_values is None else grow_values.to(weight)
-        changed = torch.cat([drop, grow])
-        for value in self.optimizer.state.get(self.params[name], {}).values():
-            if torch.is_tensor(value) and value.shape == self.params[name].shape:
-                value.view(-1)[changed] = 0
+        param = self.params[name]
+        for key, value in self.optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.view(-1)[drop] = 0
+                value.view(-1)[grow] = fresh_state(self.optimizer, param, key)
 
     @torch.no_grad()
     def apply_masks(self) -> None:

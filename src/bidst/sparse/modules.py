@@ -277,12 +277,28 @@ def to_dense_modules(model: nn.Module) -> list[str]:
     return [n for n, _ in layers]
 
 
+# Per-weight optimizer state a new weight does not start at zero: (optimizer class, state key) -> its group option.
+_NONZERO_START = {(torch.optim.Rprop, "step_size"): "lr", (torch.optim.Adagrad, "sum"): "initial_accumulator_value"}
+
+
+def fresh_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, key: str) -> float:
+    """The value per-weight state `key` of `param` starts at in `optimizer`: zero but for Rprop's step size (lr)
+    and Adagrad's sum (its initial accumulator), so a grown weight starts as a fresh one would (an Rprop step
+    size of zero would never grow again)."""
+    for (kind, state_key), option in _NONZERO_START.items():
+        if isinstance(optimizer, kind) and key == state_key:
+            group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+            return float(group[option])
+    return 0.0
+
+
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, delta: TopologyDelta) -> None:
     """Remaps every per-weight state tensor of `param` (momentum, Adam moments) after a topology change.
 
-    Kept weights keep their state, grown ones start from zero; scalar state (Adam's step) is untouched.
+    Kept weights keep their state, grown ones start as fresh weights do (`fresh_state`); scalar state
+    (Adam's step) is untouched.
     """
     state = optimizer.state.get(param, {})
     for key, value in state.items():
         if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == delta.old_nnz:
-            state[key] = delta.remap(value)
+            state[key] = delta.remap(value, fresh_state(optimizer, param, key))
