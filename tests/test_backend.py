@@ -246,6 +246,12 @@ def tied_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), a, nn.ReLU(), b, nn.ReLU(), nn.Linear(16, 3))
 
 
+def hooked(model: TinyNet) -> TinyNet:
+    """`model` with a gradient hook on fc1's bias."""
+    model.fc1.bias.register_hook(lambda g: g * 2)
+    return model
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
@@ -253,6 +259,7 @@ def tied_net() -> nn.Sequential:
          "padding_mode='reflect'"),
         (lambda: nn.Sequential(nn.Conv2d(2, 4, 4, padding="same"), nn.Flatten(), nn.Linear(4 * 36, 2)), "asymmetric"),
         (tied_net, "cannot keep layer '2''s parameters shared with 4.weight"),
+        (lambda: hooked(TinyNet()), "cannot carry the gradient hooks on layer 'fc1''s bias"),
     ],
 )
 def test_a_refused_sparse_backend_leaves_the_model_and_optimizer_as_they_were(make, match):
@@ -311,6 +318,26 @@ def test_grown_weights_start_with_a_fresh_weights_optimizer_state(backend, make_
     dense = (layer.structure.to_dense(state) if layer is not None else state).view(-1)
     assert torch.all(dense[grown] == start)  # an Rprop step size of 0 would freeze a grown weight for good
     assert torch.all(dense[~sp.masks[name].view(-1)] == 0)
+
+
+def test_sparse_twins_keep_the_layers_forward_and_backward_hooks():
+    model = TinyNet()
+    seen: list[str] = []
+    model.fc1.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    handle = model.fc1.register_forward_hook(lambda m, args, out: seen.append(f"fwd {tuple(out.shape)}"))
+    model.conv2.register_full_backward_hook(lambda m, gin, gout: seen.append(f"bwd {tuple(gout[0].shape)}"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "set", 0.9, total_steps=10, backend="sparse")
+    assert isinstance(model.fc1, SparseLinear) and isinstance(model.conv2, SparseConv2d)
+    x, y = make_data(8)
+    nn.functional.cross_entropy(model(x), y).backward()
+    sp.step()
+    assert seen == ["pre", "fwd (8, 32)", "bwd (8, 16, 4, 4)"]
+    handle.remove()  # the user's handle still reaches the hook
+    bidst.sparse.to_dense_modules(model)
+    seen.clear()
+    model(x)
+    assert type(model.fc1) is nn.Linear and seen == ["pre"]
 
 
 def test_a_weight_tied_between_layers_has_one_mask_on_the_masked_backend():

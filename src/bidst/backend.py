@@ -44,8 +44,8 @@ def check_backend(backend: str, method: object, model: nn.Module) -> None:
 
 def check_layers(model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
     """Raise BidstError unless every module has a sparse twin: an exact nn.Linear or a zero-padded nn.Conv2d
-    whose parameters no other module holds (a twin holds copies, so a tie would silently break) and whose
-    trainable parameters are in `optimizer` (the twin's replace them there)."""
+    whose parameters no other module holds and carry no gradient hooks (a twin holds copies, so a tie or a hook
+    would silently break) and whose trainable parameters are in `optimizer` (the twin's replace them there)."""
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, m in model.named_modules():
@@ -69,6 +69,9 @@ def check_layers(model: nn.Module, modules: dict[str, nn.Module], optimizer: tor
             if others:
                 raise BidstError(f"backend 'sparse' cannot keep {layer}'s parameters shared with {others[0]} (its "
                                  "sparse twin would hold a copy); use backend 'masked' or untie them")
+            if p._backward_hooks or p._post_accumulate_grad_hooks:  # noqa: SLF001 (no public way to ask)
+                raise BidstError(f"backend 'sparse' cannot carry the gradient hooks on {layer}'s {leaf} over to its "
+                                 "sparse twin (a new parameter); register them after sparsify, or use backend 'masked'")
             if p.requires_grad and id(p) not in in_optimizer:
                 raise BidstError(f"backend 'sparse' needs {layer}'s {leaf} in the optimizer given to sparsify (the "
                                  "sparse twin's copy replaces it there); add it to that optimizer, or use backend 'masked'")

@@ -240,8 +240,18 @@ def module_paths(model: nn.Module, module: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
 
 
+# The hooks a twin takes over from the layer it replaces (state-dict hooks stay: the twin's keys differ).
+_MODULE_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+)
+
+
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` at every path of `old`, so a layer used at several places stays one layer."""
+    """Put `new` at every path of `old`, so a layer used at several places stays one layer; `new` takes over
+    `old`'s forward and backward hooks (the same dicts, so the user's handles still remove them)."""
+    for attr in _MODULE_HOOKS:
+        object.__setattr__(new, attr, getattr(old, attr))
     for path in module_paths(model, old):
         _set_submodule(model, path, new)
 
