@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -67,6 +68,26 @@ def test_filter_selecting_nothing_is_an_error():
         assert "no layer to sparsify" in str(exc)
     else:
         raise AssertionError("expected a BidstError")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"seed": "x"}, "seed must be an integer, got 'x'"),
+    ({"total_steps": 2.5}, "total_steps must be an integer, got 2.5"),
+    ({"total_steps": True}, "total_steps must be an integer, got True"),
+    ({"total_steps": 0}, "total_steps must be a positive integer, got 0"),
+])
+def test_bad_step_counts_and_seeds_are_clear_errors(kwargs, match):
+    model = NeverSeen()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(bidst.BidstError, match=match):
+        bidst.sparsify(model, opt, "static", 0.5, **{"total_steps": 10, **kwargs})
+
+
+def test_numpy_integers_count_as_integers():
+    model = NeverSeen()
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.5,
+                        total_steps=np.int64(10), seed=np.int32(3))
+    assert sp.total_steps == 10 and type(sp.total_steps) is int
 
 
 def test_sparsifying_a_sparse_backend_model_again_says_so():

@@ -656,6 +656,8 @@ def test_bad_options_are_clear_errors():
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, hypergradient="second")
     with pytest.raises(bidst.BidstError, match="explore_ratio"):
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, explore_ratio=-1.0)
+    with pytest.raises(bidst.BidstError, match=r"option 'mask_lr' of method 'bidst' must be in \[0.0, inf\), got inf"):
+        bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, mask_lr=float("inf"))
     with pytest.raises(bidst.BidstError, match="mask_rows"):
         bidst.sparsify(model, opt, "bidst", 0.8, total_steps=10, mask_rows=1.5)
     with pytest.raises(bidst.BidstError, match="row_sampling"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 import weakref
 from collections.abc import Callable
@@ -94,7 +95,8 @@ class Sparsifier:
             raise BidstError("the model is already sparsified by another Sparsifier, which masks its weights too: "
                              "build the new one on a fresh model (or drop every reference to the old one first)")
         self.sparsity = check_sparsity(sparsity)
-        if not isinstance(total_steps, int) or total_steps <= 0:
+        total_steps, seed = _integer("total_steps", total_steps), _integer("seed", seed)
+        if total_steps <= 0:
             raise BidstError(f"total_steps must be a positive integer, got {total_steps!r}")
         self.model = model
         self.optimizer = optimizer
@@ -535,6 +537,16 @@ class Sparsifier:
         self.apply_masks()
         self.check_invariants()
         self._request_grads(self.step_count + 1)
+
+
+def _integer(key: str, value: object) -> int:
+    """`value` as an int (NumPy integers included; bools and floats refused), or a BidstError naming `key`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise BidstError(f"{key} must be an integer, got {value!r}") from None
 
 
 def sparsify(

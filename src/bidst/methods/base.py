@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -132,6 +133,8 @@ def require_choice(method: str, key: str, value: str, choices: tuple[str, ...]) 
 
 
 def require_range(method: str, key: str, value: float, lo: float, hi: float, *, above_lo: bool = False) -> None:
-    """Raise BidstError unless lo <= value <= hi (lo < value with `above_lo`)."""
-    if not (lo < value if above_lo else lo <= value) or not value <= hi:
-        raise BidstError(f"option {key!r} of method {method!r} must be in {'(' if above_lo else '['}{lo}, {hi}], got {value}")
+    """Raise BidstError unless lo <= value <= hi (lo < value with `above_lo`) and value is finite (an infinite rate
+    or interval is never meant: hi = inf only means no upper bound)."""
+    if not (lo < value if above_lo else lo <= value) or not value <= hi or not math.isfinite(value):
+        raise BidstError(f"option {key!r} of method {method!r} must be in {'(' if above_lo else '['}{lo}, {hi}"
+                         f"{')' if math.isinf(hi) else ']'}, got {value}")
