@@ -508,6 +508,21 @@ def test_torch_compile_of_a_sparse_backend_model_trains_as_eager(monkeypatch):
     assert {"_eager_sparse_linear", "_eager_sparse_conv2d"} <= set(eager_calls)  # the compiled model's sparse layers
 
 
+def test_torch_export_of_a_sparse_backend_model_computes_the_same_function():
+    """torch.export has no eager part to leave the Numba kernels to (the compile path recursed until Python's
+    limit): the exported program computes the sparse layers with dense ops, from the same values."""
+    x, y = make_data(32)
+    model, opt, sp = build("sparse", "rigl", "sgd", 4, interval=2)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    assert sp.topology_changes > 0
+    exported = torch.export.export(model, (x[:16],))
+    assert any(spec.target.endswith(".values") for spec in exported.graph_signature.input_specs)
+    torch.testing.assert_close(exported.module()(x[16:]), model(x[16:]), **TOL)
+
+
 @pytest.mark.parametrize("backend", ["masked", "sparse"])
 def test_a_frozen_layer_stays_dense_and_frozen(backend):
     torch.manual_seed(0)

@@ -36,8 +36,9 @@ def set_threads(threads: int) -> int:
 
 
 def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = None) -> bool:
-    """Whether the Numba path applies: every tensor is CPU float32 and the weight is at most DENSE_ABOVE dense."""
-    if structure is not None and structure.density > DENSE_ABOVE:
+    """Whether the Numba path applies: every tensor is CPU float32, the weight is at most DENSE_ABOVE dense, and
+    no torch.export is tracing (an exported program computes the same function with dense ops)."""
+    if (structure is not None and structure.density > DENSE_ABOVE) or torch.compiler.is_exporting():
         return False
     return all(t.is_cpu and t.dtype == torch.float32 for t in tensors if t is not None)
 

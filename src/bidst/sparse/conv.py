@@ -191,7 +191,9 @@ def sparse_conv2d(
     module docstring), as is the dense path's for a batch-innermost input. Dilated convolutions take
     the masked dense path.
     """
-    if torch.compiler.is_compiling():  # TorchDynamo cannot trace the Numba kernels: run this call eagerly
+    # TorchDynamo cannot trace the Numba kernels: torch.compile runs this call eagerly (torch.export, which has
+    # no eager part, takes the dense path: see uses_kernels)
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return _eager_sparse_conv2d(x, values, structure, bias, stride, padding, dilation)
     if len(structure.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a 4-D weight structure, got shape {structure.shape}")

@@ -175,7 +175,9 @@ def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: T
     The output of the CPU kernels has the batch innermost in memory (transposed strides); a
     following sparse_linear consumes it without a copy.
     """
-    if torch.compiler.is_compiling():  # TorchDynamo cannot trace the Numba kernels: run this call eagerly
+    # TorchDynamo cannot trace the Numba kernels: torch.compile runs this call eagerly (torch.export, which has
+    # no eager part, takes the dense path: see uses_kernels)
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return _eager_sparse_linear(x, values, structure, bias)
     if len(structure.shape) != 2:
         raise ValueError(f"sparse_linear needs a 2-D weight structure, got shape {structure.shape}")
