@@ -83,6 +83,18 @@ def test_bad_step_counts_and_seeds_are_clear_errors(kwargs, match):
         bidst.sparsify(model, opt, "static", 0.5, **{"total_steps": 10, **kwargs})
 
 
+def test_lazy_and_meta_weights_are_clear_errors():
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(bidst.BidstError, match="0.weight is not initialized yet .a lazy layer.: run one forward pass"):
+        bidst.sparsify(lazy, torch.optim.SGD(lazy.parameters(), lr=0.1), "rigl", 0.5, total_steps=10)
+    lazy(torch.randn(2, 5))
+    assert bidst.sparsify(lazy, torch.optim.SGD(lazy.parameters(), lr=0.1), "rigl", 0.5, total_steps=10).masks
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(bidst.BidstError, match="0.weight is on the meta device"):
+        bidst.sparsify(meta, torch.optim.SGD(meta.parameters(), lr=0.1), "rigl", 0.5, total_steps=10)
+
+
 def test_numpy_integers_count_as_integers():
     model = NeverSeen()
     sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.5,

@@ -143,6 +143,11 @@ class Sparsifier:
                 raise BidstError("no layer to sparsify: the model's layers are already sparse-backend twins "
                                  "(a model is sparsified once; build a new Sparsifier on a fresh model)")
             raise BidstError("no layer to sparsify: the filter selected no weight (trainable Conv/Linear by default)")
+        for name, weight in self.params.items():
+            if isinstance(weight, nn.parameter.UninitializedParameter):
+                raise BidstError(f"{name} is not initialized yet (a lazy layer): run one forward pass before sparsify")
+            if weight.is_meta:
+                raise BidstError(f"{name} is on the meta device: materialize the model (to_empty, then initialize) before sparsify")
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.params.items() if id(p) not in in_optimizer]
         if missing:
