@@ -320,6 +320,16 @@ def test_grown_weights_start_with_a_fresh_weights_optimizer_state(backend, make_
     assert torch.all(dense[~sp.masks[name].view(-1)] == 0)
 
 
+def test_an_optimizer_built_from_named_parameters_names_the_twins_values():
+    model = TinyNet()
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    bidst.sparsify(model, opt, "rigl", 0.9, total_steps=10, backend="sparse")
+    group = opt.param_groups[0]
+    named = dict(model.named_parameters())
+    assert "fc1.values" in group["param_names"] and "fc1.weight" not in group["param_names"]
+    assert all(named[n] is p for n, p in zip(group["param_names"], group["params"], strict=True))
+
+
 def test_sparse_twins_keep_the_layers_forward_and_backward_hooks():
     model = TinyNet()
     seen: list[str] = []

@@ -77,10 +77,15 @@ def check_layers(model: nn.Module, modules: dict[str, nn.Module], optimizer: tor
                                  "sparse twin's copy replaces it there); add it to that optimizer, or use backend 'masked'")
 
 
-def _replace_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, gather: SparseStructure | None) -> None:
-    """Put `new` in `old`'s place in the optimizer's groups and state (if it is there: a frozen bias may not be);
-    per-weight state is gathered by `gather` if given."""
+def _replace_param(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, gather: SparseStructure | None, new_name: str
+) -> None:
+    """Put `new` in `old`'s place in the optimizer's groups (renamed `new_name` where the optimizer was built
+    from named parameters) and state, if it is there (a frozen bias may not be); per-weight state is gathered
+    by `gather` if given."""
     for group in optimizer.param_groups:
+        if "param_names" in group:
+            group["param_names"] = [new_name if p is old else n for p, n in zip(group["params"], group["param_names"])]
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
     if state:
@@ -98,9 +103,10 @@ def swap_in(model: nn.Module, optimizer: torch.optim.Optimizer, masks: dict[str,
     old = {name: model.get_submodule(name.rpartition(".")[0]) for name in masks}
     layers = to_sparse_modules(model, masks)
     for name, layer in layers.items():
-        _replace_param(optimizer, old[name].weight, layer.values, layer.structure)
+        path = name.rpartition(".")[0]
+        _replace_param(optimizer, old[name].weight, layer.values, layer.structure, f"{path}.values")
         if layer.bias is not None:
-            _replace_param(optimizer, old[name].bias, layer.bias, None)
+            _replace_param(optimizer, old[name].bias, layer.bias, None, f"{path}.bias")
     use_batch_innermost(model)  # the dense layers keep the sparse kernels' batch-innermost layout
     return layers
 
