@@ -95,6 +95,18 @@ def test_lazy_and_meta_weights_are_clear_errors():
         bidst.sparsify(meta, torch.optim.SGD(meta.parameters(), lr=0.1), "rigl", 0.5, total_steps=10)
 
 
+def test_unknown_layer_names_and_foreign_states_are_clear_errors():
+    model = NeverSeen()
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.5, total_steps=10)
+    known = ", ".join(sp.masks)
+    for call in (lambda: sp.weight("head.0"), lambda: sp.active_weights("head.0"), lambda: sp.grad("head.0"),
+                 lambda: sp.change("head.0", torch.tensor([0]), torch.tensor([1]))):
+        with pytest.raises(KeyError, match=f"no sparsified weight 'head.0'; the sparsified weights are {known}"):
+            call()
+    with pytest.raises(bidst.BidstError, match="not a Sparsifier state_dict: it lacks masks, budgets, step"):
+        sp.load_state_dict({"method": "rigl"})
+
+
 def test_numpy_integers_count_as_integers():
     model = NeverSeen()
     sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.5,

@@ -280,11 +280,17 @@ class Sparsifier:
             masks[name] = flat
         self.set_masks(masks)
 
+    def _known(self, name: str) -> None:
+        """Raise KeyError, listing the sparsified weights, unless `name` is one of them."""
+        if name not in self.masks:
+            raise KeyError(f"no sparsified weight {name!r}; the sparsified weights are {', '.join(self.masks)}")
+
     def weight(self, name: str) -> torch.Tensor:
         """The dense weight of layer `name` (detached, zero where inactive), what magnitude-based drops score.
 
         Under the sparse backend it is built from the compact values on every call: call it at update steps only.
         """
+        self._known(name)
         layer = self.sparse_layers.get(name)
         return self.params[name].detach() if layer is None else layer.dense_weight()
 
@@ -294,6 +300,7 @@ class Sparsifier:
         Under the sparse backend these are the layer's own index array and compact values, so a
         selection among the active weights costs O(active) instead of a pass over the dense weight.
         """
+        self._known(name)
         layer = self.sparse_layers.get(name)
         if layer is not None:
             return torch.from_numpy(layer.structure.flat).to(layer.values.device), layer.values.detach()
@@ -302,6 +309,7 @@ class Sparsifier:
 
     def grad(self, name: str) -> torch.Tensor | None:
         """The dense gradient of layer `name`'s active weights (zero elsewhere) from the last backward, or None."""
+        self._known(name)
         layer = self.sparse_layers.get(name)
         grad = self.params[name].grad
         if grad is None:
@@ -334,6 +342,7 @@ class Sparsifier:
         New weights start at zero unless `grow_values` is given, their optimizer state as a fresh weight's
         (`fresh_state`: zero but for Rprop's step size and Adagrad's initial accumulator).
         """
+        self._known(name)
         mask = self.masks[name].view(-1)
         drop = drop.to(mask.device, torch.long)
         grow = grow.to(mask.device, torch.long)
@@ -518,6 +527,9 @@ class Sparsifier:
         for key in ("sparsity", "distribution"):  # absent from older states
             if key in state and state[key] != getattr(self, key):
                 raise BidstError(f"checkpoint is for {key} {state[key]!r}, not {getattr(self, key)!r}")
+        missing = [k for k in ("masks", "budgets", "step", "topology_changes", "rng", "method_state") if k not in state]
+        if missing:
+            raise BidstError(f"not a Sparsifier state_dict: it lacks {', '.join(missing)}")
         masks = state["masks"]
         if set(masks) != set(self.masks):
             extra, missing = sorted(set(masks) - set(self.masks)), sorted(set(self.masks) - set(masks))
