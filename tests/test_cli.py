@@ -95,6 +95,23 @@ def test_print_config_is_a_recipe_of_the_run_and_trains_nothing(tmp_path, capsys
     assert "option 'allocate' of method 'bidst' must be one of" in capsys.readouterr().err
 
 
+def test_overrides_may_come_on_both_sides_of_the_options(capsys):
+    """argparse's positionals stop at the first option: `sparsity=0.95 --seed 3 epochs=2` used to fail on epochs=2."""
+    import yaml
+
+    assert main(["train", "sparsity=0.95", "--seed", "3", "epochs=2", "--print-config", "model=mlp"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert (data["sparsity"], data["seed"], data["epochs"], data["model"]) == (0.95, 3, 2, "mlp")
+    assert main(["train", "sparsity=0.95", "--print-config", "epochs"]) == 2
+    assert "override 'epochs' is not of the form key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "sparsity=0.95", "--print-config", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["models", "extra"])
+    assert "unrecognized arguments: extra" in capsys.readouterr().err
+
+
 def test_train_writes_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--run-dir", str(run), "--json"]) == 0

@@ -107,7 +107,8 @@ def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
     from matplotlib.image import imread
 
     out = tmp_path / "report"
-    assert report.main([str(runs_dir), "--out", str(out), "--json"]) == 0
+    first, *rest = sorted(str(p) for p in runs_dir.iterdir())
+    assert report.main([first, "--out", str(out), *rest, "--json"]) == 0  # folders on both sides of the options
     result = json.loads(capsys.readouterr().out)
     assert result["group_keys"] == ["method", "sparsity", "method_args.mask_lr"] and result["runs"] == 11
     table = (out / "report.md").read_text()

@@ -166,7 +166,13 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         else:
             from .report import main as sub_main
         return sub_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come on both sides of train's options, which argparse's positionals cannot span
+    if args.command == "train" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     rank = int(os.environ.get("RANK", "0"))
     try:
         if args.command == "train":

@@ -462,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="report", help="output folder (default: ./report)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
     parser.add_argument("--no-plots", action="store_true", help="write only report.md and report.csv")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # folders may come before and after the options
     try:
         if not args.no_plots:
             _figure_class()  # fail before any work when matplotlib is missing
