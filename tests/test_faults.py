@@ -138,6 +138,7 @@ def test_nonfinite_loss_stops_with_checkpoint_intact_or_is_skipped(monkeypatch, 
     assert main(["train", *tiny_args("rigl"), "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "non-finite loss (nan) at step" in err and "on_nonfinite=skip" in err
+    assert "its last checkpoint is intact (continue it with --resume on_nonfinite=skip" in err
     bad_step = int(err.split("at step ")[1].split(";")[0])
     kept = checkpoints(run)
     assert int(kept[-1].stem.split("-")[1]) == bad_step - 1 and not (run / "summary.json").exists()
@@ -150,6 +151,15 @@ def test_nonfinite_loss_stops_with_checkpoint_intact_or_is_skipped(monkeypatch, 
     assert summary["final_test_acc"] > 50
     skipped = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"skipped"' in x]
     assert len(skipped) == 2
+
+
+def test_nonfinite_loss_before_the_first_checkpoint_does_not_claim_one(monkeypatch, tmp_path, capsys):
+    _poison(monkeypatch, item=100)
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args("rigl"), "checkpoint_every=0", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the run stopped and it had no checkpoint yet (continue it with --resume on_nonfinite=skip" in err
+    assert not checkpoints(run)
 
 
 def _full_disk_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:

@@ -384,8 +384,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             loss_value, correct, stop_signal = step_stats(loss, logits, y, stop)
             if not math.isfinite(loss_value):  # every rank sees the same averaged loss, so all stop or skip
                 if cfg.on_nonfinite == "stop":
-                    raise SharedError(f"non-finite loss ({loss_value}) at step {step + 1}; the run stopped and its "
-                                      "last checkpoint is intact (resume with on_nonfinite=skip to skip such steps)")
+                    kept = "its last checkpoint is intact" if latest_checkpoint(ckpt_dir) else "it had no checkpoint yet"
+                    raise SharedError(f"non-finite loss ({loss_value}) at step {step + 1}; the run stopped and {kept} "
+                                      "(continue it with --resume on_nonfinite=skip to skip such steps)")
                 skipped += 1
                 metrics.write({"kind": "skipped", "step": step, "epoch": epoch, "batch": batch_index})
                 continue  # a stop signal is honoured after the next step
