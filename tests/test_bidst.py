@@ -649,6 +649,45 @@ def test_no_capture_without_grad_and_control_keeps_scores_zero():
     assert not sp.method._captures and not sp.method._forward
 
 
+class AttentionNet(nn.Module):
+    """Self-attention (whose out_proj weight is used outside out_proj's forward), then a head used on even calls only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8 * 4, 3)
+        self.spare = nn.Linear(8 * 4, 3)  # a branch some steps do not take
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.attn(x, x, x, need_weights=False)[0].flatten(1)
+        return self.head(h) + (self.spare(h) if self.calls % 2 == 0 else 0)
+
+
+def test_a_weight_used_outside_its_module_is_refused_and_an_unused_branch_is_fine():
+    """Scores are learned from module forwards: nn.MultiheadAttention's out_proj weight got gradients while its
+    forward never ran, and BiDST silently learned nothing for it."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+    for keep in (lambda m, n: isinstance(m, nn.Linear), lambda m, n: isinstance(m, nn.Linear) and "out_proj" not in n):
+        model = AttentionNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=20, filter_fn=keep, learn_every=1, mask_interval=4)
+        for _ in range(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if "attn.out_proj.weight" in sp.masks:
+                with pytest.raises(bidst.BidstError, match="layer 'attn.out_proj' got a gradient while its forward never ran"):
+                    sp.step()
+                break
+            sp.step()
+        else:
+            assert sp.topology_changes > 0 and set(sp.masks) == {"head.weight", "spare.weight"}
+            assert all(bool((s["psi"] != 0).any()) for s in sp.method._layers.values())
+
+
 def test_bad_options_are_clear_errors():
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

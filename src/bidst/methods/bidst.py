@@ -422,12 +422,29 @@ class BiDST:
             self.step_scores(self._layers[name], psi_grad)
             self.step_shadow(sp, name, grads[name])
 
+    @staticmethod
+    def check_modules_ran(sp: Sparsifier, unseen: list[str]) -> None:
+        """Raise BidstError if a layer whose module's forward never ran this step still got a gradient: its
+        weight is used outside the module (nn.MultiheadAttention's out_proj, say), so no scores can be learned.
+        A layer the step did not use at all (a branch not taken) has no gradient and is fine."""
+        for name in unseen:
+            layer = sp.sparse_layers.get(name)
+            grad = (sp.params[name] if layer is None else layer.values).grad
+            if grad is not None and bool(grad.any()):
+                raise BidstError(
+                    f"bidst learns a layer's scores from its module's forward, but layer {name.rpartition('.')[0]!r} "
+                    "got a gradient while its forward never ran (its weight is used outside the module, as "
+                    "nn.MultiheadAttention uses out_proj.weight): keep such layers out with filter_fn"
+                )
+
     def score_grads(self, sp: Sparsifier, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """From this step's captures: dL/dψ through σ((ψ+G)/τ) (straight-through) and g, both over C, per layer."""
         entries = {n: e for n, e in self._captures.items() if e and all(item[2] is not None for item in e)}
         tau = self.temperature(step, sp)
         grads, thetas, relaxed, batches = {}, {}, {}, {}
-        for name in [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._forward)]:
+        seen = [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._forward)]
+        self.check_modules_ran(sp, [n for n in self._layers if n not in seen])
+        for name in seen:
             state = self._layers[name]
             explore_count = self.explore_count(sp, name)
             if explore_count == 0:  # no candidates (a layer at density 1): nothing to rank against, no swap possible
