@@ -374,7 +374,7 @@ def test_missing_data_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_pa
         create_dataset("fashion-mnist", "train")
     with pytest.raises(BidstError, match="no data in .*cifar10.*cifar-10-python.tar.gz"):
         create_dataset("cifar10", "test")
-    with pytest.raises(BidstError, match=f"no data in {tmp_path / 'empty'}; .*pass root="):
+    with pytest.raises(BidstError, match=f"no data in {tmp_path / 'empty'}; .*pass the folder .recipe key data_root, or root= in Python."):
         create_dataset("mnist", "test", root=str(tmp_path / "empty"))  # explicit root: no download attempt
     partial = tmp_path / "partial" / "cifar-10-batches-py"
     partial.mkdir(parents=True)

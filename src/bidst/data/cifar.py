@@ -80,7 +80,7 @@ def register_cifar(
 
     needed = ", ".join(sorted({f for names in files.values() for f in names}))
     how_to = (f"it needs {folder}/ with {needed}: download {url} and extract it into $BIDST_DATA/{name} or "
-              f"{roots.cache_dir(name)}, or pass root=")  # fmt: skip
+              f"{roots.cache_dir(name)}, or pass the folder")  # fmt: skip
 
     @register(name, DatasetInfo(num_classes=num_classes, in_channels=3, image_size=32))
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:

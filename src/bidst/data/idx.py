@@ -97,7 +97,7 @@ register_idx(
     std=0.3530,
     url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     how_to="install it with `apt-get install dataset-fashion-mnist`, put the four IDX files in "
-    "$BIDST_DATA/fashion-mnist, or pass root=",
+    "$BIDST_DATA/fashion-mnist, or pass the folder",
 )
 register_idx(
     "mnist",
@@ -105,5 +105,5 @@ register_idx(
     std=0.3081,
     url="https://ossci-datasets.s3.amazonaws.com/mnist/",
     how_to="download the four IDX files from https://ossci-datasets.s3.amazonaws.com/mnist/ into $BIDST_DATA/mnist, "
-    "or pass root=",
+    "or pass the folder",
 )

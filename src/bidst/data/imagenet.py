@@ -134,7 +134,7 @@ def load_imagenet(root: str | None, train: bool, augment: bool) -> ImageFolderDa
     """The official training images (train=True) or validation images, labelled by the sorted training class folders."""
     how_to = (
         "put the ILSVRC-2012 class folders under $BIDST_DATA/imagenet/{train,val} or "
-        f"{roots.cache_dir('imagenet')}/{{train,val}}, or pass root="
+        f"{roots.cache_dir('imagenet')}/{{train,val}}, or pass the folder"
     )
     folder = roots.locate("imagenet", root, lambda p: (p / "train").is_dir(), how_to)
     classes = class_names(folder / "train")

@@ -52,7 +52,9 @@ def locate(
     how_to: str,
     fetch: Callable[[Path], None] | None = None,
 ) -> Path:
-    """The first candidate where `present` holds, else (no explicit root) `fetch` into the cache, else BidstError."""
+    """The first candidate where `present` holds, else (no explicit root) `fetch` into the cache, else BidstError
+    (whose `how_to` ends where the error names both ways to pass a folder)."""
+    how_to += " (recipe key data_root, or root= in Python)"
     folders = candidates(name, root)
     for folder in folders:
         if present(folder):
