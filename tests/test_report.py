@@ -24,7 +24,8 @@ def write_run(folder, method, sparsity, seed, acc, mask_lr=None, finished=True):
     """A run folder as the training loop writes it: config, metrics (epoch + mask records), summary."""
     folder.mkdir(parents=True)
     config = {"method": method, "sparsity": sparsity, "seed": seed, "model": "cnn", "dataset": "fmnist",
-              "epochs": 3, "run_dir": str(folder), "data": {"seed": seed}}
+              "epochs": 3, "run_dir": str(folder), "data": {"seed": seed},
+              "threads": seed, "num_workers": seed % 2, "checkpoint_every": 10 * seed}  # operational: never a group key
     if mask_lr is not None:
         config["method_args"] = {"mask_lr": mask_lr}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -75,7 +76,7 @@ def test_groups_means_and_relative_costs(runs_dir, capsys):
     assert "unfinished" in err and "corrupt" in err
     assert len(runs) == sum(map(len, ACCS.values()))
     extra, rows = report.summarize(runs)
-    assert extra == ["method_args.mask_lr"]  # varies within (bidst, 0.9); run_dir and seeds never split groups
+    assert extra == ["method_args.mask_lr"]  # varies within (bidst, 0.9); run_dir, seeds, threads... never split groups
     rigl = row_of(rows, "rigl")
     assert rigl["n"] == 3 and rigl["seeds"] == ["0", "1", "2"]
     assert rigl["test_acc_mean"] == pytest.approx(statistics.fmean(ACCS[("rigl", 0.9, None)]))

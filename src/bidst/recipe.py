@@ -27,7 +27,7 @@ from .checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from .config import TrainConfig, build_config, load_yaml
+from .config import OPERATIONAL_KEYS, TrainConfig, build_config, load_yaml
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
 from .density import check_sparsity
 from .engine import Sparsifier, sparsify
@@ -41,8 +41,7 @@ from .sparse import set_threads
 
 # config keys that may differ between a run and its resumption (they do not change the result, or only
 # from a non-finite loss on: a run stopped by one may go on with on_nonfinite=skip)
-RESUMABLE_KEYS = {"progress", "threads", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-                  "on_nonfinite"}
+RESUMABLE_KEYS = OPERATIONAL_KEYS | {"device", "on_nonfinite"}
 # what every training checkpoint holds
 CHECKPOINT_KEYS = {"config", "model", "optimizer", "sparsifier", "scaler", "epoch", "batch", "best_val", "running",
                    "skipped", "val_acc", "test_acc", "metrics_offset", "rng_cpu", "rng_cuda", "meter", "evolution"}

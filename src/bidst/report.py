@@ -2,7 +2,8 @@
 
 Runs are grouped by method and sparsity, plus every config key that takes more than one value
 among runs sharing a method and sparsity (an ablation axis such as ``method_args.mask_lr``);
-keys naming a seed, ``run_dir`` and ``resume`` never split groups. FLOPs and time are given
+keys naming a seed, ``run_dir``, ``resume`` and the operational keys (progress, logging, checkpoints,
+threads, loader workers) never split groups. FLOPs and time are given
 relative to a dense run of the same model and dataset when the set holds one, else as the run
 recorded them (FLOPs only); time is the summary's ``time.total``, else its ``wall_time_s``.
 Outputs are written to temporary names and renamed at the end, so a failed report never leaves
@@ -27,10 +28,10 @@ from typing import Any
 import yaml
 
 from .checkpoint import make_folder
-from .config import TrainConfig, load_yaml
+from .config import OPERATIONAL_KEYS, TrainConfig, load_yaml
 from .errors import BidstError
 
-_NEVER_GROUP = {"run_dir", "resume"}
+_NEVER_GROUP = {"run_dir", "resume", *OPERATIONAL_KEYS}  # they do not change what a run computes
 
 
 @dataclass
