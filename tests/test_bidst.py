@@ -7,15 +7,15 @@ import types
 
 import pytest
 import torch
+from conftest import TinyNet, make_data
 from torch import nn
 
 import bidst
 from bidst.budget import matched_steps, model_rows, planned_flops
 from bidst.methods import bidst as bidst_method
-from bidst.sparse import SparseLinear
-from bidst.sampled import output_rows as sampled_rows
 from bidst.sampled import output_row_norms, sampled_weight_grad
-from conftest import TinyNet, make_data
+from bidst.sampled import output_rows as sampled_rows
+from bidst.sparse import SparseLinear
 
 
 @pytest.fixture(autouse=True, scope="module")

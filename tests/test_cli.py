@@ -41,7 +41,6 @@ def test_method_options_listing_loads_back_as_the_defaults(as_json, capsys):
     import yaml
 
     from bidst import method_options
-
     from bidst.methods import list_methods
 
     for name in list_methods():

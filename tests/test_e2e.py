@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import fast_options
 
 import bidst
 from bidst.cli import main
-from conftest import fast_options
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # 2 epochs on 6000 training images (94 steps): dense reaches about 82%, chance is 10%. GMP prunes

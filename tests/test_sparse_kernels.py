@@ -18,9 +18,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bidst.sparse import _kernels_linear as KL
-from bidst.sparse import conv as sparse_conv
-from bidst.sparse import linear as sparse_linear_module
 from bidst.sparse import (
     SparseStructure,
     _common,
@@ -28,6 +25,9 @@ from bidst.sparse import (
     sparse_linear,
     uses_kernels,
 )
+from bidst.sparse import _kernels_linear as KL
+from bidst.sparse import conv as sparse_conv
+from bidst.sparse import linear as sparse_linear_module
 
 RTOL, ATOL = 1e-4, 1e-5
 

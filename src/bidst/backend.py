@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .errors import BidstError
 from .sparse import SparseModule, SparseStructure, to_sparse_modules
-from .sparse.modules import zero_padding
 from .sparse.layout import use_batch_innermost
+from .sparse.modules import zero_padding
 
 BACKENDS = ("masked", "sparse")
 

@@ -18,7 +18,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,7 +372,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `bidst bench`; returns the exit code."""
     ap = argparse.ArgumentParser(prog="bidst bench", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS),

@@ -11,7 +11,7 @@ conventions of the RigL paper: Conv/Linear weights only, 2 FLOPs per multiply-ad
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config (recipe, overrides, the method's defaults) as YAML and exit")
-    for key, kind in COMMON_FLAGS.items():
-        train.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=f"same as {key}=VALUE")
+    for key, convert in COMMON_FLAGS.items():
+        train.add_argument(f"--{key.replace('_', '-')}", dest=key, type=convert, help=f"same as {key}=VALUE")
     for kind in ("methods", "models", "datasets"):
         p = sub.add_parser(kind, help=f"list the registered {kind}, each with what it is")
         p.add_argument("--json", action="store_true", help="the names only, as a JSON list")

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,7 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read recipe `path` (or the defaults when None) and apply `key=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
