@@ -13,6 +13,9 @@ For one Conv2d or Linear shape and each sparsity, in one process on an idle mach
   kernels;
 - `empty`: the sparse step with no active weight at all, i.e. the passes that do not shrink with
   density (writing the output and the input gradient) plus the fixed overhead;
+- `floor`: the memory traffic no sparse step can avoid, alone: reading the input and the output gradient
+  and writing the output and the input gradient (two tensor copies of those sizes, timed like `sparse`,
+  after the dense steps that evict them from cache). A step that sparsity cannot make cheaper;
 - `faults`: minor page faults per step, dense / sparse: glibc hands large freed blocks back to the
   OS, so fresh activations are mapped in again page by page;
 - `retained`: dense, sparse and their ratio again after `mallopt` makes glibc keep freed memory
@@ -88,6 +91,21 @@ def kernels_alone(layer: Layer, density: float, gen: torch.Generator) -> Step | 
     return run
 
 
+def memory_floor(layer: Layer, gen: torch.Generator) -> Step:
+    """Two copies that move the bytes every sparse layer step moves at least: input and output gradient read,
+    output and input gradient written (fp32)."""
+    out = (layer.size + 2 * layer.padding - layer.k) // layer.stride + 1 if layer.kind == "conv" else 1
+    x = torch.randn(layer.batch * layer.cin * (layer.size**2 if layer.kind == "conv" else 1), generator=gen)
+    dy = torch.randn(layer.batch * layer.cout * out * out, generator=gen)
+    y, dx = torch.empty_like(dy), torch.empty_like(x)
+
+    def run() -> None:
+        y.copy_(dy)
+        dx.copy_(x)
+
+    return run
+
+
 def faults_per_step(step: Step, steps: int = 6) -> float:
     """Minor page faults per call of `step`, after one warm-up call."""
     step()
@@ -145,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         dense, sparse = steps[s]
         td, ts = timer.interleaved(dense, sparse)
         _, te = timer.interleaved(dense, empty)
+        _, tf = timer.interleaved(dense, memory_floor(layer, gen))
         alone = kernels_alone(layer, 1.0 - s, gen)
         ta = timer.interleaved(dense, alone)[1] if alone else float("nan")
-        rows.append([s, td, ts, kernel_share(sparse), ta, te, faults_per_step(dense), faults_per_step(sparse)])
+        rows.append([s, td, ts, kernel_share(sparse), ta, te, tf, faults_per_step(dense), faults_per_step(sparse)])
     retained = retain_freed_memory()
     for row in rows:
         td, ts = timer.interleaved(*steps[row[0]]) if retained else (float("nan"), float("nan"))
@@ -155,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/layer_breakdown.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"{layer.name}: `{command}`")
     print(f"{args.threads} torch / {numba_threads} Numba thread(s), median of {args.reps} repetitions of {args.block} steps, wall clock, ms per step\n")
-    print("| sparsity | dense | sparse | ratio | kernels | alone | empty | faults dense / sparse | retained: dense | sparse | ratio |")
-    print("|" + " --- |" * 11)
-    for s, td, ts, tk, ta, te, fd, fs, rd, rs in rows:
+    print("| sparsity | dense | sparse | ratio | kernels | alone | empty | floor (ratio) | faults dense / sparse "
+          "| retained: dense | sparse | ratio |")
+    print("|" + " --- |" * 12)
+    for s, td, ts, tk, ta, te, tf, fd, fs, rd, rs in rows:
         alone = "-" if math.isnan(ta) else f"{ta * 1e3:.2f}"  # conv layers only
-        print(f"| {s:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} | {tk:.0%} | {alone} | {te * 1e3:.2f} | {fd:.0f} / {fs:.0f} "
-              f"| {rd * 1e3:.2f} | {rs * 1e3:.2f} | {rs / rd:.3f} |")
+        print(f"| {s:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {ts / td:.3f} | {tk:.0%} | {alone} | {te * 1e3:.2f} "
+              f"| {tf * 1e3:.2f} ({tf / td:.3f}) | {fd:.0f} / {fs:.0f} | {rd * 1e3:.2f} | {rs * 1e3:.2f} | {rs / rd:.3f} |")
     return 0
 
 
