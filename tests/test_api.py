@@ -130,3 +130,7 @@ def test_repr_says_what_the_sparsifier_is_doing():
     sp.step()
     assert repr(sp) == ("Sparsifier(method='set', sparsity=0.5, layers=2, measured_sparsity=0.5000, step=1/10, "
                         "topology_changes=0, backend='masked')")
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.9999999, total_steps=10)
+    assert "sparsity=0.9999999," in repr(sp)  # ':g' printed 1
+

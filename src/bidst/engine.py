@@ -239,7 +239,7 @@ class Sparsifier:
             self.sampled_grads[name] = grad.detach() / scale if scale != 1.0 else grad.detach()
 
     def __repr__(self) -> str:
-        return (f"Sparsifier(method={self.method.name!r}, sparsity={self.sparsity:g}, layers={len(self.params)}, "
+        return (f"Sparsifier(method={self.method.name!r}, sparsity={self.sparsity!r}, layers={len(self.params)}, "
                 f"measured_sparsity={self.measured_sparsity():.4f}, step={self.step_count}/{self.total_steps}, "
                 f"topology_changes={self.topology_changes}, backend={self.backend!r})")
 
