@@ -320,6 +320,23 @@ def test_grown_weights_start_with_a_fresh_weights_optimizer_state(backend, make_
     assert torch.all(dense[~sp.masks[name].view(-1)] == 0)
 
 
+def test_stepping_after_the_model_was_exported_is_refused_and_a_copy_exports_freely():
+    """After to_dense_modules the optimizer held the orphaned twins' values: training went on, changing nothing."""
+    x, y = make_data(16)
+    model, opt, sp = build("sparse", "rigl", "sgd", 6, interval=2)
+    exported = copy.deepcopy(model)
+    bidst.sparse.to_dense_modules(exported)
+    for _ in range(2):  # the copy's export leaves the run alone
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    bidst.sparse.to_dense_modules(model)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(bidst.BidstError, match="were swapped back to dense ones by to_dense_modules"):
+        sp.step()
+
+
 def test_an_optimizer_built_from_named_parameters_names_the_twins_values():
     model = TinyNet()
     opt = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)

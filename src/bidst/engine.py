@@ -421,6 +421,11 @@ class Sparsifier:
         clip the same gradient (a masked layer's dense gradient would count inactive weights).
         A step whose gradients were prepared must be taken with `step()`.
         """
+        exported = [n for n, layer in self.sparse_layers.items() if layer.exported]
+        if exported:
+            raise BidstError(f"the model's sparse layers ({exported[0]}, ...) were swapped back to dense ones by "
+                             "to_dense_modules, so this Sparsifier no longer trains them; to keep training, export "
+                             "a copy: to_dense_modules(copy.deepcopy(model))")
         step = self.step_count + 1
         if self._prepared_step == step:
             return

@@ -21,6 +21,7 @@ class _SparseLayer(nn.Module):
     structure: SparseStructure
     values: nn.Parameter
     bias: nn.Parameter | None
+    exported: bool = False  # set by to_dense_modules: the model holds a dense layer in this one's place
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -280,10 +281,13 @@ def to_sparse_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str
 
 
 def to_dense_modules(model: nn.Module) -> list[str]:
-    """Swaps, in place, every SparseLinear / SparseConv2d back to its dense nn module; returns their names."""
+    """Swaps, in place, every SparseLinear / SparseConv2d back to its dense nn module; returns their names.
+
+    A Sparsifier training those layers refuses to step afterwards: to export during training, pass a copy."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
     for _, layer in layers:
         _replace_module(model, layer, layer.to_dense_module())
+        layer.exported = True
     return [n for n, _ in layers]
 
 
