@@ -42,11 +42,11 @@ def check_backend(backend: str, method: object, model: nn.Module) -> None:
         )
 
 
-def check_layers(model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
+def check_layers(model: nn.Module, modules: dict[str, nn.Module], in_optimizer: set[int]) -> None:
     """Raise BidstError unless every module has a sparse twin: an exact nn.Linear or a zero-padded nn.Conv2d
     whose parameters no other module holds and carry no gradient hooks (a twin holds copies, so a tie or a hook
-    would silently break) and whose trainable parameters are in `optimizer` (the twin's replace them there)."""
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    would silently break) and whose trainable parameters are in the optimizer (`in_optimizer`: their ids; the
+    twin's replace them there)."""
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, m in model.named_modules():
         for leaf, p in m.named_parameters(recurse=False):

@@ -34,6 +34,7 @@ def load_yaml(text: str) -> Any:
 # keys that change how a run executes (progress, logging, checkpoints, threads, loader workers), not what it computes
 OPERATIONAL_KEYS = frozenset({"progress", "threads", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints"})
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; every field is a recipe key."""

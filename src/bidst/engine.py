@@ -172,7 +172,7 @@ class Sparsifier:
         }
         self.budgets: dict[str, int] = dict(self.numel)
         if backend == "sparse":  # before the masks touch the model, so a refusal leaves it as it was
-            backends.check_layers(_unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()}, optimizer)
+            backends.check_layers(_unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()}, in_optimizer)
         method.setup(self)
         self.apply_masks()
         if backend == "sparse":
@@ -563,12 +563,12 @@ class Sparsifier:
 
 def _integer(key: str, value: object) -> int:
     """`value` as an int (NumPy integers included; bools and floats refused), or a BidstError naming `key`."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise BidstError(f"{key} must be an integer, got {value!r}") from None
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise BidstError(f"{key} must be an integer, got {value!r}")
 
 
 def sparsify(
