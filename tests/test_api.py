@@ -134,3 +134,59 @@ def test_repr_says_what_the_sparsifier_is_doing():
     sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.9999999, total_steps=10)
     assert "sparsity=0.9999999," in repr(sp)  # ':g' printed 1
 
+
+
+class Branchy(nn.Module):
+    """An MLP whose middle layer only odd calls use (a branch some steps do not take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h)) if self.calls % 2 else h)
+
+
+def _branchy_steps(method: str, backend: str, steps: int, **options: object) -> tuple[bidst.Sparsifier, dict]:
+    """`steps` steps of Branchy (the middle layer unused at even steps); the masks before the first step."""
+    torch.manual_seed(0)
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = bidst.sparsify(model, opt, method, 0.9, total_steps=100, backend=backend, **options)
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    for _ in range(steps):
+        x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    return sp, before
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize("method", ["rigl", "granet"])
+def test_gradient_growth_leaves_alone_a_layer_the_step_did_not_use(method, backend):
+    """An update step whose loss skipped a layer has a zero gradient there: growth by gradient filled that
+    layer's lowest free positions (a contiguous block of 73 in the probe). Now the layer grows nothing."""
+    sp, before = _branchy_steps(method, backend, 4, interval=2)  # updates at steps 2 and 4, both without b
+    assert sp.topology_changes == 2
+    assert not bool((sp.masks["b.weight"] & ~before["b.weight"]).any())
+    assert bool((sp.masks["a.weight"] & ~before["a.weight"]).any())
+
+
+def test_bidst_explores_a_layer_at_random_where_the_step_gave_it_no_gradient():
+    """BiDST's first candidates by gradient in a layer step 1 did not use were its lowest free positions."""
+    torch.manual_seed(0)
+    model = Branchy()
+    model.calls = 1  # step 1 skips b
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "bidst", 0.9, total_steps=100, learn_every=1)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 4, (8,))).backward()
+    sp.step()
+    state = sp.method._layers["b.weight"]
+    free = (~sp.masks["b.weight"].view(-1)).nonzero().squeeze(1)
+    candidates = state["pos"][~sp.masks["b.weight"].view(-1)[state["pos"]]].sort().values
+    assert candidates.numel() > 10 and not torch.equal(candidates, free[: candidates.numel()])

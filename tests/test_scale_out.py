@@ -39,6 +39,7 @@ from bidst.errors import BidstError
 from bidst.methods.base import METHODS as METHOD_CLASSES
 from bidst.recipe import evaluate, train
 from bidst.signals import RunInterrupted
+from bidst.sparse import to_dense_modules
 
 pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
 METHODS = bidst.list_methods()
@@ -127,6 +128,42 @@ def _own_loop(method: str, backend: str = "masked") -> list[str]:
     return digests + [_digest(net.state_dict())]
 
 
+class _Branchy(nn.Module):
+    """An MLP whose middle layer rank 1 skips at even calls (a branch not taken on every rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h)) if dist.get_rank() == 0 or self.calls % 2 else h)
+
+
+def _uneven_loop(method: str, backend: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """A user's DDP loop over _Branchy (masked: DDP with find_unused_parameters): mask digests after every
+    change, and the final weights as dense tensors."""
+    torch.manual_seed(0)
+    net = _Branchy()
+    model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if backend == "masked" else net
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    options = {"mask_interval": 3, "learn_every": 1} if method == "bidst" else {"interval": 3}
+    sp = bidst.sparsify(model, optimizer, method, 0.8, total_steps=12, backend=backend, **options)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    digests = []
+    for _ in range(12):
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 16, generator=g)), torch.randint(0, 4, (8,), generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        if sp.step():
+            digests.append(_digest(sp.masks))
+    if backend == "sparse":
+        to_dense_modules(net)
+    return digests, {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
 def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     """One DDP rank: for each method a full run, a resumed copy and an own-loop run; records what each rank saw."""
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
@@ -184,6 +221,10 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     seen["errors"].append(_error(lambda: train(tiny_config("rigl"), out / "nan")))
     seen["odd-eval"] = _sharded_eval()
     seen["nan-skip"] = [train(tiny_config("rigl", "on_nonfinite=skip"), out / "nan", resume=True)["skipped_steps"]]
+    # a layer one rank skips at some steps: the sparse backend averages as DDP with find_unused_parameters does
+    (masks, masked), (sparse_masks, sparse) = _uneven_loop("rigl", "masked"), _uneven_loop("rigl", "sparse")
+    seen["uneven"] = [masks, sparse_masks, max(float((masked[k] - sparse[k]).abs().max()) for k in masked)]
+    seen["uneven-bidst"] = _error(lambda: _uneven_loop("bidst", "sparse"))
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.barrier()  # as bidst.distributed.launch does: tearing down gloo while the other rank still uses it can abort
     dist.destroy_process_group()
@@ -323,6 +364,18 @@ def test_ddp_matches_single_process_with_the_same_global_batch(method, backend, 
 def test_ddp_resume_matches_uninterrupted(method, backend, ddp):
     folder = _names(method, backend)[1]
     assert_same_run(ddp / f"{folder}-full", ddp / f"{folder}-part")
+
+
+def test_ddp_layer_skipped_on_one_rank(ddp):
+    """The sparse backend all-reduced only the gradients each rank had: a layer one rank's forward skipped made
+    the ranks' all-reduces differ (gloo aborted the processes). It now counts as a zero gradient there, as DDP's
+    find_unused_parameters does; BiDST, which learns scores from each rank's forwards, refuses on every rank."""
+    r0, r1 = _seen(ddp, 0), _seen(ddp, 1)
+    masks, sparse_masks, diff = r0["uneven"]
+    assert len(masks) == 2 and masks == sparse_masks == r1["uneven"][0] == r1["uneven"][1]
+    assert diff < 1e-5
+    message = "layer 'b' ran on some ranks and not on others this step"
+    assert message in r0["uneven-bidst"] and r0["uneven-bidst"] == r1["uneven-bidst"]
 
 
 def test_ddp_sigterm_on_one_rank_stops_all_at_the_same_step(ddp):

@@ -61,7 +61,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """Where small tensors for a collective must live: the current GPU for nccl, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -161,19 +161,27 @@ def _checksum(tensor: torch.Tensor) -> torch.Tensor:
     return (flat * weights).sum()
 
 
+def differing(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the integer/bool `tensors` that differ between ranks (none in a single process), on every rank.
+
+    One all-reduce of two integers per tensor.
+    """
+    if world_size() == 1 or not tensors:
+        return []
+    device = collective_device()
+    sums = torch.stack([_checksum(t).to(device) for t in tensors.values()])
+    extremes = torch.cat([sums, -sums])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    highest, lowest = extremes[: len(sums)].tolist(), (-extremes[len(sums) :]).tolist()
+    return [name for name, hi, lo in zip(tensors, highest, lowest) if hi != lo]
+
+
 def check_in_sync(tensors: dict[str, torch.Tensor], when: str) -> None:
     """Raise SharedError on every rank if any of the named integer/bool `tensors` differs between ranks.
 
     One all-reduce of two integers per tensor; cheap enough to run after every topology change.
     """
-    if world_size() == 1:
-        return
-    device = _collective_device()
-    sums = torch.stack([_checksum(t).to(device) for t in tensors.values()])
-    extremes = torch.cat([sums, -sums])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    highest, lowest = extremes[: len(sums)].tolist(), (-extremes[len(sums) :]).tolist()
-    drifted = [name for name, hi, lo in zip(tensors, highest, lowest) if hi != lo]
+    drifted = differing(tensors)
     if drifted:
         raise SharedError(
             f"DDP ranks disagree on {', '.join(drifted[:3])} {when}: masks must be identical on every rank "

@@ -406,9 +406,25 @@ class Sparsifier:
         step = self.step_count + 1
         if self.backend != "sparse" or self._synced_step == step or distributed.world_size() == 1:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        captured = [layer.structure.sampled_grad for layer in self.sparse_layers.values()]
-        distributed.all_reduce_mean_many(grads + [g for g in captured if g is not None])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        requested = [layer for layer in self.sparse_layers.values()
+                     if layer.structure.samples_all or layer.structure.sampled_positions is not None]
+        # as DDP's find_unused_parameters: a gradient some rank lacks (its forward skipped the layer) counts as
+        # zero there, one no rank has stays None, so every rank all-reduces the same tensors
+        used = distributed.all_reduce_sum(torch.tensor(
+            [p.grad is not None for p in params] + [layer.structure.sampled_grad is not None for layer in requested],
+            dtype=torch.float32, device=distributed.collective_device()))
+        for p, anywhere in zip(params, used[: len(params)].tolist()):
+            if anywhere and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for layer, anywhere in zip(requested, used[len(params):].tolist()):
+            s = layer.structure
+            if anywhere and s.sampled_grad is None:
+                size = s.numel if s.samples_all else s.sampled_positions.size
+                s.sampled_grad = torch.zeros(size, dtype=layer.values.dtype, device=layer.values.device)
+        grads = [p.grad for p in params if p.grad is not None]
+        captured = [layer.structure.sampled_grad for layer in requested if layer.structure.sampled_grad is not None]
+        distributed.all_reduce_mean_many(grads + captured)
         self._synced_step = step
 
     def prepare_gradients(self, scaler: torch.amp.GradScaler | None = None) -> None:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 from torch import nn
 
-from ..errors import BidstError
+from .. import distributed
+from ..errors import BidstError, SharedError
 from ..sampled import output_row_norms, output_rows, rows_counted, sampled_weight_grad
 from ..schedules import cosine_decay, is_update_step
 from ..scores import grow_highest, random_scores
@@ -422,6 +423,19 @@ class BiDST:
             self.step_scores(self._layers[name], psi_grad)
             self.step_shadow(sp, name, grads[name])
 
+    def check_same_use_on_ranks(self) -> None:
+        """Under DDP, raise SharedError on every rank if some layer's forward ran a different number of times on
+        different ranks this learning step: each rank's share of the score gradient comes from its own forwards,
+        so a branch taken on some ranks only would leave the ranks' scores, and then their masks, apart."""
+        calls = {n: torch.tensor(len(self._captures.get(n, [])) + (n in self._forward)) for n in self._layers}
+        uneven = distributed.differing(calls)
+        if uneven:
+            raise SharedError(
+                f"bidst under DDP learns a layer's scores from every rank's forward of it, but layer "
+                f"{uneven[0].rpartition('.')[0]!r} ran on some ranks and not on others this step (a branch not taken "
+                "everywhere): keep such layers out with filter_fn"
+            )
+
     @staticmethod
     def check_modules_ran(sp: Sparsifier, unseen: list[str]) -> None:
         """Raise BidstError if a layer whose module's forward never ran this step still got a gradient: its
@@ -442,6 +456,7 @@ class BiDST:
         entries = {n: e for n, e in self._captures.items() if e and all(item[2] is not None for item in e)}
         tau = self.temperature(step, sp)
         grads, thetas, relaxed, batches = {}, {}, {}, {}
+        self.check_same_use_on_ranks()
         seen = [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._forward)]
         self.check_modules_ran(sp, [n for n in self._layers if n not in seen])
         for name in seen:
@@ -753,7 +768,8 @@ class BiDST:
     def add_candidates(
         self, sp: Sparsifier, name: str, excluded: torch.Tensor, dense_grads: dict[str, torch.Tensor] | None
     ) -> None:
-        """Fill E up to ⌈ρ·k⌉ with inactive positions outside C and `excluded`, by |dense gradient| or at random.
+        """Fill E up to ⌈ρ·k⌉ with inactive positions outside C and `excluded`, by |dense gradient| or at random
+        (also where that gradient is zero everywhere: a branch this step did not use).
 
         New candidates start with a zero shadow weight and a neutral score: 0, or just below the
         active threshold under `rank: psi`.
@@ -766,7 +782,7 @@ class BiDST:
         missing = min(self.explore_size(sp, name) - int((~mask[state["pos"]]).sum()), int(eligible.sum()))
         if missing <= 0:
             return
-        if self.explore == "gradient" and dense_grads is not None:
+        if self.explore == "gradient" and dense_grads is not None and bool(dense_grads[name].any()):
             scores = dense_grads[name].view(-1).abs()
         else:
             scores = random_scores(mask.shape, sp.rng, mask.device)

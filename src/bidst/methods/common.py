@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,14 +18,19 @@ DropFn = Callable[[str, int], torch.Tensor]
 GrowFn = Callable[[str, torch.Tensor, int], torch.Tensor]
 
 
-def prune_and_grow(sp: Sparsifier, fraction: float, drop_fn: DropFn, grow_fn: GrowFn) -> bool:
-    """In every sparse layer swap round(fraction * active) weights: drop by `drop_fn`, grow by `grow_fn`.
+def prune_and_grow(
+    sp: Sparsifier, fraction: float, drop_fn: DropFn, grow_fn: GrowFn, skip: Collection[str] = ()
+) -> bool:
+    """In every sparse layer but those in `skip` swap round(fraction * active) weights: drop by `drop_fn`,
+    grow by `grow_fn`.
 
     Growth is restricted to positions inactive before the round, so a weight just dropped is not
     regrown in the same round. Returns True if any position changed.
     """
     changed = False
     for name in sp.sparse_names():
+        if name in skip:
+            continue
         active = sp.budgets[name]
         k = min(int(round(fraction * active)), sp.numel[name] - active, active - 1)
         if k <= 0:
@@ -90,6 +95,13 @@ def magnitude_drop(sp: Sparsifier) -> DropFn:
         return positions[drop_lowest(magnitude(values), torch.ones_like(positions, dtype=torch.bool), k)]
 
     return drop
+
+
+def silent(dense_grads: dict[str, torch.Tensor]) -> set[str]:
+    """Layers whose dense gradient is zero everywhere (a branch this step's loss did not use): growth by
+    gradient has nothing to rank there (it would fill the lowest positions), so such a layer keeps its
+    topology this round."""
+    return {name for name, grad in dense_grads.items() if not bool(grad.any())}
 
 
 def gradient_grow(dense_grads: dict[str, torch.Tensor]) -> GrowFn:

@@ -9,7 +9,7 @@ import torch
 
 from ..schedules import cosine_decay, is_update_step
 from .base import METHODS, Stateless, require_range
-from .common import gradient_grow, magnitude_drop, prune_and_grow, scheduled_budgets
+from .common import gradient_grow, magnitude_drop, prune_and_grow, scheduled_budgets, silent
 
 if TYPE_CHECKING:
     from ..engine import Sparsifier
@@ -101,4 +101,5 @@ class GraNet(GMP):
             return False
         changed = self._prune(sp, step)
         fraction = cosine_decay(step, self.drop_fraction, self._window(sp)[1])
-        return prune_and_grow(sp, fraction, magnitude_drop(sp), gradient_grow(dense_grads)) or changed
+        grow = gradient_grow(dense_grads)
+        return prune_and_grow(sp, fraction, magnitude_drop(sp), grow, silent(dense_grads)) or changed

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from .base import METHODS, Stateless
-from .common import gradient_grow, magnitude_drop, prune_and_grow
+from .common import gradient_grow, magnitude_drop, prune_and_grow, silent
 from .schedule import UpdateSchedule
 
 if TYPE_CHECKING:
@@ -37,4 +37,6 @@ class RigL(Stateless, UpdateSchedule):
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         if not self.is_update(step, sp) or dense_grads is None:
             return False
-        return prune_and_grow(sp, self.fraction(step, sp), magnitude_drop(sp), gradient_grow(dense_grads))
+        return prune_and_grow(
+            sp, self.fraction(step, sp), magnitude_drop(sp), gradient_grow(dense_grads), silent(dense_grads)
+        )
