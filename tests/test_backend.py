@@ -209,6 +209,29 @@ def test_sparse_checkpoint_roundtrip_continues_identically():
         torch.testing.assert_close(sp2.weight(name), sp.weight(name))
 
 
+def test_a_model_state_loaded_without_the_sparsifier_state_is_refused_at_the_next_step():
+    """model.load_state_dict alone gave the sparse layers the checkpoint's positions while the Sparsifier kept its
+    own masks: the next update failed deep inside ("drop picked an inactive position"), after a step on stale masks."""
+    model, opt, sp = build("sparse", "rigl", "sgd", 12)
+    x, y = make_data(64)
+    for _ in range(6):  # a topology change at step 5
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    assert sp.topology_changes == 1
+    state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(state)  # the same positions: nothing to refuse
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    sp.step()
+    model2, opt2, sp2 = build("sparse", "rigl", "sgd", 12)  # the initial masks
+    model2.load_state_dict(state)
+    opt2.zero_grad()
+    nn.functional.cross_entropy(model2(x), y).backward()
+    with pytest.raises(bidst.BidstError, match="got active positions other than this Sparsifier's masks"):
+        sp2.step()
+
+
 def test_in_place_activations_after_sparse_layers():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(inplace=True), nn.Linear(16, 4), nn.ReLU(inplace=True))
     sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.5, total_steps=4, backend="sparse")

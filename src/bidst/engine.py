@@ -116,6 +116,7 @@ class Sparsifier:
         self.costs: dict[str, float] = {}  # FLOPs of the methods' own work, by phase (2 per multiply-add)
         self.backend = backend
         self.sparse_layers: dict[str, backends.SparseModule] = {}  # the layers computing sparse (backend "sparse")
+        self._topologies: dict[str, object] = {}  # each sparse layer's structure as this Sparsifier last set it
         self.rebuild_seconds = 0.0  # time spent resizing sparse layers and optimizer state at topology changes
         self.clock: Callable[[], float] = time.perf_counter  # times the rebuilds (benchmarks use CPU time)
         self._dense_grad_requested = False  # sparse backend: the next backward captures dense gradients
@@ -196,7 +197,26 @@ class Sparsifier:
         for name, layer in self.sparse_layers.items():
             self.params[name] = layer.values
             self.modules[name] = layer
+        self._note_topologies()
         self._request_grads(self.step_count + 1)
+
+    def _note_topologies(self) -> None:
+        """Remember each sparse layer's structure, to notice one replaced behind the Sparsifier's back."""
+        self._topologies = {name: layer.structure for name, layer in self.sparse_layers.items()}
+
+    def _check_topologies(self) -> None:
+        """Refuse to step sparse layers whose active positions something else set (model.load_state_dict alone)
+        unless they equal the masks: the masks and the method's state would describe another topology."""
+        for name, layer in self.sparse_layers.items():
+            if layer.structure is self._topologies[name]:
+                continue
+            if not torch.equal(layer.mask().cpu(), self.masks[name].cpu()):
+                raise BidstError(
+                    f"the sparse layer {name.rpartition('.')[0]!r} got active positions other than this Sparsifier's "
+                    "masks (a model state_dict loaded on its own): load the Sparsifier's state_dict from the same "
+                    "checkpoint after the model's (sp.load_state_dict)"
+                )
+            self._topologies[name] = layer.structure
 
     def _request_grads(self, step: int) -> None:
         """Note what step `step`'s method needs from the coming backward.
@@ -360,6 +380,7 @@ class Sparsifier:
         if layer is not None:
             started = self.clock()
             delta = layer.update_topology(drop, grow, 0.0 if grow_values is None else grow_values)
+            self._topologies[name] = layer.structure
             remap_optimizer_state(self.optimizer, layer.values, delta)
             self.rebuild_seconds += self.clock() - started
             return
@@ -442,6 +463,7 @@ class Sparsifier:
             raise BidstError(f"the model's sparse layers ({exported[0]}, ...) were swapped back to dense ones by "
                              "to_dense_modules, so this Sparsifier no longer trains them; to keep training, export "
                              "a copy: to_dense_modules(copy.deepcopy(model))")
+        self._check_topologies()
         step = self.step_count + 1
         if self._prepared_step == step:
             return
@@ -572,6 +594,7 @@ class Sparsifier:
         self.costs = {k: float(v) for k, v in state.get("costs", {}).items()}
         self.rebuild_seconds = float(state.get("rebuild_seconds", 0.0))
         self.method.load_state_dict(state["method_state"])
+        self._note_topologies()
         self.apply_masks()
         self.check_invariants()
         self._request_grads(self.step_count + 1)
