@@ -190,3 +190,21 @@ def test_bidst_explores_a_layer_at_random_where_the_step_gave_it_no_gradient():
     free = (~sp.masks["b.weight"].view(-1)).nonzero().squeeze(1)
     candidates = state["pos"][~sp.masks["b.weight"].view(-1)[state["pos"]]].sort().values
     assert candidates.numel() > 10 and not torch.equal(candidates, free[: candidates.numel()])
+
+
+def test_a_compiled_model_names_its_layers_as_the_bare_model():
+    """torch.compile's wrapper prefixed every name with `_orig_mod.`, so a Sparsifier state saved from a compiled
+    model did not load into the same model uncompiled (and the reverse)."""
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    sp = bidst.sparsify(torch.compile(bare), torch.optim.SGD(bare.parameters(), lr=0.1), "rigl", 0.5, total_steps=4)
+    assert list(sp.masks) == ["0.weight", "2.weight"]
+    state = sp.state_dict()
+    del sp
+    again = bidst.sparsify(bare, torch.optim.SGD(bare.parameters(), lr=0.1), "rigl", 0.5, total_steps=4, seed=1)
+    again.load_state_dict(state)
+    assert all(torch.equal(again.masks[n], state["masks"][n]) for n in state["masks"])
+    with pytest.raises(bidst.BidstError, match="needs the model without its DataParallel wrapper"):
+        wrapped = nn.Sequential(nn.Linear(8, 4))
+        bidst.sparsify(torch.compile(nn.DataParallel(wrapped)), torch.optim.SGD(wrapped.parameters(), lr=0.1), "rigl",
+                       0.5, total_steps=4, backend="sparse")

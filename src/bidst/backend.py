@@ -10,6 +10,8 @@ Topology changes then resize the values and remap the optimizer state incrementa
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -35,11 +37,37 @@ def check_backend(backend: str, method: object, model: nn.Module) -> None:
     name = getattr(method, "name", type(method).__name__)
     if not supports(method, backend):
         raise BidstError(f"method {name!r} does not support backend 'sparse' (it reads or writes dense weights); use 'masked'")
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+    wrapper = next((m for m in _wrappers(model) if isinstance(m, _PARALLEL)), None)
+    if wrapper is not None:
         raise BidstError(
-            f"backend 'sparse' needs the model without its {type(model).__name__} wrapper: a topology change resizes "
+            f"backend 'sparse' needs the model without its {type(wrapper).__name__} wrapper: a topology change resizes "
             "parameters, which the wrapper cannot follow, so under torchrun the Sparsifier averages gradients over ranks itself"
         )
+
+
+_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def _inner(model: nn.Module) -> nn.Module | None:
+    """The module a DDP/DataParallel or torch.compile wrapper holds, or None for any other module."""
+    if isinstance(model, _PARALLEL):
+        return cast(nn.Module, model.module)
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else None
+
+
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """`model` and the modules it wraps, outermost first, down to the bare model."""
+    chain = [model]
+    while (inner := _inner(chain[-1])) is not None:
+        chain.append(inner)
+    return chain
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP/DataParallel and torch.compile wrappers (any nesting): layer names and the
+    modules the backends swap do not depend on how a model is wrapped."""
+    return _wrappers(model)[-1]
 
 
 def check_layers(model: nn.Module, modules: dict[str, nn.Module], in_optimizer: set[int]) -> None:

@@ -52,11 +52,6 @@ class LayerReport:
 _OWNERS: weakref.WeakValueDictionary[int, Sparsifier] = weakref.WeakValueDictionary()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DDP/DataParallel wrapper, so parameter names do not depend on the wrapper."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of `t` is finite. A finite sum proves it in one pass (an inf or NaN entry makes the
     sum inf or NaN); only a non-finite sum, which finite entries can also give by overflowing, takes the
@@ -91,7 +86,7 @@ class Sparsifier:
         holdout_batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         backends.check_backend(backend, method, model)
-        if any(id(p) in _OWNERS for p in _unwrap(model).parameters()):
+        if any(id(p) in _OWNERS for p in backends.unwrap(model).parameters()):
             raise BidstError("the model is already sparsified by another Sparsifier, which masks its weights too: "
                              "build the new one on a fresh model (or drop every reference to the old one first)")
         self.sparsity = check_sparsity(sparsity)
@@ -132,7 +127,7 @@ class Sparsifier:
         self.params: dict[str, nn.Parameter] = {}
         self.modules: dict[str, nn.Module] = {}
         fn = filter_fn or default_filter
-        for mod_name, module in _unwrap(model).named_modules():
+        for mod_name, module in backends.unwrap(model).named_modules():
             weight = getattr(module, "weight", None)
             # a weight tied between layers is one tensor with one mask, under the first layer's name
             if isinstance(weight, nn.Parameter) and fn(module, mod_name) and all(weight is not p for p in self.params.values()):
@@ -173,7 +168,7 @@ class Sparsifier:
         }
         self.budgets: dict[str, int] = dict(self.numel)
         if backend == "sparse":  # before the masks touch the model, so a refusal leaves it as it was
-            backends.check_layers(_unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()}, in_optimizer)
+            backends.check_layers(backends.unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()}, in_optimizer)
         method.setup(self)
         self.apply_masks()
         if backend == "sparse":
@@ -182,7 +177,7 @@ class Sparsifier:
             self._request_grads(self.step_count + 1)
         self.check_invariants()
         self.check_ranks_agree("after the initial masks")
-        for param in _unwrap(model).parameters():
+        for param in backends.unwrap(model).parameters():
             _OWNERS[id(param)] = self
 
     def _sparse_backend_names(self) -> list[str]:
@@ -193,7 +188,7 @@ class Sparsifier:
     def _swap_in(self) -> None:
         """Replace the changeable layers by sparse twins, their weights in the optimizer by the compact values."""
         names = self._sparse_backend_names()
-        self.sparse_layers = backends.swap_in(_unwrap(self.model), self.optimizer, {n: self.masks[n] for n in names})
+        self.sparse_layers = backends.swap_in(backends.unwrap(self.model), self.optimizer, {n: self.masks[n] for n in names})
         for name, layer in self.sparse_layers.items():
             self.params[name] = layer.values
             self.modules[name] = layer

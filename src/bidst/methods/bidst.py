@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..backend import unwrap
 from ..errors import BidstError, SharedError
 from ..sampled import output_row_norms, output_rows, rows_counted, sampled_weight_grad
 from ..schedules import cosine_decay, is_update_step
@@ -627,9 +628,7 @@ class BiDST:
             for n, v in (values or {}).items():
                 sp.params[n].view(-1)[self._layers[n]["pos"]] = v.to(sp.params[n].dtype)
         inputs, targets = batch
-        model = sp.model
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = cast(nn.Module, model.module)  # the extra passes must not trigger DDP's gradient reduction
+        model = unwrap(sp.model)  # the extra passes must not trigger DDP's gradient reduction
         self._captures.clear()
         others = other_layers(sp, names)
         self._extra_pass = True
