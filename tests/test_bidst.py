@@ -832,3 +832,29 @@ def test_allocate_scores_control_keeps_every_layer_budget():
 def test_allocate_scores_needs_forced_swaps():
     with pytest.raises(bidst.BidstError, match="allocate"):
         _train(steps=2, allocate="scores", swap="capped")
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_compiled_model_learns_scores_without_recompiling_every_step(backend):
+    """The forward hooks were registered at the first learning step, after torch.compile had traced the model
+    (which ignores hooks added later): with learn_every 2 no score was learned and the first learning step
+    failed. Traced, their step-dependent condition recompiled the model at every step (8 graphs in 12 steps)."""
+    graphs = []
+
+    def counting(gm: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    model = torch.compile(net, backend=counting)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=40, backend=backend, mask_interval=3, learn_every=2)
+    x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+    for _ in range(12):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    assert sp.topology_changes == 4
+    assert all(bool((s["psi"] != 0).any()) for n, s in sp.method._layers.items() if n != "2.weight")
+    assert len(graphs) <= 3

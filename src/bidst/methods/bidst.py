@@ -225,8 +225,10 @@ class BiDST:
             zeros = torch.zeros(pos.numel(), device=mask.device)
             self._layers[name] = {"pos": pos, "psi": zeros.clone(), "shadow": zeros.clone(),
                                   "m1": zeros.clone(), "m2": zeros.clone(), "sq": zeros.clone()}
-            if self.captures():  # the masked backend only (the sparse one refuses these options above)
-                self._hooks.append(module.register_forward_hook(self._capture_hook(sp, name)))
+            # before any forward, so a torch.compile'd model traces them (it ignores hooks added later); the sparse
+            # backend's twins take them over
+            hook = self._capture_hook(sp, name) if self.captures() else self._forward_hook(sp, name)
+            self._hooks.append(module.register_forward_hook(hook))
 
     def check_loss_scaling(self) -> None:
         """Refuse a scaled loss (fp16's GradScaler) where the captured output gradients would stay scaled while the
@@ -300,9 +302,6 @@ class BiDST:
         """At learning steps, the exploration candidates E, whose gradient the engine reports (see `captures`)."""
         if self.captures() or not self.learns(step, sp):
             return None
-        if not self._hooks:  # the final layers exist now: note their shapes and θ on learning steps
-            for name in self._layers:
-                self._hooks.append(sp.modules[name].register_forward_hook(self._forward_hook(sp, name)))
         return {n: s["pos"][self.explore_slots(sp, n)] for n, s in self._layers.items()}
 
     def explore_count(self, sp: Sparsifier, name: str) -> int:
@@ -318,6 +317,7 @@ class BiDST:
         """A forward hook keeping (output rows, batch, θ over C) of a layer on learning steps, for the
         hypergradient θ⊙g at the weights the gradient was taken at, and for costs and Fisher."""
 
+        @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
                 theta = self.weights_at(sp, name, self._layers[name]["pos"])
@@ -345,6 +345,7 @@ class BiDST:
     def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
         """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient."""
 
+        @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             wanted = self._extra_pass or self.learns(sp.step_count + 1, sp)
             if not (wanted and torch.is_grad_enabled() and output.requires_grad):
