@@ -208,3 +208,16 @@ def test_a_compiled_model_names_its_layers_as_the_bare_model():
         wrapped = nn.Sequential(nn.Linear(8, 4))
         bidst.sparsify(torch.compile(nn.DataParallel(wrapped)), torch.optim.SGD(wrapped.parameters(), lr=0.1), "rigl",
                        0.5, total_steps=4, backend="sparse")
+
+
+def test_a_parametrized_weight_is_refused_not_left_dense():
+    """A weight_norm/spectral_norm layer's weight is computed, not a Parameter: it was silently left dense, even
+    when filter_fn picked it, so the model was less sparse than asked."""
+    for wrap in (nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm):
+        model = nn.Sequential(wrap(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(bidst.BidstError, match="layer '0' computes its weight"):
+            bidst.sparsify(model, opt, "rigl", 0.5, total_steps=4)
+        sp = bidst.sparsify(model, opt, "rigl", 0.5, total_steps=4, filter_fn=lambda m, n: n != "0")
+        assert list(sp.masks) == ["2.weight"]
+        del sp

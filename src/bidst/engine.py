@@ -129,6 +129,9 @@ class Sparsifier:
         fn = filter_fn or default_filter
         for mod_name, module in backends.unwrap(model).named_modules():
             weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter) and fn(module, mod_name):
+                raise BidstError(f"layer {mod_name!r} computes its weight (a parametrization such as weight_norm or "
+                                 "spectral_norm), which bidst cannot mask: remove it, or keep the layer out with filter_fn")
             # a weight tied between layers is one tensor with one mask, under the first layer's name
             if isinstance(weight, nn.Parameter) and fn(module, mod_name) and all(weight is not p for p in self.params.values()):
                 name = f"{mod_name}.weight" if mod_name else "weight"
