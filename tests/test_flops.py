@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import bidst
 from bidst import flops
+from bidst.budget import model_rows
 from bidst.errors import BidstError
 
 
@@ -92,6 +94,28 @@ def test_reused_module_counts_each_call():
 
     s = flops.layer_shapes(Twice(), torch.randn(2, 4))["fc.weight"]
     assert s.positions == 2 and flops.forward_flops(s, 16) == 2 * 16 * 2 * 2
+
+
+def test_a_tied_weight_counts_every_layer_at_its_mask():
+    """A weight tied between two layers has one mask, named after its first layer; the second layer was counted
+    as a dense layer of its own, so a sparse model's FLOPs came out too high (and match_flops left it out)."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Tied()
+    shapes = flops.layer_shapes(model, torch.randn(3, 8))
+    assert list(shapes) == ["a.weight"] and shapes["a.weight"].positions == 2
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.75, total_steps=1)
+    assert list(sp.masks) == ["a.weight"]
+    assert flops.inference_flops(shapes, sp.masks) == 2 * 16 * 2  # 16 active weights, used twice per sample
+    assert model_rows(model, torch.randn(3, 8)) == {"a.weight": 6}  # what match_flops plans with
 
 
 def test_meter_accumulates_and_relates_to_dense():

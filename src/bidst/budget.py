@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .flops import counted_layers
 from .methods import create_method
 from .sampled import rows_counted
 from .sparse import SparseConv2d, SparseLinear
@@ -45,8 +46,14 @@ def model_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def model_rows(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Output positions times batch of every Conv/Linear layer of `model` on `example_input`: the `rows` of a plan."""
-    return layer_rows(model, model_layers(model), example_input)
+    """Output positions times batch of every Conv/Linear weight of `model` on `example_input`: the `rows` of a plan
+    (a weight tied between layers sums them all under its first layer's name)."""
+    layers = counted_layers(model)
+    rows = layer_rows(model, {str(i): module for i, (_, module) in enumerate(layers)}, example_input)
+    merged: dict[str, int] = {}
+    for i, (key, _) in enumerate(layers):
+        merged[key] = merged.get(key, 0) + rows[str(i)]
+    return merged
 
 
 def planned_flops(

@@ -57,17 +57,31 @@ class LayerShape:
     numel: int  # number of weights
 
 
+def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(weight name, layer) for every Conv/Linear layer (sparse-backend twins included); a weight tied between
+    layers has its first layer's name for all of them, as its mask does."""
+    owners: dict[int, str] = {}
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, _COUNTED):
+            key = f"{name}.weight" if name else "weight"
+            weight = getattr(module, "weight", None)
+            layers.append((owners.setdefault(id(weight), key) if isinstance(weight, nn.Parameter) else key, module))
+    return layers
+
+
 def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
     """Run one no-grad forward with hooks and return the shape of every Conv/Linear weight.
 
-    Keys are qualified weight names (``"features.0.weight"``, also for the sparse backend's layers), matching mask keys. The model is
+    Keys are qualified weight names (``"features.0.weight"``, also for the sparse backend's layers), matching mask keys
+    (a weight tied between layers is one key, its first layer's, with the positions of all of them). The model is
     put in eval mode for the pass (so batch-norm statistics do not move) and restored after.
     ``example_input`` is one tensor or a tuple of positional arguments.
     """
     shapes: dict[str, LayerShape] = {}
     handles = []
 
-    def hook_for(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+    def hook_for(key: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
             kernel: tuple[int, ...] = ()
@@ -85,7 +99,6 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
                 in_f, out_f = module.in_channels, module.out_channels
                 in_size, out_size = tuple(x.shape[2:]), tuple(output.shape[2:])
             batch = x.shape[0] if x.dim() > 1 else 1
-            key = f"{name}.weight" if name else "weight"
             previous = shapes.get(key)
             shapes[key] = LayerShape(
                 kind=kind,
@@ -102,9 +115,8 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
 
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, _COUNTED):
-            handles.append(module.register_forward_hook(hook_for(name)))
+    for key, module in counted_layers(model):
+        handles.append(module.register_forward_hook(hook_for(key)))
     modes = {m: m.training for m in model.modules()}
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
