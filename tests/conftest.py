@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,22 @@ class TinyNet(nn.Module):
         x = torch.relu(self.conv1(x))
         x = torch.relu(self.conv2(x))
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class Branchy(nn.Module):
+    """An MLP whose middle layer runs only at the calls `uses_middle(call)` (1, 2, ...) approves: by default the
+    odd ones (a branch some steps do not take)."""
+
+    def __init__(self, uses_middle: Callable[[int], bool] = lambda call: call % 2 == 1) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+        self.uses_middle = uses_middle
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h)) if self.uses_middle(self.calls) else h)
 
 
 def make_data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

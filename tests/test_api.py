@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import Branchy
 from torch import nn
 
 import bidst
@@ -134,20 +135,6 @@ def test_repr_says_what_the_sparsifier_is_doing():
     sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.9999999, total_steps=10)
     assert "sparsity=0.9999999," in repr(sp)  # ':g' printed 1
 
-
-
-class Branchy(nn.Module):
-    """An MLP whose middle layer only odd calls use (a branch some steps do not take)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        h = torch.relu(self.a(x))
-        return self.c(torch.relu(self.b(h)) if self.calls % 2 else h)
 
 
 def _branchy_steps(method: str, backend: str, steps: int, **options: object) -> tuple[bidst.Sparsifier, dict]:

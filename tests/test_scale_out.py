@@ -29,6 +29,7 @@ from _runs import (
     tiny_args,
     tiny_config,
 )
+from conftest import Branchy
 from torch import nn
 
 import bidst
@@ -128,25 +129,16 @@ def _own_loop(method: str, backend: str = "masked") -> list[str]:
     return digests + [_digest(net.state_dict())]
 
 
-class _Branchy(nn.Module):
-    """An MLP whose middle layer rank 1 skips at even calls (a branch not taken on every rank)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        h = torch.relu(self.a(x))
-        return self.c(torch.relu(self.b(h)) if dist.get_rank() == 0 or self.calls % 2 else h)
+def _rank0_or_odd(call: int) -> bool:
+    """Branchy's middle layer on rank 0 always, on the other ranks at odd calls only."""
+    return dist.get_rank() == 0 or call % 2 == 1
 
 
 def _uneven_loop(method: str, backend: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """A user's DDP loop over _Branchy (masked: DDP with find_unused_parameters): mask digests after every
-    change, and the final weights as dense tensors."""
+    """A user's DDP loop over Branchy whose middle layer rank 1 skips at even calls (masked: DDP with
+    find_unused_parameters): mask digests after every change, and the final weights as dense tensors."""
     torch.manual_seed(0)
-    net = _Branchy()
+    net = Branchy(uses_middle=_rank0_or_odd)
     model = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if backend == "masked" else net
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     options = {"mask_interval": 3, "learn_every": 1} if method == "bidst" else {"interval": 3}

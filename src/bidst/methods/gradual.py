@@ -9,7 +9,13 @@ import torch
 
 from ..schedules import cosine_decay, is_update_step
 from .base import METHODS, Stateless, require_range
-from .common import gradient_grow, magnitude_drop, prune_and_grow, scheduled_budgets, silent
+from .common import (
+    gradient_grow,
+    magnitude_drop,
+    prune_and_grow,
+    scheduled_budgets,
+    silent,
+)
 
 if TYPE_CHECKING:
     from ..engine import Sparsifier
