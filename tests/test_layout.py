@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bidst.sparse import SparseStructure, sparse_conv2d
+from bidst.sparse import SparseStructure, sparse_conv2d, to_sparse_modules
 from bidst.sparse.layout import TWINS, is_batch_innermost, use_batch_innermost
 
 
@@ -97,3 +97,22 @@ def test_use_batch_innermost_changes_classes_only():
     assert [type(model[i]) for i in (1, 3, 4, 5)] == [TWINS[nn.BatchNorm2d], TWINS[nn.ReLU], TWINS[nn.Flatten], TWINS[nn.Linear]]
     with pytest.raises(ValueError, match="expected 4D input"):  # as nn.BatchNorm2d
         model[1](torch.randn(2, 4, 5))
+
+
+def test_to_sparse_modules_gives_the_dense_layers_their_twins():
+    """Called directly (a trained model made sparse for inference), to_sparse_modules left batch norm, ReLU and
+    pooling on PyTorch's slow paths for the kernels' layout (a ResNet-20 forward at 95%: 45 ms, with the twins 30)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    mask = torch.rand(8, 8, 3, 3) < 0.5
+    with torch.no_grad():
+        model[1].weight.mul_(mask)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    to_sparse_modules(model, {"1.weight": mask})
+    dense = (nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear)
+    assert [type(model[i]) for i in range(2, 7)] == [TWINS[kind] for kind in dense]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)

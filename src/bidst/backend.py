@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from .errors import BidstError
 from .sparse import SparseModule, SparseStructure, to_sparse_modules
-from .sparse.layout import use_batch_innermost
 from .sparse.modules import zero_padding
 
 BACKENDS = ("masked", "sparse")
@@ -135,7 +134,6 @@ def swap_in(model: nn.Module, optimizer: torch.optim.Optimizer, masks: dict[str,
         _replace_param(optimizer, old[name].weight, layer.values, layer.structure, f"{path}.values")
         if layer.bias is not None:
             _replace_param(optimizer, old[name].bias, layer.bias, None, f"{path}.bias")
-    use_batch_innermost(model)  # the dense layers keep the sparse kernels' batch-innermost layout
     return layers
 
 

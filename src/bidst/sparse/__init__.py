@@ -22,7 +22,8 @@ masked dense PyTorch ops. The kernels use `numba.get_num_threads()` threads.
 Layers: `SparseLinear.from_dense(nn.Linear, mask)`, `SparseConv2d.from_dense(nn.Conv2d, mask)`;
 `to_sparse_modules(model, masks)` swaps them in, in place, for the weights named in a dict of bool
 masks keyed "<module>.weight" (the trainable weight becomes "<module>.values": build the optimizer
-after the swap); `to_dense_modules(model)` swaps back.
+after the swap), and gives the model's dense layers their batch-innermost twins; `to_dense_modules(model)`
+swaps the sparse layers back.
 
 Topology changes: `structure.updated(dropped, grown) -> (new_structure, TopologyDelta)` merges flat
 positions in O(nnz) without touching a dense tensor; `delta.remap(tensor, grown=0.0)` carries

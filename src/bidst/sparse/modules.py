@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ._common import pair
 from .conv import sparse_conv2d
+from .layout import use_batch_innermost
 from .linear import sparse_linear
 from .structure import SparseStructure, TopologyDelta
 
@@ -261,7 +262,9 @@ def to_sparse_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str
     """Swaps, in place, each nn.Linear / nn.Conv2d whose "<module>.weight" is a key of `masks` for its sparse twin.
 
     Returns the new modules keyed by the same weight names; their trainable weight is now
-    "<module>.values", so an optimizer must be built (or rebuilt) after the swap.
+    "<module>.values", so an optimizer must be built (or rebuilt) after the swap. The model's dense
+    layers get their batch-innermost twins (`layout.use_batch_innermost`: the class changes, nothing
+    else), which keep the layout the kernels emit; PyTorch's own take slow paths for it.
     """
     swapped: dict[str, SparseModule] = {}
     for weight_name, mask in masks.items():
@@ -277,6 +280,7 @@ def to_sparse_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str
             raise ValueError(f"{mod_name!r} is a {type(dense).__name__}; only nn.Linear and nn.Conv2d can be made sparse")
         _replace_module(model, dense, sparse)
         swapped[weight_name] = sparse
+    use_batch_innermost(model)
     return swapped
 
 
