@@ -320,8 +320,13 @@ class BiDST:
         @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
-                theta = self.weights_at(sp, name, self._layers[name]["pos"])
-                self._forward[name] = (output_rows(module, output), inputs[0].shape[0], theta)
+                rows, batch = output_rows(module, output), inputs[0].shape[0]
+                seen = self._forward.get(name)
+                if seen is None:
+                    theta = self.weights_at(sp, name, self._layers[name]["pos"])
+                else:  # another forward before the step (gradient accumulation): its rows and samples count too
+                    rows, batch, theta = rows + seen[0], batch + seen[1], seen[2]
+                self._forward[name] = (rows, batch, theta)
 
         return hook
 
@@ -470,7 +475,8 @@ class BiDST:
             module = sp.modules[name]
             if name in entries:  # masked: sampled products from the captured inputs and output gradients
                 caught = entries[name]
-                rows, batches[name] = sum(self.sub_rows(output_rows(module, g)) for _, _, g in caught), caught[0][0].shape[0]
+                rows = sum(self.sub_rows(output_rows(module, g)) for _, _, g in caught)
+                batches[name] = sum(x.shape[0] for x, _, _ in caught)
                 if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:  # the output-gradient row norms
                     rows_all = sum(output_rows(module, gout) for _, _, gout in caught)
                     sp.add_cost("mask_learning", 2.0 * rows_all * int(module.weight.shape[0]))
