@@ -884,3 +884,49 @@ def test_gradient_accumulation_counts_every_micro_batch(backend):
     assert cost_two == cost_one
     for a, b in zip(psi_one, psi_two):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_step_the_grad_scaler_skips_teaches_nothing(backend):
+    """fp16 training starts with loss scales that overflow: the GradScaler skips those optimizer steps, but BiDST
+    learned from their inf gradients, and its scores and shadow weights stayed NaN for the rest of training."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = bidst.sparsify(net, opt, "bidst", 0.8, total_steps=40, backend=backend, mask_interval=3, learn_every=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**110)
+    x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+    costs = []
+    for step in range(6):
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(net(x), y) * (1e8 if step < 2 else 1.0)).backward()
+        sp.step(scaler)
+        costs.append(sp.costs.get("mask_learning", 0.0))
+    assert scaler.get_scale() < 2.0**110  # the first steps overflowed and were skipped
+    assert sp.method._learn_steps == 4 and sp.topology_changes == 2  # the four finite steps learned; 3 and 6 committed
+    per_step = [b - a for a, b in zip([0.0, *costs], costs)]
+    assert per_step[:2] == [0.0, 0.0] and len(set(per_step[2:])) == 1  # the skipped steps' forwards not counted later
+    for state in sp.method._layers.values():
+        assert bool(torch.isfinite(state["psi"]).all()) and bool(torch.isfinite(state["shadow"]).all())
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_dense_layer_keeps_exploring_after_its_first_commit(backend):
+    """At density 1/(1+ρ) or more every inactive weight is a candidate; the first commit grew them all, the refill
+    excluded the just-dropped ones, and the layer was left with no candidate and a frozen topology for good (ERK
+    gives such densities to small layers: the MLP's fc3 at 95%, the CNN's conv1 at 98%)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = bidst.sparsify(net, opt, "bidst", 0.8, total_steps=40, backend=backend, mask_interval=3, learn_every=1)
+    assert 0.5 < sp.target_densities["2.weight"] < 1
+    x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+    candidates, masks = [], [sp.masks["2.weight"].clone()]
+    for step in range(1, 13):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        if sp.step():
+            masks.append(sp.masks["2.weight"].clone())
+        candidates.append(sp.method.explore_count(sp, "2.weight"))
+    assert len(masks) == 5 and all(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))  # every commit swaps
+    assert set(candidates) == {sp.method.explore_size(sp, "2.weight")}  # E stays full: all 65 inactive weights

@@ -512,8 +512,11 @@ class Sparsifier:
         self.prepare_gradients(scaler)
         (dense_grads, finite), self._prepared = self._prepared, (None, True)
         if scaler is not None:
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             scaler.step(self.optimizer)
             scaler.update()
+            # the scaler skipped the optimizer step (inf/NaN gradients) exactly when it backed its scale off
+            finite = finite and not (scaler.is_enabled() and scaler.get_scale() < scale)
         else:
             self.optimizer.step()
         self.apply_masks()
@@ -521,7 +524,7 @@ class Sparsifier:
         self.last_swaps = {}
         self.captured_dense_grad = dense_grads is not None
         changed = False
-        if finite:
+        if finite and all(all_finite(g) for g in self.sampled_grads.values()):  # else the method learns nothing from it
             changed = bool(self.method.update(self, step, dense_grads))
         if changed:
             self.topology_changes += 1

@@ -127,6 +127,7 @@ class BiDST:
     _extra_pass: bool = field(default=False, init=False, repr=False)
     _forward: dict[str, tuple[int, int, torch.Tensor]] = field(  # per layer on learning steps: (rows, batch, θ over C)
         default_factory=dict, init=False, repr=False)
+    _records_step: int = field(default=0, init=False, repr=False)  # the step whose forwards _captures/_forward hold
 
     def validate(self) -> None:
         """Check every option's range and choices."""
@@ -320,6 +321,7 @@ class BiDST:
         @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
+                self._records_for(sp.step_count + 1)
                 rows, batch = output_rows(module, output), inputs[0].shape[0]
                 seen = self._forward.get(name)
                 if seen is None:
@@ -347,6 +349,14 @@ class BiDST:
         return torch.where(flat[slot] == positions, source.detach()[slot].float(), 0.0)
 
     # -- capture -----------------------------------------------------------------------
+    def _records_for(self, step: int) -> None:
+        """Forget what the forwards of an earlier step recorded: a step the optimizer skipped (a GradScaler that
+        found inf) never reaches `update`, which clears them, and its records must not join this step's."""
+        if self._records_step != step and not self._extra_pass:
+            self._captures.clear()
+            self._forward.clear()
+            self._records_step = step
+
     def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
         """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient."""
 
@@ -355,6 +365,7 @@ class BiDST:
             wanted = self._extra_pass or self.learns(sp.step_count + 1, sp)
             if not (wanted and torch.is_grad_enabled() and output.requires_grad):
                 return
+            self._records_for(sp.step_count + 1)
             entry: list[Any] = [inputs[0].detach(), sp.params[name].detach().view(-1)[self._layers[name]["pos"]], None]
             self._captures.setdefault(name, []).append(entry)
 
@@ -775,24 +786,30 @@ class BiDST:
         self, sp: Sparsifier, name: str, excluded: torch.Tensor, dense_grads: dict[str, torch.Tensor] | None
     ) -> None:
         """Fill E up to ⌈ρ·k⌉ with inactive positions outside C and `excluded`, by |dense gradient| or at random
-        (also where that gradient is zero everywhere: a branch this step did not use).
+        (also where that gradient is zero everywhere: a branch this step did not use). Where too few such
+        positions are left (a layer at density 1/(1+ρ) or more, whose other inactive weights are all in C),
+        the `excluded` ones (just dropped) fill the rest, so E never runs dry and the layer keeps exploring.
 
         New candidates start with a zero shadow weight and a neutral score: 0, or just below the
         active threshold under `rank: psi`.
         """
         state = self._layers[name]
         mask = sp.masks[name].view(-1)
-        eligible = ~mask.clone()
-        eligible[state["pos"]] = False
+        free = ~mask.clone()  # inactive positions outside C
+        free[state["pos"]] = False
+        eligible = free.clone()
         eligible[excluded] = False
-        missing = min(self.explore_size(sp, name) - int((~mask[state["pos"]]).sum()), int(eligible.sum()))
+        others = int(eligible.sum())
+        missing = min(self.explore_size(sp, name) - int((~mask[state["pos"]]).sum()), int(free.sum()))
         if missing <= 0:
             return
         if self.explore == "gradient" and dense_grads is not None and bool(dense_grads[name].any()):
             scores = dense_grads[name].view(-1).abs()
         else:
             scores = random_scores(mask.shape, sp.rng, mask.device)
-        new = grow_highest(scores, eligible, missing)
+        new = grow_highest(scores, eligible, min(missing, others))
+        if missing > others:
+            new = torch.cat([new, grow_highest(scores, free & ~eligible, missing - others)])
         neutral = 0.0
         if self.rank == "psi":
             threshold = state["psi"][mask[state["pos"]]].min()
