@@ -11,23 +11,24 @@ conventions of the RigL paper: Conv/Linear weights only, 2 FLOPs per multiply-ad
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .flops import counted_layers
+from .flops import COUNTED, counted_layers
 from .methods import create_method
 from .sampled import rows_counted
-from .sparse import SparseConv2d, SparseLinear
 
 if TYPE_CHECKING:
     from .engine import Sparsifier
     from .methods.base import Method
 
 
-def layer_rows(model: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor) -> dict[str, int]:
-    """Output positions times batch of each layer in `layers` on `example_input` (one no-grad eval forward)."""
+def layer_rows(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], example_input: torch.Tensor) -> dict[str, int]:
+    """Output positions times batch of the (name, layer) pairs on `example_input` (one no-grad eval forward), summed
+    per name."""
     was_training = model.training
     try:
         model.eval()
@@ -41,19 +42,13 @@ def layer_rows(model: nn.Module, layers: dict[str, nn.Module], example_input: to
 def model_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every Conv/Linear layer of `model`, sparse-backend twins included, keyed by its weight's name as
     `named_parameters` gives it (a twin's trainable tensor is `values`, but the sparsifier keeps the weight's name)."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
-    return {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, kinds)}
+    return {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, COUNTED)}
 
 
 def model_rows(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     """Output positions times batch of every Conv/Linear weight of `model` on `example_input`: the `rows` of a plan
     (a weight tied between layers sums them all under its first layer's name)."""
-    layers = counted_layers(model)
-    rows = layer_rows(model, {str(i): module for i, (_, module) in enumerate(layers)}, example_input)
-    merged: dict[str, int] = {}
-    for i, (key, _) in enumerate(layers):
-        merged[key] = merged.get(key, 0) + rows[str(i)]
-    return merged
+    return layer_rows(model, counted_layers(model), example_input)
 
 
 def planned_flops(

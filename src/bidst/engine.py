@@ -486,6 +486,7 @@ class Sparsifier:
                     dense_grads[name] = grad.detach().clone()
                 finite = finite and all_finite(dense_grads[name])
         self._take_sampled_grads(dense_grads, scale)
+        finite = finite and all(all_finite(g) for g in self.sampled_grads.values())  # else the method learns nothing
         with torch.no_grad():
             for name, param in self.params.items():
                 if param.grad is not None and name not in self.sparse_layers:
@@ -524,7 +525,7 @@ class Sparsifier:
         self.last_swaps = {}
         self.captured_dense_grad = dense_grads is not None
         changed = False
-        if finite and all(all_finite(g) for g in self.sampled_grads.values()):  # else the method learns nothing from it
+        if finite:
             changed = bool(self.method.update(self, step, dense_grads))
         if changed:
             self.topology_changes += 1

@@ -38,7 +38,7 @@ from .sparse import SparseConv2d, SparseLinear
 
 Masks = Mapping[str, torch.Tensor]
 
-_COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
+COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     owners: dict[int, str] = {}
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, _COUNTED):
+        if isinstance(module, COUNTED):
             key = f"{name}.weight" if name else "weight"
             weight = getattr(module, "weight", None)
             layers.append((owners.setdefault(id(weight), key) if isinstance(weight, nn.Parameter) else key, module))

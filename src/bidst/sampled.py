@@ -8,7 +8,7 @@ same call with a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -175,9 +175,11 @@ def output_rows(module: nn.Module, grad_output: torch.Tensor) -> int:
 
 
 @contextmanager
-def rows_counted(layers: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
-    """Within the block, the output rows (`output_rows`) of every forward call of `layers`, summed per name."""
-    rows = dict.fromkeys(layers, 0)
+def rows_counted(layers: Iterable[tuple[str, nn.Module]]) -> Iterator[dict[str, int]]:
+    """Within the block, the output rows (`output_rows`) of every forward call of the (name, layer) pairs,
+    summed per name (layers sharing a name, as a tied weight's, sum into one entry)."""
+    layers = list(layers)
+    rows = dict.fromkeys((name for name, _ in layers), 0)
 
     def counter(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
@@ -185,7 +187,7 @@ def rows_counted(layers: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
 
         return hook
 
-    handles = [module.register_forward_hook(counter(name)) for name, module in layers.items()]
+    handles = [module.register_forward_hook(counter(name)) for name, module in layers]
     try:
         yield rows
     finally:

@@ -445,6 +445,8 @@ class BiDST:
         """Under DDP, raise SharedError on every rank if some layer's forward ran a different number of times on
         different ranks this learning step: each rank's share of the score gradient comes from its own forwards,
         so a branch taken on some ranks only would leave the ranks' scores, and then their masks, apart."""
+        if distributed.world_size() == 1:
+            return
         calls = {n: torch.tensor(len(self._captures.get(n, [])) + (n in self._forward)) for n in self._layers}
         uneven = distributed.differing(calls)
         if uneven:
@@ -651,7 +653,7 @@ class BiDST:
         others = other_layers(sp, names)
         self._extra_pass = True
         try:
-            with torch.enable_grad(), rows_counted(others) as other_rows:
+            with torch.enable_grad(), rows_counted(others.items()) as other_rows:
                 x = inputs.detach().requires_grad_(True)
                 torch.autograd.grad(sp.loss_fn(model(x), targets), x)
         finally:
