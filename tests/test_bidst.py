@@ -249,10 +249,12 @@ def test_unrolled_matches_finite_difference_of_unrolled_loss():
     assert all(torch.count_nonzero(sp.params[n].detach()[~sp.masks[n]]) == 0 for n in names)
 
 
-def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, scale: float = 0.0, **options):
-    """BiDST on TinyNet; `scale` > 0 runs the backward through a GradScaler with that (fixed) loss scale."""
+def _train(steps: int = 40, sparsity: float = 0.8, seed: int = 0, record=None, scale: float = 0.0, wrap=None,
+           **options):
+    """BiDST on TinyNet; `scale` > 0 runs the backward through a GradScaler with that (fixed) loss scale; `wrap`
+    (nn.DataParallel, say) wraps the model before sparsify, and the wrapper is what trains and is returned."""
     torch.manual_seed(seed)
-    model = TinyNet()
+    model = TinyNet() if wrap is None else wrap(TinyNet())
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sp = bidst.sparsify(model, opt, "bidst", sparsity, total_steps=steps, seed=seed, **options)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6) if scale else None
@@ -416,6 +418,20 @@ def test_plans_and_matched_steps_are_the_same_under_the_sparse_backend():
     assert plan == pytest.approx(planned_flops(masked, masked.method, rows["masked"], 30))
     assert sparse.costs["mask_learning"] == pytest.approx(plan["mask_learning"])
     assert matched_steps(sparse, "rigl", rows["sparse"]) == matched_steps(masked, "rigl", rows["masked"]) < 30
+
+
+def test_plans_and_extra_pass_costs_see_through_a_model_wrapper():
+    """Under torchrun the recipe plans on the DDP-wrapped model, whose layer names start with `module.`: the plan's
+    rows and the extra passes' other layers must still carry the Sparsifier's names (match_flops failed with a
+    KeyError, and the held-out passes counted every learning layer once more as a dense one)."""
+    x, _ = make_data(32)
+    options = dict(steps=30, mask_interval=5, learn_every=2, dense_last=True, **HOLDOUT)
+    bare, bare_model, _ = _train(**options)
+    wrapped, wrapped_model, _ = _train(wrap=nn.DataParallel, **options)
+    rows = model_rows(wrapped_model, x)
+    assert rows == model_rows(bare_model, x) and set(rows) == set(wrapped.params)
+    assert wrapped.costs["mask_learning"] == pytest.approx(bare.costs["mask_learning"])
+    assert matched_steps(wrapped, "rigl", rows) == matched_steps(bare, "rigl", rows) < 30
 
 
 @pytest.mark.parametrize("method,options", [("gmp", {}), ("granet", {}), ("mest", {"variant": "ems", "interval_unit": "steps"})])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .backend import unwrap
 from .flops import COUNTED, counted_layers
 from .methods import create_method
 from .sampled import rows_counted
@@ -40,15 +41,18 @@ def layer_rows(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], exampl
 
 
 def model_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv/Linear layer of `model`, sparse-backend twins included, keyed by its weight's name as
-    `named_parameters` gives it (a twin's trainable tensor is `values`, but the sparsifier keeps the weight's name)."""
-    return {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, COUNTED)}
+    """Every Conv/Linear layer of `model`, sparse-backend twins included, keyed by its weight's name as the
+    Sparsifier names it: under DDP/compile wrappers too (a twin's trainable tensor is `values`, but the sparsifier
+    keeps the weight's name)."""
+    return {f"{n}.weight" if n else "weight": m for n, m in unwrap(model).named_modules() if isinstance(m, COUNTED)}
 
 
 def model_rows(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     """Output positions times batch of every Conv/Linear weight of `model` on `example_input`: the `rows` of a plan
-    (a weight tied between layers sums them all under its first layer's name)."""
-    return layer_rows(model, counted_layers(model), example_input)
+    (a weight tied between layers sums them all under its first layer's name). A DDP/compile wrapper is looked
+    through, so the names are the Sparsifier's and the forward runs no collective."""
+    bare = unwrap(model)
+    return layer_rows(bare, counted_layers(bare), example_input)
 
 
 def planned_flops(
