@@ -107,6 +107,7 @@ class Sparsifier:
         self.topology_changes = 0
         self.last_swaps: dict[str, int] = {}  # positions grown per layer in the latest step
         self.captured_dense_grad = False  # whether the latest step captured dense gradients
+        self.loss_scale = 1.0  # the GradScaler's scale of the latest step's backward (1: none), for captured gradients
         self.rng = torch.Generator().manual_seed(seed)
         self.costs: dict[str, float] = {}  # FLOPs of the methods' own work, by phase (2 per multiply-add)
         self.backend = backend
@@ -473,7 +474,7 @@ class Sparsifier:
             scaler.unscale_(self.optimizer)
         dense_grads: dict[str, torch.Tensor] | None = None
         finite = True
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        scale = self.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         wants = self._dense_grad_requested if self.sparse_layers else self.method.wants_dense_grad(step, self)
         if wants:
             dense_grads = {}

@@ -232,11 +232,11 @@ class BiDST:
             self._hooks.append(module.register_forward_hook(hook))
 
     def check_loss_scaling(self) -> None:
-        """Refuse a scaled loss (fp16's GradScaler) where the captured output gradients would stay scaled while the
-        actives' weight gradients are unscaled: `unrolled` and `mask_rows` < 1 read the captures."""
-        if self.hypergradient == "unrolled" or self.mask_rows < 1.0:
-            raise BidstError("fp16 with a GradScaler is not supported with hypergradient 'unrolled' or mask_rows < 1 "
-                             "(their captured gradients stay scaled): use bf16 or fp32")
+        """Refuse a scaled loss (fp16's GradScaler) with `unrolled`, whose extra passes start from the captured,
+        scaled output gradients; the candidates' sampled products divide the step's scale out (`candidate_grads`)."""
+        if self.hypergradient == "unrolled":
+            raise BidstError("fp16 with a GradScaler is not supported with hypergradient 'unrolled' (its extra passes "
+                             "start from scaled gradients): use bf16 or fp32")
 
     def wants_dense_grad(self, step: int, sp: Sparsifier) -> bool:
         """The dense gradient is needed only to choose E by gradient: at step 1 and at flag checks."""
@@ -386,7 +386,10 @@ class BiDST:
     def candidate_grads(
         self, sp: Sparsifier, name: str, entries: list[list[Any]], actives_from_grad: bool
     ) -> torch.Tensor:
-        """g = dL/d(θ⊙m̂) over C: the actives' from param.grad (or sampled), E's sampled (SDDMM), DDP-averaged."""
+        """g = dL/d(θ⊙m̂) over C: the actives' from param.grad (or sampled), E's sampled (SDDMM), DDP-averaged.
+
+        `actives_from_grad`: the entries are the training step's captures, whose output gradients carry the loss scale
+        of a GradScaler (divided out here; param.grad is unscaled already); else an extra pass's, unscaled."""
         state = self._layers[name]
         module = sp.modules[name]
         active = sp.masks[name].view(-1)[state["pos"]]
@@ -396,6 +399,8 @@ class BiDST:
         for x, _, gout in entries:
             rows, weights = (self.row_subset(sp, module, gout) if actives_from_grad else (None, None))
             grads[where] += sampled_weight_grad(module, x, gout, state["pos"][where], rows, weights).to(grads)
+        if actives_from_grad and sp.loss_scale != 1.0:
+            grads.div_(sp.loss_scale)
         sp.all_reduce_mean(grads)
         if actives_from_grad:
             grad = sp.params[name].grad
