@@ -179,7 +179,9 @@ def test_report_lists_target_and_actual():
     ],
 )
 def test_all_finite_is_exact_where_the_sum_overflows(values, finite):
-    assert all_finite(torch.tensor(values)) is finite
+    assert all_finite([torch.tensor(values)]) is finite
+    assert all_finite([torch.ones(3), torch.tensor(values), torch.zeros(0)]) is finite  # one check over several
+    assert all_finite([])
 
 
 @pytest.mark.parametrize("backend", ["masked", "sparse"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,11 +52,16 @@ class LayerReport:
 _OWNERS: weakref.WeakValueDictionary[int, Sparsifier] = weakref.WeakValueDictionary()
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of `t` is finite. A finite sum proves it in one pass (an inf or NaN entry makes the
-    sum inf or NaN); only a non-finite sum, which finite entries can also give by overflowing, takes the
-    exact elementwise check (four passes)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host synchronisation for all of them (one per
+    tensor would stall a CUDA stream once per layer). Finite sums prove it in one pass (an inf or NaN entry makes
+    its sum inf or NaN); only a non-finite sum, which finite entries can also give by overflowing, takes the exact
+    elementwise check (four passes)."""
+    tensors = list(tensors)
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum().float().to(tensors[0].device) for t in tensors])
+    return bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class Sparsifier:
@@ -473,7 +478,6 @@ class Sparsifier:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         dense_grads: dict[str, torch.Tensor] | None = None
-        finite = True
         scale = self.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         wants = self._dense_grad_requested if self.sparse_layers else self.method.wants_dense_grad(step, self)
         if wants:
@@ -485,9 +489,9 @@ class Sparsifier:
                 else:
                     grad = param.grad if param.grad is not None else torch.zeros_like(param)
                     dense_grads[name] = grad.detach().clone()
-                finite = finite and all_finite(dense_grads[name])
         self._take_sampled_grads(dense_grads, scale)
-        finite = finite and all(all_finite(g) for g in self.sampled_grads.values())  # else the method learns nothing
+        # the method learns from this step only if they are all finite
+        finite = all_finite([*(dense_grads or {}).values(), *self.sampled_grads.values()])
         with torch.no_grad():
             for name, param in self.params.items():
                 if param.grad is not None and name not in self.sparse_layers:
