@@ -486,6 +486,26 @@ def test_loader_rank_sharding() -> None:
     assert_same(resumed, shards[2][2:])
 
 
+@pytest.mark.parametrize("items,world,batch", [(11, 2, 4), (101, 4, 8), (50, 3, 6), (48, 4, 8)])
+def test_ranks_with_drop_last_make_the_single_process_batches(items, world, batch) -> None:
+    """Training drops the last partial batch: then the ranks' batches b together are one process's batch b (the
+    same steps per epoch, each item at most once). Padding the order as for evaluation put repeated items into
+    a kept batch where the item count does not divide (11 items, 2 ranks, batches of 4: three steps, not two)."""
+    ds = indexed_dataset(items)
+    kw = dict(shuffle=True, seed=0, epoch=3, drop_last=True)
+    single = [y for _, y in batches(ds, batch_size=batch, **kw)]
+    shards = [[y for _, y in batches(ds, batch_size=batch // world, rank=r, world_size=world, **kw)] for r in range(world)]
+    assert all(len(shard) == len(single) == items // batch for shard in shards)
+    for b, together in enumerate(zip(*shards)):
+        assert torch.equal(torch.cat(together).sort().values, single[b].sort().values)
+    per_rank = batch // world
+    held = [indexed_batches(ds, batch_size=batch, seed=1, rank=r, world_size=world) for r in range(world)]
+    one = indexed_batches(ds, batch_size=batch, seed=1)
+    for j in range(2 * (items // batch)):  # two passes over the held-out stream
+        together = torch.cat([h(j)[1] for h in held])
+        assert len(together) == world * per_rank and torch.equal(together.sort().values, one(j)[1].sort().values)
+
+
 def test_loader_drop_last_and_bad_settings() -> None:
     ds = indexed_dataset(50)
     out = batches(ds, batch_size=16, shuffle=False, seed=0, epoch=0, drop_last=True)

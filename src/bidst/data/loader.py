@@ -22,24 +22,29 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
-def epoch_order(num_items: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
-    """This rank's item indices: every world_size-th of a (seed, epoch) permutation, padded like DistributedSampler
-    so that all ranks get the same number."""
+def epoch_order(
+    num_items: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
+) -> Tensor:
+    """This rank's item indices: every world_size-th of a (seed, epoch) permutation, so that all ranks get the same
+    number: cut to a multiple of world_size with `drop_last` (as DistributedSampler(drop_last=True): batch b of
+    every rank together is then items b·B..(b+1)·B-1 of the permutation, as in one process), else padded by
+    repeating its start (DistributedSampler's default; evaluation trims the repeats)."""
     if shuffle:
         generator = torch.Generator().manual_seed(derive_seed(PERMUTATION, seed, epoch))
         order = torch.randperm(num_items, generator=generator)
     else:
         order = torch.arange(num_items)
-    total = math.ceil(num_items / world_size) * world_size
+    total = num_items // world_size * world_size if drop_last else math.ceil(num_items / world_size) * world_size
     if total > num_items:  # repeat from the start, as DistributedSampler pads
         order = order.repeat(math.ceil(total / num_items))[:total]
     return order[rank:total:world_size]
 
 
 def num_batches(num_items: int, *, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-    """Batches per epoch on each rank."""
-    per_rank = math.ceil(num_items / world_size)
-    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    """Batches per epoch on each rank (with `drop_last`, of the order cut to a multiple of world_size)."""
+    if drop_last:
+        return num_items // world_size // batch_size
+    return math.ceil(math.ceil(num_items / world_size) / batch_size)
 
 
 class EpochLoader(Dataset[tuple[Tensor, Tensor]]):
@@ -95,7 +100,7 @@ def make_loader(
             f"start_batch={start_batch}, num_workers={num_workers}"
         )
     n = len(dataset)  # type: ignore[arg-type]
-    order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
     total = num_batches(n, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
     return EpochLoader(
         dataset, order, batch_size=batch_size, num_batches=total, start_batch=min(start_batch, total),
@@ -120,7 +125,7 @@ def indexed_batches(
 
     def batch(j: int) -> tuple[Tensor, Tensor]:
         order = epoch_order(len(dataset), shuffle=True, seed=derive_seed(HOLDOUT, seed), epoch=j // per,
-                            rank=rank, world_size=world_size)  # fmt: skip
+                            rank=rank, world_size=world_size, drop_last=True)  # fmt: skip
         b = j % per
         generator = torch.Generator().manual_seed(derive_seed(HOLDOUT, seed, j, rank))  # any augmentation, seeded
         return dataset.get_batch(order[b * local : (b + 1) * local], generator)
