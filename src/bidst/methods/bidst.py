@@ -46,6 +46,12 @@ def pass_flops(actives: int, candidates: int, rows: int) -> float:
     return (4.0 * actives + 2.0 * candidates) * rows
 
 
+def over_ranks(flops: float) -> float:
+    """FLOPs each rank spends on its own share of a batch, summed over the DDP ranks (equal shares): every rank
+    records the run's total, as the recipe counts the forward and backward of the global batch."""
+    return flops * distributed.world_size()
+
+
 def other_layers(sp: Sparsifier, names: list[str]) -> dict[str, nn.Module]:
     """The model's Conv/Linear layers outside `names` (the layers whose scores learn), by weight name: an extra
     pass runs through them too (layers kept dense, never sparsified, or without candidates)."""
@@ -497,7 +503,7 @@ class BiDST:
                 batches[name] = sum(x.shape[0] for x, _, _ in caught)
                 if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:  # the output-gradient row norms
                     rows_all = sum(output_rows(module, gout) for _, _, gout in caught)
-                    sp.add_cost("mask_learning", 2.0 * rows_all * int(module.weight.shape[0]))
+                    sp.add_cost("mask_learning", over_ranks(2.0 * rows_all * int(module.weight.shape[0])))
                 grads[name] = self.candidate_grads(sp, name, caught, actives_from_grad=True)
                 thetas[name] = torch.where(active, caught[0][1].float(), state["shadow"])
             else:  # the engine reported E's gradient; the actives' is the (masked) gradient of the weights
@@ -505,7 +511,7 @@ class BiDST:
                 grads[name] = self.weights_at(sp, name, state["pos"], grad=True)
                 grads[name].masked_scatter_(~active, sp.sampled_grads[name].to(grads[name]))
                 thetas[name] = torch.where(active, theta, state["shadow"])
-            sp.add_cost("mask_learning", 2.0 * explore_count * rows + SCORE_FLOPS * active.numel())
+            sp.add_cost("mask_learning", over_ranks(2.0 * explore_count * rows) + SCORE_FLOPS * active.numel())
             if self.consistency > 0:
                 sp.add_cost("mask_learning", CONSISTENCY_FLOPS * explore_count)
             noise = random_scores(state["psi"].shape, sp.rng, active.device).clamp_(1e-6, 1 - 1e-6)
@@ -528,9 +534,9 @@ class BiDST:
         with buffers_kept(sp.model):  # batch-norm statistics follow the training data only
             grads, rows, other = self.extra_pass(sp, batch, names)
         for n in names:
-            sp.add_cost("mask_learning", pass_flops(sp.budgets[n], self._layers[n]["pos"].numel(), rows[n]))
+            sp.add_cost("mask_learning", over_ranks(pass_flops(sp.budgets[n], self._layers[n]["pos"].numel(), rows[n])))
         if other:
-            sp.add_cost("mask_learning", other)
+            sp.add_cost("mask_learning", over_ranks(other))
         size = int(batch[0].shape[0])
         return grads, dict.fromkeys(names, size)
 
@@ -627,9 +633,9 @@ class BiDST:
                     sp.params[n].view(-1)[self._layers[n]["pos"]] = saved[n]
         for n in names:
             rows = sum(output_rows(sp.modules[n], gout) for _, _, gout in entries[n])
-            sp.add_cost("unrolled", UNROLLED_PASSES * pass_flops(sp.budgets[n], masks[n].numel(), rows))
+            sp.add_cost("unrolled", over_ranks(UNROLLED_PASSES * pass_flops(sp.budgets[n], masks[n].numel(), rows)))
         if other:  # the three passes run on the same batch
-            sp.add_cost("unrolled", UNROLLED_PASSES * other)
+            sp.add_cost("unrolled", over_ranks(UNROLLED_PASSES * other))
         return {
             n: virtual[n] * g_virtual[n] - lrs[n] * masks[n] * grads[n] * g_virtual[n]
             - lrs[n] * thetas[n] * (plus[n] - minus[n]) / (2 * eps)
