@@ -1,4 +1,4 @@
-"""Schedules and drop/grow selection: pure functions."""
+"""Schedules and drop/grow selection (pure functions), and the ranking of float64 scores (SynFlow on a deep network)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bidst
 from bidst.methods.common import allocate
 from bidst.schedules import cosine_decay, cubic_sparsity, is_update_step, linear_decay
 from bidst.scores import _top, _top_torch, drop_lowest, grow_highest, set_drop
@@ -76,6 +77,31 @@ def test_numba_selection_equals_the_torch_reference(values, data):
         worst = scores[chosen].min() if largest else scores[chosen].max()
         rest = scores[eligible & ~torch.isin(torch.arange(len(values)), chosen)]
         assert bool((rest <= worst).all() if largest else (rest >= worst).all())
+
+
+def test_float64_scores_are_ranked_in_their_own_range():
+    """SynFlow's scores on deep networks pass float32's range (1e70 on ResNet-50) or fall below it: ranked as
+    float32 they all became inf (or 0) and tied, so the lowest indices won."""
+    every = torch.ones(4, dtype=torch.bool)
+    huge = torch.tensor([1e300, 1e200, 1e250, 1e45], dtype=torch.float64)
+    assert grow_highest(huge, every, 2).tolist() == [0, 2]
+    assert drop_lowest(huge, every, 2).tolist() == [3, 1]
+    tiny = torch.tensor([1e-300, 3e-300, 2e-300, 1e-50], dtype=torch.float64)
+    assert grow_highest(tiny, every, 2).tolist() == [3, 1]
+
+
+def test_synflow_keeps_every_layer_of_a_deep_network():
+    """Twenty layers with large weights: the path products reach about 1e60, and every layer keeps weights (ranked
+    as float32, the first layers were kept whole and the later ones emptied)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(20)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.uniform_(50.0, 150.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "synflow", 0.9, total_steps=10, init_batch=(torch.randn(4, 16), torch.zeros(4)))
+    kept = [int(m.sum()) for m in sp.masks.values()]
+    assert sum(kept) == round(0.1 * 20 * 256) and min(kept) > 0 and max(kept) < 256, kept
 
 
 def test_too_many_positions_raises():

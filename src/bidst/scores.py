@@ -11,8 +11,10 @@ def _top(scores: torch.Tensor, eligible: torch.Tensor, k: int, largest: bool) ->
     """Flat indices of the k eligible entries with the largest (or smallest) score, best first; ties by index."""
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    flat, ok = scores.detach().flatten().float(), eligible.flatten()
-    if flat.device.type == "cpu" and flat.numel() <= 1 << 32:  # two linear passes in Numba (see bidst._select)
+    flat, ok = scores.detach().flatten(), eligible.flatten()
+    if flat.dtype != torch.float64:  # exact for half precisions; float64 keeps its range (SynFlow's scores pass 1e38)
+        flat = flat.float()
+    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.numel() <= 1 << 32:  # Numba (bidst._select)
         chosen = torch.from_numpy(top_k(flat.contiguous().numpy(), ok.contiguous().numpy(), k, largest))
         if chosen.numel() == k:
             return chosen
