@@ -197,3 +197,25 @@ def test_a_model_is_sparsified_once_at_a_time(backend):
     gc.collect()
     if backend == "masked":  # once the first is gone, its model may be sparsified anew
         assert bidst.sparsify(model, opt, "set", 0.5, total_steps=10).measured_sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("epochs", [6, 12, 13])
+def test_mest_ems_ends_at_the_target_sparsity(epochs):
+    """EM&S starts below the target sparsity and must reach it at ems_end_fraction of training. It pruned only at
+    mutations (every 5 epochs until 75% of training): with none between the end step and the stop, a run ended at
+    0.80 (6 epochs: no mutation at all) or 0.8995 (12 epochs) instead of 0.9."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    steps_per_epoch = 10
+    sp = bidst.sparsify(model, opt, "mest", 0.9, total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                        variant="ems")
+    assert sp.budgets != sp.target_budgets()  # it starts denser
+    x, y = make_data()
+    for step in range(epochs * steps_per_epoch):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+        sp.step()
+        if step + 1 >= sp.method.ems_end(sp):
+            assert sp.budgets == sp.target_budgets(), step + 1
+    assert all(int(m.sum()) == sp.budgets[n] for n, m in sp.masks.items())

@@ -23,7 +23,8 @@ class MEST(Stateless, UpdateSchedule):
 
     The drop score uses only the gradients of active weights (no dense gradient). Under `ems`
     the run starts `ems_gap` below the target sparsity and mutation grows fewer weights than
-    it drops until the target is reached at `ems_end_fraction` of training.
+    it drops until the target is reached at `ems_end_fraction` of training (a pruning step of its own there
+    unless a mutation falls on it, so the run always ends at the target).
     """
 
     name: ClassVar[str] = "mest"
@@ -43,6 +44,14 @@ class MEST(Stateless, UpdateSchedule):
         require_choice(self.name, "variant", self.variant, ("em", "ems"))
         require_range(self.name, "ems_gap", self.ems_gap, 0.0, 1.0)
         require_range(self.name, "ems_end_fraction", self.ems_end_fraction, 0.0, 1.0)
+
+    def ems_end(self, sp: Sparsifier) -> int:
+        """The step at which EM&S reaches the target sparsity."""
+        return max(1, int(self.ems_end_fraction * sp.total_steps))
+
+    def mutates(self, step: int, sp: Sparsifier) -> bool:
+        """Whether the topology changes after `step`: the mutation schedule, and EM&S's end step."""
+        return self.is_update(step, sp) or (self.variant == "ems" and step == self.ems_end(sp))
 
     def _start_density(self, sp: Sparsifier) -> float:
         return min(1.0, 1.0 - sp.sparsity + self.ems_gap) if self.variant == "ems" else 1.0 - sp.sparsity
@@ -71,20 +80,19 @@ class MEST(Stateless, UpdateSchedule):
         GMP.budget_changes); None under `em`, whose budgets do not change."""
         if self.variant != "ems":
             return None
-        end = int(self.ems_end_fraction * sp.total_steps)
+        end = self.ems_end(sp)
         start = self._start_density(sp)
-        mutations = [(s, scheduled_budgets(sp, start, s, 0, end)) for s in range(1, steps + 1) if self.is_update(s, sp)]
+        mutations = [(s, scheduled_budgets(sp, start, s, 0, end)) for s in range(1, steps + 1) if self.mutates(s, sp)]
         return [(0, scheduled_budgets(sp, start, 0, 0, 1)), *mutations]
 
     def update(self, sp: Sparsifier, step: int, dense_grads: dict[str, torch.Tensor] | None) -> bool:
-        if not self.is_update(step, sp):
+        if not self.mutates(step, sp):
             return False
         if self.variant == "ems":
-            end = int(self.ems_end_fraction * sp.total_steps)
-            budgets = scheduled_budgets(sp, self._start_density(sp), step, 0, end)
+            budgets = scheduled_budgets(sp, self._start_density(sp), step, 0, self.ems_end(sp))
         else:
             budgets = dict(sp.budgets)
-        fraction = self.fraction(step, sp)
+        fraction = self.fraction(step, sp) if self.is_update(step, sp) else 0.0  # EM&S's end step only prunes
         # the score |w| + lambda |g| over the active weights: 3 FLOPs per active weight
         sp.add_cost("scoring", 3.0 * sum(sp.budgets[n] for n in sp.sparse_names()))
         changed = False
