@@ -448,6 +448,16 @@ def test_dense_to_sparse_plans_follow_the_pruning_schedule(method, options):
     sp = bidst.sparsify(model, opt, method, 0.8, total_steps=40, interval=5, **options)
     x, y = make_data()
     rows = model_rows(model, x[:32])
+    # before the first step: a baseline with work of its own is planned at the run's target budgets too, not at
+    # the (denser) ones it starts from
+    torch.manual_seed(0)
+    other = TinyNet()
+    at_target = bidst.sparsify(other, torch.optim.SGD(other.parameters(), lr=0.05), "static", 0.8, total_steps=40,
+                               distribution=sp.distribution)
+    assert at_target.budgets == sp.target_budgets() != sp.budgets
+    plan = planned_flops(sp, bidst.create_method("bidst"), rows, 40, sp.target_budgets())
+    assert plan["mask_learning"] > 0 and plan == pytest.approx(planned_flops(at_target, bidst.create_method("bidst"),
+                                                                            rows, 40))
     recorded = 0.0
     for step in range(40):
         recorded += sum(6.0 * int(sp.masks[n].sum()) * rows[n] for n in sp.params)  # forward + backward, active

@@ -75,8 +75,12 @@ def planned_flops(
         if dense_steps:
             plan["dense_grad"] = dense_steps * sum(2.0 * sp.numel[n] * rows[n] for n in sp.sparse_names())
         own = getattr(method, "planned_costs", None)
-        if own is not None:
-            plan.update(own(sp, rows))
+        if own is not None:  # the method's own work at the same budgets (a baseline's: the run's target ones)
+            held, sp.budgets = sp.budgets, dict(budgets or sp.budgets)
+            try:
+                plan.update(own(sp, rows))
+            finally:
+                sp.budgets = held
     finally:
         sp.total_steps = saved
     return plan
