@@ -103,6 +103,30 @@ def test_without_a_dense_run_flops_are_as_recorded(runs_dir):
     assert "| rigl | 0.9 | 3 | 0.92 ± 0.026 | 0.93 ± 0.026 | 0.2 | – | 3 | 3 |" in report.markdown([], [row])
 
 
+def test_dense_reference_shares_the_schedule(tmp_path):
+    """A dense run of another length is no reference: each run is set against the dense run of its own epochs,
+    or, with none, keeps its recorded ratio (dense runs of 1 and 2 epochs were averaged for both)."""
+    runs = []
+    for epochs in (1, 2, 3):
+        for method in ("dense", "rigl") if epochs < 3 else ("rigl",):
+            folder = tmp_path / f"{method}-{epochs}"
+            write_run(folder, method, 0.0 if method == "dense" else 0.9, 0, 0.9)
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            (folder / "config.yaml").write_text(yaml.safe_dump({**config, "epochs": epochs}))
+            summary = json.loads((folder / "summary.json").read_text())
+            summary["flops"]["total"] *= epochs
+            summary["time"]["total"] *= epochs
+            summary["epochs"] = epochs
+            (folder / "summary.json").write_text(json.dumps(summary))
+            runs += report.find_runs([folder])
+    extra, rows = report.summarize(runs)
+    assert extra == ["epochs"]
+    rigl = {int(row["epochs"]): row for row in rows if row["method"] == "rigl"}
+    assert [rigl[e]["flops_rel_mean"] for e in (1, 2)] == pytest.approx([0.4, 0.4])
+    assert [rigl[e]["time_rel_mean"] for e in (1, 2)] == pytest.approx([1.2, 1.2])
+    assert rigl[3]["flops_rel_mean"] == pytest.approx(0.2) and rigl[3]["time_rel_mean"] is None  # as recorded
+
+
 def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread

@@ -155,8 +155,12 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
 
 
+REFERENCE_KEYS = ("model", "dataset", "epochs", "batch_size", "train_subset", "val_size", "holdout_size")
+
+
 def _reference_key(run: Run) -> str:
-    return _canon([run.config.get("model"), run.config.get("dataset")])
+    """What a dense reference run must share with a run: the model, the data and the schedule (the steps taken)."""
+    return _canon([run.config.get(k) for k in REFERENCE_KEYS])
 
 
 def _total(run: Run, kind: str) -> float | None:
@@ -168,7 +172,7 @@ def _total(run: Run, kind: str) -> float | None:
 
 
 def _dense_totals(runs: Sequence[Run], kind: str) -> dict[str, float]:
-    """Mean `kind` total of the dense runs, per model and dataset."""
+    """Mean `kind` total of the dense runs, per model, data and schedule (`REFERENCE_KEYS`)."""
     totals: dict[str, list[float]] = {}
     for run in runs:
         total = _total(run, kind)
