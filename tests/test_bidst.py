@@ -423,6 +423,52 @@ def test_plans_and_matched_steps_are_the_same_under_the_sparse_backend():
     assert matched_steps(sparse, "rigl", rows["sparse"]) == matched_steps(masked, "rigl", rows["masked"]) < 30
 
 
+class TiedNet(nn.Module):
+    """A hidden layer applied twice with one weight (`b` holds `a`'s weight), between two untied layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b, self.out = nn.Linear(20, 12), nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("options", [{}, {"hypergradient": "unrolled"}, {"mask_rows": 0.5}],
+                         ids=["default", "unrolled", "mask_rows"])  # fmt: skip
+def test_a_tied_weight_is_learned_and_costed_over_all_its_layers(options):
+    """A weight tied between layers has one mask and one candidate set: its scores learn from, and its costs count,
+    the forwards of every layer holding it (only its first layer's were seen, and the plan of the extra passes
+    refused the second layer as an unknown one)."""
+    torch.manual_seed(0)
+    model = TiedNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = bidst.sparsify(model, opt, "bidst", 0.7, total_steps=20, mask_interval=5, learn_every=2, **options)
+    assert "b.weight" not in sp.params
+    x, y = torch.randn(64, 20, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 4
+    for step in range(20):
+        batch = (x[step : step + 32], y[step : step + 32])
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        sp.step(batch=batch)
+    rows = model_rows(model, x[:32])
+    assert rows["a.weight"] == 2 * rows["inp.weight"]  # both uses
+    plan = planned_flops(sp, sp.method, rows, 20)
+    for phase in sp.costs:
+        assert sp.costs[phase] == pytest.approx(plan[phase]), phase
+
+
+def test_a_weight_tied_to_an_embedding_is_refused_where_gradients_come_from_captures():
+    decoder = nn.Linear(8, 30)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Flatten(), decoder)
+    model[0].weight = decoder.weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(bidst.BidstError, match="2.weight is also used by a Embedding"):
+        bidst.sparsify(model, opt, "bidst", 0.5, total_steps=10, mask_rows=0.5)
+    assert bidst.sparsify(model, opt, "bidst", 0.5, total_steps=10).measured_sparsity() == pytest.approx(0.5)
+
+
 def test_plans_and_extra_pass_costs_see_through_a_model_wrapper():
     """Under torchrun the recipe plans on the DDP-wrapped model, whose layer names start with `module.`: the plan's
     rows and the extra passes' other layers must still carry the Sparsifier's names (match_flops failed with a

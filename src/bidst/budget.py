@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backend import unwrap
-from .flops import COUNTED, counted_layers
+from .flops import counted_layers
 from .methods import create_method
 from .sampled import rows_counted
 
@@ -41,10 +41,10 @@ def layer_rows(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], exampl
 
 
 def model_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv/Linear layer of `model`, sparse-backend twins included, keyed by its weight's name as the
-    Sparsifier names it: under DDP/compile wrappers too (a twin's trainable tensor is `values`, but the sparsifier
-    keeps the weight's name)."""
-    return {f"{n}.weight" if n else "weight": m for n, m in unwrap(model).named_modules() if isinstance(m, COUNTED)}
+    """Every Conv/Linear weight of `model`, sparse-backend twins included, with a layer holding it, keyed by the
+    weight's name as the Sparsifier names it: under DDP/compile wrappers too, and a weight tied between layers once,
+    under its first layer's name (a twin's trainable tensor is `values`, but the sparsifier keeps the weight's name)."""
+    return dict(counted_layers(unwrap(model)))
 
 
 def model_rows(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

@@ -46,6 +46,9 @@ def pass_flops(actives: int, candidates: int, rows: int) -> float:
     return (4.0 * actives + 2.0 * candidates) * rows
 
 
+LAYER_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the layers whose scores bidst learns
+
+
 def over_ranks(flops: float) -> float:
     """FLOPs each rank spends on its own share of a batch, summed over the DDP ranks (equal shares): every rank
     records the run's total, as the recipe counts the forward and backward of the global batch."""
@@ -222,7 +225,7 @@ class BiDST:
         sp.random_masks()
         for name in sp.sparse_names():
             module = sp.modules[name]
-            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            if not isinstance(module, LAYER_KINDS):
                 kind = type(module).__name__
                 raise BidstError(f"bidst learns masks of Linear, Conv1d and Conv2d layers; {name} is a {kind}")
             mask = sp.masks[name].view(-1)
@@ -233,9 +236,22 @@ class BiDST:
             self._layers[name] = {"pos": pos, "psi": zeros.clone(), "shadow": zeros.clone(),
                                   "m1": zeros.clone(), "m2": zeros.clone(), "sq": zeros.clone()}
             # before any forward, so a torch.compile'd model traces them (it ignores hooks added later); the sparse
-            # backend's twins take them over
+            # backend's twins take them over. On every layer holding the weight: a tied weight's uses all count
             hook = self._capture_hook(sp, name) if self.captures() else self._forward_hook(sp, name)
-            self._hooks.append(module.register_forward_hook(hook))
+            for holder in self.holders(sp, name):
+                self._hooks.append(holder.register_forward_hook(hook))
+
+    def holders(self, sp: Sparsifier, name: str) -> list[nn.Module]:
+        """The Linear/Conv layers whose forward uses weight `name`: its own and any it is tied to. A weight also
+        held by another kind (an embedding tied to a classifier) is refused where the scores' gradient comes from
+        captures, which only these layers give."""
+        weight = sp.params[name]
+        holders = [m for m in unwrap(sp.model).modules() if getattr(m, "weight", None) is weight] or [sp.modules[name]]
+        other = [type(m).__name__ for m in holders if not isinstance(m, LAYER_KINDS)]
+        if other and self.captures():
+            raise BidstError(f"bidst's captured gradients (unrolled, mask_rows < 1, upper_data: holdout) come from "
+                             f"Linear and Conv layers, but {name} is also used by a {other[0]}: use the default options")
+        return [m for m in holders if isinstance(m, LAYER_KINDS)]
 
     def check_loss_scaling(self) -> None:
         """Refuse a scaled loss (fp16's GradScaler) with `unrolled`, whose extra passes start from the captured,
