@@ -327,6 +327,37 @@ def test_commit_only_when_flag_holds_and_active_count_fixed(swap, frac):
         assert max(step for step, *_ in record) < int(0.75 * 32)
 
 
+@pytest.mark.parametrize("learn_every", [10, 3])
+def test_check_grad_steps_the_shadows_once_per_check(learn_every):
+    """`check_grad` takes a shadow step with a check's dense gradient; at a check that is also a learning step the
+    learning step has taken it already with the same gradient (it was taken twice)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=40, mask_interval=20, learn_every=learn_every,
+                        shadow_decay=0.0, check_grad=True, min_swap_fraction=1.0)  # no commit at step 20
+    x, y = make_data()
+    for step in range(1, 21):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[step : step + 32]), y[step : step + 32]).backward()
+        if step == 20:
+            before = {n: (st["pos"].clone(), st["shadow"].clone()) for n, st in sp.method._layers.items()}
+            grads = {n: sp.params[n].grad.detach().clone().view(-1) for n in sp.params}
+        sp.step()
+    assert sp.topology_changes == 0
+    for name, (pos, shadow) in before.items():
+        explore = ~sp.masks[name].view(-1)[pos]
+        assert torch.equal(sp.method._layers[name]["pos"], pos)
+        delta = sp.method._layers[name]["shadow"][explore] - shadow[explore]
+        torch.testing.assert_close(delta, -0.05 * grads[name][pos[explore]], rtol=1e-5, atol=1e-9)
+
+
+def test_explore_size_is_the_exact_ceiling():
+    sp, _, _ = _train(steps=1, explore_ratio=0.55)
+    name = max(sp.method._layers, key=lambda n: sp.numel[n])
+    assert sp.numel[name] > 300 and sp.method.explore_size(sp, name, 100) == 55 and sp.method.explore_size(sp, name, 101) == 56
+
+
 def test_flag_never_up_means_no_commit():
     none: list = []
     _train(steps=20, record=none, mask_interval=5, min_swap_fraction=0.5, drop_fraction=0.3)  # α·k < half the actives

@@ -207,7 +207,7 @@ class BiDST:
     def explore_size(self, sp: Sparsifier, name: str, k: int | None = None) -> int:
         """|E| of a layer with k (default: its budget) active weights: ⌈ρ·k⌉, at most the inactive positions."""
         k = sp.budgets[name] if k is None else k
-        return min(math.ceil(self.explore_ratio * k), sp.numel[name] - k)
+        return min(math.ceil(round(self.explore_ratio * k, 9)), sp.numel[name] - k)  # 0.55·100 is 55.00000000000001
 
     # -- the Method protocol -----------------------------------------------------------
     def setup(self, sp: Sparsifier) -> None:
@@ -278,7 +278,7 @@ class BiDST:
                 self.add_candidates(sp, name, state["pos"][:0], dense_grads)
         changed = False
         if self.is_check(step, sp):
-            if self.uses_check_grad(dense_grads):
+            if self.uses_check_grad(dense_grads) and not self.learns(step, sp):  # else learn() took this step already
                 self.shadow_step_dense(sp, cast(dict, dense_grads))
             changed = self.commit(sp, step, dense_grads)
         if step >= self.stop_step(sp):
@@ -290,7 +290,8 @@ class BiDST:
         return self.check_grad and self.explore == "gradient" and dense_grads is not None
 
     def shadow_step_dense(self, sp: Sparsifier, dense_grads: dict[str, torch.Tensor]) -> None:
-        """θ_E ← θ_E − η·g_E with the exact (full-batch) gradient the engine computed at this check; costed."""
+        """θ_E ← θ_E − η·g_E with the dense gradient the engine computed at this check (this step's batch), at a
+        check that is not a learning step; costed."""
         for name, state in self._layers.items():
             explore = ~sp.masks[name].view(-1)[state["pos"]]
             lr = float(self.param_group(sp, name)["lr"])
@@ -888,8 +889,9 @@ class BiDST:
                 mask += pass_flops(k, k + e, held[name])
             unrolled += UNROLLED_PASSES * pass_flops(k, k + e, rows[name])
         costs = {"mask_learning": learn_steps * mask}
-        if self.check_grad and self.explore == "gradient":  # one exact shadow step per dense gradient
-            dense_steps = sum(1 for s in range(1, sp.total_steps + 1) if self.wants_dense_grad(s, sp))
+        if self.check_grad and self.explore == "gradient":  # step 1's initial shadows, a shadow step at other checks
+            dense_steps = sum(1 for s in range(1, sp.total_steps + 1)
+                              if self.wants_dense_grad(s, sp) and (s == 1 or not self.learns(s, sp)))
             costs["mask_learning"] += dense_steps * sum(2.0 * self.explore_size(sp, n) for n in sp.sparse_names())
         if self.hypergradient == "unrolled":
             costs["unrolled"] = learn_steps * unrolled
