@@ -150,6 +150,46 @@ def test_training_loop_wiring_with_the_engine():
     json.dumps(summary)
 
 
+def test_pooled_itop_and_iou_leave_out_layers_kept_dense():
+    """A layer kept dense is all explored and never changes: pooled in, it lifted the overall ITOP rate and IoU."""
+    sparse0 = torch.tensor([True, False, False, False])
+    sparse1 = torch.tensor([False, True, False, False])
+    dense = torch.ones(4, dtype=torch.bool)
+    evo = evolution.MaskEvolution(interval=1, pooled=["s"])
+    first = evo.update({"s": sparse0, "d": dense}, 0)
+    evo.commit({"s": 1}, {"s": sparse1, "d": dense})
+    second = evo.update({"s": sparse1, "d": dense}, 1)
+    assert first["itop"]["__all__"] == 0.25 and second["itop"]["__all__"] == 0.5 and second["itop"]["d"] == 1.0
+    assert second["iou"]["__all__"] == 0.0 and second["iou"]["d"] == 1.0
+    assert second["density"]["__all__"] == pytest.approx(5 / 8)  # density keeps every layer
+
+
+@pytest.mark.parametrize("initial_sparsity", [0.0, 0.5])
+def test_swaps_count_positions_newly_active_in_a_step(initial_sparsity):
+    """GraNet prunes to its schedule, then regrows among all inactive positions, the just-pruned included: a weight
+    pruned and regrown in one step is no swap (from a dense start every 'swap' of the first prune was one)."""
+    from torch import nn
+
+    import bidst
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, optimizer, "granet", 0.8, total_steps=40, interval=5, initial_sparsity=initial_sparsity)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    commits = 0
+    for _ in range(30):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        old = {n: m.clone() for n, m in sp.masks.items()}
+        if sp.step():
+            commits += 1
+            true = evolution.swaps(old, sp.masks)
+            assert sum(sp.last_swaps.values()) == true["__all__"]
+            assert all(sp.last_swaps.get(n, 0) == k for n, k in true.items() if n != "__all__")
+    assert commits >= 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_masks_and_meter():
     from bidst import flops

@@ -110,7 +110,7 @@ class Sparsifier:
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.step_count = 0
         self.topology_changes = 0
-        self.last_swaps: dict[str, int] = {}  # positions grown per layer in the latest step
+        self._masks_before: dict[str, torch.Tensor] = {}  # the latest step's changed layers' masks before it
         self.captured_dense_grad = False  # whether the latest step captured dense gradients
         self.loss_scale = 1.0  # the GradScaler's scale of the latest step's backward (1: none), for captured gradients
         self.rng = torch.Generator().manual_seed(seed)
@@ -340,6 +340,12 @@ class Sparsifier:
             return None
         return grad.detach() * self.masks[name] if layer is None else layer.structure.to_dense(grad.detach())
 
+    @property
+    def last_swaps(self) -> dict[str, int]:
+        """Positions that became active in the latest step, per changed layer: a weight dropped and grown again in
+        the same step (GraNet prunes, then regrows among all inactive positions) is no swap."""
+        return {n: int((self.masks[n].view(-1) & ~before).count_nonzero()) for n, before in self._masks_before.items()}
+
     def add_cost(self, phase: str, flops: float) -> None:
         """Record `flops` of a method's own work (e.g. 'mask_learning', 'dense_grad') under `phase`."""
         self.costs[phase] = self.costs.get(phase, 0.0) + float(flops)
@@ -376,10 +382,10 @@ class Sparsifier:
             raise RuntimeError(f"{name}: growth picked an active position")
         if torch.unique(torch.cat([drop, grow])).numel() != drop.numel() + grow.numel():
             raise RuntimeError(f"{name}: repeated positions in a topology change")
+        self._masks_before.setdefault(name, mask.clone())
         mask[drop] = False
         mask[grow] = True
         self.budgets[name] += grow.numel() - drop.numel()
-        self.last_swaps[name] = self.last_swaps.get(name, 0) + grow.numel()
         layer = self.sparse_layers.get(name)
         if layer is not None:
             started = self.clock()
@@ -527,7 +533,7 @@ class Sparsifier:
             self.optimizer.step()
         self.apply_masks()
         self.step_count = step
-        self.last_swaps = {}
+        self._masks_before = {}
         self.captured_dense_grad = dense_grads is not None
         changed = False
         if finite:

@@ -3,12 +3,12 @@
 These are the quantities the BiDST paper (Figure 4: IoU of the masks at the start and end of
 each 5-epoch interval) and its reviewers (ITOP rate: share of all weights ever active) use to
 show how a method explores. Every result is a JSON-able dict keyed by layer name, plus
-``"__all__"`` computed over all layers together (not a mean of layers).
+``"__all__"`` computed over the layers together (all, or those named `pooled`; not a mean of layers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -39,23 +39,27 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return inter / union if union else 1.0
 
 
-def model_iou(masks_a: Masks, masks_b: Masks) -> dict[str, float]:
-    """IoU per layer and over the concatenation of all layers (key ``"__all__"``)."""
+def model_iou(masks_a: Masks, masks_b: Masks, pooled: Collection[str] | None = None) -> dict[str, float]:
+    """IoU per layer and over the concatenation of the `pooled` layers (default: all; key ``"__all__"``)."""
     _check_same(masks_a, masks_b)
     out: dict[str, float] = {}
     inter_all = union_all = 0
     for name in masks_a:
         inter, union = _counts(masks_a[name], masks_b[name])
         out[name] = inter / union if union else 1.0
-        inter_all, union_all = inter_all + inter, union_all + union
+        if pooled is None or name in pooled:
+            inter_all, union_all = inter_all + inter, union_all + union
     out[ALL] = inter_all / union_all if union_all else 1.0
     return out
 
 
-def _ratio_per_layer(active: Mapping[str, int], total: Mapping[str, int]) -> dict[str, float]:
+def _ratio_per_layer(
+    active: Mapping[str, int], total: Mapping[str, int], pooled: Collection[str] | None = None
+) -> dict[str, float]:
     out = {n: active[n] / total[n] if total[n] else 0.0 for n in total}
-    everything = sum(total.values())
-    out[ALL] = sum(active.values()) / everything if everything else 0.0
+    names = [n for n in total if pooled is None or n in pooled]
+    everything = sum(total[n] for n in names)
+    out[ALL] = sum(active[n] for n in names) / everything if everything else 0.0
     return out
 
 
@@ -91,11 +95,12 @@ class ItopTracker:
             mask = mask.detach().bool()
             self.ever[name] = mask.clone() if seen is None else seen.to(mask.device) | mask
 
-    def rate(self) -> dict[str, float]:
-        """Share of weights ever active, per layer and overall."""
+    def rate(self, pooled: Collection[str] | None = None) -> dict[str, float]:
+        """Share of weights ever active, per layer and over the `pooled` layers (default: all)."""
         return _ratio_per_layer(
             {n: int(e.count_nonzero()) for n, e in self.ever.items()},
             {n: e.numel() for n, e in self.ever.items()},
+            pooled,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -114,12 +119,15 @@ class MaskEvolution:
     epoch with the number of completed epochs, and `topology_change(old, new)` at every commit
     (with a copy of the mask taken before the change). The first `update` is the reference of
     the first IoU interval; an interval closes when `interval` epochs have passed since it began.
+    `pooled` names the layers whose weights the overall ITOP rate and IoU pool (default: all): the
+    sparsified ones, since a layer kept dense is all explored and unchanged from the start.
     """
 
-    def __init__(self, interval: int = 5) -> None:
+    def __init__(self, interval: int = 5, pooled: Collection[str] | None = None) -> None:
         if interval < 1:
             raise BidstError(f"mask IoU interval must be at least 1 epoch, got {interval}")
         self.interval = interval
+        self.pooled = None if pooled is None else set(pooled)
         self.itop = ItopTracker()
         self._reference: dict[str, torch.Tensor] | None = None
         self._reference_epoch = 0
@@ -149,7 +157,7 @@ class MaskEvolution:
             "kind": "mask",
             "epoch": epoch,
             "density": density(masks),
-            "itop": self.itop.rate(),
+            "itop": self.itop.rate(self.pooled),
             "commits": self._changes,
             "swaps": self._swaps or {ALL: 0},
         }
@@ -158,7 +166,7 @@ class MaskEvolution:
             self._reference, self._reference_epoch = _cpu_masks(masks), epoch
         elif epoch - self._reference_epoch >= self.interval:
             current = _cpu_masks(masks)
-            record["iou"] = model_iou(self._reference, current)
+            record["iou"] = model_iou(self._reference, current, self.pooled)
             record["iou_interval"] = [self._reference_epoch, epoch]
             self._reference, self._reference_epoch = current, epoch
         return record

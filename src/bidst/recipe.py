@@ -312,7 +312,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     changeable_shapes = {n: shapes[n] for n in sparsifier.sparse_names()}
     shapes_batch = init_x.shape[0]  # the (per-rank) batch the per-layer shapes were measured with
     meter = CostMeter(device)
-    evolution = MaskEvolution(cfg.iou_interval)
+    evolution = MaskEvolution(cfg.iou_interval, pooled=sparsifier.sparse_names())
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     # only now: bad input never leaves a half-made run folder
