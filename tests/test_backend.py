@@ -594,3 +594,45 @@ def test_a_frozen_layer_stays_dense_and_frozen(backend):
     bidst.sparsify(chosen, torch.optim.SGD(chosen.parameters(), lr=0.1), "static", 0.8, total_steps=5, backend=backend,
                    filter_fn=lambda module, name: isinstance(module, nn.Linear))
     assert [p.requires_grad for p in chosen.parameters()] == [False, True, True, True]
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize("method", ["rigl", "set", "snfs", "granet", "bidst"])
+def test_a_layer_frozen_after_sparsify_keeps_its_topology_and_weights(method, backend):
+    """Freezing a layer during training (requires_grad False) takes it out of the method's hands: before, the
+    sparse backend's RigL and every backend's SET, SNFS, GraNet and BiDST kept swapping it, zeroing trained weights
+    whose replacements could never train."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"mask_interval": 2, "learn_every": 1} if method == "bidst" else {"interval": 2}
+    sp = bidst.sparsify(model, opt, method, 0.8, total_steps=10, backend=backend, **options)
+    model[2].requires_grad_(False)  # the layer itself, or its sparse twin
+    mask, weight = sp.masks["2.weight"].clone(), sp.weight("2.weight").clone()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x, y = torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    assert sp.topology_changes > 0 and "2.weight" not in sp.sparse_names()
+    assert torch.equal(sp.masks["2.weight"], mask) and torch.equal(sp.weight("2.weight"), weight)
+
+
+def test_a_graph_kept_alive_across_a_resize_does_not_break_the_next_backward():
+    """A grad-enabled forward kept across a step (a validation pass outside no_grad) pinned the sparse layers'
+    values, so a step that resized them (GMP pruning) fell back to keeping the old gradient accumulator, and the
+    next backward failed on its shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "gmp", 0.8, total_steps=8, interval=1, backend="sparse")
+    kept, sizes = [], []
+    for _ in range(6):
+        x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+        sizes.append(sp.budgets["0.weight"])
+        kept.append(model(torch.randn(4, 8)))  # never backpropagated
+    assert len(set(sizes)) > 3 and sizes == sorted(sizes, reverse=True)

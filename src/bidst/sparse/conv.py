@@ -141,7 +141,7 @@ class _ChwnConvFn(torch.autograd.Function):
         y = batch_innermost((n, o, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1))
         xt = _to_chwn(x)
         chwn_forward(structure, geom, np_view(values), bias_array(bias, o), np_view(xt), np_view(y.permute(1, 2, 3, 0)))
-        ctx.save_for_backward(xt, values)
+        ctx.save_for_backward(xt, values.detach())  # an alias: a live graph must not pin the Parameter (resizes swap it)
         ctx.structure, ctx.geom = structure, geom
         ctx.contiguous_input = x.is_contiguous()  # then the input gradient is returned contiguous too
         return y

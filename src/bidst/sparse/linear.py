@@ -131,7 +131,7 @@ class _SparseLinearFn(torch.autograd.Function):
         tiles = _tiled(structure, False, x.shape[0])
         KL.spmm_t(*tiles, structure.cols, np_view(values), bias_array(bias, structure.shape[0]), np_view(xt),
                   np_view(y.t()))  # fmt: skip
-        ctx.save_for_backward(xt, values)
+        ctx.save_for_backward(xt, values.detach())  # an alias: a live graph must not pin the Parameter (resizes swap it)
         ctx.structure, ctx.tiles = structure, tiles  # the weight gradient sweeps the same tiles
         return y
 
