@@ -352,6 +352,34 @@ def test_check_grad_steps_the_shadows_once_per_check(learn_every):
         torch.testing.assert_close(delta, -0.05 * grads[name][pos[explore]], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend,options", [("masked", {}), ("sparse", {}), ("masked", {"mask_rows": 0.5}),
+                                            ("masked", {"hypergradient": "second_order_diag"})])  # fmt: skip
+def test_a_validation_forward_with_grad_enabled_changes_nothing(backend, options):
+    """A forward between steps outside no_grad (a validation pass) gets no gradient: it used to add its rows and
+    batch to the next learning step (costs, and the second-order term), or, with captures, to drop the layer and
+    raise a misleading error."""
+    runs = []
+    for validate in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=12, mask_interval=4, learn_every=2, backend=backend,
+                            **options)
+        x, y = make_data()
+        for step in range(12):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[step : step + 32]), y[step : step + 32]).backward()
+            sp.step()
+            if validate:
+                model(x[:16])  # kept until the next forward
+        runs.append(sp)
+    plain, validated = runs
+    assert validated.costs == pytest.approx(plain.costs) and validated.topology_changes == plain.topology_changes > 0
+    for name, state in plain.method._layers.items():
+        for key in ("pos", "psi", "shadow"):
+            torch.testing.assert_close(validated.method._layers[name][key], state[key], rtol=1e-5, atol=1e-7)
+
+
 def test_explore_size_is_the_exact_ceiling():
     sp, _, _ = _train(steps=1, explore_ratio=0.55)
     name = max(sp.method._layers, key=lambda n: sp.numel[n])

@@ -346,12 +346,17 @@ class BiDST:
             if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
                 self._records_for(sp.step_count + 1)
                 rows, batch = output_rows(module, output), inputs[0].shape[0]
-                seen = self._forward.get(name)
-                if seen is None:
-                    theta = self.weights_at(sp, name, self._layers[name]["pos"])
-                else:  # another forward before the step (gradient accumulation): its rows and samples count too
-                    rows, batch, theta = rows + seen[0], batch + seen[1], seen[2]
-                self._forward[name] = (rows, batch, theta)
+
+                # a forward counts once its output's gradient arrives (a grad-enabled validation pass does not)
+                def count(grad: torch.Tensor) -> None:
+                    seen = self._forward.get(name)
+                    if seen is None:
+                        self._forward[name] = (rows, batch, self.weights_at(sp, name, self._layers[name]["pos"]))
+                    else:  # another forward before the step (gradient accumulation): its rows and samples count too
+                        self._forward[name] = (rows + seen[0], batch + seen[1], seen[2])
+
+                if output.requires_grad:
+                    output.register_hook(count)
 
         return hook
 
@@ -501,7 +506,8 @@ class BiDST:
 
     def score_grads(self, sp: Sparsifier, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """From this step's captures: dL/dψ through σ((ψ+G)/τ) (straight-through) and g, both over C, per layer."""
-        entries = {n: e for n, e in self._captures.items() if e and all(item[2] is not None for item in e)}
+        # the captures whose output gradient arrived (not a grad-enabled forward the loss did not use)
+        entries = {n: kept for n, e in self._captures.items() if (kept := [item for item in e if item[2] is not None])}
         tau = self.temperature(step, sp)
         grads, thetas, relaxed, batches = {}, {}, {}, {}
         self.check_same_use_on_ranks()
