@@ -84,6 +84,17 @@ def test_bad_step_counts_and_seeds_are_clear_errors(kwargs, match):
         bidst.sparsify(model, opt, "static", 0.5, **{"total_steps": 10, **kwargs})
 
 
+def test_an_interval_in_epochs_without_steps_per_epoch_is_refused_at_sparsify():
+    """MEST counts its interval in epochs by default: without steps_per_epoch that failed at the first step()."""
+    model = NeverSeen()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(bidst.BidstError, match="counts its interval in epochs.*needs steps_per_epoch"):
+        bidst.sparsify(model, opt, "mest", 0.5, total_steps=10)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was masked
+    assert bidst.sparsify(model, opt, "mest", 0.5, total_steps=10, interval_unit="steps", interval=2).step_count == 0
+
+
 def test_lazy_and_meta_weights_are_clear_errors():
     lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(bidst.BidstError, match="0.weight is not initialized yet .a lazy layer.: run one forward pass"):

@@ -103,6 +103,9 @@ class Sparsifier:
         self.method = method
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
+        if getattr(method, "interval_unit", "steps") == "epochs" and not steps_per_epoch:  # say so before any change
+            raise BidstError(f"method {method.name!r} counts its interval in epochs (interval_unit: epochs), which "
+                             "needs steps_per_epoch: pass it to sparsify, or set interval_unit='steps'")
         self.distribution = distribution or method.default_distribution
         self.init_batch = init_batch
         # batch j of data the weights never train on, for an upper level posed on other data (BiDST's upper_data)
