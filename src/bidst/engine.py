@@ -195,7 +195,7 @@ class Sparsifier:
     def _sparse_backend_names(self) -> list[str]:
         """The layers the sparse backend swaps for twins: a layer at target density 1 computes faster dense,
         and a fixed-budget method never thins it."""
-        return [n for n in self.sparse_names() if self.target_densities[n] < 1.0]
+        return [n for n in self.params if n not in self.dense_names and self.target_densities[n] < 1.0]
 
     def _swap_in(self) -> None:
         """Replace the changeable layers by sparse twins, their weights in the optimizer by the compact values."""
