@@ -103,10 +103,14 @@ def test_sigkill_at_10_random_moments_then_resume_equals_uninterrupted(reference
 
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit(reference, scratch):
     run = scratch / "signalled"
-    for signum, at_step, resume in ((signal.SIGTERM, 6, False), (signal.SIGINT, 20, True)):
+    # SIGINT then at once SIGTERM: a terminal's Ctrl-C reached a sweep's run and the sweep then terminated it
+    rounds = (((signal.SIGTERM,), 6, False), ((signal.SIGINT, signal.SIGTERM), 14, True), ((signal.SIGINT,), 24, True))
+    for signums, at_step, resume in rounds:
         proc = Training(run, resume)
         assert proc.wait_for(run / "checkpoints" / f"step-{at_step:08d}.pt")
-        proc.signal(signum)
+        for signum in signums:
+            proc.signal(signum)
+        signum = signums[0]
         code, output = proc.finish()
         assert code == 128 + signum
         line = output.strip()

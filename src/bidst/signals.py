@@ -19,7 +19,9 @@ class RunInterrupted(Exception):
 
 
 class StopSignals:
-    """While active, the first SIGINT/SIGTERM only records itself (a second one stops at once, as usual).
+    """While active, the first SIGINT/SIGTERM only records itself; the same signal again stops at once, as usual
+    (Ctrl-C twice). The other one is the same request: a terminal's Ctrl-C reaches a sweep's runs as well as the
+    sweep, which then sends them SIGTERM, and that must not cost them their checkpoint.
 
     Handlers are installed from the main thread only; elsewhere nothing changes and no stop is ever asked.
     """
@@ -30,9 +32,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
-        if self.signum:
+        if self.signum == signum:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def flags(self) -> list[float]:
         """One 0/1 flag per stop signal, to be summed over DDP ranks so every rank stops at the same step."""
