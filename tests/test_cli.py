@@ -146,6 +146,8 @@ def test_train_writes_run_folder(tmp_path, capsys):
         (["dataset=fashion-mnist", "data_root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
         (["device=cuda"] if not torch.cuda.is_available() else ["device=tpu"], "device"),
         (["precision=fp8"], "config key 'precision' must be one of fp32, bf16, fp16"),
+        (["distribution=foo"], "unknown distribution 'foo'; known: uniform, er, erk"),
+        (["seed=99999999999999999999"], "seed must be in [-2**63, 2**64), got 99999999999999999999"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
@@ -154,6 +156,9 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     assert code == 2
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # nothing is left behind by a run that could not start
+    if not any(a.startswith(("data_root", "device")) for a in args):  # what needs no data or device: checked there too
+        assert main(["train", *TINY, *args, "--print-config"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_unusable_run_folder_or_recipe_as_override_is_one_line(tmp_path, capsys):

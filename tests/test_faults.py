@@ -270,3 +270,7 @@ def test_resuming_a_finished_run_gives_its_results_only_for_its_own_config(tmp_p
     assert "cannot resume" in capsys.readouterr().err and (run / "summary.json").read_bytes() == before
     assert main(["train", "--run-dir", str(run), "--resume", "threads=2", "--json"]) == 0  # a key that may differ
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(before)
+    (run / "summary.json").write_bytes(before[: len(before) // 2])  # damaged (a copy cut short)
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "summary.json cannot be read" in err and len(err.splitlines()) == 1

@@ -103,6 +103,13 @@ def test_without_a_dense_run_flops_are_as_recorded(runs_dir):
     assert "| rigl | 0.9 | 3 | 0.92 ± 0.026 | 0.93 ± 0.026 | 0.2 | – | 3 | 3 |" in report.markdown([], [row])
 
 
+def test_a_run_reached_twice_counts_once(runs_dir):
+    """`bidst report runs/x ./runs/x/` (or a sweep folder and one of its runs) read the same run twice: n=2."""
+    folder = runs_dir / "rigl-0.9-None" / "seed0"
+    runs = report.find_runs([folder, str(folder) + "/", runs_dir / "rigl-0.9-None"])
+    assert len(runs) == 3 and len({r.path.resolve() for r in runs}) == 3
+
+
 def test_dense_reference_shares_the_schedule(tmp_path):
     """A dense run of another length is no reference: each run is set against the dense run of its own epochs,
     or, with none, keeps its recorded ratio (dense runs of 1 and 2 epochs were averaged for both)."""

@@ -63,10 +63,12 @@ def _train(args: argparse.Namespace) -> int:
 def _print_config(cfg: TrainConfig) -> int:
     """Print the config a run would use as a YAML recipe, with the method's defaults filled in; train nothing.
 
-    The method and its options are built first, so a bad option fails here as it would at the start of a run.
+    The config is checked first (`check_config`), so a bad value fails here as it would at the start of a run.
     """
     from .methods import create_method, method_options
+    from .recipe import check_config
 
+    check_config(cfg)
     method = create_method(cfg.method, **cfg.method_args)
     data = cfg.to_dict()
     data["distribution"] = cfg.distribution or method.default_distribution  # as the Sparsifier resolves it

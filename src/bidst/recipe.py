@@ -29,7 +29,7 @@ from .checkpoint import (
 )
 from .config import OPERATIONAL_KEYS, TrainConfig, build_config, load_yaml
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
-from .density import check_sparsity
+from .density import DISTRIBUTIONS, check_sparsity
 from .engine import Sparsifier, sparsify
 from .errors import BidstError, SharedError
 from .evolution import MaskEvolution
@@ -159,6 +159,10 @@ def check_config(cfg: TrainConfig) -> None:
     """The checks of a config that need no data or model: sparsity, method and its options, match_flops, model
     and dataset names. `train` makes them first, and `bidst sweep` for every run before it starts any."""
     check_sparsity(cfg.sparsity)
+    if cfg.distribution is not None and cfg.distribution not in DISTRIBUTIONS:
+        raise BidstError(f"unknown distribution {cfg.distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+    if not -(2**63) <= cfg.seed < 2**64:  # what torch.manual_seed takes
+        raise BidstError(f"seed must be in [-2**63, 2**64), got {cfg.seed}")
     method = create_method(cfg.method, **cfg.method_args)
     if cfg.precision == "fp16" and hasattr(method, "check_loss_scaling"):  # fp16 trains with a GradScaler
         method.check_loss_scaling()
@@ -253,7 +257,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     """The body of `train` on one rank, on `device`, watching `stop` for SIGINT/SIGTERM."""
     if resume and (run_dir / "summary.json").exists():  # finished: its results, if they are this config's
         check_resumed_config(cfg, run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        try:
+            return json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError) as exc:  # ValueError: a truncated or undecodable file
+            raise BidstError(f"{run_dir / 'summary.json'} cannot be read ({exc}): the finished run's results are "
+                             "damaged; restore the file or train the run again in another folder") from exc
     check_config(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.batch_size % world:

@@ -111,12 +111,16 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
     """Finished runs found under `paths` (run folders or sweep folders, searched recursively);
     unfinished and corrupt folders are reported on stderr and left out."""
     runs: list[Run] = []
+    seen: set[Path] = set()  # a folder reached through two of `paths` counts once
     for root in map(Path, paths):
         if not root.is_dir():
             _warn(f"{root}: not a folder")
             continue
         for folder, subdirs, files in os.walk(root):
             if "summary.json" in files:
+                if Path(folder).resolve() in seen:
+                    continue
+                seen.add(Path(folder).resolve())
                 run = _load_run(Path(folder))
                 runs.extend([run] if run else [])
             elif {"config.yaml", "metrics.jsonl", "train.log"} & set(files) or "checkpoints" in subdirs:
