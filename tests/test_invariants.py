@@ -219,3 +219,32 @@ def test_mest_ems_ends_at_the_target_sparsity(epochs):
         if step + 1 >= sp.method.ems_end(sp):
             assert sp.budgets == sp.target_budgets(), step + 1
     assert all(int(m.sum()) == sp.budgets[n] for n, m in sp.masks.items())
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_rolling_back_in_process_then_redoing_a_step_repeats_it(backend):
+    """Loading the state saved after step 4 into the same Sparsifier and redoing step 5 (an update step) gives step
+    5 again: the Sparsifier thought step 5's gradients were prepared already and gave RigL no dense gradient."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = bidst.sparsify(model, opt, "rigl", 0.8, total_steps=20, interval=5, backend=backend)
+    x, y = make_data()
+
+    def step(i: int) -> bool:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
+        return sp.step()
+
+    for i in range(4):
+        step(i)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sp.state_dict()))
+    assert step(4)  # step 5 changes the topology
+    after = copy.deepcopy((model.state_dict(), sp.state_dict()["masks"]))
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    sp.load_state_dict(saved[2])
+    assert step(4)
+    for key, value in after[0].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(torch.equal(sp.state_dict()["masks"][n], m) for n, m in after[1].items())

@@ -612,6 +612,9 @@ class Sparsifier:
         self.budgets = {n: int(v) for n, v in state["budgets"].items()}
         self.step_count = int(state["step"])
         self.topology_changes = int(state["topology_changes"])
+        # a rollback inside the process: the next step's gradients are new ones, to average and prepare again
+        self._synced_step = self._prepared_step = 0
+        self._prepared = (None, True)
         self.rng.set_state(state["rng"])
         self.costs = {k: float(v) for k, v in state.get("costs", {}).items()}
         self.rebuild_seconds = float(state.get("rebuild_seconds", 0.0))

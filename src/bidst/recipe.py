@@ -310,7 +310,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         **cfg.method_args,
     )
     if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
-        rows = model_rows(model, init_x.to(device))
+        rows = {n: r * world for n, r in model_rows(model, init_x.to(device)).items()}  # of the global batch
         total_steps = sparsifier.total_steps = matched_steps(sparsifier, cfg.match_flops, rows)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference

@@ -576,7 +576,8 @@ class BiDST:
         if self.hypergradient == "implicit_diag":
             out = out - self.implicit_scale(sp, name) * active * grads * grads
         elif self.hypergradient == "second_order_diag":
-            out = out + (relaxed - active.float()) * theta * theta * batch * grads * grads
+            # the empirical Fisher batch·g² of the global batch (g is averaged over the DDP ranks, batch is this rank's)
+            out = out + (relaxed - active.float()) * theta * theta * batch * distributed.world_size() * grads * grads
         return out
 
     def implicit_scale(self, sp: Sparsifier, name: str) -> float:
@@ -865,7 +866,8 @@ class BiDST:
         if self._holdout_rows is None:
             from ..budget import model_rows  # budget imports the method registry: import at call time
 
-            self._holdout_rows = model_rows(sp.model, cast(Any, sp.holdout_batches)(0)[0])
+            rows = model_rows(sp.model, cast(Any, sp.holdout_batches)(0)[0])  # this rank's share: the global batch's
+            self._holdout_rows = {n: r * distributed.world_size() for n, r in rows.items()}
         return self._holdout_rows
 
     def planned_costs(self, sp: Sparsifier, rows: dict[str, int]) -> dict[str, float]:
