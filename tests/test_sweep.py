@@ -247,3 +247,21 @@ def test_a_folder_left_before_the_config_was_saved_is_started_afresh(env):
     (run_dir / "config.yaml.tmp").write_text("half")
     assert sweep.main([str(path)], train_cmd=train_cmd) == 0
     assert events(counter)[0][2] == "False" and (run_dir / "summary.json").exists()
+
+
+def test_a_changed_sweep_file_does_not_pass_old_runs_off_as_its_own(env, capsys):
+    """Rerunning a sweep after its settings changed (epochs 2 to 3) reported every old run as done: its runs are
+    checked against the configs they were trained with, before anything starts, and the finished ones are kept."""
+    folder, train_cmd, _ = env
+    path = folder / "s.yaml"
+    grid = {"method": ["set"], "sparsity": [0.5], "seed": [0]}
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": grid}))
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 0
+    summary = folder / "out/method=set/sparsity=0.5/seed=0/summary.json"
+    before = summary.read_bytes()
+    capsys.readouterr()
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": grid, "overrides": {"epochs": 3}}))
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    err = capsys.readouterr().err.strip()
+    assert "method=set/sparsity=0.5/seed=0" in err and "epochs" in err and len(err.splitlines()) == 1
+    assert summary.read_bytes() == before

@@ -177,13 +177,20 @@ def load_sweep(path: str | Path) -> Sweep:
 def check_runs(sweep: Sweep) -> None:
     """Check every run's config as `bidst train` would before its data loads, so a bad grid value stops the
     sweep before any run starts instead of failing in each run it reaches."""
-    from .recipe import check_config  # imports torch: only when checking
+    from .recipe import check_config, check_resumed_config  # imports torch: only when checking
 
     for run in sweep.runs:
         try:
-            check_config(load_config(sweep.base, list(run.overrides)))
+            cfg = load_config(sweep.base, list(run.overrides))
+            check_config(cfg)
         except BidstError as e:
             raise BidstError(f"run {run.name}: {e}") from None
+        if (run.run_dir / "config.yaml").exists():  # a run started or finished earlier: with these settings?
+            try:
+                check_resumed_config(cfg, run.run_dir)
+            except BidstError as e:
+                raise BidstError(f"run {run.name}: {e}; the sweep's settings changed since it ran: give the sweep "
+                                 "another out (its finished runs are kept)") from None
 
 
 def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:
