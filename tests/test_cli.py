@@ -173,6 +173,11 @@ def test_unusable_run_folder_or_recipe_as_override_is_one_line(tmp_path, capsys)
     assert afile.read_text() == "keep me"
     assert main(["train", "configs/fashion-mnist.yaml"]) == 2
     assert "a recipe file goes after --config" in capsys.readouterr().err
+    binary = tmp_path / "image.yaml"
+    binary.write_bytes(bytes([0x89, 0x50, 0x4E, 0x47, 0xB7, 0xFF]) * 20)  # not text: was a UnicodeDecodeError traceback
+    assert main(["train", "--config", str(binary), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot read recipe {binary}" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -110,6 +110,14 @@ def test_a_run_reached_twice_counts_once(runs_dir):
     assert len(runs) == 3 and len({r.path.resolve() for r in runs}) == 3
 
 
+def test_a_damaged_byte_in_the_metrics_costs_its_line_only(runs_dir, capsys):
+    metrics = runs_dir / "rigl-0.9-None" / "seed0" / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join([b"\xff" + lines[0], *lines[1:]]))  # was a UnicodeDecodeError for the report
+    runs = report.find_runs([runs_dir / "rigl-0.9-None"])
+    assert len(runs) == 3 and "skipped 1 unreadable line" in capsys.readouterr().err
+
+
 def test_dense_reference_shares_the_schedule(tmp_path):
     """A dense run of another length is no reference: each run is set against the dense run of its own epochs,
     or, with none, keeps its recorded ratio (dense runs of 1 and 2 epochs were averaged for both)."""

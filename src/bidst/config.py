@@ -196,7 +196,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             data = load_yaml(path.read_text()) or {}
         except FileNotFoundError:
             raise BidstError(f"recipe {path} does not exist") from None
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:  # UnicodeDecodeError: not a text file
             raise BidstError(f"cannot read recipe {path}: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise BidstError(f"recipe {path} must be a YAML mapping of config keys")

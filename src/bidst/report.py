@@ -77,7 +77,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     records, bad = [], 0
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():  # a damaged byte spoils its line only
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
