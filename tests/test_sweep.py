@@ -265,3 +265,16 @@ def test_a_changed_sweep_file_does_not_pass_old_runs_off_as_its_own(env, capsys)
     err = capsys.readouterr().err.strip()
     assert "method=set/sparsity=0.5/seed=0" in err and "epochs" in err and len(err.splitlines()) == 1
     assert summary.read_bytes() == before
+
+
+def test_a_file_where_a_run_goes_stops_the_sweep_and_is_kept(env, capsys):
+    folder, train_cmd, _ = env
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0]}}))
+    (folder / "out/method=set/sparsity=0.5").mkdir(parents=True)
+    (folder / "out/method=set/sparsity=0.5/seed=0").write_text("notes")
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 1  # was a NotADirectoryError traceback
+    err = capsys.readouterr().err.strip()
+    assert "seed=0 is a file where the sweep keeps a run" in err and len(err.splitlines()) == 1
+    assert (folder / "out/method=set/sparsity=0.5/seed=0").read_text() == "notes"

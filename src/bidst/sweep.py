@@ -274,6 +274,9 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
     make_folder(sweep.out)
     pending = [r for r in sweep.runs if r.status() != "done"]
     for run in pending:  # a new run's folder is cleared before it starts: only ever one a killed run left empty
+        if run.run_dir.exists() and not run.run_dir.is_dir():
+            raise BidstError(f"{run.run_dir} is a file where the sweep keeps a run: move it away or give the sweep "
+                             "another out")
         files = run.run_dir.rglob("*") if run.status() == "new" else ()
         stray = next((p for p in files if not p.is_dir() and p.suffix != ".tmp"), None)  # .tmp: an unfinished write
         if stray is not None:
