@@ -29,6 +29,12 @@ def raw_score(shape: tuple[int, ...], distribution: str) -> float:
     raise ValueError(distribution)
 
 
+def check_distribution(distribution: str) -> None:
+    """Raise BidstError unless `distribution` is one of DISTRIBUTIONS."""
+    if distribution not in DISTRIBUTIONS:
+        raise BidstError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+
+
 def layer_densities(
     shapes: Mapping[str, tuple[int, ...]],
     density: float,
@@ -42,8 +48,7 @@ def layer_densities(
     scores so the overall density meets the target over all layers; a layer whose density would
     exceed 1 is made dense and the scale is solved again for the rest (RigL's capacity handling).
     """
-    if distribution not in DISTRIBUTIONS:
-        raise BidstError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+    check_distribution(distribution)
     if not 0.0 < density <= 1.0:
         raise BidstError(f"density must be in (0, 1], got {density}")
     unknown = set(dense) - set(shapes)

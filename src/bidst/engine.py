@@ -274,9 +274,9 @@ class Sparsifier:
     def sparse_names(self) -> list[str]:
         """Layers the method may change: all but those kept dense, and but those frozen since (requires_grad
         False: a frozen layer keeps its weights, so its topology stays as it is)."""
-        return [n for n in self.params if n not in self.dense_names and self._trainable(n).requires_grad]
+        return [n for n in self.params if n not in self.dense_names and self.trainable(n).requires_grad]
 
-    def _trainable(self, name: str) -> torch.Tensor:
+    def trainable(self, name: str) -> torch.Tensor:
         """The tensor the optimizer trains for weight `name`: the parameter, or its sparse twin's values."""
         layer = self.sparse_layers.get(name)
         return self.params[name] if layer is None else layer.values

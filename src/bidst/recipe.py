@@ -29,7 +29,7 @@ from .checkpoint import (
 )
 from .config import OPERATIONAL_KEYS, TrainConfig, build_config, load_yaml
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
-from .density import DISTRIBUTIONS, check_sparsity
+from .density import check_distribution, check_sparsity
 from .engine import Sparsifier, sparsify
 from .errors import BidstError, SharedError
 from .evolution import MaskEvolution
@@ -159,8 +159,8 @@ def check_config(cfg: TrainConfig) -> None:
     """The checks of a config that need no data or model: sparsity, method and its options, match_flops, model
     and dataset names. `train` makes them first, and `bidst sweep` for every run before it starts any."""
     check_sparsity(cfg.sparsity)
-    if cfg.distribution is not None and cfg.distribution not in DISTRIBUTIONS:
-        raise BidstError(f"unknown distribution {cfg.distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+    if cfg.distribution is not None:
+        check_distribution(cfg.distribution)
     if not -(2**63) <= cfg.seed < 2**64:  # what torch.manual_seed takes
         raise BidstError(f"seed must be in [-2**63, 2**64), got {cfg.seed}")
     method = create_method(cfg.method, **cfg.method_args)

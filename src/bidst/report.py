@@ -118,9 +118,9 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
             continue
         for folder, subdirs, files in os.walk(root):
             if "summary.json" in files:
-                if Path(folder).resolve() in seen:
+                if (where := Path(folder).resolve()) in seen:
                     continue
-                seen.add(Path(folder).resolve())
+                seen.add(where)
                 run = _load_run(Path(folder))
                 runs.extend([run] if run else [])
             elif {"config.yaml", "metrics.jsonl", "train.log"} & set(files) or "checkpoints" in subdirs:

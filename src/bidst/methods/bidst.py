@@ -495,8 +495,7 @@ class BiDST:
         weight is used outside the module (nn.MultiheadAttention's out_proj, say), so no scores can be learned.
         A layer the step did not use at all (a branch not taken) has no gradient and is fine."""
         for name in unseen:
-            layer = sp.sparse_layers.get(name)
-            grad = (sp.params[name] if layer is None else layer.values).grad
+            grad = sp.trainable(name).grad
             if grad is not None and bool(grad.any()):
                 raise BidstError(
                     f"bidst learns a layer's scores from its module's forward, but layer {name.rpartition('.')[0]!r} "
