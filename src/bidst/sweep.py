@@ -185,7 +185,7 @@ def check_runs(sweep: Sweep) -> None:
             check_config(cfg)
         except BidstError as e:
             raise BidstError(f"run {run.name}: {e}") from None
-        if (run.run_dir / "config.yaml").exists():  # a run started or finished earlier: with these settings?
+        if run.status() == "done":  # finished earlier: with these settings? (a resumed run checks itself, --resume)
             try:
                 check_resumed_config(cfg, run.run_dir)
             except BidstError as e:
