@@ -17,7 +17,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_registry_lists_all_models() -> None:
-    cifar = {"resnet20", "resnet32", "resnet56", "vgg19", "mobilenetv2"}
+    cifar = {"resnet20", "resnet32", "resnet32x2", "resnet56", "vgg19", "mobilenetv2"}
     expected = {"mlp", "cnn", "lenet5", "resnet34", "resnet50"} | cifar
     assert set(list_models()) == expected
 
@@ -48,6 +48,7 @@ def test_forward_shape_and_layer_order(name: str, in_channels: int, image_size: 
         ("resnet20", 10, 0.27e6, 0.02),  # He et al. 2016, table 6
         ("resnet32", 10, 0.46e6, 0.02),
         ("resnet56", 10, 0.85e6, 0.02),
+        ("resnet32x2", 10, 1_860_522, 0),  # GraSP's / MEST's resnet32 (32/64/128 channels, 1x1 projections)
         ("vgg19", 10, 20.04e6, 0.01),  # the CIFAR VGG-19-BN of the DST papers
         ("mobilenetv2", 10, 2.24e6, 0.01),
         ("resnet34", 1000, 21_797_672, 0),  # torchvision's exact counts
@@ -77,3 +78,23 @@ def test_kaiming_init() -> None:
 def test_unknown_model_lists_known_names() -> None:
     with pytest.raises(BidstError, match="unknown model 'resnet18'.*resnet32"):
         create_model("resnet18", num_classes=10, in_channels=3, image_size=32)
+
+
+def test_vgg19_averages_its_last_map_as_the_dst_codebases_do() -> None:
+    """GraSP's and MEST's VGG-19 max-pool four times and average the last 2x2 map before the classifier."""
+    torch.manual_seed(0)
+    model = create_model("vgg19", num_classes=10, in_channels=3, image_size=32).eval()
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4
+    with torch.no_grad():
+        features = model.features(torch.randn(2, 3, 32, 32))
+        assert features.shape == (2, 512, 2, 2)
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(model(x), model.fc(model.features(x).mean((2, 3))))
+
+
+@pytest.mark.parametrize("name", ["vgg19", "resnet32x2"])
+def test_dst_codebase_models_draw_the_classifier_from_a_small_normal(name: str) -> None:
+    """GraSP's and MEST's models draw Linear weights from N(0, 0.01^2) with zero bias."""
+    torch.manual_seed(0)
+    fc = create_model(name, num_classes=100, in_channels=3, image_size=32).fc
+    assert fc.weight.std().item() == pytest.approx(0.01, rel=0.05) and torch.equal(fc.bias, torch.zeros(100))

@@ -30,3 +30,14 @@ def kaiming_init(model: nn.Module) -> nn.Module:
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     return model
+
+
+def small_init_classifier(model: nn.Module) -> nn.Module:
+    """Re-draw the Linear layers' weights from N(0, 0.01^2) with zero biases, as GraSP's and MEST's CIFAR models do
+    (the models those DST papers' tables come from)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model

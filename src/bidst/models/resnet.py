@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from .common import MODELS, conv_bn, kaiming_init
+from .common import MODELS, conv_bn, kaiming_init, small_init_classifier
 
 
 class Residual(nn.Module):
@@ -63,10 +63,10 @@ def resnet(
     return kaiming_init(nn.Sequential(parts))
 
 
-def cifar_resnet(depth: int, num_classes: int, in_channels: int) -> nn.Module:
-    """The 6n+2-layer CIFAR ResNet: a 3x3 stem and three stages of n basic blocks with 16/32/64 channels."""
-    stem = [*conv_bn(in_channels, 16, 3), nn.ReLU(inplace=True)]
-    return resnet(stem, 16, basic_block, 1, [(depth - 2) // 6] * 3, num_classes)
+def cifar_resnet(depth: int, num_classes: int, in_channels: int, width: int = 16) -> nn.Module:
+    """The 6n+2-layer CIFAR ResNet: a 3x3 stem and three stages of n basic blocks with width/2x/4x channels."""
+    stem = [*conv_bn(in_channels, width, 3), nn.ReLU(inplace=True)]
+    return resnet(stem, width, basic_block, 1, [(depth - 2) // 6] * 3, num_classes)
 
 
 def imagenet_resnet(
@@ -87,6 +87,13 @@ def resnet20(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modul
 def resnet32(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """CIFAR ResNet-32 (0.46M parameters)."""
     return cifar_resnet(32, num_classes, in_channels)
+
+
+@MODELS.register("resnet32x2")
+def resnet32x2(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """CIFAR ResNet-32 at twice the width, 32/64/128 channels (1.86M parameters): the "ResNet-32" of GraSP's and
+    MEST's code, whose CIFAR tables the DST papers (BiDST's included) report."""
+    return small_init_classifier(cifar_resnet(32, num_classes, in_channels, width=32))
 
 
 @MODELS.register("resnet56")

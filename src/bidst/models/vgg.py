@@ -1,4 +1,4 @@
-"""CIFAR VGG-19 with batch norm (as in the DST papers): conv stack, global pooling, one linear classifier."""
+"""CIFAR VGG-19 with batch norm as GraSP's and MEST's code build it: conv stack, global pooling, one classifier."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .common import MODELS, conv_bn, kaiming_init
+from .common import MODELS, conv_bn, kaiming_init, small_init_classifier
 
-# channels per 3x3 conv, "M" = 2x2 max-pool (ceil mode, so 28x28 inputs survive all five pools)
+# channels per 3x3 conv, "M" = 2x2 max-pool (ceil mode, so 28x28 inputs end at 2x2 too); no fifth pool: the last
+# 2x2 map is averaged, as in GraSP's and MEST's VGG-19
 VGG19: list[int | str] = [
-    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
+    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512,
 ]  # fmt: skip
 
 
@@ -31,4 +32,4 @@ def vgg19(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         flatten=nn.Flatten(),
         fc=nn.Linear(in_ch, num_classes),
     )
-    return kaiming_init(nn.Sequential(parts))
+    return small_init_classifier(kaiming_init(nn.Sequential(parts)))
