@@ -61,3 +61,17 @@ def test_bench_unusable_out_is_refused_before_measuring(tmp_path, capsys):
         err = capsys.readouterr()
         assert "--out" in err.err and "Whole training step" not in err.out  # nothing was measured
     assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("text", ["prose, no markers\n", f"prose\n{MARKERS[0]}\ntable, end marker lost\n",
+                                  f"{MARKERS[1]} quoted in prose\n{MARKERS[0]}\ntable\n",
+                                  f"{MARKERS[0]}\na\n{MARKERS[1]}\n{MARKERS[0]}\nb\n{MARKERS[1]}\n"])  # fmt: skip
+def test_bench_out_without_one_pair_of_markers_is_refused_and_kept(tmp_path, text, capsys):
+    """An existing file is only ever rewritten between one start and one later end marker: anything else would
+    replace or duplicate the prose a user wrote."""
+    report = tmp_path / "notes.md"
+    report.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(report), "--models", "MLP 1024x3"])
+    assert exc.value.code == 2 and "does not hold one" in capsys.readouterr().err
+    assert report.read_text() == text

@@ -347,16 +347,30 @@ def profile(models: list[str], sparsities: list[float], out: list[str], steps: i
     print("\n".join(out[first:]), flush=True)
 
 
-def write_report(path: Path, lines: list[str]) -> None:
-    """Write the report to `path`, or only between its bench markers if the file has them (prose and
-    the file's own title kept: the report's title line is left out there)."""
-    old = path.read_text() if path.exists() else ""
+def marked_part(path: Path) -> tuple[str, str] | None:
+    """The text before and after the bench markers' contents in an existing `path` (None for a new file); a file
+    without both markers in order is refused, so prose a user wrote is never replaced."""
+    if not path.exists():
+        return None
+    old = path.read_text(errors="replace")
     start, end = MARKERS
-    if start in old and end in old:
-        body = lines[2:] if lines[0].startswith("# ") and not lines[1] else lines
-        text = old[: old.index(start) + len(start)] + "\n" + "\n".join(body) + "\n" + old[old.index(end) :]
-    else:
+    i = old.find(start)
+    j = old.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0 or old.count(start) != 1 or old.count(end) != 1:
+        raise BidstError(f"{path} exists and does not hold one {start} ... {end} pair: give a new file, or add the "
+                         "markers where the tables go")
+    return old[: i + len(start)], old[j:]
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """Write the report to a new `path`, or only between the markers of an existing one (its prose and title kept:
+    the report's title line is left out there)."""
+    around = marked_part(path)
+    if around is None:
         text = "\n".join(lines) + "\n"
+    else:
+        body = lines[2:] if lines[0].startswith("# ") and not lines[1] else lines
+        text = around[0] + "\n" + "\n".join(body) + "\n" + around[1]
     make_folder(path.parent)
     atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -409,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--out {args.out} is a folder; give a Markdown file")
         try:
             make_folder(Path(args.out).parent)
+            marked_part(Path(args.out))
         except BidstError as e:
             ap.error(f"--out {args.out}: {e}")
     set_threads(args.threads)
