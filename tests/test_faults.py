@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import multiprocessing
 import os
@@ -16,6 +17,8 @@ import pytest
 import torch
 from _runs import assert_same_run, checkpoints, tiny_args
 
+from bidst import checkpoint as checkpoint_module
+from bidst import recipe as recipe_module
 from bidst.checkpoint import DELAY_ENV, load_checkpoint
 from bidst.cli import main
 from bidst.data.tensor import TensorImageDataset
@@ -204,6 +207,75 @@ def test_full_disk_keeps_earlier_checkpoints_and_results(monkeypatch, tmp_path, 
     assert_same_run(reference, run)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name a file descriptor's file")
+def test_disk_full_mid_write_is_a_one_line_error_and_leaves_no_temporary_file(monkeypatch, tmp_path, capsys):
+    """A write that fails after some bytes made torch's zip writer raise its own RuntimeError (a traceback, exit 1,
+    the .tmp file left): the disk error is what the user sees, and the earlier checkpoints stay."""
+    real_open = open
+
+    class FillsUp(io.FileIO):
+        written = 0
+
+        def write(self, data):  # type: ignore[no-untyped-def]
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(data)
+
+    def fake_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file).endswith("step-00000004.pt.tmp"):
+            return FillsUp(file, "wb")
+        return real_open(file, mode, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(checkpoint_module, "open", fake_open, raising=False)
+    assert main(["train", *tiny_args("rigl", "checkpoint_every=2"), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "step-00000004.pt" in err
+    assert [p.name for p in checkpoints(run)] == ["step-00000002.pt"] and not list(run.rglob("*.tmp"))
+
+
+def test_a_run_stopped_right_after_its_last_step_finishes_on_resume(monkeypatch, tmp_path):
+    """A checkpoint taken after the last step but before the epoch ended (a stop signal there, or a match_flops
+    run whose budget ends mid-epoch) left the final evaluation, epoch records and summary undone on --resume."""
+    args = tiny_args("bidst", "match_flops=rigl")
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(["train", *args, "--run-dir", str(reference)]) == 0
+    last = json.loads((reference / "summary.json").read_text())["steps"]
+    assert last % 8 != 0  # the budget ends mid-epoch (8 steps an epoch)
+    save = recipe_module.save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(state, folder, step, keep):  # type: ignore[no-untyped-def]
+        save(state, folder, step, keep)
+        if step == last and state["batch"] > 0:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(recipe_module, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            main(["train", *args, "--run-dir", str(run)])
+    assert not (run / "summary.json").exists()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert_same_run(reference, run)
+
+
+def test_metrics_shorter_than_the_checkpoint_says_is_refused_not_padded(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args("rigl", "epochs=1"), "--run-dir", str(run)]) == 0
+    (run / "summary.json").unlink()
+    metrics = run / "metrics.jsonl"
+    cut = metrics.read_bytes()[:100]
+    metrics.write_bytes(cut)  # lost its unsynced tail in a power cut, say
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is shorter" in err
+    assert metrics.read_bytes() == cut
+
+
 def test_foreign_or_damaged_checkpoints_are_refused(tmp_path, capsys):
     run, other = tmp_path / "run", tmp_path / "other"
     assert main(["train", *tiny_args("rigl", "epochs=1", "checkpoint_every=0"), "--run-dir", str(run)]) == 0
@@ -214,11 +286,16 @@ def test_foreign_or_damaged_checkpoints_are_refused(tmp_path, capsys):
     cases = [
         (good, "does not match this run: its config differs in seed"),  # same model, another run's config
         (good[: len(good) // 2], "cannot be loaded"),  # cut short (by a disk error; never by bidst's writer)
-        (None, "is not a bidst training checkpoint"),  # some other torch file
+        ({"weights": torch.zeros(3)}, "is not a bidst training checkpoint"),  # some other torch file
+        (5, "is not a bidst training checkpoint (it holds a int)"),
+        (torch.tensor(1.0), "is not a bidst training checkpoint (it holds a Tensor)"),
+        (b"hello\n", "cannot be loaded (not a complete PyTorch checkpoint)"),  # not a torch file at all
+        ({**torch.load(checkpoints(other)[-1], weights_only=True), "config": None, "epoch": "x"},
+         "is damaged: config, epoch of the wrong type"),
     ]
     for data, message in cases:
-        if data is None:
-            torch.save({"weights": torch.zeros(3)}, target)
+        if not isinstance(data, bytes):
+            torch.save(data, target)
         else:
             target.write_bytes(data)
         capsys.readouterr()

@@ -71,14 +71,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, or a kill's exception: no temporary file is left either way
         tmp.unlink(missing_ok=True)
-        raise BidstError(f"could not write {path}: {exc.strerror or exc}; files written before are intact") from None
+        if isinstance(exc, OSError):
+            raise BidstError(f"could not write {path}: {exc.strerror or exc}; files written before are intact") from None
+        raise
 
 
 def _write_state(state: dict[str, Any], f: BinaryIO) -> None:
     """torch.save `state` into `f`, then wait BIDST_TEST_CHECKPOINT_DELAY seconds if the crash tests ask for it."""
-    torch.save(state, f)
+    try:
+        torch.save(state, f)
+    except RuntimeError as exc:  # torch's zip writer turns a failed write (a full disk) into a RuntimeError
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
     delay = float(os.environ.get(DELAY_ENV, "0"))
     if delay > 0:  # crash tests widen the window in which a kill lands mid-write
         f.flush()
@@ -109,8 +116,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise BidstError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises many types for corrupt or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BidstError(f"checkpoint {path} cannot be loaded: {first}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BidstError(f"checkpoint {path} cannot be loaded (not a complete PyTorch checkpoint): "
+                         f"{type(exc).__name__} {first}".rstrip()) from None
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -134,8 +134,21 @@ class MetricsLog:
     def offset(self) -> int:
         return 0 if self.file is None else self.file.tell()
 
-    def truncate(self, offset: int) -> None:
+    def sync(self) -> None:
+        """Put the lines written so far on disk, so that a checkpoint never points past the file's end."""
         if self.file is not None:
+            try:
+                os.fsync(self.file.fileno())
+            except OSError as exc:
+                raise BidstError(f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact") from None
+
+    def truncate(self, offset: int) -> None:
+        """Cut the lines written after a checkpoint; a file shorter than the checkpoint says is refused, not padded."""
+        if self.file is not None:
+            size = os.fstat(self.file.fileno()).st_size
+            if size < offset:
+                raise BidstError(f"{self.path} is shorter ({size} bytes) than its checkpoint recorded ({offset}): "
+                                 "it lost lines, so the run cannot continue it")
             self.file.truncate(offset)
             self.file.seek(offset)
 
@@ -206,9 +219,17 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfi
 
 def check_checkpoint(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Refuse a file that is not a training checkpoint, or one written by a run with another config."""
+    if not isinstance(state, dict):
+        raise BidstError(f"checkpoint {path} is not a bidst training checkpoint (it holds a {type(state).__name__})")
     missing = sorted(CHECKPOINT_KEYS - set(state))
     if missing:
         raise BidstError(f"checkpoint {path} is not a bidst training checkpoint (it lacks {', '.join(missing[:3])})")
+    kinds = {"config": dict, "epoch": int, "batch": int, "skipped": int, "metrics_offset": int, "running": dict,
+             "rng_cpu": torch.Tensor}
+    wrong = [k for k, kind in kinds.items() if not isinstance(state[k], kind) or isinstance(state[k], bool)]
+    wrong += ["rng_cpu"] if "rng_cpu" not in wrong and state["rng_cpu"].dtype != torch.uint8 else []
+    if wrong:
+        raise BidstError(f"checkpoint {path} is damaged: {', '.join(wrong)} of the wrong type")
     diff = config_diff(state["config"], cfg)
     if diff:
         raise BidstError(f"checkpoint {path} does not match this run: its config differs in {', '.join(diff)}")
@@ -346,6 +367,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             torch.cuda.set_rng_state(state["rng_cuda"])
         epoch, start_batch, best_val, skipped = state["epoch"], state["batch"], state["best_val"], state["skipped"]
         val_acc, test_acc = state["val_acc"], state["test_acc"]
+        saved_threads = state.get("threads")  # absent in checkpoints written before it was saved
+        if device.type == "cpu" and rank == 0 and saved_threads not in (None, torch.get_num_threads()):
+            print(f"bidst: warning: the run ran on {saved_threads} CPU threads and continues on "
+                  f"{torch.get_num_threads()}; its results will differ from an uninterrupted run's in float rounding "
+                  f"(threads={saved_threads} continues it bit for bit)", file=sys.stderr)
         running = dict(state["running"])
         meter.load_state_dict(state["meter"])
         evolution.load_state_dict(state["evolution"])
@@ -365,14 +391,17 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 "metrics_offset": metrics.offset(), "rng_cpu": torch.get_rng_state(),
                 "meter": meter.state_dict(), "evolution": evolution.state_dict(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "threads": torch.get_num_threads(),  # CPU reductions round differently on another thread count
             }
+            metrics.sync()
             save_checkpoint(state, ckpt_dir, sparsifier.step_count, cfg.keep_checkpoints)
 
         distributed.on_rank0(save)
 
     started = time.perf_counter()
     model.train()
-    while epoch < cfg.epochs and sparsifier.step_count < total_steps:
+    # a run stopped right after its last step (mid-epoch) still owes that epoch's evaluation and records
+    while epoch < cfg.epochs and (sparsifier.step_count < total_steps or start_batch > 0):
         loader = train_loader(epoch, start_batch)
         bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
