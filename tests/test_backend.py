@@ -257,6 +257,10 @@ def test_backend_errors():
     conv1d = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(bidst.BidstError, match="Conv1d"):
         bidst.sparsify(conv1d, torch.optim.SGD(conv1d.parameters(), lr=0.1), "set", 0.5, total_steps=5, backend="sparse")
+    bare = nn.Linear(8, 4)  # its twin could not replace the object the caller holds: it would train an orphan
+    with pytest.raises(bidst.BidstError, match="cannot replace the model itself"):
+        bidst.sparsify(bare, torch.optim.SGD(bare.parameters(), lr=0.1), "set", 0.5, total_steps=5, backend="sparse")
+    assert type(bare) is nn.Linear and not list(bare.children())
     with pytest.raises(bidst.BidstError, match="without its DataParallel wrapper"):
         bidst.sparsify(nn.DataParallel(model), opt, "rigl", 0.9, total_steps=10, backend="sparse")
 
@@ -637,3 +641,55 @@ def test_a_graph_kept_alive_across_a_resize_does_not_break_the_next_backward():
         sizes.append(sp.budgets["0.weight"])
         kept.append(model(torch.randn(4, 8)))  # never backpropagated
     assert len(set(sizes)) > 3 and sizes == sorted(sizes, reverse=True)
+
+
+def test_gradient_hooks_and_attributes_on_values_survive_topology_changes():
+    """The README tells users to register hooks on the twins' values after sparsify: a topology change (a resize of
+    values) dropped them, so a layer frozen through its gradient hook trained again."""
+    x, y = make_data(64)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = bidst.sparsify(model, opt, "set", 0.8, total_steps=20, interval=3, backend="sparse")
+    values = sp.trainable("fc1.weight")
+    calls = {"hook": 0, "post": 0}
+
+    def freeze(g):  # type: ignore[no-untyped-def]
+        calls["hook"] += 1
+        return g * 0
+
+    values.register_hook(freeze)
+    values.register_post_accumulate_grad_hook(lambda t: calls.__setitem__("post", calls["post"] + 1))
+    values.tag = "fc1"
+    changes = 0
+    for _ in range(7):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert float(values.grad.abs().sum()) == 0.0
+        changes += bool(sp.step())
+    assert changes >= 2 and calls == {"hook": 7, "post": 7} and values.tag == "fc1"
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_reloading_the_model_state_keeps_the_gradient_the_method_asked_for(backend):
+    """model.load_state_dict with the same active positions (training weights put back after an evaluation) made
+    the sparse layers new structures without the Sparsifier's standing dense-gradient request: RigL grew from zeros."""
+
+    def run(reload: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sp = bidst.sparsify(model, opt, "rigl", 0.9, total_steps=100, interval=5, backend=backend, seed=0)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
+        for _ in range(5):  # step 5 is RigL's first update
+            if reload:
+                model.load_state_dict(copy.deepcopy(model.state_dict()))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            sp.step()
+        assert sp.topology_changes == 1
+        return {n: m.clone() for n, m in sp.masks.items()}
+
+    plain, reloaded = run(False), run(True)
+    assert all(torch.equal(plain[n], reloaded[n]) for n in plain)

@@ -80,6 +80,9 @@ def check_layers(model: nn.Module, modules: dict[str, nn.Module], in_optimizer: 
             holders.setdefault(id(p), []).append((f"{path}.{leaf}" if path else leaf, m))
     for name, module in modules.items():
         layer = f"layer {name.rpartition('.')[0]!r}"
+        if "." not in name:  # the sparse twin could not take the place of the model object the caller holds
+            raise BidstError(f"backend 'sparse' cannot replace the model itself (a bare {type(module).__name__}); "
+                             "wrap it, e.g. nn.Sequential(layer), or use backend 'masked'")
         if type(module) is nn.Conv2d:
             try:
                 zero_padding(module)

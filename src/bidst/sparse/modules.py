@@ -74,10 +74,19 @@ class _SparseLayer(nn.Module):
         torch.compile's guards do) cannot be swapped and gets its data set: the caller must then
         let go of old graphs before the next backward.
         """
+        values = self.values
+        hooks, post_hooks, attributes = values._backward_hooks, values._post_accumulate_grad_hooks, dict(values.__dict__)
         try:
-            torch.utils.swap_tensors(self.values, nn.Parameter(data, requires_grad=self.values.requires_grad))
+            torch.utils.swap_tensors(values, nn.Parameter(data, requires_grad=values.requires_grad))
         except RuntimeError:  # "Cannot swap t1 because it has weakref associated with it"
-            self.values.data = data
+            values.data = data
+            return
+        # the swap moved the user's gradient hooks and attributes to the discarded tensor: put them back
+        values.__dict__.update(attributes)
+        if hooks is not None:
+            values._backward_hooks = hooks
+        if post_hooks is not None:
+            values._post_accumulate_grad_hooks = post_hooks
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -96,8 +105,12 @@ class _SparseLayer(nn.Module):
         key = prefix + "active_positions"
         if key in state_dict:
             flat = state_dict[key].detach().cpu().numpy().astype(np.int64)
-            self.structure = SparseStructure(self.structure.shape, flat, self.structure.groups)
-            self._resize_values(self.values.detach().new_zeros(self.structure.nnz))
+            if not np.array_equal(flat, self.structure.flat):  # the same positions keep their structure (and the
+                # gradient request standing on it: weights put back after an evaluation, say)
+                structure = SparseStructure(self.structure.shape, flat, self.structure.groups)
+                structure.copy_request(self.structure)
+                self.structure = structure
+                self._resize_values(self.values.detach().new_zeros(self.structure.nnz))
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict(

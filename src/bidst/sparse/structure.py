@@ -307,6 +307,10 @@ class SparseStructure:
         self._sample_at = None if positions is None else _as_positions(positions, self.numel, "sampled")
         self.sampled_grad = None
 
+    def copy_request(self, other: SparseStructure) -> None:
+        """Stand `other`'s sampled-gradient request (and what it has gathered) on this structure."""
+        self._sample_all, self._sample_at, self.sampled_grad = other._sample_all, other._sample_at, other.sampled_grad
+
     def take_sampled_grad(self) -> Tensor | None:
         """The accumulated sampled gradient (None if no backward ran); ends the request."""
         grad = self.sampled_grad
