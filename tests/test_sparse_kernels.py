@@ -407,3 +407,45 @@ def test_dense_weights_take_the_dense_path(monkeypatch):
     out.square().sum().backward()
     torch.testing.assert_close(x.grad, 2 * reference @ weight.detach())
     assert x.grad.t().is_contiguous()  # the layer before gets its output gradient in its own layout
+
+
+def test_conv_empty_batch_runs_forward_and_backward_as_pytorch():
+    """N = 0 made the input-gradient layout change ask reshape(-1, 0), which PyTorch refuses."""
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 4, 3, 3, generator=gen) < 0.2
+    structure = SparseStructure.from_mask(mask)
+    values = structure.gather(torch.randn(6, 4, 3, 3, generator=gen)).requires_grad_(True)
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    y = sparse_conv2d(x, values, structure, None, 1, 1)
+    assert y.shape == (0, 6, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(values.grad, torch.zeros_like(values))
+
+
+@pytest.mark.parametrize("stride,padding,message", [(1, -1, "padding at least 0"), (0, 1, "stride must be at least 1"),
+                                                    (1, "same", "int or a pair")])  # fmt: skip
+def test_conv_refuses_what_conv2d_refuses(stride, padding, message):
+    """A negative padding gave a cropped result and stride 0 a ZeroDivisionError on the kernel path."""
+    structure = SparseStructure.from_mask(torch.rand(6, 4, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.2)
+    with pytest.raises(ValueError, match=message):
+        sparse_conv2d(torch.randn(2, 4, 5, 5), torch.randn(structure.nnz), structure, None, stride, padding)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_cpu_autocast_computes_in_its_dtype_as_the_masked_ops(kind):
+    """Under CPU autocast the kernels returned float32 where the masked ops (and the same layer above the density
+    crossover) return bfloat16: a layer's output dtype changed during dense-to-sparse training."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (6, 8) if kind == "linear" else (6, 4, 3, 3)
+    mask = torch.rand(shape, generator=gen) < 0.2
+    w = torch.randn(shape, generator=gen)
+    structure = SparseStructure.from_mask(mask)
+    values = structure.gather(w)
+    x = torch.randn(2, 8) if kind == "linear" else torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", torch.bfloat16):
+        if kind == "linear":
+            y, expected = sparse_linear(x, values, structure, None), F.linear(x, w * mask)
+        else:
+            y, expected = sparse_conv2d(x, values, structure, None, 1, 1), F.conv2d(x, w * mask, padding=1)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)

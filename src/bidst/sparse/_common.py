@@ -36,9 +36,12 @@ def set_threads(threads: int) -> int:
 
 
 def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = None) -> bool:
-    """Whether the Numba path applies: every tensor is CPU float32, the weight is at most DENSE_ABOVE dense, and
-    no torch.export is tracing (an exported program computes the same function with dense ops)."""
+    """Whether the Numba path applies: every tensor is CPU float32, the weight is at most DENSE_ABOVE dense, CPU
+    autocast is off (its layers compute in its dtype, as the masked ops do), and no torch.export is tracing (an
+    exported program computes the same function with dense ops)."""
     if (structure is not None and structure.density > DENSE_ABOVE) or torch.compiler.is_exporting():
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     return all(t.is_cpu and t.dtype == torch.float32 for t in tensors if t is not None)
 

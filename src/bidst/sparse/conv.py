@@ -51,7 +51,7 @@ def _to_chwn(x: Tensor) -> Tensor:
 def _to_nchw(x: Tensor) -> Tensor:
     """A batch-innermost (N, C, H, W) tensor copied to the usual contiguous layout."""
     n, c, h, w = x.shape
-    return transposed(x.permute(1, 2, 3, 0).reshape(-1, n)).view(n, c, h, w)
+    return transposed(x.permute(1, 2, 3, 0).reshape(c * h * w, n)).view(n, c, h, w)
 
 
 def batch_innermost(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
@@ -199,7 +199,12 @@ def sparse_conv2d(
         raise ValueError(f"sparse_conv2d needs a 4-D weight structure, got shape {structure.shape}")
     if x.dim() != 4 or x.shape[1] != structure.in_channels:
         raise ValueError(f"input must be (N, {structure.in_channels}, H, W), got {tuple(x.shape)}")
+    if isinstance(padding, str):
+        raise ValueError(f"sparse_conv2d takes padding as an int or a pair, got {padding!r} (SparseConv2d.from_dense "
+                         "resolves 'same' and 'valid')")
     geom = ConvGeometry(pair(stride), pair(padding))
+    if min(geom.stride) < 1 or min(geom.padding) < 0:
+        raise ValueError(f"stride must be at least 1 and padding at least 0, got {geom.stride} and {geom.padding}")
     kh, kw = structure.kernel_size
     if x.shape[2] + 2 * geom.padding[0] < kh or x.shape[3] + 2 * geom.padding[1] < kw:
         raise ValueError(f"input {tuple(x.shape[2:])} with padding {geom.padding} is smaller than the kernel")
