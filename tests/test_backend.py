@@ -693,3 +693,35 @@ def test_reloading_the_model_state_keeps_the_gradient_the_method_asked_for(backe
 
     plain, reloaded = run(False), run(True)
     assert all(torch.equal(plain[n], reloaded[n]) for n in plain)
+
+
+@pytest.mark.parametrize("extra", ["discarded backward", "input gradient"])
+def test_a_backward_whose_weight_gradient_is_discarded_does_not_reach_the_method(extra):
+    """The masked backend's methods read param.grad, the gradient the step applies; the sparse kernels added every
+    backward since the request to the dense gradient RigL grows by, a discarded one (a skipped batch, SAM's first
+    pass) or an input-only autograd.grad (adversarial examples) included."""
+
+    def run(backend: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sp = bidst.sparsify(model, opt, "rigl", 0.9, total_steps=100, interval=5, backend=backend, seed=0)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
+        for _ in range(5):  # step 5 is RigL's first update
+            inputs = x
+            if extra == "discarded backward":
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+            else:
+                xa = x.clone().requires_grad_(True)
+                (gx,) = torch.autograd.grad(nn.functional.cross_entropy(model(xa), y), xa)
+                inputs = x + 0.01 * gx.sign()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(inputs), y).backward()
+            sp.step()
+        assert sp.topology_changes == 1
+        return {n: m.clone() for n, m in sp.masks.items()}
+
+    masked, sparse = run("masked"), run("sparse")
+    assert all(torch.equal(masked[n], sparse[n]) for n in masked)

@@ -75,6 +75,14 @@ def _record_dense_sample(structure: SparseStructure, dense_grad: Tensor) -> None
         structure.add_sampled_grad(flat[torch.from_numpy(structure.sampled_positions).to(flat.device)])
 
 
+def forget_discarded_samples(values: Tensor, structure: SparseStructure) -> None:
+    """Start the sampled gradient afresh when a forward finds the values' gradient zeroed (None), as `.grad` itself
+    does: a backward whose gradient was then discarded (a skipped batch, SAM's first pass, an input-only
+    autograd.grad as in adversarial training) is not counted. (zero_grad(set_to_none=False) is not noticed.)"""
+    if values.is_leaf and values.requires_grad and values.grad is None and torch.is_grad_enabled():
+        structure.sampled_grad = None
+
+
 def masked_dense_weight(values: Tensor, structure: SparseStructure) -> Tensor:
     """The dense weight for the fallback path, hooked to record any sampled-gradient request."""
     w = structure.to_dense(values)

@@ -22,6 +22,7 @@ from torch.nn.grad import conv2d_weight
 from . import _kernels_conv as KC
 from ._common import (
     bias_array,
+    forget_discarded_samples,
     masked_dense_weight,
     np_view,
     pair,
@@ -195,6 +196,7 @@ def sparse_conv2d(
     # no eager part, takes the dense path: see uses_kernels)
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return _eager_sparse_conv2d(x, values, structure, bias, stride, padding, dilation)
+    forget_discarded_samples(values, structure)
     if len(structure.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a 4-D weight structure, got shape {structure.shape}")
     if x.dim() != 4 or x.shape[1] != structure.in_channels:

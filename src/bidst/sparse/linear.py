@@ -17,7 +17,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _kernels_linear as KL
-from ._common import bias_array, masked_dense_weight, np_view, rows_cols, transposed, uses_kernels
+from ._common import (
+    bias_array,
+    forget_discarded_samples,
+    masked_dense_weight,
+    np_view,
+    rows_cols,
+    transposed,
+    uses_kernels,
+)
 from .structure import SparseStructure
 
 
@@ -179,6 +187,7 @@ def sparse_linear(x: Tensor, values: Tensor, structure: SparseStructure, bias: T
     # no eager part, takes the dense path: see uses_kernels)
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return _eager_sparse_linear(x, values, structure, bias)
+    forget_discarded_samples(values, structure)
     if len(structure.shape) != 2:
         raise ValueError(f"sparse_linear needs a 2-D weight structure, got shape {structure.shape}")
     out_f, in_f = structure.shape
