@@ -257,6 +257,10 @@ def test_backend_errors():
     conv1d = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(bidst.BidstError, match="Conv1d"):
         bidst.sparsify(conv1d, torch.optim.SGD(conv1d.parameters(), lr=0.1), "set", 0.5, total_steps=5, backend="sparse")
+    for kind in (torch.optim.Adafactor, torch.optim.LBFGS):  # state by the weight's shape / over all parameters
+        with pytest.raises(bidst.BidstError, match=f"cannot train with {kind.__name__}"):
+            bidst.sparsify(model, kind(model.parameters()), "set", 0.5, total_steps=5, backend="sparse")
+    assert type(model.fc1) is nn.Linear
     bare = nn.Linear(8, 4)  # its twin could not replace the object the caller holds: it would train an orphan
     with pytest.raises(bidst.BidstError, match="cannot replace the model itself"):
         bidst.sparsify(bare, torch.optim.SGD(bare.parameters(), lr=0.1), "set", 0.5, total_steps=5, backend="sparse")

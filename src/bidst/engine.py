@@ -180,6 +180,7 @@ class Sparsifier:
         }
         self.budgets: dict[str, int] = dict(self.numel)
         if backend == "sparse":  # before the masks touch the model, so a refusal leaves it as it was
+            backends.check_optimizer(optimizer)
             backends.check_layers(backends.unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()}, in_optimizer)
         method.setup(self)
         self.apply_masks()
