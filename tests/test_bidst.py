@@ -51,6 +51,8 @@ def _capture(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         (nn.Conv2d(4, 8, 3, padding="same", dilation=2, padding_mode="reflect"), (2, 4, 9, 8)),
         (nn.Conv2d(6, 6, 3, padding=1, groups=6), (2, 6, 7, 7)),
         (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 11)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 9, 8)),  # unbatched, as nn.Conv2d accepts
+        (nn.Conv1d(4, 6, 3, padding=1), (4, 11)),
     ],
 )
 def test_sampled_weight_grad_equals_dense_gradient(module, shape):
@@ -59,6 +61,8 @@ def test_sampled_weight_grad_equals_dense_gradient(module, shape):
     pos = torch.randperm(module.weight.numel())[:40]
     got = sampled_weight_grad(module, x, g, pos)
     torch.testing.assert_close(got, module.weight.grad.view(-1)[pos], rtol=1e-4, atol=1e-5)
+    rows = g.numel() // module.out_channels if isinstance(module, (nn.Conv1d, nn.Conv2d)) else g.numel() // 5
+    assert sampled_rows(module, g) == rows == output_row_norms(module, g).numel()
 
 
 def test_sampled_weight_grad_long_rows_path():

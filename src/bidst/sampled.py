@@ -88,6 +88,13 @@ def _conv_geometry(module: nn.Conv1d | nn.Conv2d) -> tuple[Pair, Pair, Pair, tup
     return kernel, stride, dilation, (left, right, top, bottom)
 
 
+def batched(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A convolution's unbatched input or output gradient ((C, L) for Conv1d, (C, H, W) for Conv2d, as PyTorch
+    accepts) with a batch of one in front; anything else as it is."""
+    unbatched = {nn.Conv1d: 2, nn.Conv2d: 3}.get(type(module))
+    return t.unsqueeze(0) if unbatched is not None and t.dim() == unbatched else t
+
+
 def _conv(
     module: nn.Conv1d | nn.Conv2d,
     x: torch.Tensor,
@@ -103,6 +110,7 @@ def _conv(
     Only the kernel offsets and input channels that some position needs are gathered, one offset
     at a time, so the cost is that of the products at `pos`, never a dense weight gradient.
     """
+    x, g = batched(module, x), batched(module, g)
     if isinstance(module, nn.Conv1d):
         x, g = x.unsqueeze(-2), g.unsqueeze(-2)
     (kh, kw), (sh, sw), (dh, dw), pads = _conv_geometry(module)
@@ -164,13 +172,14 @@ def output_row_norms(module: nn.Module, grad_output: torch.Tensor) -> torch.Tens
     """The L2 norm of each output row's gradient (over output features/channels), in `rows` order."""
     if isinstance(module, LINEAR):
         return grad_output.reshape(-1, grad_output.shape[-1]).float().norm(dim=1)
+    grad_output = batched(module, grad_output)
     channels = grad_output.shape[1]
     return grad_output.movedim(1, -1).reshape(-1, channels).float().norm(dim=1)
 
 
 def output_rows(module: nn.Module, grad_output: torch.Tensor) -> int:
     """Output positions times batch of one call: the FLOPs of one sampled position are twice this."""
-    channels = grad_output.shape[-1] if isinstance(module, LINEAR) else grad_output.shape[1]
+    channels = grad_output.shape[-1] if isinstance(module, LINEAR) else batched(module, grad_output).shape[1]
     return grad_output.numel() // channels
 
 
