@@ -519,7 +519,10 @@ def test_loader_drop_last_and_bad_settings() -> None:
 def test_loader_workers_match_in_process() -> None:
     ds = create_dataset("synthetic-rgb", "val", val_size=200, augment=True)
     kw = dict(batch_size=32, shuffle=True, seed=1, epoch=0, start_batch=2)
+    state = torch.get_rng_state()
     assert_same(batches(ds, num_workers=2, **kw), batches(ds, **kw))
+    # the workers' seeds come from a generator of their own: the global one, which checkpoints save, does not move
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_indexed_batches_are_a_reshuffled_stream_per_rank() -> None:

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ..errors import BidstError
 from .base import BatchDataset
 
-PERMUTATION, AUGMENTATION, HOLDOUT = 0, 1, 2  # stream tags, so order, augmentation and held-out draws are unrelated
+# stream tags, so order, augmentation, held-out and worker-seed draws are unrelated
+PERMUTATION, AUGMENTATION, HOLDOUT, WORKERS = 0, 1, 2, 3
 
 
 def derive_seed(*parts: int) -> int:
@@ -77,7 +78,10 @@ class EpochLoader(Dataset[tuple[Tensor, Tensor]]):
         if self.num_workers == 0:
             return (self[k] for k in range(len(self)))
         # workers fetch whole batches; each batch seeds its own generator, so results do not depend on the worker count
-        return iter(DataLoader(self, batch_size=None, shuffle=False, num_workers=self.num_workers))
+        # (its workers' base seed from a generator of its own: drawn from torch's global one, it moved that generator,
+        # which checkpoints save, so a resumed run's differed from an uninterrupted one's)
+        seeds = torch.Generator().manual_seed(derive_seed(WORKERS, self.seed, self.epoch, self.rank, self.start_batch))
+        return iter(DataLoader(self, batch_size=None, shuffle=False, num_workers=self.num_workers, generator=seeds))
 
 
 def make_loader(
