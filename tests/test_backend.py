@@ -674,58 +674,53 @@ def test_gradient_hooks_and_attributes_on_values_survive_topology_changes():
     assert changes >= 2 and calls == {"hook": 7, "post": 7} and values.tag == "fc1"
 
 
+def rigl_first_update(backend: str, before_step) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """RigL's masks after its first update (step 5) of a small MLP; `before_step(model, opt, x, y)` runs before each
+    step's own zero_grad, forward and backward and returns the inputs that step trains on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = bidst.sparsify(model, opt, "rigl", 0.9, total_steps=100, interval=5, backend=backend, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
+    for _ in range(5):
+        inputs = before_step(model, opt, x, y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(inputs), y).backward()
+        sp.step()
+    assert sp.topology_changes == 1
+    return {n: m.clone() for n, m in sp.masks.items()}
+
+
+def reload_state(model, opt, x, y):  # type: ignore[no-untyped-def]
+    model.load_state_dict(copy.deepcopy(model.state_dict()))
+    return x
+
+
+def discarded_backward(model, opt, x, y):  # type: ignore[no-untyped-def]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    return x
+
+
+def input_gradient(model, opt, x, y):  # type: ignore[no-untyped-def]
+    xa = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(nn.functional.cross_entropy(model(xa), y), xa)
+    return x + 0.01 * gx.sign()
+
+
 @pytest.mark.parametrize("backend", ["masked", "sparse"])
 def test_reloading_the_model_state_keeps_the_gradient_the_method_asked_for(backend):
     """model.load_state_dict with the same active positions (training weights put back after an evaluation) made
     the sparse layers new structures without the Sparsifier's standing dense-gradient request: RigL grew from zeros."""
-
-    def run(reload: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sp = bidst.sparsify(model, opt, "rigl", 0.9, total_steps=100, interval=5, backend=backend, seed=0)
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
-        for _ in range(5):  # step 5 is RigL's first update
-            if reload:
-                model.load_state_dict(copy.deepcopy(model.state_dict()))
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            sp.step()
-        assert sp.topology_changes == 1
-        return {n: m.clone() for n, m in sp.masks.items()}
-
-    plain, reloaded = run(False), run(True)
+    plain, reloaded = rigl_first_update(backend, lambda model, opt, x, y: x), rigl_first_update(backend, reload_state)
     assert all(torch.equal(plain[n], reloaded[n]) for n in plain)
 
 
-@pytest.mark.parametrize("extra", ["discarded backward", "input gradient"])
+@pytest.mark.parametrize("extra", [discarded_backward, input_gradient])
 def test_a_backward_whose_weight_gradient_is_discarded_does_not_reach_the_method(extra):
     """The masked backend's methods read param.grad, the gradient the step applies; the sparse kernels added every
     backward since the request to the dense gradient RigL grows by, a discarded one (a skipped batch, SAM's first
     pass) or an input-only autograd.grad (adversarial examples) included."""
-
-    def run(backend: str) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sp = bidst.sparsify(model, opt, "rigl", 0.9, total_steps=100, interval=5, backend=backend, seed=0)
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
-        for _ in range(5):  # step 5 is RigL's first update
-            inputs = x
-            if extra == "discarded backward":
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
-            else:
-                xa = x.clone().requires_grad_(True)
-                (gx,) = torch.autograd.grad(nn.functional.cross_entropy(model(xa), y), xa)
-                inputs = x + 0.01 * gx.sign()
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(inputs), y).backward()
-            sp.step()
-        assert sp.topology_changes == 1
-        return {n: m.clone() for n, m in sp.masks.items()}
-
-    masked, sparse = run("masked"), run("sparse")
+    masked, sparse = rigl_first_update("masked", extra), rigl_first_update("sparse", extra)
     assert all(torch.equal(masked[n], sparse[n]) for n in masked)
