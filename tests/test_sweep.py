@@ -265,6 +265,13 @@ def test_a_changed_sweep_file_does_not_pass_old_runs_off_as_its_own(env, capsys)
     err = capsys.readouterr().err.strip()
     assert "method=set/sparsity=0.5/seed=0" in err and "epochs" in err and len(err.splitlines()) == 1
     assert summary.read_bytes() == before
+    # a finished run's saved config damaged (by hand, say): a one-line error naming that file, not a YAML traceback
+    saved = summary.with_name("config.yaml")
+    for damage in ("model: [unclosed\n", "epochs: many\n"):
+        saved.write_text(damage)
+        assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"{saved} is damaged" in err and len(err.splitlines()) == 1
 
 
 def test_a_file_where_a_run_goes_stops_the_sweep_and_is_kept(env, capsys):

@@ -199,7 +199,11 @@ def check_resumed_config(cfg: TrainConfig, run_dir: Path) -> None:
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         raise BidstError(f"cannot resume: {run_dir} holds no config.yaml")
-    diff = config_diff(build_config(load_yaml(config_file.read_text())).to_dict(), cfg)
+    try:
+        saved = build_config(load_yaml(config_file.read_text(errors="replace"))).to_dict()
+    except (BidstError, yaml.YAMLError) as e:
+        raise BidstError(f"{config_file} is damaged: {str(e).splitlines()[0]}") from None
+    diff = config_diff(saved, cfg)
     if diff:
         raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
 
