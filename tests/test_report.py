@@ -203,3 +203,20 @@ def test_series_at_one_sparsity_sit_side_by_side_inside_the_axes(runs_dir):
     assert len({round(x, 3) for x in xs}) == 4
     low, high = ax.get_ylim()
     assert low <= 0.86 and high >= statistics.mean([0.90, 0.94]) + statistics.stdev([0.90, 0.94])
+
+
+@pytest.mark.parametrize("field,value", [("final_test_acc", "90%"), ("topology_changes", [3]),
+                                         ("flops", {"total": "many"}), ("time", 12), ("method_stats", [1]),
+                                         ("layers", [{"name": "fc", "density": "x"}]), ("best_val_acc", True)])  # fmt: skip
+def test_a_summary_field_of_the_wrong_type_skips_that_run_with_a_warning(runs_dir, capsys, field, value):
+    """A hand-edited summary.json with a field the report computes with of the wrong type was a traceback in the
+    middle of the tables (or a silently wrong mean)."""
+    path = runs_dir / "rigl-0.9-None" / "seed0" / "summary.json"
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps({**summary, field: value}))
+    capsys.readouterr()
+    runs = report.find_runs([runs_dir])
+    assert f"{field} of the wrong type" in capsys.readouterr().err
+    assert len(runs) == sum(map(len, ACCS.values())) - 1
+    _, rows = report.summarize(runs)
+    assert row_of(rows, "rigl")["n"] == 2

@@ -90,6 +90,32 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+SUMMARY_NUMBERS = ("final_test_acc", "best_val_acc", "final_val_acc", "topology_changes", "measured_sparsity",
+                   "wall_time_s")
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_summary(summary: dict[str, Any]) -> None:
+    """Raise TypeError naming the first field the report reads that has the wrong type (a hand-edited file)."""
+    wrong = [k for k in SUMMARY_NUMBERS if not _is_number(summary.get(k))]
+    for kind in ("flops", "time"):
+        part = summary.get(kind)
+        if part is not None and (not isinstance(part, dict) or not all(
+                _is_number(part.get(k)) for k in ("total", "relative_to_dense"))):  # fmt: skip
+            wrong.append(kind)
+    if not isinstance(summary.get("method_stats") or {}, dict):
+        wrong.append("method_stats")
+    layers = summary.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(x, dict) and isinstance(x.get("name", ""), str)
+                                               and _is_number(x.get("density")) for x in layers):  # fmt: skip
+        wrong.append("layers")
+    if wrong:
+        raise TypeError(f"summary.json has {', '.join(wrong)} of the wrong type")
+
+
 def _load_run(folder: Path) -> Run | None:
     try:
         summary = json.loads((folder / "summary.json").read_text())
@@ -97,6 +123,7 @@ def _load_run(folder: Path) -> Run | None:
         config = load_yaml(config_file.read_text()) if config_file.exists() else {}
         if not isinstance(summary, dict) or not isinstance(config, dict) or "final_test_acc" not in summary:
             raise TypeError("summary.json without final_test_acc, or config.yaml not a mapping")
+        _check_summary(summary)
         # keys added to TrainConfig after a run was made take their defaults, so they never split groups
         run = Run(folder, summary, {**TrainConfig().to_dict(), **(config or {})})
         _ = run.sparsity  # a sparsity that is not a number is corrupt too
