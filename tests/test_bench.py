@@ -75,3 +75,18 @@ def test_bench_out_without_one_pair_of_markers_is_refused_and_kept(tmp_path, tex
         main(["--out", str(report), "--models", "MLP 1024x3"])
     assert exc.value.code == 2 and "does not hold one" in capsys.readouterr().err
     assert report.read_text() == text
+
+
+def test_a_report_bench_wrote_can_be_rewritten_and_foreign_bytes_around_it_are_kept(tmp_path):
+    """A new --out file had no markers, so the same command refused it the next time; bytes outside the markers
+    in another encoding were replaced by U+FFFD."""
+    from bidst.bench import write_report
+
+    report = tmp_path / "perf.md"
+    write_report(report, ["# Performance", "", "first table"])
+    write_report(report, ["# Performance", "", "second table"])
+    text = report.read_text()
+    assert text.startswith("# Performance\n") and "second table" in text and "first table" not in text
+    report.write_bytes(b"Caf\xe9 notes\n" + MARKERS[0].encode() + b"\nold\n" + MARKERS[1].encode() + b"\n")
+    write_report(report, ["# Performance", "", "third table"])
+    assert report.read_bytes().startswith(b"Caf\xe9 notes\n") and b"third table" in report.read_bytes()

@@ -352,7 +352,7 @@ def marked_part(path: Path) -> tuple[str, str] | None:
     without both markers in order is refused, so prose a user wrote is never replaced."""
     if not path.exists():
         return None
-    old = path.read_text(errors="replace")
+    old = path.read_bytes().decode(errors="surrogateescape")  # text in another encoding is written back unchanged
     start, end = MARKERS
     i = old.find(start)
     j = old.find(end, i + len(start)) if i >= 0 else -1
@@ -366,13 +366,13 @@ def write_report(path: Path, lines: list[str]) -> None:
     """Write the report to a new `path`, or only between the markers of an existing one (its prose and title kept:
     the report's title line is left out there)."""
     around = marked_part(path)
-    if around is None:
-        text = "\n".join(lines) + "\n"
-    else:
-        body = lines[2:] if lines[0].startswith("# ") and not lines[1] else lines
-        text = around[0] + "\n" + "\n".join(body) + "\n" + around[1]
+    has_title = lines[0].startswith("# ") and not lines[1]
+    body = lines[2:] if has_title else lines
+    if around is None:  # a new file gets the markers too, so the same command can rewrite it
+        around = ("\n".join(lines[:2]) + "\n" if has_title else "") + MARKERS[0], MARKERS[1] + "\n"
+    text = around[0] + "\n" + "\n".join(body) + "\n" + around[1]
     make_folder(path.parent)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode(errors="surrogateescape")))
 
 
 def cpu_name() -> str:
@@ -399,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu", help="cpu: process time (one thread only)")
     ap.add_argument("--no-layers", action="store_true", help="whole steps only")
     ap.add_argument("--profile", action="store_true", help="also profile a regular sparse step per model and sparsity")
-    ap.add_argument("--out", help="write the Markdown report here (between its bench markers if it has them)")
+    ap.add_argument("--out", help="write the Markdown report to a new file, or between the bench markers of an existing one")
     args = ap.parse_args(argv)
     named = {**{name.lower(): name for name in MODELS}, **ALIASES}
     models = [named.get(m.strip().lower(), m.strip()) for m in args.models.split(",")]

@@ -146,6 +146,9 @@ class MetricsLog:
         """Cut the lines written after a checkpoint; a file shorter than the checkpoint says is refused, not padded."""
         if self.file is not None:
             size = os.fstat(self.file.fileno()).st_size
+            if size == 0 < offset:  # deleted by the user: the run goes on, its lines before the checkpoint are gone
+                print(f"bidst: warning: {self.path} was empty; it holds the lines from here on only", file=sys.stderr)
+                return
             if size < offset:
                 raise BidstError(f"{self.path} is shorter ({size} bytes) than its checkpoint recorded ({offset}): "
                                  "it lost lines, so the run cannot continue it")

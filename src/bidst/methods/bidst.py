@@ -23,7 +23,7 @@ from torch import nn
 from .. import distributed
 from ..backend import unwrap
 from ..errors import BidstError, SharedError
-from ..sampled import output_row_norms, output_rows, rows_counted, sampled_weight_grad
+from ..sampled import batched, output_row_norms, output_rows, rows_counted, sampled_weight_grad
 from ..schedules import cosine_decay, is_update_step
 from ..scores import grow_highest, random_scores
 from .base import METHODS, require_choice, require_range
@@ -345,7 +345,7 @@ class BiDST:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
                 self._records_for(sp.step_count + 1)
-                rows, batch = output_rows(module, output), inputs[0].shape[0]
+                rows, batch = output_rows(module, output), batched(module, inputs[0]).shape[0]
 
                 # a forward counts once its output's gradient arrives (a grad-enabled validation pass does not)
                 def count(grad: torch.Tensor) -> None:
@@ -522,7 +522,7 @@ class BiDST:
             if name in entries:  # masked: sampled products from the captured inputs and output gradients
                 caught = entries[name]
                 rows = sum(self.sub_rows(output_rows(module, g)) for _, _, g in caught)
-                batches[name] = sum(x.shape[0] for x, _, _ in caught)
+                batches[name] = sum(batched(module, x).shape[0] for x, _, _ in caught)
                 if self.row_sampling == "grad_norm" and self.mask_rows < 1.0:  # the output-gradient row norms
                     rows_all = sum(output_rows(module, gout) for _, _, gout in caught)
                     sp.add_cost("mask_learning", over_ranks(2.0 * rows_all * int(module.weight.shape[0])))
