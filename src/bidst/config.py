@@ -58,10 +58,10 @@ class TrainConfig:
     backend: str = "masked"  # masked (dense weights x masks) | sparse (bidst.sparse kernels)
     match_flops: str = ""  # a method (e.g. rigl): shorten this run to that method's training FLOPs; "": off
     # how to optimise
-    epochs: int = 3
-    batch_size: int = 128
+    epochs: int = 3  # passes over the training set (match_flops may stop earlier)
+    batch_size: int = 128  # the global batch (split over DDP processes)
     optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.05
+    lr: float = 0.05  # peak learning rate (after warm-up)
     momentum: float = 0.9  # SGD momentum (Adam's beta1 stays at its default)
     nesterov: bool = False
     weight_decay: float = 5e-4

@@ -1,4 +1,4 @@
-"""BiDST: the mask is optimized (a bi-level problem) rather than picked by a heuristic; see docs/bidst-method.md.
+"""BiDST: the mask is optimized (a bi-level problem) rather than picked by a heuristic; see docs/bidst.md.
 
 Each sparse layer keeps a candidate set C = A ∪ E (its active weights and ⌈ρ·k⌉ inactive
 exploration positions) with learned mask scores ψ and, for E, shadow weights that live in the

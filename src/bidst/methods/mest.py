@@ -31,7 +31,7 @@ class MEST(Stateless, UpdateSchedule):
     default_distribution: ClassVar[str] = "erk"
     backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # uses only the engine's weight/grad accessors
     drop_fraction: float = 0.1  # mutation ratio, decayed linearly
-    interval: float = 5  # every 5 epochs
+    interval: float = 5.0  # every 5 epochs (fractions allowed)
     interval_unit: str = "epochs"
     decay: str = "linear"
     grad_weight: float = 1.0  # lambda in |w| + lambda |g|
