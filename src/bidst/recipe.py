@@ -27,7 +27,7 @@ from .checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from .config import OPERATIONAL_KEYS, TrainConfig, build_config, load_yaml
+from .config import OPERATIONAL_KEYS, TrainConfig, load_config
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
 from .density import check_distribution, check_sparsity
 from .engine import Sparsifier, sparsify
@@ -128,8 +128,10 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as exc:
-            message = f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact"
-            raise BidstError(message) from None
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> BidstError:
+        return BidstError(f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact")
 
     def offset(self) -> int:
         return 0 if self.file is None else self.file.tell()
@@ -140,7 +142,7 @@ class MetricsLog:
             try:
                 os.fsync(self.file.fileno())
             except OSError as exc:
-                raise BidstError(f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact") from None
+                raise self._failed(exc) from None
 
     def truncate(self, offset: int) -> None:
         """Cut the lines written after a checkpoint; a file shorter than the checkpoint says is refused, not padded."""
@@ -203,9 +205,9 @@ def check_resumed_config(cfg: TrainConfig, run_dir: Path) -> None:
     if not config_file.exists():
         raise BidstError(f"cannot resume: {run_dir} holds no config.yaml")
     try:
-        saved = build_config(load_yaml(config_file.read_text(errors="replace"))).to_dict()
-    except (BidstError, yaml.YAMLError) as e:
-        raise BidstError(f"{config_file} is damaged: {str(e).splitlines()[0]}") from None
+        saved = load_config(config_file).to_dict()
+    except BidstError as e:
+        raise BidstError(f"{config_file} is damaged: {e}") from None
     diff = config_diff(saved, cfg)
     if diff:
         raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
