@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 
 import bidst
 from bidst import recipe
@@ -35,6 +38,26 @@ def _load_data_once(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
 def reuse_datasets() -> None:
     """Make the recipe build each dataset once per process (the synthetic set's 10,000 images take a while)."""
     recipe.load_data = _load_data_once
+
+
+class SpawnTimeout(AssertionError):
+    """Spawned processes were still running at their deadline (and were killed)."""
+
+
+def spawn(fn: Callable[..., None], args: tuple, nprocs: int, done: Callable[[], bool], seconds: float = 300.0) -> None:
+    """torch.multiprocessing.spawn that cannot hang the suite: processes still running after `seconds` are killed.
+    If `done()` then holds (every rank wrote its result, so only a gloo teardown hung), that counts as finished;
+    otherwise SpawnTimeout. A process that fails raises as in mp.spawn."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+                process.join()
+            if not done():
+                raise SpawnTimeout(f"{nprocs} spawned processes were still running after {seconds:.0f} s")
+            return
 
 
 def method_args(method: str) -> list[str]:

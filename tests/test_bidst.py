@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from _runs import spawn
 from conftest import TinyNet, make_data
 from torch import nn
 
@@ -635,6 +636,12 @@ def test_recorded_costs_match_the_plan_and_match_flops_shortens():
     assert steps < sp.total_steps
     assert sum(planned_flops(sp, sp.method, rows, steps).values()) <= rigl
     assert sum(planned_flops(sp, sp.method, rows, steps + 1).values()) > rigl
+    # against RigL as its own recipe may run it (updates every 2 steps, more dense gradients): more steps, same rule
+    frequent = bidst.create_method("rigl", interval=2)
+    pricier = sum(planned_flops(sp, frequent, rows, 40).values())
+    assert pricier > rigl
+    assert sum(planned_flops(sp, sp.method, rows, sp.total_steps).values()) <= pricier
+    assert matched_steps(sp, frequent, rows) == sp.total_steps  # the whole run fits that budget
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "grad_norm"])
@@ -860,6 +867,9 @@ def test_every_bidst_recipe_loads_with_valid_options():
         cfg = load_config(path)
         assert cfg.method == "bidst" and cfg.match_flops == "rigl"
         bidst.create_method(cfg.method, **cfg.method_args)
+        # matched against the baseline as its own recipe runs it (the same file name without "bidst-")
+        baseline = load_config(path.with_name(path.name.removeprefix("bidst-")))
+        assert (baseline.method, baseline.method_args) == (cfg.match_flops, cfg.match_flops_args), path.name
 
 
 def test_training_recipe_matches_rigl_flops(tmp_path):
@@ -879,6 +889,14 @@ def test_training_recipe_matches_rigl_flops(tmp_path):
     assert summary["method_costs"]["mask_learning"] > 0 and summary["topology_changes"] > 0
     assert summary["method_stats"]["swap_decisions"] > 0 and 0.0 <= summary["method_stats"]["set_by_scores"] <= 1.0
     assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
+    # against RigL as its own recipe runs it (match_flops_args = its method_args): updates every 2 steps cost
+    # more dense gradients, so BiDST may train longer, and still costs no more than that RigL
+    frequent = train(load_config(None, [*args[:7], "method=rigl", "method_args.interval=2", "threads=1"]),
+                     tmp_path / "rigl2")  # fmt: skip
+    longer = train(load_config(None, [*args, "match_flops_args.interval=2"]), tmp_path / "run2")
+    assert summary["steps"] < longer["steps"] <= 20
+    assert rigl["flops"]["relative_to_dense"] < frequent["flops"]["relative_to_dense"]
+    assert longer["flops"]["relative_to_dense"] <= frequent["flops"]["relative_to_dense"]
 
 
 def test_recorded_dense_gradients_count_the_changeable_layers_as_the_plan_does(tmp_path):
@@ -928,9 +946,8 @@ def _ddp_worker(rank: int, store: str, out: str) -> None:
 
 
 def test_ddp_ranks_keep_identical_masks_and_scores(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2)
+    spawn(_ddp_worker, (str(tmp_path / "store"), str(tmp_path / "rank")), 2,
+          lambda: all((tmp_path / f"rank.{rank}").exists() for rank in range(2)))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank.{rank}", weights_only=True)
         assert result["same"] and result["changes"] > 0

@@ -19,11 +19,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _runs import (
     LOAD_DATA,
+    SpawnTimeout,
     assert_same_run,
     change_steps,
     checkpoints,
     final_state,
     reuse_datasets,
+    spawn,
     stop_steps,
     stopped_copy,
     tiny_args,
@@ -259,18 +261,22 @@ def ddp(scratch: Path) -> Path:
 
     Gloo can abort a process as it exits ("terminate called without an active exception", about one
     spawn in twenty on the CI machine class, after the barrier before teardown). A rank that wrote its
-    record has finished its work, so such an abort after both records counts as done; an abort
-    before them is retried once, from scratch. A real failure fails both tries.
+    record has finished its work, so such an abort (or a hang, killed at the deadline) after both records
+    counts as done; one before them is retried once, from scratch. A real failure fails both tries.
     """
     for attempt in (1, 2):
         root = scratch / f"ddp{attempt}"
         root.mkdir()
+        recorded = lambda root=root: all((root / f"rank{r}.json").exists() for r in (0, 1))
         try:
-            mp.spawn(_worker, args=(2, str(root), METHODS), nprocs=2, join=True)
+            spawn(_worker, (2, str(root), METHODS), 2, recorded)
             return root
         except mp.ProcessExitedException as error:
-            if error.signal_name == "SIGABRT" and all((root / f"rank{r}.json").exists() for r in (0, 1)):
+            if error.signal_name == "SIGABRT" and recorded():
                 return root
+            if attempt == 2:
+                raise
+        except SpawnTimeout:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")

@@ -86,13 +86,15 @@ def planned_flops(
     return plan
 
 
-def matched_steps(sp: Sparsifier, baseline: str, rows: dict[str, int]) -> int:
+def matched_steps(sp: Sparsifier, baseline: str | Method, rows: dict[str, int]) -> int:
     """The most steps (at most `sp.total_steps`) whose plan costs no more than `baseline` over `sp.total_steps`.
 
-    The baseline is planned with its default options at this run's target layer budgets (what a dense-to-sparse
-    run ends at, not the dense layers it starts from).
+    The baseline is a method name (planned with its default options) or a method built with the options its own
+    run uses (its update interval sets how many dense gradients it pays for), planned at this run's target layer
+    budgets (what a dense-to-sparse run ends at, not the dense layers it starts from).
     """
-    budget = sum(planned_flops(sp, create_method(baseline), rows, sp.total_steps, sp.target_budgets()).values())
+    method = create_method(baseline) if isinstance(baseline, str) else baseline
+    budget = sum(planned_flops(sp, method, rows, sp.total_steps, sp.target_budgets()).values())
     lo, hi = 1, sp.total_steps
     while lo < hi:
         mid = (lo + hi + 1) // 2

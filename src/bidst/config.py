@@ -57,6 +57,7 @@ class TrainConfig:
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options
     backend: str = "masked"  # masked (dense weights x masks) | sparse (bidst.sparse kernels)
     match_flops: str = ""  # a method (e.g. rigl): shorten this run to that method's training FLOPs; "": off
+    match_flops_args: dict[str, Any] = field(default_factory=dict)  # that method's options (its recipe's method_args)
     # how to optimise
     epochs: int = 3  # passes over the training set (match_flops may stop earlier)
     batch_size: int = 128  # the global batch (split over DDP processes)
@@ -102,6 +103,9 @@ AT_LEAST_ZERO = {"val_size", "train_subset", "holdout_size", "holdout_batch", "l
 POSITIVE = {"epochs", "batch_size", "log_every", "iou_interval"}
 
 
+NESTED = ("method_args", "match_flops_args")  # the mapping keys, which take dotted overrides
+
+
 def _fields() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -125,7 +129,7 @@ def _coerce(key: str, value: Any) -> Any:
             return value
     elif isinstance(value, kind):
         return value
-    noun = {bool: "true or false", float: "a number", int: "an integer", str: "a string"}.get(kind, kind.__name__)
+    noun = {bool: "true or false", float: "a number", int: "an integer", str: "a string", dict: "a mapping"}.get(kind, kind.__name__)
     raise BidstError(f"config key {key!r} must be {noun}, got {value!r}")
 
 
@@ -155,10 +159,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
     for key, value in overrides:
         head, _, rest = key.partition(".")
         if rest:
-            if head != "method_args":
-                raise BidstError(f"config key {key!r}: only method_args has sub-keys")
-            out.setdefault("method_args", {})
-            out["method_args"][rest] = value
+            if head not in NESTED:
+                raise BidstError(f"config key {key!r}: only {' and '.join(NESTED)} have sub-keys")
+            if not isinstance(out.setdefault(head, {}), dict):
+                raise BidstError(f"config key {head!r} must be a mapping, got {out[head]!r}")
+            out[head][rest] = value
         else:
             out[head] = value
     return out

@@ -186,6 +186,13 @@ def check_config(cfg: TrainConfig) -> None:
         method.check_loss_scaling()
     if cfg.match_flops and cfg.match_flops not in METHODS:
         raise BidstError(f"match_flops: unknown method {cfg.match_flops!r}; known: {', '.join(METHODS.names())}")
+    if cfg.match_flops_args and not cfg.match_flops:
+        raise BidstError("match_flops_args is set but match_flops is not: name the method to match")
+    if cfg.match_flops:
+        try:
+            create_method(cfg.match_flops, **cfg.match_flops_args)
+        except BidstError as err:
+            raise BidstError(f"match_flops_args: {err}") from None
     MODELS.get(cfg.model)
     dataset_info(cfg.dataset)
 
@@ -341,7 +348,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     )
     if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
         rows = {n: r * world for n, r in model_rows(model, init_x.to(device)).items()}  # of the global batch
-        total_steps = sparsifier.total_steps = matched_steps(sparsifier, cfg.match_flops, rows)
+        baseline = create_method(cfg.match_flops, **cfg.match_flops_args)
+        total_steps = sparsifier.total_steps = matched_steps(sparsifier, baseline, rows)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
     shapes = layer_shapes(net, init_x.to(device))
