@@ -540,6 +540,36 @@ def test_gradients_clipped_after_prepare_gradients_train_alike_on_both_backends(
         torch.testing.assert_close(ssp.weight(name), dsp.weight(name), **TOL)
 
 
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize("method", ["rigl", "bidst"])
+def test_a_prepared_step_that_is_skipped_leaves_nothing_behind(backend, method):
+    """Gradients prepared (for clipping) and then discarded (a non-finite norm, say: zero_grad, no step) are not
+    taken for the next batch's: the run equals one that never saw the skipped batch. (The next prepare returned
+    early, so the optimizer applied the new gradients unmasked and the method used the skipped batch's.)"""
+    runs = [build(backend, method, "sgd", 8, interval=2) if method == "rigl" else
+            build(backend, method, "sgd", 8, mask_interval=2, learn_every=1) for _ in range(2)]  # fmt: skip
+    x, y = make_data(256)
+    g = torch.Generator().manual_seed(0)
+    for step in range(8):
+        idx, skipped = (torch.randint(0, len(x), (32,), generator=g) for _ in range(2))
+        for run, (model, opt, sp) in enumerate(runs):
+            if run == 1 and step in (1, 3):  # a batch whose prepared gradients are thrown away
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[skipped] * 5.0), y[skipped]).backward()
+                sp.prepare_gradients()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            sp.prepare_gradients()
+            sp.step()
+    (am, aopt, asp), (bm, bopt, bsp) = runs
+    assert asp.topology_changes == bsp.topology_changes > 0
+    for name in asp.masks:
+        assert torch.equal(asp.masks[name], bsp.masks[name]), name
+        assert torch.equal(asp.weight(name), bsp.weight(name)), name
+        for a, b in zip(dense_states(asp, aopt, name), dense_states(bsp, bopt, name)):
+            assert torch.equal(a, b), name
+
+
 def test_torch_compile_of_a_sparse_backend_model_trains_as_eager(monkeypatch):
     """TorchDynamo cannot trace the Numba kernels (it crashed tracing into Numba's dispatcher): the sparse
     layers run eagerly inside a compiled model."""

@@ -146,6 +146,8 @@ def test_train_writes_run_folder(tmp_path, capsys):
         (["epochs=abc"], "config key 'epochs' must be an integer"),
         (["method_args.drop_frac=0.1"], "unknown option(s) drop_frac for method 'rigl'"),
         (["method_args.interval=0"], "option 'interval' of method 'rigl' must be in (0, inf), got 0"),
+        (["method=mest", "method_args.interval=0.5", "method_args.interval_unit=steps"],
+         "option 'interval' of method 'mest' counts steps (interval_unit: steps), so it must be a whole number, got 0.5"),
         (["method_args.drop_fraction=nan"], "option 'drop_fraction' of method 'rigl' must be like 0.3, got 'nan'"),
         (["dataset=fashion-mnist", "data_root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
         (["device=cuda"] if not torch.cuda.is_available() else ["device=tpu"], "device"),

@@ -152,7 +152,7 @@ def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["group_keys"] == ["method", "sparsity", "method_args.mask_lr"] and result["runs"] == 11
     table = (out / "report.md").read_text()
-    assert table.count("\n") == 2 + 5 and "0.92 ± 0.026" in table
+    assert table.count("\n") == 2 + 5 + 2 and "0.92 ± 0.026" in table and "sample standard deviation (n − 1)" in table
     assert (out / "report.csv").read_text().splitlines()[0].startswith("method,sparsity,method_args.mask_lr,n,")
     pngs = ["accuracy_vs_sparsity.png", "test_acc_curves.png", "iou.png", "itop.png", "layer_density.png"]
     for name in pngs:
@@ -220,3 +220,51 @@ def test_a_summary_field_of_the_wrong_type_skips_that_run_with_a_warning(runs_di
     assert len(runs) == sum(map(len, ACCS.values())) - 1
     _, rows = report.summarize(runs)
     assert row_of(rows, "rigl")["n"] == 2
+
+
+def test_a_setting_written_out_at_its_default_is_the_same_setting(tmp_path):
+    """An option left out and the same option given at the method's default are one group (they split the seeds
+    into two rows, each with a spurious column)."""
+    root = tmp_path / "runs"
+    for seed, acc in enumerate([0.90, 0.91]):
+        write_run(root / f"plain{seed}", "rigl", 0.9, seed, acc)
+    write_run(root / "explicit", "rigl", 0.9, 2, 0.95)
+    config = yaml.safe_load((root / "explicit" / "config.yaml").read_text())
+    config.update(method_args={"drop_fraction": 0.3}, distribution="erk")  # RigL's defaults
+    (root / "explicit" / "config.yaml").write_text(yaml.safe_dump(config))
+    write_run(root / "other", "rigl", 0.9, 0, 0.80)
+    config["method_args"] = {"drop_fraction": 0.5}
+    (root / "other" / "config.yaml").write_text(yaml.safe_dump(config))
+    extra, rows = report.summarize(report.find_runs([root]))
+    assert extra == ["method_args.drop_fraction"]
+    assert row_of(rows, "rigl", **{"method_args.drop_fraction": 0.3})["n"] == 3
+    assert row_of(rows, "rigl", **{"method_args.drop_fraction": 0.5})["n"] == 1
+
+
+def test_dense_runs_sit_at_sparsity_zero_whatever_their_config_says(tmp_path):
+    root = tmp_path / "runs"
+    for seed, sparsity in enumerate([0.9, 0.95]):
+        write_run(root / f"dense{seed}", "dense", sparsity, seed, 0.93)
+    _, rows = report.summarize(report.find_runs([root]))
+    assert [(r["method"], r["sparsity"], r["n"]) for r in rows] == [("dense", 0.0, 2)]
+
+
+def test_a_non_finite_accuracy_shows_as_nan_and_a_repeated_seed_is_flagged(runs_dir, tmp_path, capsys):
+    summary = runs_dir / "rigl-0.9-None" / "seed0" / "summary.json"
+    summary.write_text(summary.read_text().replace('"final_test_acc": 0.9,', '"final_test_acc": NaN,'))
+    write_run(runs_dir / "again", "set", 0.9, 0, 0.87)  # seed 0 of SET a second time
+    runs = report.find_runs([runs_dir])
+    _, rows = report.summarize(runs)
+    rigl = row_of(rows, "rigl")
+    assert rigl["n"] == 3 and rigl["test_acc_mean"] != rigl["test_acc_mean"]  # NaN, not the mean of the others
+    assert "share seeds (0, 1)" in capsys.readouterr().err
+    assert report.main([str(runs_dir), "--out", str(tmp_path / "out")]) == 0  # table and figures, no crash
+    assert "| rigl | 0.9 | – | 3 | nan |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_without_a_test_accuracy_are_left_out_of_the_figures(runs_dir, tmp_path):
+    for folder in (runs_dir / "dense-0.0-None").iterdir():
+        summary = folder / "summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "final_test_acc": None}))
+    assert report.main([str(runs_dir), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "accuracy_vs_sparsity.png").exists()

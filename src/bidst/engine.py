@@ -52,6 +52,12 @@ class LayerReport:
 _OWNERS: weakref.WeakValueDictionary[int, Sparsifier] = weakref.WeakValueDictionary()
 
 
+def _remove_hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Remove the gradient hooks a Sparsifier put on its weights."""
+    for handle in handles:
+        handle.remove()
+
+
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every entry of every tensor is finite, with one host synchronisation for all of them (one per
     tensor would stall a CUDA stream once per layer). Finite sums prove it in one pass (an inf or NaN entry makes
@@ -127,8 +133,10 @@ class Sparsifier:
         self._sampled_requested: dict[str, torch.Tensor] = {}  # positions whose gradient the next step reports
         self.sampled_grads: dict[str, torch.Tensor] = {}  # the last step's gradients at those positions
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (inputs, targets), if given
-        self._synced_step = 0  # sparse backend under DDP: the step whose gradients are already averaged over ranks
-        self._prepared_step = 0  # the step whose gradients prepare_gradients has made ready for the optimizer
+        # (step, backward count) of the gradients already averaged over ranks (sparse backend under DDP), and of
+        # those prepare_gradients has made ready for the optimizer: a backward since then brings new gradients
+        self._backwards = 0  # backward passes that reached a sparsified weight (counted by gradient hooks)
+        self._synced_for = self._prepared_for = (0, 0)
         self._prepared: tuple[dict[str, torch.Tensor] | None, bool] = (None, True)  # its dense gradients, finite
         if backend == "sparse":  # no DDP wrapper here (see sync_gradients): start every rank from rank 0's state, as DDP does
             distributed.broadcast_state(model)
@@ -192,6 +200,22 @@ class Sparsifier:
         self.check_ranks_agree("after the initial masks")
         for param in backends.unwrap(model).parameters():
             _OWNERS[id(param)] = self
+        self._count_backwards()
+
+    def _count_backwards(self) -> None:
+        """Count the backward passes that reach the sparsified weights, so that gradients prepared for a step that
+        was then skipped (zero_grad and a new backward, no `step()`) are not taken for the new ones. The hooks hold
+        the Sparsifier weakly and are removed with it (a later Sparsifier of the model starts clean)."""
+        owner = weakref.ref(self)
+
+        def counted(_: torch.Tensor) -> None:
+            live = owner()
+            if live is not None:
+                live._backwards += 1
+
+        handles = [t.register_post_accumulate_grad_hook(counted)
+                   for t in map(self.trainable, self.params) if t.requires_grad]  # fmt: skip
+        weakref.finalize(self, _remove_hooks, handles)
 
     def _sparse_backend_names(self) -> list[str]:
         """The layers the sparse backend swaps for twins: a layer at target density 1 computes faster dense,
@@ -239,11 +263,17 @@ class Sparsifier:
         wanted = getattr(self.method, "sampled_positions", None)
         positions = wanted(step, self) if wanted is not None else None
         self._sampled_requested = {n: p for n, p in (positions or {}).items() if n in self.params}
+        self._arm_requests()
+
+    def _arm_requests(self) -> None:
+        """Tell the sparse layers what the coming backward passes must gather for this step (noted by _request_grads)."""
         for name, layer in self.sparse_layers.items():
             if self._dense_grad_requested:
                 layer.request_sampled_grad(None)
             elif name in self._sampled_requested:
                 layer.request_sampled_grad(self._sampled_requested[name])
+            else:
+                layer.take_sampled_grad()  # ends a request left from before
 
     def _take_sampled_grads(self, dense_grads: dict[str, torch.Tensor] | None, scale: float) -> None:
         """Fill `sampled_grads` with the gradient at the positions requested for this step (unscaled).
@@ -291,7 +321,7 @@ class Sparsifier:
         if unit == "steps":
             return int(value)
         if unit == "fraction":
-            return int(round(value * self.total_steps))
+            return max(1, int(round(value * self.total_steps)))
         if unit == "epochs":
             if not self.steps_per_epoch:
                 raise BidstError("an interval in epochs needs steps_per_epoch (pass it to sparsify)")
@@ -445,7 +475,7 @@ class Sparsifier:
         positions). `prepare_gradients()` calls it.
         """
         step = self.step_count + 1
-        if self.backend != "sparse" or self._synced_step == step or distributed.world_size() == 1:
+        if self.backend != "sparse" or self._synced_for == (step, self._backwards) or distributed.world_size() == 1:
             return
         params = [p for p in self.model.parameters() if p.requires_grad]
         requested = [layer for layer in self.sparse_layers.values()
@@ -466,7 +496,7 @@ class Sparsifier:
         grads = [p.grad for p in params if p.grad is not None]
         captured = [layer.structure.sampled_grad for layer in requested if layer.structure.sampled_grad is not None]
         distributed.all_reduce_mean_many(grads + captured)
-        self._synced_step = step
+        self._synced_for = (step, self._backwards)
 
     def prepare_gradients(self, scaler: torch.amp.GradScaler | None = None) -> None:
         """Make every `param.grad` the gradient the optimizer step will apply; `step()` calls it once per step.
@@ -476,7 +506,8 @@ class Sparsifier:
         then zeroes the inactive weights' gradients. Call it yourself, with the same scaler as
         `step()`, before anything that reads the gradients, such as clipping: then both backends
         clip the same gradient (a masked layer's dense gradient would count inactive weights).
-        A step whose gradients were prepared must be taken with `step()`.
+        A step prepared and then skipped (zero_grad and a new backward, no `step()`: a non-finite clipped norm,
+        say) leaves nothing behind: the next call prepares the new gradients.
         """
         exported = [n for n, layer in self.sparse_layers.items() if layer.exported]
         if exported:
@@ -485,7 +516,7 @@ class Sparsifier:
                              "a copy: to_dense_modules(copy.deepcopy(model))")
         self._check_topologies()
         step = self.step_count + 1
-        if self._prepared_step == step:
+        if self._prepared_for == (step, self._backwards):  # prepared, and no backward since (a skipped step's has one)
             return
         check_scaling = getattr(self.method, "check_loss_scaling", None)
         if scaler is not None and scaler.is_enabled() and check_scaling is not None:
@@ -506,13 +537,14 @@ class Sparsifier:
                     grad = param.grad if param.grad is not None else torch.zeros_like(param)
                     dense_grads[name] = grad.detach().clone()
         self._take_sampled_grads(dense_grads, scale)
+        self._arm_requests()  # again, for a backward that replaces these gradients before step() (a skipped step)
         # the method learns from this step only if they are all finite
         finite = all_finite([*(dense_grads or {}).values(), *self.sampled_grads.values()])
         with torch.no_grad():
             for name, param in self.params.items():
                 if param.grad is not None and name not in self.sparse_layers:
                     param.grad.mul_(self.masks[name])
-        self._prepared_step, self._prepared = step, (dense_grads, finite)
+        self._prepared_for, self._prepared = (step, self._backwards), (dense_grads, finite)
 
     def step(
         self, scaler: torch.amp.GradScaler | None = None, batch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -614,7 +646,7 @@ class Sparsifier:
         self.step_count = int(state["step"])
         self.topology_changes = int(state["topology_changes"])
         # a rollback inside the process: the next step's gradients are new ones, to average and prepare again
-        self._synced_step = self._prepared_step = 0
+        self._synced_for = self._prepared_for = (0, 0)
         self._prepared = (None, True)
         self.rng.set_state(state["rng"])
         self.costs = {k: float(v) for k, v in state.get("costs", {}).items()}

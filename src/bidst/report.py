@@ -30,6 +30,7 @@ import yaml
 from .checkpoint import make_folder
 from .config import OPERATIONAL_KEYS, TrainConfig, load_yaml
 from .errors import BidstError
+from .methods import METHODS, method_options
 
 _NEVER_GROUP = {"run_dir", "resume", *OPERATIONAL_KEYS}  # they do not change what a run computes
 
@@ -50,8 +51,24 @@ class Run:
 
     @property
     def sparsity(self) -> float:
-        """The target sparsity, rounded so that 0.9 and 0.9000000001 group together."""
+        """The target sparsity, rounded so that 0.9 and 0.9000000001 group together (0 for dense training, which
+        ignores the configured one)."""
+        if self.method == "dense":
+            return 0.0
         return round(float(self.summary.get("sparsity", self.config.get("sparsity", 0.0))), 6)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The config as dotted keys with the method's defaults written out, so that an option left out and the same
+        option given at its default are one setting (a method this process does not know is taken as written)."""
+        config = dict(self.config)
+        for key, method_key in (("method_args", "method"), ("match_flops_args", "match_flops")):
+            name = config.get(method_key)
+            if isinstance(name, str) and name in METHODS and isinstance(config.get(key) or {}, dict):
+                config[key] = {**method_options(name), **(config.get(key) or {})}
+        if config.get("distribution") is None and self.method in METHODS:
+            config["distribution"] = METHODS.get(self.method).default_distribution
+        return {k: v for k, v in flatten(config).items() if v != {}}
 
     def records(self, kind: str) -> dict[int, dict[str, Any]]:
         """The last record of `kind` per epoch (a resumed run may log an epoch twice)."""
@@ -167,7 +184,7 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys, seeds aside, that take several values among runs of one (method, sparsity)."""
     by_base: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for run in runs:
-        by_base.setdefault((run.method, run.sparsity), []).append(flatten(run.config))
+        by_base.setdefault((run.method, run.sparsity), []).append(run.settings)
     keys = sorted({k for flats in by_base.values() for flat in flats for k in flat})
     return [
         k
@@ -180,9 +197,13 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1; None for one value) of the values present; NaN if one is not
+    finite (a failed run is shown, not averaged away)."""
     present = [float(v) for v in values if v is not None]
     if not present:
         return None, None
+    if not all(math.isfinite(v) for v in present):
+        return math.nan, None
     return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
 
 
@@ -234,16 +255,19 @@ def summarize(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     dense_flops, dense_time = _dense_totals(runs, "flops"), _dense_totals(runs, "time")
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        flat = flatten(run.config)
+        flat = run.settings
         key = (run.sparsity, run.method, *(_sortable(flat.get(k)) for k in extra))
         groups.setdefault(key, []).append(run)
     rows = []
     for key in sorted(groups):
         members = groups[key]
-        flat = flatten(members[0].config)
+        flat = members[0].settings
         row: dict[str, Any] = {"method": key[1], "sparsity": key[0], **{k: flat.get(k) for k in extra}}
         row["n"] = len(members)
         row["seeds"] = sorted({_canon(r.summary.get("seed", r.config.get("seed"))) for r in members})
+        if len(row["seeds"]) < row["n"]:
+            _warn(f"{row['n']} runs of {key[1]} at sparsity {key[0]:g} share seeds ({', '.join(row['seeds'])}): a "
+                  "seed run twice counts twice in the mean and std; report each seed once")
         columns: dict[str, Callable[[Run], Any]] = {
             "test_acc": lambda r: r.summary.get("final_test_acc"),
             "best_val_acc": lambda r: r.summary.get("best_val_acc"),
@@ -291,6 +315,8 @@ def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
         if stats:
             cells.append(", ".join(f"{k} {_fmt(v)}" for k, v in row.get("method_stats", {}).items()) or "–")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "± is the sample standard deviation (n − 1) over a row's runs; a row of one run has none, a run with a "
+              "non-finite accuracy makes its row's mean nan."]
     return "\n".join(lines) + "\n"
 
 
@@ -322,7 +348,7 @@ def _figure_class() -> Any:
 
 
 def _series(run: Run, extra: Sequence[str]) -> str:
-    flat = flatten(run.config)
+    flat = run.settings
     return " ".join([run.method, *(f"{k}={_canon(flat[k])}" for k in extra if flat.get(k) not in (None, {}))])
 
 
@@ -334,7 +360,7 @@ def _curve(runs: Sequence[Run], points: Callable[[Run], dict[int, float]]):
             per_epoch.setdefault(epoch, []).append(value)
     xs = sorted(per_epoch)
     stats = [_mean_std(per_epoch[x]) for x in xs]
-    return xs, [m for m, _ in stats], [s or 0.0 for _, s in stats]
+    return xs, [m for m, _ in stats], [math.nan if s is None else s for _, s in stats]  # NaN: no band
 
 
 def _grid(Figure: Any, n: int, title: str):
@@ -385,14 +411,19 @@ def _accuracy_vs_sparsity(Figure, runs, extra, colors):
     for name, members in sorted(by_series.items()):
         levels = sorted({r.sparsity for r in members})
         stats = [_mean_std([r.summary["final_test_acc"] for r in members if r.sparsity == s]) for s in levels]
+        kept = [(x, m, math.nan if sd is None else sd) for x, (m, sd) in zip(levels, stats) if m is not None]
+        if not kept:  # no run of this series has a test accuracy
+            continue
+        levels, means, stds = (list(t) for t in zip(*kept))
         if members[0].method == "dense":
-            ax.axhline(stats[0][0], color=colors[name], linestyle="--", label=name)
+            ax.axhline(means[0], color=colors[name], linestyle="--", label=name)
             continue
         # series side by side, a few points apart, so that error bars at the same sparsity do not hide each other
         shift = offset_copy(ax.transData, fig=fig, x=4.0 * (sparse.index(name) - (len(sparse) - 1) / 2), units="points")
-        ax.errorbar(levels, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats],
+        ax.errorbar(levels, means, yerr=stds,  # a NaN std (one seed) draws no bar
                     color=colors[name], marker="o", capsize=3, label=name, transform=shift)
-        ax.update_datalim([(x, m + sign * (s or 0.0)) for x, (m, s) in zip(levels, stats) for sign in (-1, 1)])
+        ax.update_datalim([(x, m + sign * (0.0 if math.isnan(sd) else sd)) for x, m, sd in zip(levels, means, stds)
+                           for sign in (-1, 1) if math.isfinite(m)])
     ax.autoscale_view()
     ax.set_xlabel("sparsity")
     ax.set_ylabel("final test accuracy")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..schedules import cosine_decay, is_update_step, linear_decay
+from ..errors import BidstError
 from .base import require_choice, require_range
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ class UpdateSchedule:
         require_range(name, "interval", self.interval, 0, float("inf"), above_lo=True)
         require_choice(name, "decay", self.decay, DECAYS)
         require_choice(name, "interval_unit", self.interval_unit, UNITS)
+        if self.interval_unit == "steps" and self.interval != int(self.interval):
+            raise BidstError(f"option 'interval' of method {name!r} counts steps (interval_unit: steps), so it must "
+                             f"be a whole number, got {self.interval}")
 
     def stop_step(self, sp: Sparsifier) -> int:
         return int(self.stop_fraction * sp.total_steps)
