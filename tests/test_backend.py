@@ -540,14 +540,39 @@ def test_gradients_clipped_after_prepare_gradients_train_alike_on_both_backends(
         torch.testing.assert_close(ssp.weight(name), dsp.weight(name), **TOL)
 
 
-@pytest.mark.parametrize("backend", ["masked", "sparse"])
-@pytest.mark.parametrize("method", ["rigl", "bidst"])
-def test_a_prepared_step_that_is_skipped_leaves_nothing_behind(backend, method):
+def frozen_tiny_net() -> nn.Module:
+    """A TinyNet whose Conv/Linear weights are frozen (to be unfrozen after sparsify)."""
+    model = TinyNet()
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.weight.requires_grad_(False)
+    return model
+
+
+SKIP_CASES = {
+    "rigl": ("rigl", {"interval": 2}),
+    "bidst": ("bidst", {"mask_interval": 2, "learn_every": 1}),
+    "bidst-rows": ("bidst", {"mask_interval": 2, "learn_every": 1, "mask_rows": 0.5}),
+    "rigl-unfrozen": ("rigl", {"interval": 2}),  # every weight frozen at sparsify, trained from the first step
+}
+
+
+@pytest.mark.parametrize(("case", "backend"), [(c, b) for c in SKIP_CASES for b in ("masked", "sparse")
+                                               if not (c == "bidst-rows" and b == "sparse")])  # rows: masked only
+def test_a_prepared_step_that_is_skipped_leaves_nothing_behind(case, backend):
     """Gradients prepared (for clipping) and then discarded (a non-finite norm, say: zero_grad, no step) are not
     taken for the next batch's: the run equals one that never saw the skipped batch. (The next prepare returned
-    early, so the optimizer applied the new gradients unmasked and the method used the skipped batch's.)"""
-    runs = [build(backend, method, "sgd", 8, interval=2) if method == "rigl" else
-            build(backend, method, "sgd", 8, mask_interval=2, learn_every=1) for _ in range(2)]  # fmt: skip
+    early, so the optimizer applied the new gradients unmasked and the method used the skipped batch's; BiDST's
+    forward records kept the skipped batch's rows and inputs.)"""
+    method, options = SKIP_CASES[case]
+    unfrozen = case.endswith("unfrozen")
+    if unfrozen:  # the default filter leaves frozen layers alone: name them
+        options = {**options, "filter_fn": lambda m, _: isinstance(m, (nn.Conv2d, nn.Linear))}
+    runs = [build(backend, method, "sgd", 8, model_fn=frozen_tiny_net if unfrozen else TinyNet, **options)
+            for _ in range(2)]  # fmt: skip
+    for _, _, sp in runs if unfrozen else []:
+        for name in sp.params:
+            sp.trainable(name).requires_grad_(True)
     x, y = make_data(256)
     g = torch.Generator().manual_seed(0)
     for step in range(8):
@@ -563,11 +588,15 @@ def test_a_prepared_step_that_is_skipped_leaves_nothing_behind(backend, method):
             sp.step()
     (am, aopt, asp), (bm, bopt, bsp) = runs
     assert asp.topology_changes == bsp.topology_changes > 0
+    assert asp.costs == bsp.costs
     for name in asp.masks:
         assert torch.equal(asp.masks[name], bsp.masks[name]), name
         assert torch.equal(asp.weight(name), bsp.weight(name)), name
         for a, b in zip(dense_states(asp, aopt, name), dense_states(bsp, bopt, name)):
             assert torch.equal(a, b), name
+    if method == "bidst":
+        for name, layer in asp.method._layers.items():
+            assert torch.equal(layer["psi"], bsp.method._layers[name]["psi"]), name
 
 
 def test_torch_compile_of_a_sparse_backend_model_trains_as_eager(monkeypatch):

@@ -860,6 +860,7 @@ def test_every_bidst_recipe_loads_with_valid_options():
     from pathlib import Path
 
     from bidst.config import load_config
+    from bidst.recipe import check_config
 
     recipes = sorted((Path(__file__).parents[1] / "configs").glob("bidst-*.yaml"))
     assert len(recipes) >= 9
@@ -870,6 +871,7 @@ def test_every_bidst_recipe_loads_with_valid_options():
         # matched against the baseline as its own recipe runs it (the same file name without "bidst-")
         baseline = load_config(path.with_name(path.name.removeprefix("bidst-")))
         assert (baseline.method, baseline.method_args) == (cfg.match_flops, cfg.match_flops_args), path.name
+        check_config(load_config(path, ["match_flops="]))  # matching can be turned off (the baseline's options unused)
 
 
 def test_training_recipe_matches_rigl_flops(tmp_path):

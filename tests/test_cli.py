@@ -135,7 +135,6 @@ def test_train_writes_run_folder(tmp_path, capsys):
         (["sparsity=1.5"], "sparsity must be in [0, 1)"),
         (["method=rigel"], "unknown method 'rigel'; known:"),
         (["match_flops=rigel"], "match_flops: unknown method 'rigel'; known:"),
-        (["match_flops_args.interval=1600"], "match_flops_args is set but match_flops is not"),
         (["match_flops=rigl", "match_flops_args.intervl=1600"], "match_flops_args: unknown option(s) intervl for method 'rigl'"),
         (["match_flops=rigl", "match_flops_args=3"], "config key 'match_flops_args' must be a mapping, got 3"),
         (["sparsity.x=3"], "config key 'sparsity.x': only method_args and match_flops_args have sub-keys"),

@@ -268,3 +268,14 @@ def test_runs_without_a_test_accuracy_are_left_out_of_the_figures(runs_dir, tmp_
         summary.write_text(json.dumps({**json.loads(summary.read_text()), "final_test_acc": None}))
     assert report.main([str(runs_dir), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "accuracy_vs_sparsity.png").exists()
+
+
+def test_an_integer_written_for_a_float_default_adds_no_column(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "plain", "bidst", 0.9, 0, 0.90)
+    write_run(root / "explicit", "bidst", 0.9, 1, 0.91)
+    config = yaml.safe_load((root / "explicit" / "config.yaml").read_text())
+    config["method_args"] = {"mask_rows": 1}  # the default is 1.0
+    (root / "explicit" / "config.yaml").write_text(yaml.safe_dump(config))
+    extra, rows = report.summarize(report.find_runs([root]))
+    assert extra == [] and [r["n"] for r in rows] == [2]

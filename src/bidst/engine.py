@@ -52,9 +52,9 @@ class LayerReport:
 _OWNERS: weakref.WeakValueDictionary[int, Sparsifier] = weakref.WeakValueDictionary()
 
 
-def _remove_hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+def _remove_hooks(handles: dict[int, torch.utils.hooks.RemovableHandle]) -> None:
     """Remove the gradient hooks a Sparsifier put on its weights."""
-    for handle in handles:
+    for handle in handles.values():
         handle.remove()
 
 
@@ -204,8 +204,12 @@ class Sparsifier:
 
     def _count_backwards(self) -> None:
         """Count the backward passes that reach the sparsified weights, so that gradients prepared for a step that
-        was then skipped (zero_grad and a new backward, no `step()`) are not taken for the new ones. The hooks hold
-        the Sparsifier weakly and are removed with it (a later Sparsifier of the model starts clean)."""
+        was then skipped (zero_grad and a new backward, no `step()`) are not taken for the new ones. Weights frozen
+        now get their hook at a later call, once they train. The hooks hold the Sparsifier weakly and are removed
+        with it (a later Sparsifier of the model starts clean)."""
+        if not hasattr(self, "_counted"):
+            self._counted: dict[int, torch.utils.hooks.RemovableHandle] = {}
+            weakref.finalize(self, _remove_hooks, self._counted)
         owner = weakref.ref(self)
 
         def counted(_: torch.Tensor) -> None:
@@ -213,9 +217,9 @@ class Sparsifier:
             if live is not None:
                 live._backwards += 1
 
-        handles = [t.register_post_accumulate_grad_hook(counted)
-                   for t in map(self.trainable, self.params) if t.requires_grad]  # fmt: skip
-        weakref.finalize(self, _remove_hooks, handles)
+        for tensor in map(self.trainable, self.params):
+            if tensor.requires_grad and id(tensor) not in self._counted:
+                self._counted[id(tensor)] = tensor.register_post_accumulate_grad_hook(counted)
 
     def _sparse_backend_names(self) -> list[str]:
         """The layers the sparse backend swaps for twins: a layer at target density 1 computes faster dense,
@@ -507,7 +511,9 @@ class Sparsifier:
         `step()`, before anything that reads the gradients, such as clipping: then both backends
         clip the same gradient (a masked layer's dense gradient would count inactive weights).
         A step prepared and then skipped (zero_grad and a new backward, no `step()`: a non-finite clipped norm,
-        say) leaves nothing behind: the next call prepares the new gradients.
+        say) leaves nothing behind: the next call prepares the new gradients (with a GradScaler, call
+        `scaler.update()` when skipping, as PyTorch requires after `unscale_`). Under gradient accumulation call it
+        after the last micro-batch's backward: it zeroes the inactive gradients that later ones would add to.
         """
         exported = [n for n, layer in self.sparse_layers.items() if layer.exported]
         if exported:
@@ -515,6 +521,7 @@ class Sparsifier:
                              "to_dense_modules, so this Sparsifier no longer trains them; to keep training, export "
                              "a copy: to_dense_modules(copy.deepcopy(model))")
         self._check_topologies()
+        self._count_backwards()  # a weight unfrozen since gets its hook
         step = self.step_count + 1
         if self._prepared_for == (step, self._backwards):  # prepared, and no backward since (a skipped step's has one)
             return

@@ -186,13 +186,12 @@ def check_config(cfg: TrainConfig) -> None:
         method.check_loss_scaling()
     if cfg.match_flops and cfg.match_flops not in METHODS:
         raise BidstError(f"match_flops: unknown method {cfg.match_flops!r}; known: {', '.join(METHODS.names())}")
-    if cfg.match_flops_args and not cfg.match_flops:
-        raise BidstError("match_flops_args is set but match_flops is not: name the method to match")
-    if cfg.match_flops:
+    if cfg.match_flops:  # (without it, match_flops_args is unused: `match_flops=` turns matching off in a recipe)
         try:
             create_method(cfg.match_flops, **cfg.match_flops_args)
         except BidstError as err:
-            raise BidstError(f"match_flops_args: {err}") from None
+            raise BidstError(f"match_flops_args: {err} (they are {cfg.match_flops}'s options; "
+                             "match_flops_args={} for its defaults)") from None
     MODELS.get(cfg.model)
     dataset_info(cfg.dataset)
 

@@ -192,7 +192,7 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
         if k not in ("method", "sparsity")
         and k not in _NEVER_GROUP
         and "seed" not in k.rsplit(".", 1)[-1]
-        and any(len({_canon(f.get(k)) for f in flats}) > 1 for flats in by_base.values())
+        and any(len({_sortable(f.get(k)) for f in flats}) > 1 for flats in by_base.values())  # 1 and 1.0 alike
     ]
 
 

@@ -345,6 +345,7 @@ class BiDST:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
                 self._records_for(sp.step_count + 1)
+                self._forget_discarded(sp, name)
                 rows, batch = output_rows(module, output), batched(module, inputs[0]).shape[0]
 
                 # a forward counts once its output's gradient arrives (a grad-enabled validation pass does not)
@@ -385,6 +386,16 @@ class BiDST:
             self._forward.clear()
             self._records_step = step
 
+    def _forget_discarded(self, sp: Sparsifier, name: str) -> None:
+        """Drop layer `name`'s records of finished backward passes when a forward finds its gradient zeroed (None):
+        that backward was discarded (a step skipped after prepare_gradients, SAM's first pass), as `.grad` itself
+        was. Captures still waiting for their gradient belong to this pass (a weight used twice) and stay."""
+        if self._extra_pass or sp.trainable(name).grad is not None:
+            return
+        self._forward.pop(name, None)  # counted once their output gradient arrived
+        if name in self._captures:
+            self._captures[name] = [entry for entry in self._captures[name] if entry[2] is None]
+
     def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
         """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient."""
 
@@ -394,6 +405,7 @@ class BiDST:
             if not (wanted and torch.is_grad_enabled() and output.requires_grad):
                 return
             self._records_for(sp.step_count + 1)
+            self._forget_discarded(sp, name)
             entry: list[Any] = [inputs[0].detach(), sp.params[name].detach().view(-1)[self._layers[name]["pos"]], None]
             self._captures.setdefault(name, []).append(entry)
 
