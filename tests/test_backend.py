@@ -586,7 +586,7 @@ def test_a_prepared_step_that_is_skipped_leaves_nothing_behind(case, backend):
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             sp.prepare_gradients()
             sp.step()
-    (am, aopt, asp), (bm, bopt, bsp) = runs
+    (_, aopt, asp), (_, bopt, bsp) = runs
     assert asp.topology_changes == bsp.topology_changes > 0
     assert asp.costs == bsp.costs
     for name in asp.masks:
