@@ -136,6 +136,8 @@ class Sparsifier:
         # (step, backward count) of the gradients already averaged over ranks (sparse backend under DDP), and of
         # those prepare_gradients has made ready for the optimizer: a backward since then brings new gradients
         self._backwards = 0  # backward passes that reached a sparsified weight (counted by gradient hooks)
+        self._counted: dict[int, torch.utils.hooks.RemovableHandle] = {}  # those hooks, by id of the tensor
+        weakref.finalize(self, _remove_hooks, self._counted)
         self._synced_for = self._prepared_for = (0, 0)
         self._prepared: tuple[dict[str, torch.Tensor] | None, bool] = (None, True)  # its dense gradients, finite
         if backend == "sparse":  # no DDP wrapper here (see sync_gradients): start every rank from rank 0's state, as DDP does
@@ -207,9 +209,6 @@ class Sparsifier:
         was then skipped (zero_grad and a new backward, no `step()`) are not taken for the new ones. Weights frozen
         now get their hook at a later call, once they train. The hooks hold the Sparsifier weakly and are removed
         with it (a later Sparsifier of the model starts clean)."""
-        if not hasattr(self, "_counted"):
-            self._counted: dict[int, torch.utils.hooks.RemovableHandle] = {}
-            weakref.finalize(self, _remove_hooks, self._counted)
         owner = weakref.ref(self)
 
         def counted(_: torch.Tensor) -> None:

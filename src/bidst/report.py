@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -57,7 +58,7 @@ class Run:
             return 0.0
         return round(float(self.summary.get("sparsity", self.config.get("sparsity", 0.0))), 6)
 
-    @property
+    @functools.cached_property
     def settings(self) -> dict[str, Any]:
         """The config as dotted keys with the method's defaults written out, so that an option left out and the same
         option given at its default are one setting (a method this process does not know is taken as written)."""

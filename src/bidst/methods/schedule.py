@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..schedules import cosine_decay, is_update_step, linear_decay
 from ..errors import BidstError
+from ..schedules import cosine_decay, is_update_step, linear_decay
 from .base import require_choice, require_range
 
 if TYPE_CHECKING:
