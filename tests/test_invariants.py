@@ -184,17 +184,22 @@ def test_all_finite_is_exact_where_the_sum_overflows(values, finite):
     assert all_finite([])
 
 
+@pytest.mark.parametrize("method", ["rigl", "bidst"])  # bidst: its forward hooks must not keep the Sparsifier alive
 @pytest.mark.parametrize("backend", ["masked", "sparse"])
-def test_a_model_is_sparsified_once_at_a_time(backend):
+def test_a_model_is_sparsified_once_at_a_time(backend, method):
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    first = bidst.sparsify(model, opt, "rigl", 0.8, total_steps=10, backend=backend)
+    first = bidst.sparsify(model, opt, method, 0.8, total_steps=10, backend=backend)
+    x, y = make_data()
+    nn.functional.cross_entropy(model(x), y).backward()
+    first.step()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(bidst.BidstError, match="already sparsified by another Sparsifier"):
         bidst.sparsify(model, opt, "set", 0.5, total_steps=10)  # it would mask the weights a second time
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     del first
     gc.collect()
+    assert not any(m._forward_hooks for m in model.modules())  # the method's hooks went with it
     if backend == "masked":  # once the first is gone, its model may be sparsified anew
         assert bidst.sparsify(model, opt, "set", 0.5, total_steps=10).measured_sparsity() == pytest.approx(0.5, abs=0.01)
 

@@ -12,6 +12,7 @@ Every `mask_interval` steps a flag decides whether each layer's top-k topology i
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -223,6 +224,10 @@ class BiDST:
                 raise BidstError("upper_data 'holdout' needs held-out batches: set holdout_size in the recipe "
                                  "(or pass holdout_batches to sparsify)")
         sp.random_masks()
+        # the hooks hold the Sparsifier weakly and go with it, so a model whose Sparsifier was dropped can be
+        # sparsified again
+        owner = weakref.ref(sp)
+        weakref.finalize(sp, self.remove_hooks)
         for name in sp.sparse_names():
             module = sp.modules[name]
             if not isinstance(module, LAYER_KINDS):
@@ -237,7 +242,7 @@ class BiDST:
                                   "m1": zeros.clone(), "m2": zeros.clone(), "sq": zeros.clone()}
             # before any forward, so a torch.compile'd model traces them (it ignores hooks added later); the sparse
             # backend's twins take them over. On every layer holding the weight: a tied weight's uses all count
-            hook = self._capture_hook(sp, name) if self.captures() else self._forward_hook(sp, name)
+            hook = self._capture_hook(owner, name) if self.captures() else self._forward_hook(owner, name)
             for holder in self.holders(sp, name):
                 self._hooks.append(holder.register_forward_hook(hook))
 
@@ -337,13 +342,14 @@ class BiDST:
         active = sp.masks[name].view(-1)[self._layers[name]["pos"]]
         return torch.sort(active.to(torch.uint8), stable=True).indices[: self.explore_count(sp, name)]
 
-    def _forward_hook(self, sp: Sparsifier, name: str) -> Any:
+    def _forward_hook(self, owner: weakref.ref[Sparsifier], name: str) -> Any:
         """A forward hook keeping (output rows, batch, θ over C) of a layer on learning steps, for the
         hypergradient θ⊙g at the weights the gradient was taken at, and for costs and Fisher."""
 
         @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
+            sp = owner()
+            if sp is not None and torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
                 self._records_for(sp.step_count + 1)
                 self._forget_discarded(sp, name)
                 rows, batch = output_rows(module, output), batched(module, inputs[0]).shape[0]
@@ -396,11 +402,14 @@ class BiDST:
         if name in self._captures:
             self._captures[name] = [entry for entry in self._captures[name] if entry[2] is None]
 
-    def _capture_hook(self, sp: Sparsifier, name: str) -> Any:
+    def _capture_hook(self, owner: weakref.ref[Sparsifier], name: str) -> Any:
         """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient."""
 
         @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            sp = owner()
+            if sp is None:
+                return
             wanted = self._extra_pass or self.learns(sp.step_count + 1, sp)
             if not (wanted and torch.is_grad_enabled() and output.requires_grad):
                 return
