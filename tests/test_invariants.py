@@ -136,6 +136,47 @@ def test_unknown_method_and_option_errors():
         bidst.sparsify(model, opt, "snip", 0.9, total_steps=10)
 
 
+class TiedLM(nn.Module):
+    """An embedding tied to the classifier: the tensor is named after the sparsified layer (head), not its first owner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.hid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hid(self.emb(tokens))))
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow"])
+def test_pruning_at_init_scores_tied_and_compiled_models(method):
+    """They scored a copy by parameter name: a tied weight named after another layer, or a compiled model's
+    `_orig_mod.` names, raised KeyError. A compiled model gets the masks of the bare one."""
+    if method != "synflow":  # synflow's all-ones input cannot feed token ids: refused
+        tokens = torch.randint(0, 50, (32,))
+        model = TiedLM()
+        sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), method, 0.5, total_steps=10,
+                            init_batch=(tokens, tokens.flip(0)))
+        assert set(sp.masks) == {"hid.weight", "head.weight"} and sp.measured_sparsity() == pytest.approx(0.5, abs=0.01)
+        assert model.emb.weight is model.head.weight and bool((model.emb.weight[~sp.masks["head.weight"]] == 0).all())
+    else:
+        model = TiedLM()
+        with pytest.raises(bidst.BidstError, match="synflow feeds the model an all-ones float input"):
+            bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), method, 0.5, total_steps=10,
+                           init_batch=(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)))
+    x, y = make_data()
+    masks = []
+    for wrap in (lambda m: m, torch.compile):
+        torch.manual_seed(0)
+        model = TinyNet()
+        sp = bidst.sparsify(wrap(model), torch.optim.SGD(model.parameters(), lr=0.1), method, 0.8, total_steps=10,
+                            init_batch=(x, y))
+        masks.append(sp.masks)
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
 def test_state_dict_roundtrip_and_mismatch():
     sp, model = run("snfs", "sgd", steps=12)
     state = sp.state_dict()

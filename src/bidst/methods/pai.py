@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 from torch import nn
 
+from ..backend import unwrap
 from ..density import layer_budgets, layer_densities
 from ..errors import BidstError
 from ..scores import grow_highest
@@ -21,9 +22,11 @@ if TYPE_CHECKING:
 
 def _scoring_copy(sp: Sparsifier) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """A copy of the model to score on, so scoring touches neither the weights' grads nor BN statistics."""
-    model = copy.deepcopy(sp.model.module if hasattr(sp.model, "module") else sp.model)
-    params = dict(model.named_parameters())
-    return model, {n: params[n] for n in sp.params}
+    memo: dict[int, object] = {}
+    model = copy.deepcopy(unwrap(sp.model), memo)
+    # each weight's copy by identity: a tied weight may be named after another layer, a compiled or DDP model
+    # names them with a prefix
+    return model, {n: cast(nn.Parameter, memo[id(p)]) for n, p in sp.params.items()}
 
 
 def _batch(sp: Sparsifier, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +133,9 @@ class SynFlow(PruneAtInit):
 
     def setup(self, sp: Sparsifier) -> None:
         x, _ = _batch(sp, self.name)
+        if not x.is_floating_point():
+            raise BidstError(f"synflow feeds the model an all-ones float input shaped like init_batch's, which a model "
+                             f"taking {x.dtype} inputs (token ids, say) cannot use: choose snip or grasp")
         model, params = _scoring_copy(sp)
         model.double().eval()
         with torch.no_grad():
