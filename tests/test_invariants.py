@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 
+import numpy as np
 import pytest
 import torch
 from conftest import OPTIMIZERS, TinyNet, fast_options, make_data
@@ -175,6 +176,22 @@ def test_pruning_at_init_scores_tied_and_compiled_models(method):
                             init_batch=(x, y))
         masks.append(sp.masks)
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
+@pytest.mark.parametrize("steps_per_epoch", [-3, 0, True, 2.5, "10"])
+def test_steps_per_epoch_must_be_a_positive_integer(steps_per_epoch):
+    """-3 and True were taken (an interval of one epoch then changed the topology at every step), "10" crashed."""
+    model = TinyNet()
+    with pytest.raises(bidst.BidstError, match="steps_per_epoch must be"):
+        bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.8, total_steps=10,
+                       steps_per_epoch=steps_per_epoch)
+
+
+@pytest.mark.parametrize("sparsity", [np.float32(0.8), torch.tensor(0.8), np.float64(0.8), torch.tensor([0.8])])
+def test_sparsity_may_be_a_numpy_scalar_or_a_one_element_tensor(sparsity):
+    model = TinyNet()
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "rigl", sparsity, total_steps=10)
+    assert sp.sparsity == 0.8  # float32's 0.8 read as 0.8, not 0.800000011920929
 
 
 def test_state_dict_roundtrip_and_mismatch():

@@ -108,6 +108,10 @@ class Sparsifier:
         self.optimizer = optimizer
         self.method = method
         self.total_steps = total_steps
+        if steps_per_epoch is not None:
+            steps_per_epoch = _integer("steps_per_epoch", steps_per_epoch)
+            if steps_per_epoch <= 0:
+                raise BidstError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
         self.steps_per_epoch = steps_per_epoch
         if getattr(method, "interval_unit", "steps") == "epochs" and not steps_per_epoch:  # say so before any change
             raise BidstError(f"method {method.name!r} counts its interval in epochs (interval_unit: epochs), which "
