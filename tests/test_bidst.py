@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 import types
 
@@ -431,6 +433,40 @@ def test_resume_mid_run_reproduces_uninterrupted_run(options):
         assert full.method.stats()["budget_moved"] > 0 and full.budgets != full.target_budgets()
     if "upper_data" in options:  # the resumed run went on with the held-out batches it had not used
         assert sp2.method._holdout_draws == full.method._holdout_draws == full.method._learn_steps > 0
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_rollback_in_the_process_to_the_learning_phase_trains_as_before(backend):
+    """Loading an earlier state into the same objects after the learning phase ended (which removes BiDST's hooks)
+    failed at the next learning step ("got a gradient while its forward never ran"): the hooks come back, and the
+    replayed steps equal the first pass."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=20, mask_interval=4, backend=backend)
+    x, y = make_data()
+    weights = []
+
+    def run(steps: range) -> None:
+        for step in steps:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[step : step + 32]), y[step : step + 32]).backward()
+            sp.step()
+            weights.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    run(range(5))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sp.state_dict()))
+    run(range(5, 20))  # the learning phase ends at step 15
+    assert not sp.method._hooks
+    first = weights[5:12]
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    sp.load_state_dict(saved[2])
+    weights.clear()
+    run(range(5, 12))
+    assert sp.method._hooks and sp.topology_changes > 0
+    for again, before in zip(weights, first, strict=True):
+        assert all(torch.equal(again[k], before[k]) for k in before)
 
 
 def test_held_out_costs_match_the_plan_and_scores_differ_from_training_data_scores():

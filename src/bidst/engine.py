@@ -665,6 +665,9 @@ class Sparsifier:
         self._note_topologies()
         self.apply_masks()
         self.check_invariants()
+        loaded = getattr(self.method, "loaded", None)
+        if loaded is not None:
+            loaded(self)
         self._request_grads(self.step_count + 1)
 
 

@@ -25,8 +25,9 @@ class Method(Protocol):
     calls `Sparsifier.change`, so the masking invariants hold for every method by construction.
     A method that reads weights only through `Sparsifier.weight`/`grad` (never `params`) may set
     `backends = ("masked", "sparse")` to allow the sparse backend; without it only "masked" is allowed.
-    Two hooks are optional: `validate()`, called once its options are set, raises BidstError on bad
-    ones; `stats()` returns numbers about the method's own decisions, which a recipe run writes to
+    Three hooks are optional: `validate()`, called once its options are set, raises BidstError on bad
+    ones; `loaded(sp)` is called once a Sparsifier's whole state is restored (its step may lie before the
+    current one: a rollback); `stats()` returns numbers about the method's own decisions, which a recipe run writes to
     `summary.json` as `method_stats`. For FLOPs plans (`bidst.budget`), `planned_costs(sp, rows)` gives the
     method's own work by phase and `budget_changes(sp, steps)` the layer budgets over training where they
     change (None: they do not). `check_loss_scaling()` raises BidstError if the method cannot work with a

@@ -224,9 +224,7 @@ class BiDST:
                 raise BidstError("upper_data 'holdout' needs held-out batches: set holdout_size in the recipe "
                                  "(or pass holdout_batches to sparsify)")
         sp.random_masks()
-        # the hooks hold the Sparsifier weakly and go with it, so a model whose Sparsifier was dropped can be
-        # sparsified again
-        owner = weakref.ref(sp)
+        # the hooks go with the Sparsifier, so a model whose Sparsifier was dropped can be sparsified again
         weakref.finalize(sp, self.remove_hooks)
         for name in sp.sparse_names():
             module = sp.modules[name]
@@ -240,11 +238,23 @@ class BiDST:
             zeros = torch.zeros(pos.numel(), device=mask.device)
             self._layers[name] = {"pos": pos, "psi": zeros.clone(), "shadow": zeros.clone(),
                                   "m1": zeros.clone(), "m2": zeros.clone(), "sq": zeros.clone()}
-            # before any forward, so a torch.compile'd model traces them (it ignores hooks added later); the sparse
-            # backend's twins take them over. On every layer holding the weight: a tied weight's uses all count
+        self.add_hooks(sp)
+
+    def add_hooks(self, sp: Sparsifier) -> None:
+        """A forward hook on every layer holding a learned weight (a tied weight's uses all count), holding the
+        Sparsifier weakly. Added before any forward, so a torch.compile'd model traces them (it ignores hooks added
+        later); the sparse backend's twins take them over."""
+        owner = weakref.ref(sp)
+        for name in self._layers:
             hook = self._capture_hook(owner, name) if self.captures() else self._forward_hook(owner, name)
-            for holder in self.holders(sp, name):
+            twin = sp.sparse_layers.get(name)  # on the sparse backend, after the swap (a rollback)
+            for holder in [twin] if twin is not None else self.holders(sp, name):
                 self._hooks.append(holder.register_forward_hook(hook))
+
+    def loaded(self, sp: Sparsifier) -> None:
+        """After a rollback in the process to a step inside the learning phase, put back the hooks its end removed."""
+        if not self._hooks and sp.step_count < self.stop_step(sp):
+            self.add_hooks(sp)
 
     def holders(self, sp: Sparsifier, name: str) -> list[nn.Module]:
         """The Linear/Conv layers whose forward uses weight `name`: its own and any it is tied to. A weight also
@@ -521,7 +531,9 @@ class BiDST:
                 raise BidstError(
                     f"bidst learns a layer's scores from its module's forward, but layer {name.rpartition('.')[0]!r} "
                     "got a gradient while its forward never ran (its weight is used outside the module, as "
-                    "nn.MultiheadAttention uses out_proj.weight): keep such layers out with filter_fn"
+                    "nn.MultiheadAttention uses out_proj.weight: keep such layers out with filter_fn; or a "
+                    "torch.compile'd model reused a graph compiled before the hooks existed: torch._dynamo.reset() "
+                    "before compiling)"
                 )
 
     def score_grads(self, sp: Sparsifier, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
