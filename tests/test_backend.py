@@ -677,6 +677,7 @@ def test_a_layer_frozen_after_sparsify_keeps_its_topology_and_weights(method, ba
     sp = bidst.sparsify(model, opt, method, 0.8, total_steps=10, backend=backend, **options)
     model[2].requires_grad_(False)  # the layer itself, or its sparse twin
     mask, weight = sp.masks["2.weight"].clone(), sp.weight("2.weight").clone()
+    learned = {k: v.clone() for k, v in sp.method._layers["2.weight"].items()} if method == "bidst" else {}
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
         x, y = torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
@@ -685,6 +686,29 @@ def test_a_layer_frozen_after_sparsify_keeps_its_topology_and_weights(method, ba
         sp.step()
     assert sp.topology_changes > 0 and "2.weight" not in sp.sparse_names()
     assert torch.equal(sp.masks["2.weight"], mask) and torch.equal(sp.weight("2.weight"), weight)
+    # BiDST leaves its scores and shadow weights alone too (the sparse backend still gave it candidate gradients)
+    assert all(torch.equal(sp.method._layers["2.weight"][k], v) for k, v in learned.items())
+
+
+def test_bidst_backends_agree_on_a_layer_frozen_and_unfrozen_mid_run():
+    """A layer unfrozen again learns from the next step on, alike on both backends (the unfreezing step's
+    candidate gradients were never asked for: that step failed with 'forward never ran')."""
+    masks = []
+    for backend in ("masked", "sparse"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=40, backend=backend, mask_interval=4, learn_every=1)
+        g = torch.Generator().manual_seed(1)
+        for step in range(16):
+            if step in (3, 10):
+                sp.trainable("2.weight").requires_grad_(step == 10)
+            x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            sp.step()
+        masks.append(sp.masks)
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
 def test_a_graph_kept_alive_across_a_resize_does_not_break_the_next_backward():

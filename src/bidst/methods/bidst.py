@@ -286,9 +286,10 @@ class BiDST:
         self._captures.clear()
         if step == 1 and dense_grads is not None:  # the first exploration set by gradient, not at random
             if self.uses_check_grad(dense_grads):
-                for name in self._layers:
+                for name in self.learned(sp):
                     sp.add_cost("mask_learning", 2.0 * self.explore_size(sp, name))
-            for name, state in self._layers.items():
+            for name in self.learned(sp):
+                state = self._layers[name]
                 self.remove_entries(state, (~sp.masks[name].view(-1)[state["pos"]]).nonzero().squeeze(1))
                 self.add_candidates(sp, name, state["pos"][:0], dense_grads)
         changed = False
@@ -300,6 +301,11 @@ class BiDST:
             self.remove_hooks()
         return changed
 
+    def learned(self, sp: Sparsifier) -> list[str]:
+        """The layers whose scores and candidates learn: all but those frozen since (requires_grad False), which
+        keep them as they are, as they keep their topology."""
+        return [n for n in self._layers if sp.trainable(n).requires_grad]
+
     def uses_check_grad(self, dense_grads: dict[str, torch.Tensor] | None) -> bool:
         """Whether this step's dense gradient (step 1 or a check, explore: gradient) also steps the shadow weights."""
         return self.check_grad and self.explore == "gradient" and dense_grads is not None
@@ -307,7 +313,8 @@ class BiDST:
     def shadow_step_dense(self, sp: Sparsifier, dense_grads: dict[str, torch.Tensor]) -> None:
         """θ_E ← θ_E − η·g_E with the dense gradient the engine computed at this check (this step's batch), at a
         check that is not a learning step; costed."""
-        for name, state in self._layers.items():
+        for name in self.learned(sp):
+            state = self._layers[name]
             explore = ~sp.masks[name].view(-1)[state["pos"]]
             lr = float(self.param_group(sp, name)["lr"])
             delta = lr * dense_grads[name].view(-1)[state["pos"][explore]].float()
@@ -341,7 +348,7 @@ class BiDST:
         """At learning steps, the exploration candidates E, whose gradient the engine reports (see `captures`)."""
         if self.captures() or not self.learns(step, sp):
             return None
-        return {n: s["pos"][self.explore_slots(sp, n)] for n, s in self._layers.items()}
+        return {n: self._layers[n]["pos"][self.explore_slots(sp, n)] for n in self.learned(sp)}
 
     def explore_count(self, sp: Sparsifier, name: str) -> int:
         """|E| of a layer now, without looking at the masks: C holds every active weight, so |C| − k."""
@@ -543,8 +550,10 @@ class BiDST:
         tau = self.temperature(step, sp)
         grads, thetas, relaxed, batches = {}, {}, {}, {}
         self.check_same_use_on_ranks()
-        seen = [n for n in self._layers if n in entries or (n in sp.sampled_grads and n in self._forward)]
-        self.check_modules_ran(sp, [n for n in self._layers if n not in seen])
+        learned = self.learned(sp)
+        seen = [n for n in learned if n in entries or (n in sp.sampled_grads and n in self._forward)]
+        # (a layer unfrozen this step ran its forward, but its candidates' gradient was not asked for: it learns next step)
+        self.check_modules_ran(sp, [n for n in learned if n not in seen and n not in self._forward])
         for name in seen:
             state = self._layers[name]
             explore_count = self.explore_count(sp, name)
