@@ -194,6 +194,37 @@ def test_sparsity_may_be_a_numpy_scalar_or_a_one_element_tensor(sparsity):
     assert sp.sparsity == 0.8  # float32's 0.8 read as 0.8, not 0.800000011920929
 
 
+def test_an_unscale_before_step_names_prepare_gradients():
+    """PyTorch's AMP clipping recipe (scaler.unscale_, clip, step) failed with PyTorch's own RuntimeError."""
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "rigl", 0.8, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = make_data()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(bidst.BidstError, match=r"unscale_\(optimizer\) was already called.*prepare_gradients\(scaler\)"):
+        sp.step(scaler)
+
+
+def test_a_resumed_pruning_at_init_run_keeps_its_scored_layer_targets():
+    """SNIP's layer targets come from its scoring batch: a resumed process scoring another batch reported its own
+    targets beside the checkpoint's active counts."""
+    x, y = make_data()
+    runs = []
+    for batch in (slice(0, 32), slice(32, 64)):
+        torch.manual_seed(0)
+        model = TinyNet()
+        runs.append(bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "snip", 0.8, total_steps=10,
+                                   init_batch=(x[batch], y[batch])))
+    first, resumed = runs
+    assert resumed.target_densities != first.target_densities
+    resumed.model.load_state_dict(first.model.state_dict())
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.target_densities == first.target_densities
+    assert [r.active for r in resumed.report()] == [r.active for r in first.report()]
+
+
 def test_state_dict_roundtrip_and_mismatch():
     sp, model = run("snfs", "sgd", steps=12)
     state = sp.state_dict()

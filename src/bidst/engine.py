@@ -533,7 +533,13 @@ class Sparsifier:
             check_scaling()
         self.sync_gradients()
         if scaler is not None:
-            scaler.unscale_(self.optimizer)
+            try:
+                scaler.unscale_(self.optimizer)
+            except RuntimeError as error:
+                if "already been called" not in str(error):
+                    raise
+                raise BidstError("scaler.unscale_(optimizer) was already called this step, and bidst unscales "
+                                 "itself: call sparsifier.prepare_gradients(scaler) in its place, then clip") from None
         dense_grads: dict[str, torch.Tensor] | None = None
         scale = self.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         wants = self._dense_grad_requested if self.sparse_layers else self.method.wants_dense_grad(step, self)
@@ -622,6 +628,7 @@ class Sparsifier:
             "topology_changes": self.topology_changes,
             "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
             "budgets": dict(self.budgets),
+            "target_densities": dict(self.target_densities),  # pruning at init derives them from its scoring batch
             "rng": self.rng.get_state(),
             "costs": dict(self.costs),
             "rebuild_seconds": self.rebuild_seconds,  # measured, so a resumed run reports the whole run's
@@ -653,6 +660,8 @@ class Sparsifier:
         for name, mask in masks.items():
             self.masks[name].copy_(mask)
         self.budgets = {n: int(v) for n, v in state["budgets"].items()}
+        if set(state.get("target_densities", {})) == set(self.masks):  # absent from older states
+            self.target_densities = {n: float(v) for n, v in state["target_densities"].items()}
         self.step_count = int(state["step"])
         self.topology_changes = int(state["topology_changes"])
         # a rollback inside the process: the next step's gradients are new ones, to average and prepare again
