@@ -185,6 +185,61 @@ def test_unusable_run_folder_or_recipe_as_override_is_one_line(tmp_path, capsys)
     assert f"cannot read recipe {binary}" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("root", ["2024", "/data/a #1", "data: v2", "[x]", "null"])
+def test_a_data_root_flag_is_taken_as_written(root, capsys):
+    """The flag's value went through YAML: a folder named 2024 was refused (not a string), "a #1" cut at the #."""
+    import yaml
+
+    assert main(["train", "--data-root", root, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data_root"] == root
+
+
+@pytest.mark.parametrize(
+    "args,recipe,message",
+    [
+        ([], "method_args:\n  1: 2\n", "unknown option(s) 1 for method 'rigl'"),  # was a TypeError traceback
+        ([], "match_flops: rigl\nmatch_flops_args:\n  2: 1\n", "match_flops_args: unknown option(s) 2"),
+        (["method=bidst", "backend=sparse", "method_args.hypergradient=unrolled"], "",
+         "hypergradient 'unrolled' sets trial weights in dense layers"),  # passed, then every run failed
+        (["method=bidst", "method_args.upper_data=holdout"], "", "upper_data 'holdout' needs held-out batches"),
+    ],
+)
+def test_print_config_refuses_what_a_run_refuses(args, recipe, message, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe or "{}\n")
+    assert main(["train", "--config", str(path), *args, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_resuming_in_a_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """It loaded data and model, then stopped with an OSError traceback writing metrics.jsonl."""
+    import yaml
+
+    import bidst.recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config(None, TINY).to_dict(), sort_keys=False))
+    monkeypatch.setattr(bidst.recipe.os, "access", lambda path, mode: False)  # a read-only mount, even for root
+    monkeypatch.setattr(bidst.recipe, "load_data", lambda cfg: pytest.fail("loaded data first"))
+    assert main(["train", *TINY, "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot resume {run}: {run} is not writable" in err and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_in_a_subcommand_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during `bidst bench` ended in a KeyboardInterrupt traceback (train and sweep print one line)."""
+    import bidst.bench
+
+    def interrupted(argv):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bidst.bench, "main", interrupted)
+    assert main(["bench", "--models", "mlp"]) == 130
+    assert capsys.readouterr().err == "bidst: interrupted\n"
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs(precision, tmp_path, capsys):
     assert main(["train", *TINY, "epochs=1", f"precision={precision}", "--run-dir", str(tmp_path / "r"), "--json"]) == 0

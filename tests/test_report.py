@@ -101,6 +101,9 @@ def test_without_a_dense_run_flops_are_as_recorded(runs_dir):
     _, (row,) = report.summarize(runs)
     assert row["flops_rel_mean"] == pytest.approx(0.2) and row["time_rel_mean"] is None
     assert "| rigl | 0.9 | 3 | 0.92 ± 0.026 | 0.93 ± 0.026 | 0.2 | – | 3 | 3 |" in report.markdown([], [row])
+    # runs that differ in epochs have it as a group column: shown once (the header named it twice)
+    header = report.markdown(["epochs"], [row]).splitlines()[0]
+    assert header.count("epochs") == 1 and report.markdown(["epochs"], [row]).splitlines()[2].endswith("| – | 3 |")
 
 
 def test_a_run_reached_twice_counts_once(runs_dir):

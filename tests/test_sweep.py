@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bidst import report, sweep
+from bidst.config import parse_override
 from bidst.errors import BidstError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -92,9 +93,12 @@ def test_expansion_names_and_override_precedence(env):
 
 
 @given(st.one_of(st.floats(allow_nan=False), st.integers(), st.booleans(), st.none(),
-                 st.lists(st.integers(), max_size=3)))
+                 st.lists(st.integers(), max_size=3), st.text(max_size=12),
+                 st.sampled_from(["2024", "a #1", "data: v2", "[x]", "yes", "off", "~", "1e3", "rigl", "/tmp/a b"])))
 def test_override_values_read_back_as_yaml(value):
-    assert yaml.safe_load(sweep.yaml_value(value)) == value
+    """Strings too: "2024" (a data folder), "a #1" and "x: y" were written plain and read back as other values."""
+    assert yaml.safe_load(f"v: {sweep.yaml_value(value)}")["v"] == value
+    assert parse_override(f"key={sweep.yaml_value(value)}") == ("key", value)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +108,7 @@ def test_override_values_read_back_as_yaml(value):
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": 3}}, "grid.seed must be a non-empty list"),
         ({"base": "nowhere.yaml", "out": "o", "grid": GRID}, "does not exist"),
         ({"base": {"epochs": 1}, "out": "o", "grid": GRID}, "base must name a recipe YAML file, got {'epochs': 1}"),
+        ({"base": "recipe.yaml", "out": ["o"], "grid": GRID}, "out must name the folder of the runs, got ['o']"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "gird": 1}, "unknown key"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "method_overrides": {"snfs": {}}}, "not in grid.method"),
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "grid.seed repeats a value"),
@@ -124,6 +129,15 @@ def test_invalid_sweep_files_are_one_line_errors(env, capsys, spec, message):
     assert sweep.main([str(path)], train_cmd=train_cmd) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_sweep_file_that_is_not_text_is_a_one_line_error(env, capsys):
+    folder, train_cmd, _ = env
+    path = folder / "image.yaml"
+    path.write_bytes(bytes([0x89, 0x50, 0x4E, 0x47, 0xB7, 0xFF]) * 20)  # was a UnicodeDecodeError traceback
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read sweep file {path}" in err and err.count("\n") == 1
 
 
 def test_an_out_folder_under_a_file_is_a_one_line_error_before_any_run(env, capsys):
@@ -272,6 +286,25 @@ def test_a_changed_sweep_file_does_not_pass_old_runs_off_as_its_own(env, capsys)
         assert sweep.main([str(path)], train_cmd=train_cmd) == 1
         err = capsys.readouterr().err.strip()
         assert f"{saved} is damaged" in err and len(err.splitlines()) == 1
+
+
+def test_a_changed_sweep_file_is_refused_before_resuming_a_half_done_run(env, capsys):
+    """After an interrupt and a change, the new runs trained with the new settings and the half-done one then
+    failed to resume, on every rerun, leaving a mixed folder: it is refused before any run starts."""
+    folder, train_cmd, counter = env
+    path = folder / "s.yaml"
+    grid = {"method": ["set"], "sparsity": [0.5], "seed": [0]}
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": grid}))
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 0
+    (folder / "out/method=set/sparsity=0.5/seed=0/summary.json").unlink()  # as if interrupted: config, no summary
+    started = counter.read_text()
+    capsys.readouterr()
+    grid["seed"] = [0, 1]
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": grid, "overrides": {"epochs": 3}}))
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    err = capsys.readouterr().err.strip()
+    assert "seed=0" in err and "epochs" in err and "changed since it started" in err and len(err.splitlines()) == 1
+    assert counter.read_text() == started  # seed 1 did not start either
 
 
 def test_a_file_where_a_run_goes_stops_the_sweep_and_is_kept(env, capsys):

@@ -27,14 +27,14 @@ COMMON_FLAGS = {
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, yaml_value
     from .recipe import train
 
     overrides = list(args.overrides)
     for key in COMMON_FLAGS:
         value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+        if value is not None:  # written so that the override's YAML reads the flag's value back (data_root 2024)
+            overrides.append(f"{key}={yaml_value(value)}")
     if args.no_progress:
         overrides.append("progress=false")
     config_path = args.config
@@ -155,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`bidst methods bidst | head -1`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE
+    except KeyboardInterrupt:  # Ctrl-C in a command without its own handling (bench, report, a listing)
+        print("bidst: interrupted", file=sys.stderr)
+        return 130
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:
@@ -190,9 +193,6 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         if rank == 0:
             print(f"bidst: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("bidst: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -128,7 +129,8 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif isinstance(value, kind):
-        return value
+        # option names as text: a YAML key such as 1 is then an unknown option, as the override method_args.1= is
+        return {str(k): v for k, v in value.items()} if kind is dict else value
     noun = {bool: "true or false", float: "a number", int: "an integer", str: "a string", dict: "a mapping"}.get(kind, kind.__name__)
     raise BidstError(f"config key {key!r} must be {noun}, got {value!r}")
 
@@ -138,6 +140,30 @@ def _check_key(key: str) -> None:
         close = difflib.get_close_matches(key, list(_fields()), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise BidstError(f"unknown config key {key!r}{hint}")
+
+
+def yaml_value(value: Any) -> str:
+    """`value` written so that a YAML reader of a ``key=value`` override gets it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        text = repr(value)
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):  # plain where YAML reads it back as it is ("2024", "a #1", "x: y" need quotes)
+        try:
+            plain = load_yaml(value) == value
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else yaml.safe_dump(value, default_style='"', width=2**31, allow_unicode=True).rstrip("\n")
+    return json.dumps(value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

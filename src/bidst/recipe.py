@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
+from .backend import supports
 from .budget import matched_steps, model_rows
 from .checkpoint import (
     atomic_write,
@@ -184,6 +185,12 @@ def check_config(cfg: TrainConfig) -> None:
     method = create_method(cfg.method, **cfg.method_args)
     if cfg.precision == "fp16" and hasattr(method, "check_loss_scaling"):  # fp16 trains with a GradScaler
         method.check_loss_scaling()
+    if cfg.backend != "masked" and not supports(method, cfg.backend):
+        raise BidstError(f"method {cfg.method!r} does not support backend {cfg.backend!r} (it reads or writes dense "
+                         "weights); use 'masked'")
+    check_setting = getattr(method, "check_setting", None)  # options the backend or the data must serve
+    if check_setting is not None:
+        check_setting(cfg.backend, bool(cfg.holdout_size))
     if cfg.match_flops and cfg.match_flops not in METHODS:
         raise BidstError(f"match_flops: unknown method {cfg.match_flops!r}; known: {', '.join(METHODS.names())}")
     if cfg.match_flops:  # (without it, match_flops_args is unused: `match_flops=` turns matching off in a recipe)
@@ -219,11 +226,19 @@ def check_resumed_config(cfg: TrainConfig, run_dir: Path) -> None:
         raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
 
 
+def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse, before any work, to resume a run of another config or in a folder that cannot be written."""
+    check_resumed_config(cfg, run_dir)
+    unwritable = [p for p in (run_dir, run_dir / "checkpoints") if p.exists() and not os.access(p, os.W_OK | os.X_OK)]
+    if unwritable:
+        raise BidstError(f"cannot resume {run_dir}: {unwritable[0]} is not writable")
+
+
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
     """Create the run folder (refusing to reuse a non-empty one) or check a resumed run's config."""
     config_file = run_dir / "config.yaml"
     if resume:
-        check_resumed_config(cfg, run_dir)
+        check_resumable(cfg, run_dir)
         remove_partial(run_dir / "checkpoints")
         return cfg
     check_new_run_dir(run_dir)
@@ -302,8 +317,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.batch_size % world:
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
-    if not resume:
-        distributed.on_rank0(lambda: check_new_run_dir(run_dir))  # refuses before any work is done
+    # refuses before any work is done
+    distributed.on_rank0(lambda: check_resumable(cfg, run_dir) if resume else check_new_run_dir(run_dir))
     if cfg.threads > 0:  # the sparse backend's Numba kernels too: more threads than free cores stall them
         set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams

@@ -304,15 +304,17 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
 def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     """The report table in Markdown."""
     stats = any(row.get("method_stats") for row in rows)  # a column only where some method reported stats
-    header = ["method", "sparsity", *extra, "n", "test acc", "best val acc",
-              "train FLOPs (× dense)", "time (× dense)", "topology changes", "epochs", *(["method stats"] if stats else [])]
+    epochs = "epochs" not in extra  # (where runs differ in it, the group's column shows it once)
+    header = ["method", "sparsity", *extra, "n", "test acc", "best val acc", "train FLOPs (× dense)", "time (× dense)",
+              "topology changes", *(["epochs"] if epochs else []), *(["method stats"] if stats else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [row["method"], f"{row['sparsity']:g}", *("–" if row[k] is None else _canon(row[k]) for k in extra)]
         cells.append(str(row["n"]))
         cells += [_fmt(row[f"{c}_mean"], row[f"{c}_std"]) for c in ("test_acc", "best_val_acc")]
         cells += [_fmt(row[f"{c}_mean"]) for c in ("flops_rel", "time_rel", "topology_changes")]
-        cells.append(row["epochs"])
+        if epochs:
+            cells.append(row["epochs"])
         if stats:
             cells.append(", ".join(f"{k} {_fmt(v)}" for k, v in row.get("method_stats", {}).items()) or "–")
         lines.append("| " + " | ".join(cells) + " |")

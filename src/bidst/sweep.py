@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import math
 import os
 import re
 import shlex
@@ -42,7 +40,7 @@ import yaml
 from tqdm import tqdm
 
 from .checkpoint import make_folder
-from .config import load_config, load_yaml
+from .config import load_config, load_yaml, yaml_value
 from .errors import BidstError
 from .report import flatten
 
@@ -86,24 +84,6 @@ class Sweep:
     runs: tuple[SweepRun, ...]
 
 
-def yaml_value(value: Any) -> str:
-    """`value` written so that a YAML reader of a ``key=value`` override gets it back."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ".nan"
-        if math.isinf(value):
-            return ".inf" if value > 0 else "-.inf"
-        text = repr(value)
-        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
-    if isinstance(value, (int, str)):
-        return str(value)
-    return json.dumps(value)
-
-
 def _folder_part(key: str, value: Any) -> str:
     return re.sub(r"[^\w.=+-]", "_", f"{key}={yaml_value(value)}")
 
@@ -127,6 +107,8 @@ def load_sweep(path: str | Path) -> Sweep:
         spec = _mapping(load_yaml(path.read_text()), f"sweep file {path}")
     except OSError as e:
         raise BidstError(f"cannot read sweep file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # not a text file
+        raise BidstError(f"cannot read sweep file {path}: {str(e).splitlines()[0]}") from None
     except yaml.YAMLError as e:
         raise BidstError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     missing = [k for k in _REQUIRED if k not in spec]
@@ -141,6 +123,8 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(spec["base"], str):
         raise BidstError(f"sweep file {path}: base must name a recipe YAML file, got {spec['base']!r} "
                          "(config keys go under overrides)")
+    if not isinstance(spec["out"], str) or not spec["out"]:
+        raise BidstError(f"sweep file {path}: out must name the folder of the runs, got {spec['out']!r}")
     base = path.parent / spec["base"]
     if not base.is_file():
         raise BidstError(f"sweep file {path}: base recipe {base} does not exist")
@@ -159,7 +143,7 @@ def load_sweep(path: str | Path) -> Sweep:
         parts = [_folder_part(key, v) for v in values]
         if len(set(parts)) != len(parts):
             raise BidstError(f"grid.{key} repeats a value (or two values give the same folder name)")
-    out = path.parent / str(spec["out"])
+    out = path.parent / spec["out"]
     order = _name_order(list(grid))
     runs: dict[str, SweepRun] = {}
     for values in itertools.product(*(grid[k] for k in order)):
@@ -185,12 +169,14 @@ def check_runs(sweep: Sweep) -> None:
             check_config(cfg)
         except BidstError as e:
             raise BidstError(f"run {run.name}: {e}") from None
-        if run.status() == "done":  # finished earlier: with these settings? (a resumed run checks itself, --resume)
+        status = run.status()
+        if status != "new":  # finished or started earlier: with these settings?
             try:
                 check_resumed_config(cfg, run.run_dir)
             except BidstError as e:
-                raise BidstError(f"run {run.name}: {e}; the sweep's settings changed since it ran: give the sweep "
-                                 "another out (its finished runs are kept)") from None
+                when = "it ran" if status == "done" else "it started"
+                raise BidstError(f"run {run.name}: {e}; the sweep's settings changed since {when}: give the sweep "
+                                 "another out (its runs are kept)") from None
 
 
 def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:

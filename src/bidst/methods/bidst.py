@@ -213,16 +213,7 @@ class BiDST:
     # -- the Method protocol -----------------------------------------------------------
     def setup(self, sp: Sparsifier) -> None:
         """Random ERK masks, random initial exploration sets, zero scores; hooks on every sparse layer."""
-        if sp.backend == "sparse" and self.hypergradient == "unrolled":
-            raise BidstError("hypergradient 'unrolled' sets trial weights in dense layers: use backend 'masked'")
-        if sp.backend == "sparse" and self.mask_rows < 1.0:
-            raise BidstError("mask_rows < 1 subsamples captured rows, which backend 'sparse' does not capture: use 'masked'")
-        if self.upper_data == "holdout":
-            if sp.backend == "sparse":
-                raise BidstError("upper_data 'holdout' runs extra passes over dense layers: use backend 'masked'")
-            if sp.holdout_batches is None:
-                raise BidstError("upper_data 'holdout' needs held-out batches: set holdout_size in the recipe "
-                                 "(or pass holdout_batches to sparsify)")
+        self.check_setting(sp.backend, sp.holdout_batches is not None)
         sp.random_masks()
         # the hooks go with the Sparsifier, so a model whose Sparsifier was dropped can be sparsified again
         weakref.finalize(sp, self.remove_hooks)
@@ -255,6 +246,20 @@ class BiDST:
         """After a rollback in the process to a step inside the learning phase, put back the hooks its end removed."""
         if not self._hooks and sp.step_count < self.stop_step(sp):
             self.add_hooks(sp)
+
+    def check_setting(self, backend: str, holdout: bool) -> None:
+        """Refuse options the backend cannot serve, and `upper_data: holdout` without held-out batches (a recipe
+        checks this before any data loads)."""
+        if backend == "sparse" and self.hypergradient == "unrolled":
+            raise BidstError("hypergradient 'unrolled' sets trial weights in dense layers: use backend 'masked'")
+        if backend == "sparse" and self.mask_rows < 1.0:
+            raise BidstError("mask_rows < 1 subsamples captured rows, which backend 'sparse' does not capture: use 'masked'")
+        if self.upper_data == "holdout":
+            if backend == "sparse":
+                raise BidstError("upper_data 'holdout' runs extra passes over dense layers: use backend 'masked'")
+            if not holdout:
+                raise BidstError("upper_data 'holdout' needs held-out batches: set holdout_size in the recipe "
+                                 "(or pass holdout_batches to sparsify)")
 
     def holders(self, sp: Sparsifier, name: str) -> list[nn.Module]:
         """The Linear/Conv layers whose forward uses weight `name`: its own and any it is tied to. A weight also
