@@ -113,7 +113,9 @@ def main() -> int:
         print(f"gpu_check: {args.out} exists and is not an empty folder; choose another --out", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    base = [*BASE, f"device={args.device}", f"data_root={args.data_root}"]
+    from bidst.config import yaml_value  # the folder as written (a name such as 2024 stays a string)
+
+    base = [*BASE, f"device={args.device}", f"data_root={yaml_value(args.data_root)}"]
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = {name: pool.submit(train, [*base, *extra], args.out / name.replace(" ", "_").replace(",", ""))

@@ -303,8 +303,22 @@ def test_a_changed_sweep_file_is_refused_before_resuming_a_half_done_run(env, ca
     path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": grid, "overrides": {"epochs": 3}}))
     assert sweep.main([str(path)], train_cmd=train_cmd) == 1
     err = capsys.readouterr().err.strip()
-    assert "seed=0" in err and "epochs" in err and "changed since it started" in err and len(err.splitlines()) == 1
+    assert "seed=0 was started with other settings (epochs differ)" in err and len(err.splitlines()) == 1
     assert counter.read_text() == started  # seed 1 did not start either
+    # a started run without its config (checkpoints only) is left to its own resume, which says what is wrong:
+    # it does not stop the others
+    (folder / "out/method=set/sparsity=0.5/seed=0/config.yaml").unlink()
+    (folder / "out/method=set/sparsity=0.5/seed=0/checkpoints").mkdir(exist_ok=True)
+    (folder / "out/method=set/sparsity=0.5/seed=0/checkpoints/step-1.pt").write_bytes(b"x")
+    assert [run.status() for run in sweep.load_sweep(path).runs] == ["resume", "new"]
+
+
+def test_string_grid_values_keep_their_folder_names():
+    """Folder names of finished sweeps must not move: an empty string (match_flops= turns matching off) is
+    match_flops=, not the quoted match_flops=__ of its override text."""
+    assert sweep._folder_part("match_flops", "") == "match_flops="
+    assert sweep._folder_part("data_root", "a #1") == "data_root=a__1"
+    assert sweep._folder_part("sparsity", 0.9) == "sparsity=0.9"
 
 
 def test_a_file_where_a_run_goes_stops_the_sweep_and_is_kept(env, capsys):

@@ -17,13 +17,16 @@ DISTRIBUTIONS = ("uniform", "er", "erk")
 def check_sparsity(sparsity: float) -> float:
     """Validate a sparsity (fraction of zero weights) and return it as a float; it must lie in [0, 1). NumPy
     scalars and one-element tensors count as numbers."""
-    if hasattr(sparsity, "numel") and sparsity.numel() == 1:  # a tensor: as the NumPy scalar of its dtype
+    given = sparsity
+    if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1:  # as the NumPy scalar of its dtype
         value = sparsity.detach().cpu().reshape(())
-        sparsity = (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()[()]
+        sparsity = (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
+    if isinstance(sparsity, np.ndarray) and sparsity.size == 1:
+        sparsity = sparsity.reshape(())[()]
     if isinstance(sparsity, np.floating):  # the shortest decimal of its precision: float32 0.9 is 0.9, not 0.89999998
         sparsity = float(str(sparsity))
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or math.isnan(sparsity):
-        raise BidstError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real) or math.isnan(sparsity):
+        raise BidstError(f"sparsity must be a number in [0, 1), got {given!r}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise BidstError(f"sparsity must be in [0, 1), got {sparsity}")
     return float(sparsity)

@@ -538,8 +538,9 @@ class Sparsifier:
             except RuntimeError as error:
                 if "already been called" not in str(error):
                     raise
-                raise BidstError("scaler.unscale_(optimizer) was already called this step, and bidst unscales "
-                                 "itself: call sparsifier.prepare_gradients(scaler) in its place, then clip") from None
+                raise BidstError("the scaler already unscaled this step's gradients: bidst unscales them itself, so "
+                                 "call sparsifier.prepare_gradients(scaler) in place of scaler.unscale_(optimizer), "
+                                 "and after a step you skip call scaler.update()") from None
         dense_grads: dict[str, torch.Tensor] | None = None
         scale = self.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         wants = self._dense_grad_requested if self.sparse_layers else self.method.wants_dense_grad(step, self)

@@ -212,8 +212,8 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise BidstError(f"cannot use {run_dir} as a folder: {existing} is not writable")
 
 
-def check_resumed_config(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume (or to report a finished run for) a config that differs from the one saved in `run_dir`."""
+def saved_config_diff(cfg: TrainConfig, run_dir: Path) -> list[str]:
+    """The config keys in which `cfg` differs from the one saved in `run_dir`; a missing or damaged one is refused."""
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         raise BidstError(f"cannot resume: {run_dir} holds no config.yaml")
@@ -221,7 +221,12 @@ def check_resumed_config(cfg: TrainConfig, run_dir: Path) -> None:
         saved = load_config(config_file).to_dict()
     except BidstError as e:
         raise BidstError(f"{config_file} is damaged: {e}") from None
-    diff = config_diff(saved, cfg)
+    return config_diff(saved, cfg)
+
+
+def check_resumed_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume (or to report a finished run for) a config that differs from the one saved in `run_dir`."""
+    diff = saved_config_diff(cfg, run_dir)
     if diff:
         raise BidstError(f"cannot resume {run_dir}: config differs from the saved run in {', '.join(diff)}")
 
