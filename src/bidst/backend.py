@@ -27,15 +27,20 @@ def supports(method: object, backend: str) -> bool:
     return backend in getattr(method, "backends", ("masked",))
 
 
-def check_backend(backend: str, method: object, model: nn.Module) -> None:
-    """Raise BidstError unless `backend` is known, the method supports it and, for "sparse", the model is unwrapped."""
+def check_method_backend(backend: str, method: object) -> None:
+    """Raise BidstError unless `backend` is known and the method supports it (a recipe checks this before any work)."""
     if backend not in BACKENDS:
         raise BidstError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    name = getattr(method, "name", type(method).__name__)
+    if backend != "masked" and not supports(method, backend):
+        raise BidstError(f"method {name!r} does not support backend 'sparse' (it reads or writes dense weights); use 'masked'")
+
+
+def check_backend(backend: str, method: object, model: nn.Module) -> None:
+    """Raise BidstError unless `backend` is known, the method supports it and, for "sparse", the model is unwrapped."""
+    check_method_backend(backend, method)
     if backend == "masked":
         return
-    name = getattr(method, "name", type(method).__name__)
-    if not supports(method, backend):
-        raise BidstError(f"method {name!r} does not support backend 'sparse' (it reads or writes dense weights); use 'masked'")
     wrapper = next((m for m in _wrappers(model) if isinstance(m, _PARALLEL)), None)
     if wrapper is not None:
         raise BidstError(

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .backend import supports
+from .backend import check_method_backend
 from .budget import matched_steps, model_rows
 from .checkpoint import (
     atomic_write,
@@ -185,9 +185,7 @@ def check_config(cfg: TrainConfig) -> None:
     method = create_method(cfg.method, **cfg.method_args)
     if cfg.precision == "fp16" and hasattr(method, "check_loss_scaling"):  # fp16 trains with a GradScaler
         method.check_loss_scaling()
-    if cfg.backend != "masked" and not supports(method, cfg.backend):
-        raise BidstError(f"method {cfg.method!r} does not support backend {cfg.backend!r} (it reads or writes dense "
-                         "weights); use 'masked'")
+    check_method_backend(cfg.backend, method)
     check_setting = getattr(method, "check_setting", None)  # options the backend or the data must serve
     if check_setting is not None:
         check_setting(cfg.backend, bool(cfg.holdout_size))
@@ -242,8 +240,7 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
     """Create the run folder (refusing to reuse a non-empty one) or check a resumed run's config."""
     config_file = run_dir / "config.yaml"
-    if resume:
-        check_resumable(cfg, run_dir)
+    if resume:  # checked by check_resumable before any work
         remove_partial(run_dir / "checkpoints")
         return cfg
     check_new_run_dir(run_dir)

@@ -162,7 +162,7 @@ def load_sweep(path: str | Path) -> Sweep:
 def check_runs(sweep: Sweep) -> None:
     """Check every run's config as `bidst train` would before its data loads, so a bad grid value stops the
     sweep before any run starts instead of failing in each run it reaches."""
-    from .recipe import check_config, check_resumed_config, saved_config_diff  # imports torch: only when checking
+    from .recipe import check_config, saved_config_diff  # imports torch: only when checking
 
     for run in sweep.runs:
         try:
@@ -170,21 +170,20 @@ def check_runs(sweep: Sweep) -> None:
             check_config(cfg)
         except BidstError as e:
             raise BidstError(f"run {run.name}: {e}") from None
+        # finished or started earlier: with these settings? (one started without a config is left to its own resume)
         status = run.status()
-        if status == "done":  # finished earlier: with these settings?
-            try:
-                check_resumed_config(cfg, run.run_dir)
-            except BidstError as e:
-                raise BidstError(f"run {run.name}: {e}; the sweep's settings changed since it ran: give the sweep "
-                                 "another out (its finished runs are kept)") from None
-        elif status == "resume" and (run.run_dir / "config.yaml").exists():  # started: resumable with these settings?
-            try:
-                diff = saved_config_diff(cfg, run.run_dir)
-            except BidstError as e:
-                raise BidstError(f"run {run.name}: {e}") from None
-            if diff:
-                raise BidstError(f"run {run.name} was started with other settings ({', '.join(diff)} differ): move "
-                                 f"{run.run_dir} aside to start it again with these, or give the sweep another out")
+        if status == "new" or (status == "resume" and not (run.run_dir / "config.yaml").exists()):
+            continue
+        try:
+            diff = saved_config_diff(cfg, run.run_dir)
+        except BidstError as e:
+            raise BidstError(f"run {run.name}: {e}") from None
+        if diff and status == "done":
+            raise BidstError(f"run {run.name} ran with other settings ({', '.join(diff)} differ): the sweep's settings "
+                             "changed since it ran: give the sweep another out (its finished runs are kept)")
+        if diff:
+            raise BidstError(f"run {run.name} was started with other settings ({', '.join(diff)} differ): move "
+                             f"{run.run_dir} aside to start it again with these, or give the sweep another out")
 
 
 def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:
