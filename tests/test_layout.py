@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from bidst.sparse import SparseStructure, sparse_conv2d, to_sparse_modules
@@ -116,3 +118,56 @@ def test_to_sparse_modules_gives_the_dense_layers_their_twins():
     assert [type(model[i]) for i in range(2, 7)] == [TWINS[kind] for kind in dense]
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(2, 9),
+    channels=st.integers(1, 5),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pad=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_innermost_max_pool_kernels_equal_pytorch_exactly(batch, channels, height, width, kernel, stride, pad, seed):
+    """The Numba max pool of a batch-innermost input gives PyTorch's outputs and input gradients bit for bit, ties
+    (few distinct values), NaN and -inf included: the same maximum wins each window and takes its gradient."""
+    pad = tuple(min(p, k // 2) for p, k in zip(pad, kernel))
+    assume(all(k <= s + 2 * p for k, s, p in zip(kernel, (height, width), pad)))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (batch, channels, height, width), generator=gen).float()
+    special = torch.rand(x.shape, generator=gen)
+    x[special < 0.05] = float("nan")
+    x[special > 0.95] = -float("inf")
+    pool = nn.MaxPool2d(kernel, stride, pad)
+    twin = copy.deepcopy(pool)
+    use_batch_innermost(twin)
+    x_ref = x.clone().requires_grad_(True)
+    x_bi = batch_innermost(x).requires_grad_(True)
+    assume(is_batch_innermost(x_bi))  # a (N, 1, 1, 1) tensor is contiguous in both layouts
+    y_ref, y_twin = pool(x_ref), twin(x_bi)
+    assert type(y_twin.grad_fn).__name__ == "_MaxPoolFnBackward"  # the kernels ran, not the max_pool3d fallback
+    torch.testing.assert_close(y_twin, y_ref, rtol=0, atol=0, equal_nan=True)
+    gy = torch.randn(y_ref.shape, generator=gen)
+    y_ref.backward(gy)
+    y_twin.backward(batch_innermost(gy))
+    torch.testing.assert_close(x_bi.grad, x_ref.grad, rtol=0, atol=0)
+    assert x_bi.grad.stride() == x_bi.stride()
+
+
+def test_batch_innermost_max_pool_falls_back_where_the_kernels_do_not_apply():
+    """Dilation, ceil mode and float64 take the max_pool3d view, with PyTorch's results; bad geometry gets PyTorch's error."""
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    for pool, inp in [(nn.MaxPool2d(3, dilation=2), x.float()), (nn.MaxPool2d(2, ceil_mode=True), x.float()),
+                      (nn.MaxPool2d(2), x)]:  # fmt: skip
+        twin = copy.deepcopy(pool)
+        use_batch_innermost(twin)
+        y = twin(batch_innermost(inp))
+        assert type(y.grad_fn).__name__ != "_MaxPoolFnBackward"
+        torch.testing.assert_close(y, pool(inp))
+    twin = nn.MaxPool2d(3, padding=2)
+    use_batch_innermost(twin)
+    with pytest.raises(RuntimeError, match="pad should be"):
+        twin(batch_innermost(x.float()))

@@ -30,7 +30,7 @@ from ._common import (
     transposed,
     uses_kernels,
 )
-from .layout import is_batch_innermost
+from .layout import batch_innermost, is_batch_innermost
 from .structure import SparseStructure
 
 
@@ -53,17 +53,6 @@ def _to_nchw(x: Tensor) -> Tensor:
     """A batch-innermost (N, C, H, W) tensor copied to the usual contiguous layout."""
     n, c, h, w = x.shape
     return transposed(x.permute(1, 2, 3, 0).reshape(c * h * w, n)).view(n, c, h, w)
-
-
-def batch_innermost(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
-    """An uninitialized (N, C, H, W) tensor laid out batch-innermost, as (C, H, W, N) in memory; float32 CPU,
-    or the dtype and device of `like`.
-
-    Allocated with those strides (not a permuted view), so in-place ops on a layer's output are allowed.
-    """
-    n, _, h, w = shape
-    options = {"dtype": torch.float32} if like is None else {"dtype": like.dtype, "device": like.device}
-    return torch.empty_strided(shape, (1, h * w * n, w * n, n), **options)
 
 
 def _chunks(n: int) -> int:

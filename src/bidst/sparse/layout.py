@@ -12,16 +12,33 @@ these classes in place (the sparse backend does so when it swaps in the sparse l
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
+from . import _kernels_pool as KP
+from ._common import np_view, uses_kernels
 from .linear import linear_any_layout
 
 
 def is_batch_innermost(x: Tensor) -> bool:
     """Whether a 4-D (N, C, H, W) tensor with N > 1 is stored as a contiguous (C, H, W, N) one."""
     return x.dim() == 4 and x.shape[0] > 1 and not x.is_contiguous() and x.permute(1, 2, 3, 0).is_contiguous()
+
+
+def batch_innermost(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
+    """An uninitialized (N, C, H, W) tensor laid out batch-innermost, as (C, H, W, N) in memory; float32 CPU,
+    or the dtype and device of `like`.
+
+    Allocated with those strides (not a permuted view), so in-place ops on a layer's output are allowed.
+    """
+    n, _, h, w = shape
+    options = {"dtype": torch.float32} if like is None else {"dtype": like.dtype, "device": like.device}
+    return torch.empty_strided(shape, (1, h * w * n, w * n, n), **options)
 
 
 class BatchInnermostLinear(nn.Linear):
@@ -72,13 +89,41 @@ class BatchInnermostReLU6(nn.ReLU6):
         return super().forward(x)
 
 
+class _MaxPoolFn(torch.autograd.Function):
+    """max_pool2d of a batch-innermost CPU float32 input by the Numba kernels (dilation 1, floor mode), output batch-innermost."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int]) -> Tensor:
+        n, c, h, w = x.shape
+        y = batch_innermost((n, c, (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1))
+        arg = torch.empty(y.permute(1, 2, 3, 0).shape, dtype=torch.int32)
+        KP.max_pool(np_view(x.permute(1, 2, 3, 0)), *k, *s, *p, np_view(y.permute(1, 2, 3, 0)), np_view(arg))
+        ctx.save_for_backward(arg)
+        ctx.geometry, ctx.input_shape = (*k, *s, *p), x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        (arg,) = ctx.saved_tensors
+        gx = batch_innermost(ctx.input_shape)
+        KP.max_pool_backward(np_view(gy.permute(1, 2, 3, 0).contiguous()), np_view(arg), *ctx.geometry,
+                             np_view(gx.permute(1, 2, 3, 0)))  # fmt: skip
+        return gx, None, None, None
+
+
 class BatchInnermostMaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d that pools a batch-innermost input as a (1, C, H, W, N) volume with a (kh, kw, 1) window: no copy."""
+    """nn.MaxPool2d that pools a batch-innermost input without a copy: by the Numba kernels (CPU float32, dilation 1,
+    floor mode), else as a (1, C, H, W, N) volume with a (kh, kw, 1) window."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.return_indices or not is_batch_innermost(x):
             return super().forward(x)
         k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        h, w = x.shape[2:]
+        fits = all(s[i] > 0 and 2 * p[i] <= k[i] <= (h, w)[i] + 2 * p[i] for i in (0, 1))  # else PyTorch's error
+        if d == (1, 1) and not self.ceil_mode and fits and uses_kernels(x) and not torch.compiler.is_compiling():
+            return _MaxPoolFn.apply(x, k, s, p)
         y = F.max_pool3d(x.permute(1, 2, 3, 0).unsqueeze(0), (*k, 1), (*s, 1), (*p, 0), (*d, 1), self.ceil_mode)
         return y.squeeze(0).permute(3, 0, 1, 2)
 
