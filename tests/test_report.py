@@ -118,7 +118,41 @@ def test_a_damaged_byte_in_the_metrics_costs_its_line_only(runs_dir, capsys):
     lines = metrics.read_bytes().splitlines(keepends=True)
     metrics.write_bytes(b"".join([b"\xff" + lines[0], *lines[1:]]))  # was a UnicodeDecodeError for the report
     runs = report.find_runs([runs_dir / "rigl-0.9-None"])
-    assert len(runs) == 3 and "skipped 1 unreadable line" in capsys.readouterr().err
+    assert len(runs) == 3 and "skipped 1 unreadable or damaged line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: r["iou"].pop("__all__"), lambda r: r["itop"].update(__all__="x"), lambda r: r.update(epoch="one"),
+    lambda r: r.update(iou=0.5), lambda r: r.update(test_acc="n/a"), lambda r: r.update(density=[1, 2]),
+])
+def test_a_metrics_record_of_the_wrong_types_is_skipped_with_a_warning(runs_dir, tmp_path, capsys, damage):
+    """Valid JSON with a field of the wrong type (a changed key, a hand edit) was a KeyError/ValueError traceback."""
+    metrics = runs_dir / "rigl-0.9-None" / "seed0" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    target = next(r for r in records if r.get("iou"))
+    target["test_acc"] = 0.5  # so that each damage has a record of every field to spoil
+    damage(target)
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = report.write_report(report.find_runs([runs_dir]), tmp_path / "out", plots=False)
+    assert result["runs"] == 11 and "skipped 1 unreadable or damaged line" in capsys.readouterr().err
+    run = next(r for r in report.find_runs([metrics.parent]))
+    assert target["epoch"] not in run.records("mask") or not isinstance(target["epoch"], int)
+
+
+def test_settings_that_do_not_change_the_computation_never_split_groups(runs_dir):
+    """Runs rerun with another data folder, device spelling or IoU logging interval are the same experiment."""
+    for seed, (key, value) in enumerate([("data_root", "/data"), ("device", "cpu"), ("iou_interval", 1)]):
+        config_file = runs_dir / "rigl-0.9-None" / f"seed{seed}" / "config.yaml"
+        config_file.write_text(yaml.safe_dump({**yaml.safe_load(config_file.read_text()), key: value}))
+    extra, rows = report.summarize(report.find_runs([runs_dir]))
+    assert extra == ["method_args.mask_lr"] and [r["n"] for r in rows if r["method"] == "rigl"] == [3]
+
+
+def test_a_damaged_config_is_a_one_line_warning(runs_dir, capsys):
+    (runs_dir / "set-0.9-None" / "seed0" / "config.yaml").write_text("model: [1\n")
+    assert len(report.find_runs([runs_dir / "set-0.9-None"])) == 1
+    warnings = capsys.readouterr().err.splitlines()  # the YAML error's context and caret lines were printed too
+    assert len(warnings) == 1 and "set-0.9-None/seed0: skipped, corrupt run folder (while parsing" in warnings[0]
 
 
 def test_dense_reference_shares_the_schedule(tmp_path):
@@ -161,7 +195,40 @@ def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
     for name in pngs:
         pixels = imread(out / name)
         assert pixels.shape[0] > 200 and pixels.std() > 0.01, name  # a real drawing, not a blank canvas
-    assert sorted(p.name for p in out.iterdir()) == sorted(pngs + ["report.csv", "report.md"])  # no temp files
+    # no temp files; the manifest lists what this report wrote
+    assert sorted(p.name for p in out.iterdir()) == sorted([*pngs, "report.csv", "report.md", report.MANIFEST])
+    assert set(json.loads((out / report.MANIFEST).read_text())) == {*pngs, "report.csv", "report.md"} <= set(
+        report.REPORT_FILES)
+
+
+def test_a_report_replaces_an_earlier_report_only(runs_dir, tmp_path, capsys):
+    """Rewriting a report folder replaces its files and removes the earlier report's figures this one does not make
+    (they were left behind, looking like part of the new report); a file no report wrote is never replaced."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    assert report.main([str(runs_dir), "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert report.main([str(runs_dir / "rigl-0.9-None"), "--out", str(out), "--no-plots"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([".bidst-report.json", "notes.txt", "report.csv", "report.md"])
+    assert "| rigl | 0.9 | 3 |" in (out / "report.md").read_text() and "set" not in (out / "report.csv").read_text()
+    # a folder whose report.md is the user's own
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("MY NOTES")
+    (mine / "iou.png").write_bytes(b"my figure")
+    capsys.readouterr()
+    assert report.main([str(runs_dir), "--out", str(mine)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bidst report: error")]
+    assert len(errors) == 1 and "mine/report.md exists and no earlier bidst report wrote it" in errors[0]
+    assert (mine / "report.md").read_text() == "MY NOTES" and (mine / "iou.png").read_bytes() == b"my figure"
+    assert sorted(p.name for p in mine.iterdir()) == ["iou.png", "report.md"]
+    # a report written before manifests existed (its table header) is recognised and replaced
+    legacy = tmp_path / "legacy"
+    assert report.main([str(runs_dir), "--out", str(legacy), "--no-plots"]) == 0
+    (legacy / report.MANIFEST).unlink()
+    (legacy / "iou.png").write_bytes(b"an old report's figure")
+    assert report.main([str(runs_dir / "rigl-0.9-None"), "--out", str(legacy), "--no-plots"]) == 0
+    assert sorted(p.name for p in legacy.iterdir()) == [".bidst-report.json", "report.csv", "report.md"]
 
 
 def test_failed_report_leaves_no_files(runs_dir, tmp_path, monkeypatch):

@@ -2,12 +2,13 @@
 
 Runs are grouped by method and sparsity, plus every config key that takes more than one value
 among runs sharing a method and sparsity (an ablation axis such as ``method_args.mask_lr``);
-keys naming a seed, ``run_dir``, ``resume`` and the operational keys (progress, logging, checkpoints,
-threads, loader workers) never split groups. FLOPs and time are given
+keys naming a seed, ``run_dir``, ``resume``, ``data_root``, ``device``, ``iou_interval`` and the operational
+keys (progress, logging, checkpoints, threads, loader workers) never split groups. FLOPs and time are given
 relative to a dense run of the same model and dataset when the set holds one, else as the run
 recorded them (FLOPs only); time is the summary's ``time.total``, else its ``wall_time_s``.
 Outputs are written to temporary names and renamed at the end, so a failed report never leaves
-half-written files.
+half-written files; a file of the report's names already in the output folder is replaced only if an
+earlier report wrote it (listed in the folder's ``.bidst-report.json``), and that report's other files go.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from .config import OPERATIONAL_KEYS, TrainConfig, load_yaml
 from .errors import BidstError
 from .methods import METHODS, method_options
 
-_NEVER_GROUP = {"run_dir", "resume", *OPERATIONAL_KEYS}  # they do not change what a run computes
+# they do not change what a run computes (the device only its floating-point rounding)
+_NEVER_GROUP = {"run_dir", "resume", "data_root", "device", "iou_interval", *OPERATIONAL_KEYS}
 
 
 @dataclass
@@ -92,6 +94,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _usable(record: Any) -> bool:
+    """Whether a metrics record has the types the report reads: an integer epoch, a numeric test accuracy, and
+    per-layer number mappings (with the overall "__all__" for IoU and ITOP)."""
+    if not isinstance(record, dict):
+        return False
+    epoch = record.get("epoch", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not _is_number(record.get("test_acc")):
+        return False
+    for key in ("density", "iou", "itop"):
+        part = record.get(key, {"__all__": 0})
+        if not isinstance(part, dict) or "__all__" not in part and key != "density":
+            return False
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part.values()):
+            return False
+    return True
+
+
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     records, bad = [], 0
     if path.exists():
@@ -101,10 +120,12 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 bad += 1
                 continue
-            if isinstance(record, dict):
+            if _usable(record):
                 records.append(record)
+            elif isinstance(record, dict):
+                bad += 1
     if bad:
-        _warn(f"{path}: skipped {bad} unreadable line(s)")
+        _warn(f"{path}: skipped {bad} unreadable or damaged line(s)")
     return records
 
 
@@ -146,7 +167,8 @@ def _load_run(folder: Path) -> Run | None:
         run = Run(folder, summary, {**TrainConfig().to_dict(), **(config or {})})
         _ = run.sparsity  # a sparsity that is not a number is corrupt too
     except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
-        _warn(f"{folder}: skipped, corrupt run folder ({e})")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _warn(f"{folder}: skipped, corrupt run folder ({reason})")
         return None
     run.metrics = _read_metrics(folder / "metrics.jsonl")
     return run
@@ -496,6 +518,27 @@ def figures(runs: Sequence[Run], extra: Sequence[str]) -> dict[str, Any]:
 
 # ---- writing -------------------------------------------------------------------------------
 
+MANIFEST = ".bidst-report.json"  # the files the last report wrote into its folder
+REPORT_FILES = ("report.md", "report.csv", "accuracy_vs_sparsity.png", "test_acc_curves.png", "iou.png", "itop.png",
+                "layer_density.png")
+
+
+def earlier_report(out: Path) -> set[str]:
+    """The files an earlier report wrote into `out`: its manifest's list, or for a report written before manifests
+    (its report.md starts with the table's header), the report file names present."""
+    try:
+        names = json.loads((out / MANIFEST).read_text())
+        if isinstance(names, list):
+            return {n for n in names if n in REPORT_FILES}
+    except (OSError, ValueError):
+        pass
+    try:
+        legacy = (out / "report.md").read_text(errors="replace").startswith("| method | sparsity |")
+    except OSError:
+        legacy = False
+    return {n for n in REPORT_FILES if (out / n).exists()} if legacy else set()
+
+
 def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
     """Write report.md, report.csv and the figures into `out` atomically; return the JSON view."""
     if not runs:
@@ -505,16 +548,25 @@ def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True
     make_folder(out)
     texts = {"report.md": markdown(extra, rows), "report.csv": to_csv(rows)}
     figs = figures(runs, extra) if plots else {}
+    ours = earlier_report(out)
+    foreign = [name for name in [*texts, *figs] if (out / name).exists() and name not in ours]
+    if foreign:
+        raise BidstError(f"{out / foreign[0]} exists and no earlier bidst report wrote it: give --out a new folder "
+                         "(or one holding only a report)")
     staged: dict[str, str] = {}
     try:
-        for name in [*texts, *figs]:
+        for name in [*texts, *figs, MANIFEST]:
             staged[name] = str(out / f".{name}.{os.getpid()}.tmp")
             if name in texts:
                 Path(staged[name]).write_text(texts[name])
-            else:
+            elif name in figs:
                 figs[name].savefig(staged[name], format="png", dpi=110)
+            else:
+                Path(staged[name]).write_text(json.dumps(sorted([*texts, *figs])) + "\n")
         for name, tmp in staged.items():
             os.replace(tmp, out / name)
+        for name in ours - {*texts, *figs}:  # the earlier report's figures this one does not make
+            (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise BidstError(f"could not write the report into {out}: {exc.strerror or exc}") from None
     finally:
