@@ -1123,3 +1123,28 @@ def test_a_dense_layer_keeps_exploring_after_its_first_commit(backend):
         candidates.append(sp.method.explore_count(sp, "2.weight"))
     assert len(masks) == 5 and all(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))  # every commit swaps
     assert set(candidates) == {sp.method.explore_size(sp, "2.weight")}  # E stays full: all 65 inactive weights
+
+
+def test_candidate_slots_do_not_depend_on_the_order_of_near_equal_gradients():
+    """Two processes whose averaged dense gradient rounds differently (DDP against one process) pick the same
+    candidates, but the gradient's order among them used to give their slots, hence their noise draws and ties,
+    another order: masks then parted at the next commit. The slots follow the positions."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bidst.sparsify(model, opt, "bidst", 0.9, total_steps=100)
+    name = "fc1.weight"
+    state = sp.method._layers[name]
+    inactive = (~sp.masks[name].view(-1)).nonzero().squeeze(1)
+    grads = torch.zeros(sp.masks[name].numel())
+    grads[inactive] = torch.rand(inactive.numel(), generator=torch.Generator().manual_seed(1)) + 1.0
+    slots = []
+    for order in (1.0, -1.0):  # the same candidates by magnitude, ranked in opposite orders among themselves
+        sp.method.remove_entries(state, (~sp.masks[name].view(-1)[state["pos"]]).nonzero().squeeze(1))
+        top = inactive[grads[inactive].argsort(descending=True)[: sp.method.explore_size(sp, name)]]
+        shuffled = grads.clone()
+        shuffled[top] = 10.0 + order * torch.linspace(0, 1e-3, top.numel())
+        sp.method.add_candidates(sp, name, state["pos"][:0], {name: shuffled.view_as(sp.masks[name])})
+        slots.append(state["pos"].clone())
+    assert set(slots[0].tolist()) == set(slots[1].tolist())
+    assert torch.equal(slots[0], slots[1])

@@ -893,6 +893,9 @@ class BiDST:
         new = grow_highest(scores, eligible, min(missing, others))
         if missing > others:
             new = torch.cat([new, grow_highest(scores, free & ~eligible, missing - others)])
+        # slots in position order: the gradient's order among near-equal values changes with its rounding (a
+        # DDP average), and a slot's order decides its noise draws and ties, so ranks and world sizes would part
+        new = new.sort().values
         neutral = 0.0
         if self.rank == "psi":
             threshold = state["psi"][mask[state["pos"]]].min()
