@@ -1,5 +1,7 @@
-"""Check that everything runs on CUDA: every method, BiDST's options, mixed precision, the sparse backend's
-fallback, DDP under torchrun, and an exact resume after SIGTERM. For a lent GPU machine; prints a Markdown table.
+"""Check that everything runs on CUDA, for a lent GPU machine; prints a Markdown table.
+
+It runs every method, BiDST's options, mixed precision, the sparse backend's fallback, DDP under torchrun,
+and an exact resume after SIGTERM.
 
     python scripts/gpu_check.py --data-root .fmnist/fashion-mnist --out runs/gpu-check --jobs 8
 

@@ -211,7 +211,8 @@ def test_a_compiled_model_names_its_layers_as_the_bare_model():
 def test_a_parametrized_weight_is_refused_not_left_dense():
     """A weight_norm/spectral_norm layer's weight is computed, not a Parameter: it was silently left dense, even
     when filter_fn picked it, so the model was less sparse than asked."""
-    for wrap in (nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm):
+    old_style = (nn.utils.spectral_norm, nn.utils.weight_norm)  # the old spectral_norm's weight did not train yet
+    for wrap in (nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm, *old_style):
         model = nn.Sequential(wrap(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(bidst.BidstError, match="layer '0' computes its weight"):

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(f"--{key.replace('_', '-')}", dest=key, type=convert, help=f"same as {key}=VALUE")
     for kind in ("methods", "models", "datasets"):
         p = sub.add_parser(kind, help=f"list the registered {kind}, each with what it is")
-        p.add_argument("--json", action="store_true", help="the names only, as a JSON list")
+        p.add_argument("--json", action="store_true", help="as JSON: the names (with a method name: its options and defaults)")
         if kind == "methods":
             p.add_argument("name", nargs="?", help="a method: list its options with their defaults instead")
     sub.add_parser("sweep", help="run a grid of runs from a sweep YAML (see `bidst sweep -h`)", add_help=False)

@@ -65,11 +65,11 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.05  # peak learning rate (after warm-up)
     momentum: float = 0.9  # SGD momentum (Adam's beta1 stays at its default)
-    nesterov: bool = False
-    weight_decay: float = 5e-4
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    weight_decay: float = 5e-4  # L2 (SGD, Adam) or decoupled (AdamW) weight decay
     lr_schedule: str = "cosine"  # cosine | step | constant, a function of the step
     warmup_epochs: float = 0.0  # linear warm-up
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # of the cross-entropy targets
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (the last checkpoint stays intact) | skip the step
     # where and how to run
     seed: int = 0  # model init, data order and mask decisions

@@ -24,9 +24,15 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Sparsify the weights of every trainable Conv and Linear layer; a frozen one (requires_grad False) stays as it is."""
+    """Sparsify the weights of every trainable Conv and Linear layer; a frozen one (requires_grad False) stays as it is.
+
+    A weight computed from the layer's own weight_* parameters (the old torch.nn.utils.spectral_norm, before its
+    first forward) trains if they do, so that it is refused rather than passed over as frozen."""
     del name
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.weight.requires_grad
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return False
+    sources = [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight")]
+    return module.weight.requires_grad or any(p.requires_grad for p in sources)
 
 
 @dataclass(frozen=True)
@@ -570,6 +576,8 @@ class Sparsifier:
 
         `batch` (inputs, targets) is kept as `self.batch` for methods that take extra passes on it
         (BiDST's unrolled hypergradient); the others ignore it.
+
+        With a GradScaler, `scaler.step(optimizer)` and `scaler.update()` are called here: do not call update again.
 
         Gradients of inactive weights are zeroed before the optimizer sees them (`prepare_gradients`),
         so momentum and Adam moments never accumulate there; weights are re-masked afterwards so no

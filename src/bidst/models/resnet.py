@@ -85,20 +85,21 @@ def resnet20(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modul
 
 @MODELS.register("resnet32")
 def resnet32(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """CIFAR ResNet-32 (0.46M parameters)."""
+    """CIFAR ResNet-32 (0.47M parameters)."""
     return cifar_resnet(32, num_classes, in_channels)
 
 
 @MODELS.register("resnet32x2")
 def resnet32x2(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """CIFAR ResNet-32 at twice the width, 32/64/128 channels (1.86M parameters): the "ResNet-32" of GraSP's and
-    MEST's code, whose CIFAR tables the DST papers (BiDST's included) report."""
+    """CIFAR ResNet-32 at twice the width, 32/64/128 channels (1.86M parameters), as in GraSP's and MEST's code.
+
+    It is the "ResNet-32" whose CIFAR tables the DST papers (BiDST's included) report."""
     return small_init_classifier(cifar_resnet(32, num_classes, in_channels, width=32))
 
 
 @MODELS.register("resnet56")
 def resnet56(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """CIFAR ResNet-56 (0.85M parameters)."""
+    """CIFAR ResNet-56 (0.86M parameters)."""
     return cifar_resnet(56, num_classes, in_channels)
 
 
