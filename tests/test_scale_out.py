@@ -209,6 +209,9 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     train(tiny_config("rigl"), out / "sigterm", resume=True)
     seen["errors"] = [_error(lambda: train(tiny_config("rigl", "batch_size=63"), out / "odd-batch")),
                       _error(lambda: _sparsify_seeded(rank))]
+    with pytest.raises(BidstError) as bad_config:  # the same on every rank: only rank 0 prints it (SharedError)
+        train(tiny_config("rigl", "sparsity=1.5"), out / "bad-config")
+    seen["bad-config"] = type(bad_config.value).__name__
     # a NaN image on one rank's shard: both ranks stop at the same step, then both skip it on resume
     get_batch = TensorImageDataset.get_batch
     TensorImageDataset.get_batch = lambda self, i, g: _nan_at(get_batch(self, i, g), i, 100, len(self) == 512)
@@ -396,9 +399,20 @@ def test_ddp_only_rank0_writes_and_faults_stop_every_rank(ddp):
     assert not (ddp / "odd-batch").exists()
     assert "DDP ranks disagree on weight" in seeded_apart and "after the initial masks" in seeded_apart
     assert "non-finite loss (nan) at step" in nan_loss
+    assert _seen(ddp, 0)["bad-config"] == _seen(ddp, 1)["bad-config"] == "SharedError"  # was printed by every rank
     assert _seen(ddp, 0)["nan-skip"] == _seen(ddp, 1)["nan-skip"] == [2]
     sharded, plain = _seen(ddp, 0)["odd-eval"]
     assert sharded == plain and _seen(ddp, 1)["odd-eval"] == [sharded, plain]  # no padded item counted twice
+
+
+def test_resuming_on_another_process_count_warns(ddp, tmp_path, capsys):
+    """A 2-process run continued by one process was silent, unlike a changed thread count: its results then differ
+    from the uninterrupted run's in rounding."""
+    part = tmp_path / "part"
+    stopped_copy(ddp / "rigl-full", part, 8)
+    summary = train(tiny_config("rigl"), part, resume=True)
+    assert summary["processes"] == 1
+    assert "the run ran on 2 process(es) and continues on 1" in capsys.readouterr().err
 
 
 def test_torchrun_two_nodes_equals_spawned_ddp(ddp, tmp_path):

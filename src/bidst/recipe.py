@@ -315,7 +315,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         except (OSError, ValueError) as exc:  # ValueError: a truncated or undecodable file
             raise BidstError(f"{run_dir / 'summary.json'} cannot be read ({exc}): the finished run's results are "
                              "damaged; restore the file or train the run again in another folder") from exc
-    check_config(cfg)
+    try:
+        check_config(cfg)
+    except BidstError as exc:  # the same config fails the same way on every rank: rank 0 says so once
+        raise exc if isinstance(exc, SharedError) else SharedError(str(exc)) from None
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.batch_size % world:
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
@@ -336,7 +339,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
 
     steps_per_epoch = len(train_loader(0))
     if steps_per_epoch == 0:
-        raise BidstError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} items)")
+        raise SharedError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} items)")
     total_steps = cfg.epochs * steps_per_epoch
 
     # model, optimizer, sparsifier
@@ -405,6 +408,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             print(f"bidst: warning: the run ran on {saved_threads} CPU threads and continues on "
                   f"{torch.get_num_threads()}; its results will differ from an uninterrupted run's in float rounding "
                   f"(threads={saved_threads} continues it bit for bit)", file=sys.stderr)
+        saved_world = state.get("processes", world)  # absent in checkpoints written before it was saved
+        if rank == 0 and saved_world != world:
+            print(f"bidst: warning: the run ran on {saved_world} process(es) and continues on {world}; its results will "
+                  "differ from an uninterrupted run's in float rounding (gradients are averaged over another count)",
+                  file=sys.stderr)
         running = dict(state["running"])
         meter.load_state_dict(state["meter"])
         evolution.load_state_dict(state["evolution"])
@@ -425,6 +433,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 "meter": meter.state_dict(), "evolution": evolution.state_dict(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 "threads": torch.get_num_threads(),  # CPU reductions round differently on another thread count
+                "processes": world,  # and DDP averages on another process count
             }
             metrics.sync()
             save_checkpoint(state, ckpt_dir, sparsifier.step_count, cfg.keep_checkpoints)

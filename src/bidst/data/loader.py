@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ..errors import BidstError
+from ..errors import BidstError, SharedError
 from .base import BatchDataset
 
 # stream tags, so order, augmentation, held-out and worker-seed draws are unrelated
@@ -121,10 +121,10 @@ def indexed_batches(
     serves held-out data, e.g. to BiDST's upper level).
     """
     if batch_size % world_size:
-        raise BidstError(f"a held-out batch of {batch_size} items does not split evenly over {world_size} processes")
+        raise SharedError(f"a held-out batch of {batch_size} items does not split evenly over {world_size} processes")
     per = num_batches(len(dataset), batch_size=batch_size // world_size, world_size=world_size, drop_last=True)
     if per == 0:
-        raise BidstError(f"a held-out batch of {batch_size} items is larger than the {len(dataset)} held-out items")
+        raise SharedError(f"a held-out batch of {batch_size} items is larger than the {len(dataset)} held-out items")
     local = batch_size // world_size
 
     def batch(j: int) -> tuple[Tensor, Tensor]:
