@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,16 @@ def test_idx_label_count_and_range(tmp_path: Path) -> None:
         create_dataset("mnist", "test", root=str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_idx_image_size_must_match(tmp_path: Path, name: str) -> None:
+    """Valid IDX files of 32x32 images are refused up front, not fed to a model built for 28x28."""
+    write_mnist(tmp_path, gz=False)
+    path = write_idx(tmp_path, "t10k-images-idx3-ubyte", idx_bytes(2051, np.zeros((4, 32, 32), np.uint8)), gz=False)
+    with pytest.raises(BidstError, match="images of 32x32 pixels, expected 28x28") as err:
+        create_dataset(name, "test", root=str(tmp_path))
+    assert str(path) in str(err.value)
+
+
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs the dataset-fashion-mnist package")
 def test_fashion_mnist_real_files() -> None:
     train = create_dataset("fashion-mnist", "train")
@@ -254,6 +265,29 @@ def test_cifar_corrupt(tmp_path: Path, content: object, problem: str) -> None:
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "labels,problem",
+    [
+        ([0.5, 1.5], "is not a list of integers"),  # was truncated to [0, 1]
+        (np.array([0.0, 1.0]), "is not a list of integers"),
+        ([0, 2**70], "labels out of range 0..9 .found 1180591620717411303424"),  # was an OverflowError
+        (np.array([0, 1], dtype=">i8"), None),  # big-endian int64: fine
+    ],
+    ids=["float-list", "float-array", "huge-int", "big-endian-array"],
+)
+def test_cifar_labels_must_be_integers_in_range(tmp_path: Path, labels: object, problem: str | None) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10(folder)
+    path = folder / "test_batch"
+    write_pickle(path, {b"data": np.zeros((2, 3072), np.uint8), b"labels": labels})
+    if problem is None:
+        assert create_dataset("cifar10", "test", root=str(tmp_path)).labels.tolist() == [0, 1]
+        return
+    with pytest.raises(BidstError, match=problem) as err:
+        create_dataset("cifar10", "test", root=str(tmp_path))
+    assert str(path) in str(err.value)
+
+
 def test_cifar_truncated(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar10(folder)
@@ -319,6 +353,44 @@ def test_imagenet_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     (tmp_path / "val" / "n03").mkdir()
     with pytest.raises(BidstError, match="not in the training set: n03"):
         create_dataset("imagenet", "test", root=str(tmp_path))
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def png_bytes(width: int, height: int, tail: bytes = b"") -> bytes:
+    """An RGB PNG of the given size whose IDAT holds 10 zero bytes, then `tail` instead of the IEND chunk."""
+    header = png_chunk(b"IHDR", width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0]))
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\0" * 10)) + (tail or png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("maxval.ppm", b"P6\n64 64\n99999\n" + b"\0" * 100),  # Pillow: ValueError
+        ("bomb.png", png_bytes(20000, 20000)),  # DecompressionBombError
+        ("broken_chunk.png", png_bytes(2, 2, tail=b"\0\0\0\x05!!!!")),  # SyntaxError
+    ],
+    ids=["ppm-maxval", "png-bomb", "png-broken-chunk"],
+)
+def test_imagenet_undecodable_images(tmp_path: Path, name: str, content: bytes) -> None:
+    pytest.importorskip("PIL")
+    write_imagenet(tmp_path)
+    bad = tmp_path / "val" / "n01" / name
+    bad.write_bytes(content)
+    test = create_dataset("imagenet", "test", root=str(tmp_path))
+    with pytest.raises(BidstError, match="cannot decode image") as err:
+        test.get_batch(torch.arange(len(test)), None)
+    assert str(bad) in str(err.value)
+
+
+def test_imagenet_more_class_folders_than_classes(tmp_path: Path) -> None:
+    """1001 class folders would give label 1000, out of range of the 1000-class model: refused when loading."""
+    for i in range(1001):
+        (tmp_path / "train" / f"n{i:04d}").mkdir(parents=True)
+    with pytest.raises(BidstError, match=f"{tmp_path / 'train'}: 1001 class folders, more than imagenet's 1000"):
+        create_dataset("imagenet", "train", root=str(tmp_path), val_size=0)
 
 
 def test_imagenet_without_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -523,6 +595,24 @@ def test_loader_workers_match_in_process() -> None:
     assert_same(batches(ds, num_workers=2, **kw), batches(ds, **kw))
     # the workers' seeds come from a generator of their own: the global one, which checkpoints save, does not move
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class FailingDataset(TensorImageDataset):
+    """A dataset whose batches holding item 5 fail to load, as one with an undecodable image file."""
+
+    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if 5 in indices.tolist():
+            raise BidstError("/data/x.ppm: cannot decode image (ValueError: maxval)")
+        return super().get_batch(indices, generator)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_worker_errors_stay_one_line(workers: int) -> None:
+    """A BidstError in a DataLoader worker reaches the caller as itself, not wrapped in the worker's traceback."""
+    ds = FailingDataset(torch.zeros(10, 1, 4, 4, dtype=torch.uint8), torch.arange(10), [0.5], [0.25])
+    with pytest.raises(BidstError) as err:
+        batches(ds, batch_size=2, shuffle=False, seed=0, epoch=0, num_workers=workers)
+    assert str(err.value) == "/data/x.ppm: cannot decode image (ValueError: maxval)"
 
 
 def test_indexed_batches_are_a_reshuffled_stream_per_rank() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import pickle
 from pathlib import Path
 from typing import Any
@@ -49,15 +50,19 @@ def read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[Tensor, 
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == PIXELS):
         shape = getattr(data, "shape", type(data).__name__)
         raise BidstError(f"{path}: b'data' must be a uint8 array of shape N x {PIXELS}, found {shape}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
+    values = labels.tolist() if isinstance(labels, np.ndarray) else labels
+    try:  # operator.index refuses floats (0.5 must not become 0); Python ints of any size pass, for the range check
+        if not isinstance(values, (list, tuple)):
+            raise TypeError
+        ints = [operator.index(v) for v in values]
+    except TypeError:
         raise BidstError(f"{path}: {label_key!r} is not a list of integers") from None
-    if labels.shape != (len(data),):
-        raise BidstError(f"{path}: {labels.size} labels for {len(data)} images")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise BidstError(f"{path}: labels out of range 0..{num_classes - 1}")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+    if len(ints) != len(data):
+        raise BidstError(f"{path}: {len(ints)} labels for {len(data)} images")
+    outside = [v for v in ints if not 0 <= v < num_classes]
+    if outside:
+        raise BidstError(f"{path}: labels out of range 0..{num_classes - 1} (found {outside[0]})")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(ints, dtype=torch.int64)
 
 
 def register_cifar(

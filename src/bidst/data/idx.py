@@ -56,8 +56,9 @@ def read_idx(path: Path, magic: int) -> Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=header).copy()).reshape(dims)
 
 
-def read_pair(folder: Path, train: bool, num_classes: int) -> tuple[Tensor, Tensor]:
-    """uint8 N x 1 x H x W images and int64 labels of the train or test IDX pair in `folder`, cross-checked."""
+def read_pair(folder: Path, train: bool, num_classes: int, image_size: int) -> tuple[Tensor, Tensor]:
+    """uint8 N x 1 x H x W images (H = W = `image_size`) and int64 labels of the train or test IDX pair in `folder`,
+    cross-checked."""
     paths = []
     for stem in FILES[train]:
         path = find_file(folder, stem)
@@ -65,6 +66,9 @@ def read_pair(folder: Path, train: bool, num_classes: int) -> tuple[Tensor, Tens
             raise BidstError(f"{folder / stem}: missing (neither it nor {stem}.gz exists)")
         paths.append(path)
     images = read_idx(paths[0], IMAGES_MAGIC)
+    if images.shape[1:] != (image_size, image_size):
+        raise BidstError(f"{paths[0]}: images of {images.shape[1]}x{images.shape[2]} pixels, expected "
+                         f"{image_size}x{image_size}")
     labels = read_idx(paths[1], LABELS_MAGIC).long()
     if len(images) != len(labels):
         raise BidstError(f"{paths[1]}: {len(labels)} labels for {len(images)} images in {paths[0]}")
@@ -87,7 +91,7 @@ def register_idx(name: str, mean: float, std: float, url: str, how_to: str) -> N
     @register(name, INFO)
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:
         folder = roots.locate(name, root, present, how_to, fetch=fetch)
-        images, labels = read_pair(folder, train, INFO.num_classes)
+        images, labels = read_pair(folder, train, INFO.num_classes, INFO.image_size)
         return TensorImageDataset(images, labels, [mean], [std], crop_padding=CROP_PADDING if augment else 0)
 
 

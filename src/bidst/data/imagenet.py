@@ -105,8 +105,8 @@ class ImageFolderDataset(BatchDataset):
         try:
             with image_mod.open(path) as f:
                 image = f.convert("RGB")
-        except OSError as e:  # includes PIL.UnidentifiedImageError
-            raise BidstError(f"{path}: cannot decode image ({e})") from None
+        except Exception as e:  # OSError, ValueError, SyntaxError, DecompressionBombError...: a bad file, in any case
+            raise BidstError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
         if self.augment:
             width, height = image.size
             box = random_resized_crop_box(width, height, generator)
@@ -138,6 +138,9 @@ def load_imagenet(root: str | None, train: bool, augment: bool) -> ImageFolderDa
     )
     folder = roots.locate("imagenet", root, lambda p: (p / "train").is_dir(), how_to)
     classes = class_names(folder / "train")
+    if len(classes) > INFO.num_classes:
+        raise BidstError(f"{folder / 'train'}: {len(classes)} class folders, more than imagenet's {INFO.num_classes} "
+                         "classes")
     split = folder / ("train" if train else "val")
     if not split.is_dir():
         raise BidstError(f"{split}: missing; {how_to}")

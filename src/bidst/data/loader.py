@@ -81,7 +81,33 @@ class EpochLoader(Dataset[tuple[Tensor, Tensor]]):
         # (its workers' base seed from a generator of its own: drawn from torch's global one, it moved that generator,
         # which checkpoints save, so a resumed run's differed from an uninterrupted one's)
         seeds = torch.Generator().manual_seed(derive_seed(WORKERS, self.seed, self.epoch, self.rank, self.start_batch))
-        return iter(DataLoader(self, batch_size=None, shuffle=False, num_workers=self.num_workers, generator=seeds))
+        loader = DataLoader(ErrorsAsItems(self), batch_size=None, shuffle=False, num_workers=self.num_workers,
+                            generator=seeds)  # fmt: skip
+        return raise_errors(iter(loader))
+
+
+class ErrorsAsItems(Dataset[tuple[Tensor, Tensor] | BidstError]):
+    """`loader[k]`, or the BidstError it raised: a DataLoader worker's errors would come wrapped in its traceback."""
+
+    def __init__(self, loader: EpochLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getitem__(self, k: int) -> tuple[Tensor, Tensor] | BidstError:
+        try:
+            return self.loader[k]
+        except BidstError as e:
+            return e
+
+
+def raise_errors(items: Iterator[tuple[Tensor, Tensor] | BidstError]) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches of `items`, raising the first BidstError among them in this process, as its one line."""
+    for item in items:
+        if isinstance(item, BidstError):
+            raise item
+        yield item
 
 
 def make_loader(
