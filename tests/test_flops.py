@@ -22,8 +22,10 @@ def test_linear_dense_and_masked():
     mask = {"weight": torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)}
     assert flops.train_step_flops(shapes, mask) == {"forward": 70.0, "backward": 140.0}
     assert flops.sampled_grad_flops(shapes, {"weight": 3}) == 2 * 3 * 5
-    assert flops.dense_grad_flops(shapes) == 120.0
-    assert flops.dense_grad_flops(shapes, batch=1) == 24.0
+    assert flops.dense_grad_flops(shapes, masks=mask) == 120.0
+    assert flops.dense_grad_flops(shapes, batch=1, masks=mask) == 24.0
+    # a layer at density 1 takes no dense gradient beyond its ordinary one (it was counted again)
+    assert flops.dense_grad_flops(shapes) == flops.dense_grad_flops(shapes, masks={"weight": mask["weight"] | True}) == 0
     assert flops.momentum_flops(shapes) == 24.0
     assert flops.inference_flops(shapes, mask) == 14.0
 
@@ -125,7 +127,7 @@ def test_meter_accumulates_and_relates_to_dense():
     meter = flops.CostMeter()
     for _ in range(2):
         meter.add_train_step(shapes, mask)
-    meter.add("dense_grad", flops.dense_grad_flops(shapes))
+    meter.add("dense_grad", flops.dense_grad_flops(shapes, masks=mask))
     totals = meter.totals()
     assert totals["flops"] == {"forward": 80.0, "backward": 160.0, "dense_grad": 120.0, "total": 360.0}
     assert totals["dense_flops"] == 2 * 360.0

@@ -68,12 +68,15 @@ def planned_flops(
             changes = [(0, dict(sp.numel))]
         else:  # a schedule's (step, budgets) pairs; None or no schedule: constant budgets
             changes = (schedule(sp, steps) if schedule is not None else None) or [(0, budgets or sp.budgets)]
-        plan = {"train": 0.0}
+        plan = {"train": 0.0, "dense_grad": 0.0}
         for (start, held), (end, _) in zip(changes, [*changes[1:], (steps, None)]):  # steps start+1..end
             plan["train"] += max(0, min(end, steps) - start) * sum(6.0 * held[n] * rows[n] for n in sp.params)
-        dense_steps = sum(1 for s in range(1, steps + 1) if method.wants_dense_grad(s, sp))
-        if dense_steps:
-            plan["dense_grad"] = dense_steps * sum(2.0 * sp.numel[n] * rows[n] for n in sp.sparse_names())
+            # a dense gradient of the layers the method may change, those at density 1 aside (theirs is the ordinary one)
+            dense_steps = sum(1 for s in range(start + 1, min(end, steps) + 1) if method.wants_dense_grad(s, sp))
+            plan["dense_grad"] += dense_steps * sum(2.0 * sp.numel[n] * rows[n] for n in sp.sparse_names()
+                                                    if held[n] < sp.numel[n])  # fmt: skip
+        if not plan["dense_grad"]:
+            del plan["dense_grad"]
         own = getattr(method, "planned_costs", None)
         if own is not None:  # the method's own work at the same budgets (a baseline's: the run's target ones)
             held, sp.budgets = sp.budgets, dict(budgets or sp.budgets)

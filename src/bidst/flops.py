@@ -179,9 +179,11 @@ def dense_train_step_flops(shapes: Mapping[str, LayerShape], batch: int | None =
     return sum(train_step_flops(shapes, None, batch).values())
 
 
-def dense_grad_flops(shapes: Mapping[str, LayerShape], batch: int | None = None) -> float:
-    """FLOPs of the dense weight gradient of every layer in `shapes` (RigL / gradient exploration)."""
-    return sum(weight_grad_flops(s, s.numel, batch) for s in shapes.values())
+def dense_grad_flops(shapes: Mapping[str, LayerShape], batch: int | None = None, masks: Masks | None = None) -> float:
+    """FLOPs of the dense weight gradient of every layer in `shapes` with inactive weights under `masks` (RigL /
+    gradient exploration); a layer at density 1 has its dense gradient from the ordinary backward already."""
+    counts = active_counts(shapes, masks)
+    return sum(weight_grad_flops(s, s.numel, batch) for n, s in shapes.items() if counts[n] < s.numel)
 
 
 def sampled_grad_flops(

@@ -375,6 +375,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     step_flops = train_step_flops(shapes, sparsifier.masks)
     dense_step_flops = dense_train_step_flops(shapes)
     changeable_shapes = {n: shapes[n] for n in sparsifier.sparse_names()}
+
+    def dense_grad_step() -> float:
+        """A dense gradient's FLOPs at this step's masks (of the layers the method may change, as the plan counts it:
+        a layer kept dense, or at density 1, has its whole gradient from the ordinary backward already)."""
+        return dense_grad_flops(changeable_shapes, masks={n: sparsifier.masks[n] for n in changeable_shapes})
+
+    dense_grad = dense_grad_step()
     shapes_batch = init_x.shape[0]  # the (per-rank) batch the per-layer shapes were measured with
     meter = CostMeter(device)
     evolution = MaskEvolution(cfg.iou_interval, pooled=sparsifier.sparse_names())
@@ -416,7 +423,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         running = dict(state["running"])
         meter.load_state_dict(state["meter"])
         evolution.load_state_dict(state["evolution"])
-        step_flops = train_step_flops(shapes, sparsifier.masks)
+        step_flops, dense_grad = train_step_flops(shapes, sparsifier.masks), dense_grad_step()
         metrics.truncate(state["metrics_offset"])
     else:
         metrics.truncate(0)
@@ -477,12 +484,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             for phase, flops in step_flops.items():
                 meter.add(phase, flops * scale)
             meter.add_dense_reference(dense_step_flops * scale)
-            if sparsifier.captured_dense_grad:  # of the layers the method may change, as the plan counts it: a layer
-                # kept dense has its whole gradient from the ordinary backward already
-                meter.add("dense_grad", dense_grad_flops(changeable_shapes) * scale)
+            if sparsifier.captured_dense_grad:
+                meter.add("dense_grad", dense_grad * scale)
             if changed:
                 evolution.commit(sparsifier.last_swaps, sparsifier.masks)
-                step_flops = train_step_flops(shapes, sparsifier.masks)
+                step_flops, dense_grad = train_step_flops(shapes, sparsifier.masks), dense_grad_step()
             running["loss"] += loss_value * y.numel() * world
             running["correct"] += correct
             running["seen"] += y.numel() * world
