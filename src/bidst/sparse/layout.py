@@ -89,13 +89,19 @@ class BatchInnermostReLU6(nn.ReLU6):
         return super().forward(x)
 
 
+def pooled_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """Output length of a dilation-1 pooling window along one axis, as PyTorch computes it (ceil mode: a last,
+    partial window, unless it would start in the right padding)."""
+    out = -(-(size + 2 * p - k) // s) + 1 if ceil_mode else (size + 2 * p - k) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= size + p else out
+
+
 class _MaxPoolFn(torch.autograd.Function):
-    """max_pool2d of a batch-innermost CPU float32 input by the Numba kernels (dilation 1, floor mode), output batch-innermost."""
+    """max_pool2d of a batch-innermost CPU float32 input by the Numba kernels (dilation 1), output batch-innermost."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int]) -> Tensor:
-        n, c, h, w = x.shape
-        y = batch_innermost((n, c, (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1))
+    def forward(ctx: Any, x: Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], ceil_mode: bool) -> Tensor:
+        y = batch_innermost((*x.shape[:2], *(pooled_size(x.shape[2 + i], k[i], s[i], p[i], ceil_mode) for i in (0, 1))))
         arg = torch.empty(y.permute(1, 2, 3, 0).shape, dtype=torch.int32)
         KP.max_pool(np_view(x.permute(1, 2, 3, 0)), *k, *s, *p, np_view(y.permute(1, 2, 3, 0)), np_view(arg))
         ctx.save_for_backward(arg)
@@ -109,12 +115,12 @@ class _MaxPoolFn(torch.autograd.Function):
         gx = batch_innermost(ctx.input_shape)
         KP.max_pool_backward(np_view(gy.permute(1, 2, 3, 0).contiguous()), np_view(arg), *ctx.geometry,
                              np_view(gx.permute(1, 2, 3, 0)))  # fmt: skip
-        return gx, None, None, None
+        return gx, None, None, None, None
 
 
 class BatchInnermostMaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d that pools a batch-innermost input without a copy: by the Numba kernels (CPU float32, dilation 1,
-    floor mode), else as a (1, C, H, W, N) volume with a (kh, kw, 1) window."""
+    """nn.MaxPool2d that pools a batch-innermost input without a copy: by the Numba kernels (CPU float32, dilation 1),
+    else as a (1, C, H, W, N) volume with a (kh, kw, 1) window."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.return_indices or not is_batch_innermost(x):
@@ -122,8 +128,8 @@ class BatchInnermostMaxPool2d(nn.MaxPool2d):
         k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
         h, w = x.shape[2:]
         fits = all(s[i] > 0 and 2 * p[i] <= k[i] <= (h, w)[i] + 2 * p[i] for i in (0, 1))  # else PyTorch's error
-        if d == (1, 1) and not self.ceil_mode and fits and uses_kernels(x) and not torch.compiler.is_compiling():
-            return _MaxPoolFn.apply(x, k, s, p)
+        if d == (1, 1) and fits and uses_kernels(x) and not torch.compiler.is_compiling():
+            return _MaxPoolFn.apply(x, k, s, p, self.ceil_mode)
         y = F.max_pool3d(x.permute(1, 2, 3, 0).unsqueeze(0), (*k, 1), (*s, 1), (*p, 0), (*d, 1), self.ceil_mode)
         return y.squeeze(0).permute(3, 0, 1, 2)
 
