@@ -208,6 +208,7 @@ def test_a_compiled_model_names_its_layers_as_the_bare_model():
                        0.5, total_steps=4, backend="sparse")
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated:FutureWarning")
 def test_a_parametrized_weight_is_refused_not_left_dense():
     """A weight_norm/spectral_norm layer's weight is computed, not a Parameter: it was silently left dense, even
     when filter_fn picked it, so the model was less sparse than asked."""
