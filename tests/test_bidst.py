@@ -958,6 +958,27 @@ def test_recorded_dense_gradients_count_the_changeable_layers_as_the_plan_does(t
         counted["true"] / counted["false"] * runs["false"]["flops"]["dense_grad"])
 
 
+def test_methods_that_move_budgets_count_every_changeable_layer_as_planned(tmp_path):
+    """SNFS moves budget out of a layer ERK made dense, which then needs a dense gradient that its plan (at the
+    starting budgets) cannot foresee: where budgets move, plan and record count every changeable layer."""
+    from bidst.config import load_config
+    from bidst.data import dataset_info
+    from bidst.models import create_model
+    from bidst.recipe import train
+
+    args = ["model=mlp", "dataset=synthetic", "epochs=1", "batch_size=128", "val_size=200", "progress=false",
+            "train_subset=1280", "method=snfs", "method_args.interval=2", "threads=1", "sparsity=0.1"]
+    run = train(load_config(None, args), tmp_path / "snfs")
+    info = dataset_info("synthetic")
+    model = create_model("mlp", num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size)
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "snfs", 0.1, total_steps=run["steps"],
+                        interval=2)
+    assert sp.budgets["fc3.weight"] == sp.numel["fc3.weight"] and run["layers"][-1]["density"] < 1  # budget moved
+    x = torch.zeros(128, info.in_channels, info.image_size, info.image_size)
+    plan = planned_flops(sp, sp.method, model_rows(model, x), run["steps"])
+    assert plan["dense_grad"] == pytest.approx(run["flops"]["dense_grad"])  # was 27% above a plan without fc3
+
+
 def _ddp_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 

@@ -180,9 +180,9 @@ def dense_train_step_flops(shapes: Mapping[str, LayerShape], batch: int | None =
 
 
 def dense_grad_flops(shapes: Mapping[str, LayerShape], batch: int | None = None, masks: Masks | None = None) -> float:
-    """FLOPs of the dense weight gradient of every layer in `shapes` with inactive weights under `masks` (RigL /
-    gradient exploration); a layer at density 1 has its dense gradient from the ordinary backward already."""
-    counts = active_counts(shapes, masks)
+    """FLOPs of the dense weight gradient of every layer in `shapes` (RigL / gradient exploration); with `masks`,
+    of those with inactive weights only: a layer at density 1 has it from the ordinary backward already."""
+    counts = active_counts(shapes, masks) if masks is not None else {n: 0 for n in shapes}
     return sum(weight_grad_flops(s, s.numel, batch) for n, s in shapes.items() if counts[n] < s.numel)
 
 

@@ -378,7 +378,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
 
     def dense_grad_step() -> float:
         """A dense gradient's FLOPs at this step's masks (of the layers the method may change, as the plan counts it:
-        a layer kept dense, or at density 1, has its whole gradient from the ordinary backward already)."""
+        a layer kept dense, or at density 1, has its whole gradient from the ordinary backward already; where
+        budgets move between layers, which the plan cannot follow, every changeable layer counts)."""
+        if getattr(sparsifier.method, "moves_budgets", False):
+            return dense_grad_flops(changeable_shapes)
         return dense_grad_flops(changeable_shapes, masks={n: sparsifier.masks[n] for n in changeable_shapes})
 
     dense_grad = dense_grad_step()

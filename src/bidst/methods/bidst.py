@@ -205,6 +205,11 @@ class BiDST:
         """Rows the sampled gradient at E sums over, out of `rows`: round(mask_rows·rows), at least 1."""
         return rows if self.mask_rows >= 1.0 else min(rows, max(1, round(self.mask_rows * rows)))
 
+    @property
+    def moves_budgets(self) -> bool:
+        """Whether layer budgets move during training (a layer at density 1 may not stay there)."""
+        return self.allocate == "scores"
+
     def explore_size(self, sp: Sparsifier, name: str, k: int | None = None) -> int:
         """|E| of a layer with k (default: its budget) active weights: ⌈ρ·k⌉, at most the inactive positions."""
         k = sp.budgets[name] if k is None else k

@@ -30,6 +30,9 @@ class SNFS(UpdateSchedule):
     name: ClassVar[str] = "snfs"
     default_distribution: ClassVar[str] = "erk"
     backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # uses only the engine's weight/grad accessors
+    # layer budgets move (a full layer cannot regrow what it drops, even without redistribute): the FLOPs plan and
+    # record count a dense gradient for every changeable layer, density-1 ones included
+    moves_budgets: ClassVar[bool] = True
     drop_fraction: float = 0.5  # SNFS prune rate
     momentum: float = 0.9  # decay of the dense momentum used for growth and redistribution
     redistribute: bool = True  # move budget between layers by momentum
