@@ -12,6 +12,12 @@ import numpy as np
 from numba import njit, prange, uint64
 
 
+@njit(inline="always")
+def _inside(start: int, k: int, n: int) -> tuple[int, int]:
+    """The offsets d in [lo, hi) of a k-long window starting at `start` whose position start + d lies in 0..n-1."""
+    return max(0, -start), min(k, n - start)
+
+
 @njit(parallel=True, cache=True)
 def max_pool(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, y: np.ndarray, arg: np.ndarray) -> None:
     """y[c, i, j, :] = max of x[c, h, w, :] over the window of output (i, j), arg = its offset dh * kw + dw.
@@ -31,15 +37,10 @@ def max_pool(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
         for j in range(wo_n):
             yo = ((c * uint64(ho_n) + uint64(i)) * uint64(wo_n) + uint64(j)) * nb
             first = True
-            for dh in range(kh):
-                h = i * sh - ph + dh
-                if h < 0 or h >= h_n:
-                    continue
-                for dw in range(kw):
-                    w = j * sw - pw + dw
-                    if w < 0 or w >= w_n:
-                        continue
-                    xo = ((c * uint64(h_n) + uint64(h)) * uint64(w_n) + uint64(w)) * nb
+            h0, w0 = i * sh - ph, j * sw - pw
+            for dh in range(*_inside(h0, kh, h_n)):
+                for dw in range(*_inside(w0, kw, w_n)):
+                    xo = ((c * uint64(h_n) + uint64(h0 + dh)) * uint64(w_n) + uint64(w0 + dw)) * nb
                     o = np.int32(dh * kw + dw)
                     if first:
                         for b in range(nb):
@@ -77,15 +78,10 @@ def max_pool_backward(
         for i in range(ho_n):
             for j in range(wo_n):
                 yo = ((c * uint64(ho_n) + uint64(i)) * uint64(wo_n) + uint64(j)) * nb
-                for dh in range(kh):
-                    h = i * sh - ph + dh
-                    if h < 0 or h >= h_n:
-                        continue
-                    for dw in range(kw):
-                        w = j * sw - pw + dw
-                        if w < 0 or w >= w_n:
-                            continue
-                        xo = ((c * uint64(h_n) + uint64(h)) * uint64(w_n) + uint64(w)) * nb
+                h0, w0 = i * sh - ph, j * sw - pw
+                for dh in range(*_inside(h0, kh, h_n)):
+                    for dw in range(*_inside(w0, kw, w_n)):
+                        xo = ((c * uint64(h_n) + uint64(h0 + dh)) * uint64(w_n) + uint64(w0 + dw)) * nb
                         o = np.int32(dh * kw + dw)
                         for b in range(nb):
                             g = gyf[yo + b]
