@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 
 import numpy as np
 import pytest
@@ -314,6 +315,34 @@ def test_mest_ems_ends_at_the_target_sparsity(epochs):
         if step + 1 >= sp.method.ems_end(sp):
             assert sp.budgets == sp.target_budgets(), step + 1
     assert all(int(m.sum()) == sp.budgets[n] for n, m in sp.masks.items())
+
+
+def test_granet_regenerates_on_a_cosine_over_the_whole_run(monkeypatch):
+    """GraNet's code decays the regeneration fraction over the whole run, so its last pruning steps still
+    regenerate; decayed over the pruning window instead, the fraction reached 0 at the window's end."""
+    from bidst.methods import gradual
+
+    fractions = {}
+    original = gradual.prune_and_grow
+
+    def spy(sp, fraction, *args, **kwargs):
+        fractions[sp.step_count] = fraction
+        return original(sp, fraction, *args, **kwargs)
+
+    monkeypatch.setattr(gradual, "prune_and_grow", spy)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = bidst.sparsify(model, opt, "granet", 0.9, total_steps=40, interval=5)
+    x, y = make_data()
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+        sp.step()
+    assert sorted(fractions) == [5, 10, 15, 20, 25, 30]  # the window ends at 0.75 * 40
+    for step, fraction in fractions.items():
+        assert fraction == pytest.approx(0.25 * (1 + math.cos(math.pi * step / 40)))
+    assert fractions[30] > 0.07
 
 
 @pytest.mark.parametrize("backend", ["masked", "sparse"])

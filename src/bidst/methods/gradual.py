@@ -85,15 +85,17 @@ class GMP(Stateless):
 class GraNet(GMP):
     """GraNet: gradual magnitude pruning plus zero-cost neuroregeneration by gradient.
 
-    At each update the layer is pruned to its scheduled budget, then a cosine-decayed fraction of
-    its active weights is dropped by magnitude and the same number regrown where the dense
-    gradient is largest. `initial_sparsity` 0 is the dense-to-sparse variant, > 0 sparse-to-sparse.
+    At each update the layer is pruned to its scheduled budget, then a fraction of its active
+    weights is dropped by magnitude and the same number regrown where the dense gradient is
+    largest. That fraction decays by a half cosine over the whole run, not the pruning window, as
+    in GraNet's code (which floors it at 0.005), so regeneration goes on to the window's end.
+    `initial_sparsity` 0 is the dense-to-sparse variant, > 0 sparse-to-sparse.
     """
 
     name: ClassVar[str] = "granet"
     default_distribution: ClassVar[str] = "erk"
     initial_sparsity: float = 0.5  # GraNet's s_i
-    drop_fraction: float = 0.5  # neuroregeneration fraction, cosine-decayed
+    drop_fraction: float = 0.5  # neuroregeneration fraction, cosine-decayed over the whole run
 
     def validate(self) -> None:
         super().validate()
@@ -106,6 +108,6 @@ class GraNet(GMP):
         if not self._is_update(step, sp) or dense_grads is None:
             return False
         changed = self._prune(sp, step)
-        fraction = cosine_decay(step, self.drop_fraction, self._window(sp)[1])
+        fraction = cosine_decay(step, self.drop_fraction, sp.total_steps)
         grow = gradient_grow(dense_grads)
         return prune_and_grow(sp, fraction, magnitude_drop(sp), grow, silent(dense_grads)) or changed

@@ -34,7 +34,7 @@ class MEST(Stateless, UpdateSchedule):
     interval: float = 5.0  # every 5 epochs (fractions allowed)
     interval_unit: str = "epochs"
     decay: str = "linear"
-    grad_weight: float = 1.0  # lambda in |w| + lambda |g|
+    grad_weight: float = 1.0  # lambda in |w| + lambda |g| (MEST's code defaults to 0.5)
     variant: str = "em"  # "em" (elastic mutation) or "ems" (EM with the soft memory bound)
     ems_gap: float = 0.1  # EM&S starts at target sparsity minus this gap
     ems_end_fraction: float = 0.5  # EM&S reaches the target sparsity here

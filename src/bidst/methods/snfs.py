@@ -24,7 +24,9 @@ class SNFS(UpdateSchedule):
     SNFS keeps an exponentially averaged dense gradient (its own momentum, a dense cost every
     step) and moves budget between layers in proportion to the mean momentum magnitude of their
     active weights, so per-layer counts change while the total stays fixed. The optimizer's own
-    state still follows the engine's rules (cleared at changed positions).
+    state still follows the engine's rules (cleared at changed positions). The schedule is RigL's
+    (until 75% of training), as google-research/rigl runs SNFS; Dettmers' code updates every epoch
+    to the end of training (`stop_fraction=1.0, interval=1, interval_unit="epochs"`).
     """
 
     name: ClassVar[str] = "snfs"
