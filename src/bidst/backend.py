@@ -74,16 +74,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return _wrappers(model)[-1]
 
 
-# optimizers whose state follows a weight's shape (Adafactor factors 2-D weights) or spans all parameters (L-BFGS):
-# the compact 1-D values would get other state than the dense weight, or none that a topology change can remap
-SHAPE_BOUND_OPTIMIZERS = tuple(getattr(torch.optim, n) for n in ("Adafactor", "LBFGS") if hasattr(torch.optim, n))
+# optimizers whose state follows a weight's shape (Adafactor factors 2-D weights): the compact 1-D values would get
+# other state than the dense weight
+SHAPE_BOUND_OPTIMIZERS = tuple(getattr(torch.optim, n) for n in ("Adafactor",) if hasattr(torch.optim, n))
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise BidstError for an optimizer the sparse backend's compact values would train differently."""
     if isinstance(optimizer, SHAPE_BOUND_OPTIMIZERS):
         raise BidstError(f"backend 'sparse' cannot train with {type(optimizer).__name__}: its state depends on the "
-                         "weight's shape or spans all parameters; use backend 'masked'")
+                         "weight's shape; use backend 'masked'")
 
 
 def check_layers(model: nn.Module, modules: dict[str, nn.Module], in_optimizer: set[int]) -> None:

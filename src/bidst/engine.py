@@ -176,6 +176,9 @@ class Sparsifier:
                 raise BidstError(f"{name} is not initialized yet (a lazy layer): run one forward pass before sparsify")
             if weight.is_meta:
                 raise BidstError(f"{name} is on the meta device: materialize the model (to_empty, then initialize) before sparsify")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise BidstError("LBFGS cannot be sparsified: its step needs a closure that re-evaluates the loss, and "
+                             "Sparsifier.step() runs the optimizer's step without one")
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.params.items() if id(p) not in in_optimizer]
         if missing:

@@ -17,7 +17,7 @@ batch-innermost activations (N, C, H, W stored as C, H, W, N), the layout their 
 the dense twins of `layout.use_batch_innermost` pass on.
 `set_threads(n)` sets torch's and the kernels' thread counts, in the order that keeps both.
 On any other device or dtype, and for dilated convolutions, they compute the same thing as
-masked dense PyTorch ops. The kernels use `numba.get_num_threads()` threads.
+masked dense PyTorch ops. The kernels run on torch's thread count (`torch.set_num_threads`).
 
 Layers: `SparseLinear.from_dense(nn.Linear, mask)`, `SparseConv2d.from_dense(nn.Conv2d, mask)`;
 `to_sparse_modules(model, masks)` swaps them in, in place, for the weights named in a dict of bool

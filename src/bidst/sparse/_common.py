@@ -35,6 +35,18 @@ def set_threads(threads: int) -> int:
     return numba.get_num_threads()
 
 
+def match_torch_threads() -> None:
+    """Run the kernels on torch's thread count (`torch.set_num_threads` governs both), and keep that count: the
+    first kernel call starts Numba's OpenMP pool, which resets the process's OpenMP thread count, torch's included,
+    to every core whatever the user set. Called before the kernels of each sparse autograd function."""
+    threads = torch.get_num_threads()
+    kernels = numba.get_num_threads()  # starts Numba's pool on the first call
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if kernels != min(threads, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def uses_kernels(*tensors: Tensor | None, structure: SparseStructure | None = None) -> bool:
     """Whether the Numba path applies: every tensor is CPU float32, the weight is at most DENSE_ABOVE dense, CPU
     autocast is off (its layers compute in its dtype, as the masked ops do), and no torch.export is tracing (an

@@ -24,6 +24,7 @@ from ._common import (
     bias_array,
     forget_discarded_samples,
     masked_dense_weight,
+    match_torch_threads,
     np_view,
     pair,
     rows_cols,
@@ -125,6 +126,7 @@ class _ChwnConvFn(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure, geom: ConvGeometry
     ) -> Tensor:
+        match_torch_threads()
         n, _, h, w = x.shape
         o, _, kh, kw = structure.shape
         (sh, sw), (ph, pw) = geom
@@ -139,6 +141,7 @@ class _ChwnConvFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        match_torch_threads()
         xt, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
         geom: ConvGeometry = ctx.geom

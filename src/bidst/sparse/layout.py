@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from . import _kernels_pool as KP
-from ._common import np_view, uses_kernels
+from ._common import match_torch_threads, np_view, uses_kernels
 from .linear import linear_any_layout
 
 
@@ -101,6 +101,7 @@ class _MaxPoolFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], ceil_mode: bool) -> Tensor:
+        match_torch_threads()
         y = batch_innermost((*x.shape[:2], *(pooled_size(x.shape[2 + i], k[i], s[i], p[i], ceil_mode) for i in (0, 1))))
         arg = torch.empty(y.permute(1, 2, 3, 0).shape, dtype=torch.int32)
         KP.max_pool(np_view(x.permute(1, 2, 3, 0)), *k, *s, *p, np_view(y.permute(1, 2, 3, 0)), np_view(arg))
@@ -111,6 +112,7 @@ class _MaxPoolFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        match_torch_threads()
         (arg,) = ctx.saved_tensors
         gx = batch_innermost(ctx.input_shape)
         KP.max_pool_backward(np_view(gy.permute(1, 2, 3, 0).contiguous()), np_view(arg), *ctx.geometry,
@@ -178,3 +180,13 @@ def use_batch_innermost(model: nn.Module) -> None:
         twin = TWINS.get(type(module))
         if twin is not None:
             module.__class__ = twin
+
+
+def use_plain_modules(model: nn.Module) -> None:
+    """Undo `use_batch_innermost`, in place: every twin becomes the PyTorch class it stands for again (for export:
+    TorchScript and other tools expect PyTorch's own modules)."""
+    plain = {twin: original for original, twin in TWINS.items()}
+    for module in model.modules():
+        original = plain.get(type(module))
+        if original is not None:
+            module.__class__ = original

@@ -21,6 +21,7 @@ from ._common import (
     bias_array,
     forget_discarded_samples,
     masked_dense_weight,
+    match_torch_threads,
     np_view,
     rows_cols,
     transposed,
@@ -133,6 +134,7 @@ class _SparseLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, structure: SparseStructure) -> Tensor:
+        match_torch_threads()
         xt = transposed(x)
         # (batch, out) with batch innermost, allocated as such (not a view) so in-place ops on it are allowed
         y = torch.empty_strided((x.shape[0], structure.shape[0]), (1, x.shape[0]), dtype=torch.float32)
@@ -146,6 +148,7 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        match_torch_threads()
         xt, values = ctx.saved_tensors
         s: SparseStructure = ctx.structure
         dyt = transposed(dy)

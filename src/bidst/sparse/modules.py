@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._common import pair
 from .conv import sparse_conv2d
-from .layout import use_batch_innermost
+from .layout import use_batch_innermost, use_plain_modules
 from .linear import sparse_linear
 from .structure import SparseStructure, TopologyDelta
 
@@ -298,13 +298,15 @@ def to_sparse_modules(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str
 
 
 def to_dense_modules(model: nn.Module) -> list[str]:
-    """Swaps, in place, every SparseLinear / SparseConv2d back to its dense nn module; returns their names.
+    """Swaps, in place, every SparseLinear / SparseConv2d back to its dense nn module, and the batch-innermost twins
+    of the other layers back to PyTorch's own; returns the sparse layers' names.
 
     A Sparsifier training those layers refuses to step afterwards: to export during training, pass a copy."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
     for _, layer in layers:
         _replace_module(model, layer, layer.to_dense_module())
         layer.exported = True
+    use_plain_modules(model)
     return [n for n, _ in layers]
 
 
