@@ -1173,3 +1173,32 @@ def test_candidate_slots_do_not_depend_on_the_order_of_near_equal_gradients():
         slots.append(state["pos"].clone())
     assert set(slots[0].tolist()) == set(slots[1].tolist())
     assert torch.equal(slots[0], slots[1])
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_copy_of_the_model_leaves_the_sparsifier_alone_and_the_model_pickles(backend, tmp_path):
+    """BiDST's forward hooks were local functions: torch.save(model) failed, and a deepcopy of the model, trained
+    beside it, fed the original Sparsifier's score records and costs through the copied hooks."""
+    x, y = make_data(64)
+
+    def run(with_copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, float], nn.Module]:
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = bidst.sparsify(model, opt, "bidst", 0.8, total_steps=12, backend=backend, mask_interval=4, learn_every=2)
+        twin = copy.deepcopy(model)
+        for step in range(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+            if with_copy:
+                nn.functional.cross_entropy(twin(x[32:]), y[32:]).backward()
+            sp.step()
+        return {n: s["psi"].clone() for n, s in sp.method._layers.items()}, dict(sp.costs), model
+
+    alone, costs_alone, _ = run(False)
+    beside, costs_beside, model = run(True)
+    assert costs_beside == costs_alone and costs_alone.get("mask_learning", 0) > 0
+    assert all(torch.equal(alone[n], beside[n]) for n in alone)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x))

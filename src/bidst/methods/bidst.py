@@ -87,6 +87,26 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
+class _LayerHook:
+    """A forward hook of BiDST's on a model layer. A copy of the model (deepcopy, or pickled as by torch.save(model))
+    gets an inert one: the copy is not the model its Sparsifier trains, so its forwards must not reach that
+    Sparsifier's records (and a local function could not be pickled)."""
+
+    def __init__(self, hook: Any = None) -> None:
+        self.hook = hook
+
+    @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if self.hook is not None:
+            self.hook(module, inputs, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _LayerHook:
+        return _LayerHook()
+
+    def __reduce__(self) -> tuple[type[_LayerHook], tuple[()]]:
+        return (_LayerHook, ())
+
+
 @METHODS.register("bidst")
 @dataclass
 class BiDST:
@@ -245,7 +265,7 @@ class BiDST:
             hook = self._capture_hook(owner, name) if self.captures() else self._forward_hook(owner, name)
             twin = sp.sparse_layers.get(name)  # on the sparse backend, after the swap (a rollback)
             for holder in [twin] if twin is not None else self.holders(sp, name):
-                self._hooks.append(holder.register_forward_hook(hook))
+                self._hooks.append(holder.register_forward_hook(_LayerHook(hook)))
 
     def loaded(self, sp: Sparsifier) -> None:
         """After a rollback in the process to a step inside the learning phase, put back the hooks its end removed."""
@@ -373,7 +393,6 @@ class BiDST:
         """A forward hook keeping (output rows, batch, θ over C) of a layer on learning steps, for the
         hypergradient θ⊙g at the weights the gradient was taken at, and for costs and Fisher."""
 
-        @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             sp = owner()
             if sp is not None and torch.is_grad_enabled() and self.learns(sp.step_count + 1, sp):
@@ -432,7 +451,6 @@ class BiDST:
     def _capture_hook(self, owner: weakref.ref[Sparsifier], name: str) -> Any:
         """A forward hook keeping the layer input, the weights at C and (by a tensor hook) the output gradient."""
 
-        @torch.compiler.disable  # under torch.compile: run eagerly, instead of recompiling the model at every step
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             sp = owner()
             if sp is None:
