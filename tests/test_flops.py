@@ -86,6 +86,34 @@ def test_dense_counts_agree_with_torch_flop_counter():
     assert counted == flops.dense_train_step_flops(shapes)
 
 
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_transposed_and_unbatched_convolutions_agree_with_torch_flop_counter(unbatched):
+    """A transposed convolution's weights each meet every input position: it was not counted at all (nor sparsified
+    by default), and an unbatched conv input was read as a batch of its channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1), nn.Flatten(-2),
+                          nn.ConvTranspose1d(4, 2, 3))
+    x = torch.randn(1, 8, 8) if unbatched else torch.randn(3, 1, 8, 8, requires_grad=True)
+    shapes = flops.layer_shapes(model, x)
+    assert set(shapes) == {"0.weight", "2.weight", "4.weight"}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).sum().backward() if not unbatched else model(x)
+    total = counter.get_total_flops()
+    assert total == (flops.dense_train_step_flops(shapes) if not unbatched else flops.inference_flops(shapes))
+    batch = 1 if unbatched else 3
+    assert model_rows(model, x) == {"0.weight": 16 * batch, "2.weight": 16 * batch, "4.weight": 64 * batch}
+    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.01), "rigl", 0.8, total_steps=10, interval=2)
+    assert set(sp.params) == set(shapes)
+    for _ in range(4):  # RigL trains them like any layer
+        sp.optimizer.zero_grad()
+        model(x).square().mean().backward()
+        sp.step()
+    assert sp.topology_changes > 0
+    assert all(int(m.sum()) == sp.budgets[n] and not sp.params[n][~m].any() for n, m in sp.masks.items())
+
+
 def test_reused_module_counts_each_call():
     class Twice(nn.Module):
         def __init__(self) -> None:

@@ -3,13 +3,14 @@
 Conventions (so that every method is counted the same way):
 
 - One multiply-add counts as **2 FLOPs**.
-- Only ``Linear`` and ``Conv1d/2d/3d`` weights are counted. Biases, batch norm, activations,
+- Only ``Linear``, ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` weights are counted. Biases, batch norm, activations,
   pooling and the loss are **excluded**: they cost O(activations), not O(weights), are the same
   for every method at a given model, and so cancel in "relative to dense" (the convention of the
   RigL paper's FLOPs accounting).
 - Forward of a layer with ``a`` active weights: ``2·a·P·B``, with ``P`` the layer's output
-  positions per sample (``H_out·W_out`` for a 2-d conv, the product of the leading dims for a
-  ``Linear`` on a 3-d input, 1 otherwise) and ``B`` the batch size.
+  positions per sample (``H_out·W_out`` for a 2-d conv, ``H_in·W_in`` for a transposed one, whose
+  weights each meet every input position, the product of the leading dims for a ``Linear`` on a
+  3-d input, 1 otherwise) and ``B`` the batch size.
 - Backward: the input gradient (same as the forward, active weights only) plus the weight
   gradient at the active positions (same again): ``2×`` the forward. The first layer's input
   gradient is counted too (the usual "training = 3× forward" convention).
@@ -34,11 +35,12 @@ import torch
 from torch import nn
 
 from .errors import BidstError
+from .sampled import TRANSPOSED, batched
 from .sparse import SparseConv2d, SparseLinear
 
 Masks = Mapping[str, torch.Tensor]
 
-COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
+COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED, SparseLinear, SparseConv2d)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class LayerShape:
     groups: int  # 1 for a linear layer
     in_size: tuple[int, ...]  # per-sample spatial size of the input (conv) or leading dims (linear)
     out_size: tuple[int, ...]  # the same for the output
-    positions: int  # output positions per sample, summed over calls if the module is reused
+    positions: int  # output (transposed conv: input) positions per sample, summed over calls if the module is reused
     batch: int  # batch size of the example input
     numel: int  # number of weights
 
@@ -94,11 +96,13 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
                 in_f, out_f = module.structure.in_channels, module.structure.shape[0]
                 in_size, out_size = tuple(x.shape[2:]), tuple(output.shape[2:])
             else:
-                assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED))
                 kind, kernel, groups = "conv", tuple(module.kernel_size), module.groups
                 in_f, out_f = module.in_channels, module.out_channels
+                x, output = batched(module, x), batched(module, output)
                 in_size, out_size = tuple(x.shape[2:]), tuple(output.shape[2:])
             batch = x.shape[0] if x.dim() > 1 else 1
+            met = in_size if isinstance(module, TRANSPOSED) else out_size  # the positions each weight meets
             previous = shapes.get(key)
             shapes[key] = LayerShape(
                 kind=kind,
@@ -108,7 +112,7 @@ def layer_shapes(model: nn.Module, example_input: Any) -> dict[str, LayerShape]:
                 groups=groups,
                 in_size=previous.in_size if previous else in_size,
                 out_size=previous.out_size if previous else out_size,
-                positions=math.prod(out_size) + (previous.positions if previous else 0),
+                positions=math.prod(met) + (previous.positions if previous else 0),
                 batch=previous.batch if previous else batch,
                 numel=module.structure.numel if isinstance(module, (SparseLinear, SparseConv2d)) else module.weight.numel(),
             )

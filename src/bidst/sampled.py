@@ -19,6 +19,8 @@ from .errors import BidstError
 from .sparse import SparseLinear
 
 LINEAR = (nn.Linear, SparseLinear)  # output features last; every other layer here has channels at dim 1
+# each weight of a transposed convolution meets every input position (of an ordinary one, every output position)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 CHUNK_ELEMENTS = {"cpu": 1 << 18}  # elements of one gathered block (positions x row length): cache-sized on CPU
 DEVICE_CHUNK_ELEMENTS = 1 << 25  # on accelerators: large blocks, few kernel launches
@@ -91,7 +93,8 @@ def _conv_geometry(module: nn.Conv1d | nn.Conv2d) -> tuple[Pair, Pair, Pair, tup
 def batched(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """A convolution's unbatched input or output gradient ((C, L) for Conv1d, (C, H, W) for Conv2d, as PyTorch
     accepts) with a batch of one in front; anything else as it is."""
-    unbatched = {nn.Conv1d: 2, nn.Conv2d: 3}.get(type(module))
+    unbatched = {nn.Conv1d: 2, nn.Conv2d: 3, nn.Conv3d: 4, nn.ConvTranspose1d: 2, nn.ConvTranspose2d: 3,
+                 nn.ConvTranspose3d: 4}.get(type(module))
     return t.unsqueeze(0) if unbatched is not None and t.dim() == unbatched else t
 
 
@@ -185,14 +188,18 @@ def output_rows(module: nn.Module, grad_output: torch.Tensor) -> int:
 
 @contextmanager
 def rows_counted(layers: Iterable[tuple[str, nn.Module]]) -> Iterator[dict[str, int]]:
-    """Within the block, the output rows (`output_rows`) of every forward call of the (name, layer) pairs,
-    summed per name (layers sharing a name, as a tied weight's, sum into one entry)."""
+    """Within the block, the output rows (`output_rows`; the input rows of a transposed convolution) of every
+    forward call of the (name, layer) pairs, summed per name (layers sharing a name, as a tied weight's, sum into
+    one entry)."""
     layers = list(layers)
     rows = dict.fromkeys((name for name, _ in layers), 0)
 
     def counter(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
-        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-            rows[name] += output_rows(module, output)
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if isinstance(module, TRANSPOSED):  # input positions times batch
+                rows[name] += args[0].numel() // batched(module, args[0]).shape[1]
+            else:
+                rows[name] += output_rows(module, output)
 
         return hook
 

@@ -246,7 +246,8 @@ class BiDST:
             module = sp.modules[name]
             if not isinstance(module, LAYER_KINDS):
                 kind = type(module).__name__
-                raise BidstError(f"bidst learns masks of Linear, Conv1d and Conv2d layers; {name} is a {kind}")
+                raise BidstError(f"bidst learns masks of Linear, Conv1d and Conv2d layers; {name} is a {kind} (keep it "
+                                 "out with filter_fn)")
             mask = sp.masks[name].view(-1)
             active = mask.nonzero().squeeze(1)
             explore = grow_highest(random_scores(mask.shape, sp.rng, mask.device), ~mask, self.explore_size(sp, name))
