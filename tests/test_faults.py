@@ -126,6 +126,29 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit(reference, scratch):
     assert_same_run(reference, run)
 
 
+def test_a_stop_signal_during_evaluation_keeps_the_epoch_and_resumes_exactly(reference, scratch, monkeypatch, capsys):
+    """A signal that arrived while the model was being evaluated was only noticed at the next step: the run went on
+    (under a sweep, whose grace period then ran out, the epoch's training was lost with the killed process)."""
+    run = scratch / "stopped-in-evaluation"
+    real = recipe_module.evaluate
+    calls = []
+
+    def evaluate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:  # the third epoch's (the tiny recipe holds no validation split)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "evaluate", evaluate)
+    assert main(["train", *LONG, "--run-dir", str(run)]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 24; a checkpoint was saved" in capsys.readouterr().err
+    assert load_checkpoint(checkpoints(run)[-1])["batch"] == 8  # the epoch trained, its evaluation owed
+    assert not (run / "summary.json").exists()
+    monkeypatch.setattr(recipe_module, "evaluate", real)
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert_same_run(reference, run)
+
+
 def _poison(monkeypatch: pytest.MonkeyPatch, item: int) -> None:
     """Make training item `item` (of the 512) a NaN image: bad input that the loss turns into NaN."""
     original = TensorImageDataset.get_batch

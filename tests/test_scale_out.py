@@ -242,7 +242,7 @@ def _sharded_eval() -> list[float]:
     x, y = test_set.get_batch(torch.arange(1001), None)
     with torch.no_grad():
         plain = 100.0 * int((net(x).argmax(1) == y).sum()) / 1001
-    return [evaluate(net, test_set, torch.device("cpu"), tiny_config("dense")), plain]
+    return [evaluate(net, test_set, torch.device("cpu"), tiny_config("dense"))[0], plain]
 
 
 def _sparsify_seeded(seed: int) -> Sparsifier:
