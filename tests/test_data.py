@@ -455,6 +455,22 @@ def test_missing_data_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_pa
         create_dataset("cifar10", "test", root=str(partial.parent))  # an incomplete extraction names what it lacks
 
 
+def test_a_folder_with_part_of_the_idx_files_names_the_missing_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A folder lacking one IDX file was 'no data' without the file's name, and as $BIDST_DATA it was passed over
+    for the next place silently."""
+    folder = tmp_path / "fashion-mnist"
+    write_mnist(folder, gz=False)
+    (folder / "t10k-labels-idx1-ubyte").unlink()
+    message = f"fashion-mnist: {folder} holds only part of the data: t10k-labels-idx1-ubyte missing"
+    with pytest.raises(BidstError, match=message):
+        create_dataset("fashion-mnist", "test", root=str(folder))
+    monkeypatch.setenv("BIDST_DATA", str(tmp_path))
+    write_mnist(tmp_path / "system", gz=False)
+    monkeypatch.setitem(roots.SYSTEM_DIRS, "fashion-mnist", [str(tmp_path / "system")])
+    with pytest.raises(BidstError, match=message):
+        create_dataset("fashion-mnist", "test")
+
+
 def test_download_into_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     source = tmp_path / "mirror"
     write_mnist(source, gz=True)
@@ -472,6 +488,8 @@ def test_download_into_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert (tmp_path / "cache" / "bidst" / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
     create_dataset("mnist", "test")
     assert len(fetched) == 4  # found in the cache the second time
+    (tmp_path / "cache" / "bidst" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert len(create_dataset("mnist", "test")) == 4 and len(fetched) == 8  # a download cut short: fetched again
 
 
 def test_bidst_data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -80,8 +80,8 @@ def register_cifar(
     def batch_dir(root: Path) -> Path:
         return root / folder if (root / folder).is_dir() else root
 
-    def present(root: Path) -> bool:
-        return all((batch_dir(root) / f).is_file() for names in files.values() for f in names)
+    def has(root: Path, f: str) -> bool:
+        return (batch_dir(root) / f).is_file()
 
     needed = ", ".join(sorted({f for names in files.values() for f in names}))
     how_to = (f"it needs {folder}/ with {needed}: download {url} and extract it into $BIDST_DATA/{name} or "
@@ -89,7 +89,7 @@ def register_cifar(
 
     @register(name, DatasetInfo(num_classes=num_classes, in_channels=3, image_size=32))
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:
-        where = batch_dir(roots.locate(name, root, present, how_to))
+        where = batch_dir(roots.locate(name, root, [f for names in files.values() for f in names], has, how_to))
         parts = [read_batch(where / f, label_key, num_classes) for f in files[train]]
         images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         pad = CROP_PADDING if augment else 0

@@ -80,8 +80,8 @@ def read_pair(folder: Path, train: bool, num_classes: int, image_size: int) -> t
 def register_idx(name: str, mean: float, std: float, url: str, how_to: str) -> None:
     """Register an IDX dataset looked for in the usual places and downloaded from `url` into the cache if absent."""
 
-    def present(folder: Path) -> bool:
-        return all(find_file(folder, stem) is not None for stems in FILES.values() for stem in stems)
+    def has(folder: Path, stem: str) -> bool:
+        return find_file(folder, stem) is not None
 
     def fetch(folder: Path) -> None:
         for stems in FILES.values():
@@ -90,7 +90,8 @@ def register_idx(name: str, mean: float, std: float, url: str, how_to: str) -> N
 
     @register(name, INFO)
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:
-        folder = roots.locate(name, root, present, how_to, fetch=fetch)
+        stems = [stem for pair in FILES.values() for stem in pair]
+        folder = roots.locate(name, root, stems, has, how_to, fetch=fetch)
         images, labels = read_pair(folder, train, INFO.num_classes, INFO.image_size)
         return TensorImageDataset(images, labels, [mean], [std], crop_padding=CROP_PADDING if augment else 0)
 

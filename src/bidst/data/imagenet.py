@@ -136,7 +136,7 @@ def load_imagenet(root: str | None, train: bool, augment: bool) -> ImageFolderDa
         "put the ILSVRC-2012 class folders under $BIDST_DATA/imagenet/{train,val} or "
         f"{roots.cache_dir('imagenet')}/{{train,val}}, or pass the folder"
     )
-    folder = roots.locate("imagenet", root, lambda p: (p / "train").is_dir(), how_to)
+    folder = roots.locate("imagenet", root, ["train"], lambda p, f: (p / f).is_dir(), how_to)
     classes = class_names(folder / "train")
     if len(classes) > INFO.num_classes:
         raise BidstError(f"{folder / 'train'}: {len(classes)} class folders, more than imagenet's {INFO.num_classes} "

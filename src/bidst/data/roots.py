@@ -48,17 +48,22 @@ def download(url: str, dest: Path) -> None:
 def locate(
     name: str,
     root: str | None,
-    present: Callable[[Path], bool],
+    files: list[str],
+    has: Callable[[Path, str], bool],
     how_to: str,
     fetch: Callable[[Path], None] | None = None,
 ) -> Path:
-    """The first candidate where `present` holds, else (no explicit root) `fetch` into the cache, else BidstError
-    (whose `how_to` ends where the error names both ways to pass a folder)."""
+    """The first candidate that `has` all `files`, else (no explicit root) `fetch` into the cache, else BidstError
+    (whose `how_to` ends where the error names both ways to pass a folder). A candidate holding some of the files
+    is an error naming the others (not passed over for the next), but for a download cut short in the cache."""
     how_to += " (recipe key data_root, or root= in Python)"
     folders = candidates(name, root)
     for folder in folders:
-        if present(folder):
+        lacking = [f for f in files if not has(folder, f)]
+        if not lacking:
             return folder
+        if len(lacking) < len(files) and not (fetch is not None and root is None and folder == cache_dir(name)):
+            raise BidstError(f"{name}: {folder} holds only part of the data: {', '.join(lacking)} missing; {how_to}")
     tried = ", ".join(str(f) for f in folders)
     if fetch is not None and root is None:
         target = cache_dir(name)
