@@ -306,6 +306,7 @@ def test_foreign_or_damaged_checkpoints_are_refused(tmp_path, capsys):
     (run / "summary.json").unlink()
     target = run / "checkpoints" / "step-99999999.pt"
     good = checkpoints(other)[-1].read_bytes()
+    own = torch.load(checkpoints(run)[-1], weights_only=True)
     cases = [
         (good, "does not match this run: its config differs in seed"),  # same model, another run's config
         (good[: len(good) // 2], "cannot be loaded"),  # cut short (by a disk error; never by bidst's writer)
@@ -315,6 +316,10 @@ def test_foreign_or_damaged_checkpoints_are_refused(tmp_path, capsys):
         (b"hello\n", "cannot be loaded (not a complete PyTorch checkpoint)"),  # not a torch file at all
         ({**torch.load(checkpoints(other)[-1], weights_only=True), "config": None, "epoch": "x"},
          "is damaged: config, epoch of the wrong type"),
+        # inner state hand-edited or damaged: it was a traceback
+        ({**own, "meter": {}}, "is damaged: its cost meter state does not load (KeyError: 'flops')"),
+        ({**own, "evolution": {}}, "is damaged: its mask evolution state does not load (KeyError"),
+        ({**own, "running": {}}, "is damaged: its running epoch statistics lack correct, loss, seen"),
     ]
     for data, message in cases:
         if not isinstance(data, bytes):

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,18 @@ def check_checkpoint(state: dict[str, Any], cfg: TrainConfig, path: Path) -> Non
         raise BidstError(f"checkpoint {path} does not match this run: its config differs in {', '.join(diff)}")
 
 
+def restore(path: Path, part: str, load: Callable[[], object]) -> None:
+    """Run `load`, one part of resuming from checkpoint `path`; a part that does not load (a damaged or hand-edited
+    file) is a one-line BidstError naming it."""
+    try:
+        load()
+    except BidstError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise BidstError(f"checkpoint {path} is damaged: its {part} state does not load "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+
+
 def load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
     """The train set (its first `train_subset` items less the held-out ones), the held-out set (`holdout_size`
     fixed items of the former, unaugmented; None if 0), the validation set (None if val_size is 0) and the test set."""
@@ -410,8 +423,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise BidstError(f"checkpoint {latest} does not match this model: {str(exc).splitlines()[0]}") from None
-        sparsifier.load_state_dict(state["sparsifier"])
-        scaler.load_state_dict(state["scaler"])
+        restore(latest, "sparsifier", lambda: sparsifier.load_state_dict(state["sparsifier"]))
+        restore(latest, "scaler", lambda: scaler.load_state_dict(state["scaler"]))
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state["rng_cuda"] is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -428,8 +441,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                   "differ from an uninterrupted run's in float rounding (gradients are averaged over another count)",
                   file=sys.stderr)
         running = dict(state["running"])
-        meter.load_state_dict(state["meter"])
-        evolution.load_state_dict(state["evolution"])
+        lacking = sorted({"correct", "loss", "seen"} - set(running))
+        if lacking:
+            raise BidstError(f"checkpoint {latest} is damaged: its running epoch statistics lack {', '.join(lacking)}")
+        restore(latest, "cost meter", lambda: meter.load_state_dict(state["meter"]))
+        restore(latest, "mask evolution", lambda: evolution.load_state_dict(state["evolution"]))
         step_flops, dense_grad = train_step_flops(shapes, sparsifier.masks), dense_grad_step()
         metrics.truncate(state["metrics_offset"])
     else:
