@@ -61,6 +61,8 @@ def runs_dir(tmp_path):
     write_run(root / "unfinished", "rigl", 0.9, 7, 0.1, finished=False)
     write_run(root / "corrupt", "rigl", 0.9, 8, 0.1)
     (root / "corrupt" / "summary.json").write_text("{not json")
+    (root / "method=snfs").mkdir()
+    (root / "method=snfs" / "seed=0.log").write_text("bidst: train_subset ... is too small\n")  # a sweep run that failed
     return root
 
 
@@ -74,6 +76,7 @@ def test_groups_means_and_relative_costs(runs_dir, capsys):
     runs = report.find_runs([runs_dir])
     err = capsys.readouterr().err
     assert "unfinished" in err and "corrupt" in err
+    assert f"{runs_dir / 'method=snfs' / 'seed=0'}: skipped, failed before making its run folder (see seed=0.log)" in err
     assert len(runs) == sum(map(len, ACCS.values()))
     extra, rows = report.summarize(runs)
     assert extra == ["method_args.mask_lr"]  # varies within (bidst, 0.9); run_dir, seeds, threads... never split groups

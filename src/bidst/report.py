@@ -193,6 +193,9 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
             elif {"config.yaml", "metrics.jsonl", "train.log"} & set(files) or "checkpoints" in subdirs:
                 _warn(f"{folder}: skipped, unfinished run (no summary.json)")
             else:
+                for log in sorted(f for f in files if f.endswith(".log") and "=" in f and f[:-4] not in subdirs):
+                    # a sweep writes <run>.log beside <run>/: this run failed before it made its folder
+                    _warn(f"{Path(folder) / log[:-4]}: skipped, failed before making its run folder (see {log})")
                 subdirs.sort()
                 continue
             subdirs.clear()  # a run folder's subfolders are its checkpoints
