@@ -13,6 +13,7 @@ from bidst.cli import main
 from bidst.config import load_config
 from bidst.errors import BidstError
 from bidst.methods import create_method
+from bidst.recipe import config_diff
 
 TINY = ["model=mlp", "dataset=synthetic", "epochs=2", "batch_size=256", "val_size=200", "progress=false",
         "train_subset=3000", "log_every=5",
@@ -285,6 +286,16 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, capsys):
     # a config that differs from the saved run is refused too
     assert main(["train", *TINY, "epochs=1", "sparsity=0.5", "--run-dir", str(run), "--resume"]) == 2
     assert "config differs" in capsys.readouterr().err
+
+
+def test_resume_takes_a_config_that_writes_out_defaults():
+    """A config giving a method option or the distribution at its default (as --print-config writes them out) was
+    refused on resume as differing from the saved run, which left them out."""
+    saved = load_config(None, ["method=rigl"]).to_dict()
+    same = load_config(None, ["method=rigl", "method_args.drop_fraction=0.3", "distribution=erk"])
+    assert config_diff(saved, same) == []
+    assert config_diff(saved, load_config(None, ["method=rigl", "method_args.drop_fraction=0.5"])) == ["method_args"]
+    assert config_diff(saved, load_config(None, ["method=rigl", "distribution=er"])) == ["distribution"]
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):

@@ -36,7 +36,7 @@ from .engine import Sparsifier, sparsify
 from .errors import BidstError, SharedError
 from .evolution import MaskEvolution
 from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
-from .methods import METHODS, create_method
+from .methods import METHODS, create_method, with_defaults
 from .models import MODELS, create_model
 from .signals import STOP_SIGNALS, RunInterrupted, StopSignals, requested
 from .sparse import set_threads
@@ -174,9 +174,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """The keys in which `cfg` differs from a saved run's config, other than those a resumed run may change."""
+    """The keys in which `cfg` differs from a saved run's config, other than those a resumed run may change (method
+    options and distribution compared with their defaults written out)."""
     defaults = TrainConfig().to_dict()  # keys added since the run was saved hold their defaults there
-    return [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
+    old = with_defaults({k: saved.get(k, v) for k, v in defaults.items()})
+    return [k for k, v in with_defaults(cfg.to_dict()).items() if k not in RESUMABLE_KEYS and old[k] != v]
 
 
 def check_config(cfg: TrainConfig) -> None:

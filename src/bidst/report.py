@@ -32,7 +32,7 @@ import yaml
 from .checkpoint import make_folder
 from .config import OPERATIONAL_KEYS, TrainConfig, load_yaml
 from .errors import BidstError
-from .methods import METHODS, method_options
+from .methods import with_defaults
 
 # they do not change what a run computes (the device only its floating-point rounding)
 _NEVER_GROUP = {"run_dir", "resume", "data_root", "device", "iou_interval", *OPERATIONAL_KEYS}
@@ -64,14 +64,7 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """The config as dotted keys with the method's defaults written out, so that an option left out and the same
         option given at its default are one setting (a method this process does not know is taken as written)."""
-        config = dict(self.config)
-        for key, method_key in (("method_args", "method"), ("match_flops_args", "match_flops")):
-            name = config.get(method_key)
-            if isinstance(name, str) and name in METHODS and isinstance(config.get(key) or {}, dict):
-                config[key] = {**method_options(name), **(config.get(key) or {})}
-        if config.get("distribution") is None and self.method in METHODS:
-            config["distribution"] = METHODS.get(self.method).default_distribution
-        return {k: v for k, v in flatten(config).items() if v != {}}
+        return {k: v for k, v in flatten(with_defaults(self.config)).items() if v != {}}
 
     def records(self, kind: str) -> dict[int, dict[str, Any]]:
         """The last record of `kind` per epoch (a resumed run may log an epoch twice)."""

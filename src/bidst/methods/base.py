@@ -67,6 +67,21 @@ def method_options(name: str) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
 
 
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config (a dict) with its method's and its match_flops method's options and the method's default
+    distribution written out, so that an option left out and the same option given at its default read alike (a
+    method this process does not know is taken as written)."""
+    config = dict(config)
+    for key, method_key in (("method_args", "method"), ("match_flops_args", "match_flops")):
+        name = config.get(method_key)
+        if isinstance(name, str) and name in METHODS and isinstance(config.get(key) or {}, dict):
+            config[key] = {**method_options(name), **(config.get(key) or {})}
+    method = config.get("method")
+    if config.get("distribution") is None and isinstance(method, str) and method in METHODS:
+        config["distribution"] = METHODS.get(method).default_distribution
+    return config
+
+
 def option_comments(name: str) -> dict[str, str]:
     """What each option of method `name` means: the comment beside its field in the source (none where absent)."""
     options, comments = method_options(name), {}
