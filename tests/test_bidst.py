@@ -1181,7 +1181,7 @@ def test_a_copy_of_the_model_leaves_the_sparsifier_alone_and_the_model_pickles(b
     beside it, fed the original Sparsifier's score records and costs through the copied hooks."""
     x, y = make_data(64)
 
-    def run(with_copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, float], nn.Module]:
+    def run(with_copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, float], nn.Module, bidst.Sparsifier]:
         torch.manual_seed(0)
         model = TinyNet()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -1193,12 +1193,14 @@ def test_a_copy_of_the_model_leaves_the_sparsifier_alone_and_the_model_pickles(b
             if with_copy:
                 nn.functional.cross_entropy(twin(x[32:]), y[32:]).backward()
             sp.step()
-        return {n: s["psi"].clone() for n, s in sp.method._layers.items()}, dict(sp.costs), model
+        return {n: s["psi"].clone() for n, s in sp.method._layers.items()}, dict(sp.costs), model, sp
 
-    alone, costs_alone, _ = run(False)
-    beside, costs_beside, model = run(True)
+    alone, costs_alone, _, _ = run(False)
+    beside, costs_beside, model, sp = run(True)  # sp alive: its hooks stay on the model
     assert costs_beside == costs_alone and costs_alone.get("mask_learning", 0) > 0
     assert all(torch.equal(alone[n], beside[n]) for n in alone)
     torch.save(model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert any(m._forward_hooks for m in loaded.modules())  # inert, until the copy's first forward drops them
     torch.testing.assert_close(loaded(x), model(x))
+    assert not any(m._forward_hooks for m in loaded.modules())  # a copy then scripts and compiles unhooked

@@ -88,8 +88,8 @@ def test_dense_counts_agree_with_torch_flop_counter():
 
 @pytest.mark.parametrize("unbatched", [False, True])
 def test_transposed_and_unbatched_convolutions_agree_with_torch_flop_counter(unbatched):
-    """A transposed convolution's weights each meet every input position: it was not counted at all (nor sparsified
-    by default), and an unbatched conv input was read as a batch of its channels."""
+    """A transposed convolution's weights each meet every input position: it was not counted at all (a filter_fn may
+    sparsify it), and an unbatched conv input was read as a batch of its channels."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
                           nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1), nn.Flatten(-2),
@@ -104,7 +104,9 @@ def test_transposed_and_unbatched_convolutions_agree_with_torch_flop_counter(unb
     assert total == (flops.dense_train_step_flops(shapes) if not unbatched else flops.inference_flops(shapes))
     batch = 1 if unbatched else 3
     assert model_rows(model, x) == {"0.weight": 16 * batch, "2.weight": 16 * batch, "4.weight": 64 * batch}
-    sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.01), "rigl", 0.8, total_steps=10, interval=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    convs = lambda module, name: isinstance(module, (nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d))  # noqa: E731
+    sp = bidst.sparsify(model, optimizer, "rigl", 0.8, total_steps=10, interval=2, filter_fn=convs)
     assert set(sp.params) == set(shapes)
     for _ in range(4):  # RigL trains them like any layer
         sp.optimizer.zero_grad()

@@ -17,7 +17,6 @@ from . import distributed
 from .density import check_sparsity, layer_budgets, layer_densities
 from .errors import BidstError
 from .methods.base import Method, create_method
-from .sampled import TRANSPOSED
 from .sparse import SparseConv2d, SparseLinear, remap_optimizer_state
 from .sparse.modules import fresh_state
 
@@ -25,13 +24,13 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Sparsify the weights of every trainable Conv (transposed ones included) and Linear layer; a frozen one
-    (requires_grad False) stays as it is.
+    """Sparsify the weights of every trainable Conv and Linear layer; a frozen one (requires_grad False) stays as it
+    is. Transposed convolutions are left to `filter_fn` (BiDST and the sparse backend do not serve them).
 
     A weight computed from the layer's own weight_* parameters (the old torch.nn.utils.spectral_norm, before its
     first forward) trains if they do, so that it is refused rather than passed over as frozen."""
     del name
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED, nn.Linear)):
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         return False
     sources = [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight")]
     return module.weight.requires_grad or any(p.requires_grad for p in sources)

@@ -89,8 +89,8 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
 
 class _LayerHook:
     """A forward hook of BiDST's on a model layer. A copy of the model (deepcopy, or pickled as by torch.save(model))
-    gets an inert one: the copy is not the model its Sparsifier trains, so its forwards must not reach that
-    Sparsifier's records (and a local function could not be pickled)."""
+    gets an inert one, which removes itself at the copy's first forward: the copy is not the model its Sparsifier
+    trains, so its forwards must not reach that Sparsifier's records (and a local function could not be pickled)."""
 
     def __init__(self, hook: Any = None) -> None:
         self.hook = hook
@@ -99,6 +99,9 @@ class _LayerHook:
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if self.hook is not None:
             self.hook(module, inputs, output)
+            return
+        for key in [k for k, hook in module._forward_hooks.items() if hook is self]:  # noqa: SLF001 (no public way)
+            del module._forward_hooks[key]  # noqa: SLF001  (the forward iterates over a copy of the hooks)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _LayerHook:
         return _LayerHook()
