@@ -69,12 +69,12 @@ def planned_flops(
         else:  # a schedule's (step, budgets) pairs; None or no schedule: constant budgets
             changes = (schedule(sp, steps) if schedule is not None else None) or [(0, budgets or sp.budgets)]
         plan = {"train": 0.0, "dense_grad": 0.0}
+        moves = getattr(method, "moves_budgets", False)
         for (start, held), (end, _) in zip(changes, [*changes[1:], (steps, None)]):  # steps start+1..end
             plan["train"] += max(0, min(end, steps) - start) * sum(6.0 * held[n] * rows[n] for n in sp.params)
             # a dense gradient of the layers the method may change, those at density 1 aside (theirs is the ordinary
             # one) unless budgets move between layers (the recipe then counts them all, as here)
             dense_steps = sum(1 for s in range(start + 1, min(end, steps) + 1) if method.wants_dense_grad(s, sp))
-            moves = getattr(method, "moves_budgets", False)
             plan["dense_grad"] += dense_steps * sum(2.0 * sp.numel[n] * rows[n] for n in sp.sparse_names()
                                                     if moves or held[n] < sp.numel[n])  # fmt: skip
         if not plan["dense_grad"]:

@@ -38,7 +38,7 @@ from .evolution import MaskEvolution
 from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
 from .methods import METHODS, create_method, with_defaults
 from .models import MODELS, create_model
-from .signals import STOP_SIGNALS, RunInterrupted, StopSignals, requested
+from .signals import RunInterrupted, StopSignals, requested
 from .sparse import set_threads
 
 # config keys that may differ between a run and its resumption (they do not change the result, or only
@@ -97,6 +97,7 @@ def evaluate(
 ) -> tuple[float, int]:
     """Top-1 accuracy in percent, and the stop signal any rank got meanwhile (0 if none: a rank that gets one stops
     scoring, its accuracy is then partial); under DDP each rank scores its shard and the counts are summed."""
+    stop = stop if stop is not None else StopSignals()  # not entered: it never asks to stop
     rank, world = distributed.rank(), distributed.world_size()
     loader = make_loader(dataset, batch_size=512, shuffle=False, seed=0, epoch=0, rank=rank, world_size=world,
                          num_workers=cfg.num_workers)
@@ -105,15 +106,15 @@ def evaluate(
     model.eval()
     correct = seen = 0
     for x, y in loader:
-        if seen == own or (stop is not None and stop.signum):
+        if seen == own or stop.signum:
             break
         x, y = x[: own - seen].to(device, non_blocking=True), y[: own - seen].to(device, non_blocking=True)
         with autocast(cfg, device):
             correct += int((model(x).argmax(1) == y).sum())
         seen += y.numel()
     model.train(was_training)
-    flags = stop.flags() if stop is not None else [0.0] * len(STOP_SIGNALS)
-    counts = distributed.all_reduce_sum(torch.tensor([correct, seen, *flags], dtype=torch.float64, device=device)).tolist()
+    local = torch.tensor([correct, seen, *stop.flags()], dtype=torch.float64, device=device)
+    counts = distributed.all_reduce_sum(local).tolist()
     return 100.0 * int(counts[0]) / max(1, int(counts[1])), requested(counts[2:])
 
 
@@ -531,7 +532,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         distributed.broadcast_buffers(net)  # rank 0's BatchNorm statistics, which DDP trains with
         # a stop signal during evaluation: the epoch's training is kept, its evaluation is owed on resume
         val, stop_signal = evaluate(net, val_set, device, cfg, stop) if val_set is not None else (float("nan"), 0)
-        test, stop_signal = (test_acc, stop_signal) if stop_signal else evaluate(net, test_set, device, cfg, stop)
+        if not stop_signal:
+            test, stop_signal = evaluate(net, test_set, device, cfg, stop)
         if stop_signal:
             checkpoint(steps_per_epoch)
             raise RunInterrupted(stop_signal, sparsifier.step_count)
