@@ -798,9 +798,9 @@ def test_gradient_hooks_and_attributes_on_values_survive_topology_changes():
     assert changes >= 2 and calls == {"hook": 7, "post": 7} and values.tag == "fc1"
 
 
-def rigl_first_update(backend: str, before_step) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+def rigl_first_update(backend: str, before_step, set_to_none: bool = True) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     """RigL's masks after its first update (step 5) of a small MLP; `before_step(model, opt, x, y)` runs before each
-    step's own zero_grad, forward and backward and returns the inputs that step trains on."""
+    step's own zero_grad(set_to_none), forward and backward and returns the inputs that step trains on."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -809,7 +809,7 @@ def rigl_first_update(backend: str, before_step) -> dict[str, torch.Tensor]:  # 
     x, y = torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)
     for _ in range(5):
         inputs = before_step(model, opt, x, y)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         nn.functional.cross_entropy(model(inputs), y).backward()
         sp.step()
     assert sp.topology_changes == 1
@@ -823,6 +823,12 @@ def reload_state(model, opt, x, y):  # type: ignore[no-untyped-def]
 
 def discarded_backward(model, opt, x, y):  # type: ignore[no-untyped-def]
     opt.zero_grad()
+    nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    return x
+
+
+def discarded_backward_zeros_kept(model, opt, x, y):  # type: ignore[no-untyped-def]
+    opt.zero_grad(set_to_none=False)
     nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
     return x
 
@@ -848,3 +854,13 @@ def test_a_backward_whose_weight_gradient_is_discarded_does_not_reach_the_method
     pass) or an input-only autograd.grad (adversarial examples) included."""
     masked, sparse = rigl_first_update("masked", extra), rigl_first_update("sparse", extra)
     assert all(torch.equal(masked[n], sparse[n]) for n in masked)
+
+
+def test_a_discarded_backward_is_forgotten_when_zero_grad_keeps_zeros():
+    """zero_grad(set_to_none=False) leaves .grad a tensor of zeros, which the sparse layers did not take for a
+    zeroed gradient: the discarded backward stayed in the dense gradient RigL grows by."""
+    plain = rigl_first_update("sparse", lambda model, opt, x, y: x, set_to_none=False)
+    masked = rigl_first_update("masked", discarded_backward_zeros_kept, set_to_none=False)
+    sparse = rigl_first_update("sparse", discarded_backward_zeros_kept, set_to_none=False)
+    assert all(torch.equal(plain[n], masked[n]) for n in plain)
+    assert all(torch.equal(plain[n], sparse[n]) for n in plain)

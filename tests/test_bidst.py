@@ -1105,6 +1105,34 @@ def test_gradient_accumulation_counts_every_micro_batch(backend):
 
 
 @pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_discarded_backward_teaches_nothing_when_zero_grad_keeps_zeros(backend):
+    """A backward discarded by zero_grad(set_to_none=False) (its .grad zeros, not None) must not reach the scores,
+    shadow weights or costs: the sparse layers kept its candidate gradients, the forward record its rows."""
+    results = []
+    for discard in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        sp = bidst.sparsify(net, opt, "bidst", 0.8, total_steps=40, backend=backend, mask_interval=3, learn_every=1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, y = torch.randn(16, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+            if discard:
+                opt.zero_grad(set_to_none=False)
+                nn.functional.cross_entropy(net(3 * x), (y + 1) % 4).backward()
+            opt.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(net(x), y).backward()
+            sp.step()
+        results.append((sp.costs["mask_learning"], sp.method.state_dict()["layers"], dict(sp.masks)))
+    (cost, layers, masks), (cost_d, layers_d, masks_d) = results
+    assert cost_d == cost
+    for name, state in layers.items():
+        assert torch.equal(masks_d[name], masks[name])
+        for key in ("psi", "shadow"):
+            torch.testing.assert_close(layers_d[name][key], state[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
 def test_a_step_the_grad_scaler_skips_teaches_nothing(backend):
     """fp16 training starts with loss scales that overflow: the GradScaler skips those optimizer steps, but BiDST
     learned from their inf gradients, and its scores and shadow weights stayed NaN for the rest of training."""

@@ -27,6 +27,7 @@ from ..errors import BidstError, SharedError
 from ..sampled import batched, output_row_norms, output_rows, rows_counted, sampled_weight_grad
 from ..schedules import cosine_decay, is_update_step
 from ..scores import grow_highest, random_scores
+from ..sparse import grad_cleared
 from .base import METHODS, require_choice, require_range
 
 if TYPE_CHECKING:
@@ -443,10 +444,10 @@ class BiDST:
             self._records_step = step
 
     def _forget_discarded(self, sp: Sparsifier, name: str) -> None:
-        """Drop layer `name`'s records of finished backward passes when a forward finds its gradient zeroed (None):
+        """Drop layer `name`'s records of finished backward passes when a forward finds its gradient zeroed:
         that backward was discarded (a step skipped after prepare_gradients, SAM's first pass), as `.grad` itself
         was. Captures still waiting for their gradient belong to this pass (a weight used twice) and stay."""
-        if self._extra_pass or sp.trainable(name).grad is not None:
+        if self._extra_pass or not grad_cleared(sp.trainable(name)):
             return
         self._forward.pop(name, None)  # counted once their output gradient arrived
         if name in self._captures:

@@ -42,7 +42,7 @@ Conversions to dense are on demand only: `structure.to_dense(values)`, `structur
 positions ("<module>.active_positions"), so loading a checkpoint restores the topology.
 """
 
-from ._common import set_threads, uses_kernels
+from ._common import grad_cleared, set_threads, uses_kernels
 from .conv import sparse_conv2d
 from .linear import sparse_linear
 from .modules import (
@@ -61,6 +61,7 @@ __all__ = [
     "SparseModule",
     "SparseStructure",
     "TopologyDelta",
+    "grad_cleared",
     "remap_optimizer_state",
     "set_threads",
     "sparse_conv2d",

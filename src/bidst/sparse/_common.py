@@ -87,11 +87,17 @@ def _record_dense_sample(structure: SparseStructure, dense_grad: Tensor) -> None
         structure.add_sampled_grad(flat[torch.from_numpy(structure.sampled_positions).to(flat.device)])
 
 
+def grad_cleared(tensor: Tensor) -> bool:
+    """Whether `tensor.grad` was zeroed since its last backward: None (`zero_grad()`) or all zeros
+    (`zero_grad(set_to_none=False)`; a backward leaving every entry exactly 0 reads the same)."""
+    return tensor.grad is None or not bool(tensor.grad.any())
+
+
 def forget_discarded_samples(values: Tensor, structure: SparseStructure) -> None:
-    """Start the sampled gradient afresh when a forward finds the values' gradient zeroed (None), as `.grad` itself
+    """Start the sampled gradient afresh when a forward finds the values' gradient zeroed, as `.grad` itself
     does: a backward whose gradient was then discarded (a skipped batch, SAM's first pass, an input-only
-    autograd.grad as in adversarial training) is not counted. (zero_grad(set_to_none=False) is not noticed.)"""
-    if values.is_leaf and values.requires_grad and values.grad is None and torch.is_grad_enabled():
+    autograd.grad as in adversarial training) is not counted."""
+    if structure.sampled_grad is not None and values.is_leaf and values.requires_grad and torch.is_grad_enabled() and grad_cleared(values):
         structure.sampled_grad = None
 
 
