@@ -174,13 +174,16 @@ def test_nonfinite_loss_stops_with_checkpoint_intact_or_is_skipped(monkeypatch, 
     assert int(kept[-1].stem.split("-")[1]) == bad_step - 1 and not (run / "summary.json").exists()
     state = load_checkpoint(kept[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # the run's log ends with why it stopped, which `bidst report` gives for leaving it out
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "stopped" and last["step"] == bad_step - 1 and last["reason"] == err.split("error: ")[1]
     # the user chooses to skip such steps and goes on from the intact checkpoint
     assert main(["train", "--run-dir", str(run), "--resume", "on_nonfinite=skip", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["skipped_steps"] == 2 and summary["steps"] == 14  # the item is in one batch per epoch
     assert summary["final_test_acc"] > 50
     skipped = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"skipped"' in x]
-    assert len(skipped) == 2
+    assert len(skipped) == 2 and '"stopped"' not in (run / "metrics.jsonl").read_text()  # cut off by the resume
 
 
 def test_nonfinite_loss_before_the_first_checkpoint_does_not_claim_one(monkeypatch, tmp_path, capsys):

@@ -191,8 +191,13 @@ def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
     assert report.main([first, "--out", str(out), *rest, "--json"]) == 0  # folders on both sides of the options
     result = json.loads(capsys.readouterr().out)
     assert result["group_keys"] == ["method", "sparsity", "method_args.mask_lr"] and result["runs"] == 11
-    table = (out / "report.md").read_text()
+    table, left_out = (out / "report.md").read_text().split("\nLeft out (3):\n\n")
     assert table.count("\n") == 2 + 5 + 2 and "0.92 ± 0.026" in table and "sample standard deviation (n − 1)" in table
+    assert sorted(line.split(": ", 1)[1] for line in left_out.splitlines()) == [
+        "corrupt run folder (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        "failed before making its run folder (see seed=0.log)",
+        "unfinished run (no summary.json: still running, or killed)",
+    ] and result["left_out"] == [line[2:] for line in left_out.splitlines()]
     assert (out / "report.csv").read_text().splitlines()[0].startswith("method,sparsity,method_args.mask_lr,n,")
     pngs = ["accuracy_vs_sparsity.png", "test_acc_curves.png", "iou.png", "itop.png", "layer_density.png"]
     for name in pngs:
@@ -225,6 +230,12 @@ def test_a_report_replaces_an_earlier_report_only(runs_dir, tmp_path, capsys):
     assert len(errors) == 1 and "mine/report.md exists and no earlier bidst report wrote it" in errors[0]
     assert (mine / "report.md").read_text() == "MY NOTES" and (mine / "iou.png").read_bytes() == b"my figure"
     assert sorted(p.name for p in mine.iterdir()) == ["iou.png", "report.md"]
+    # a table of the user's that starts as the report's does is not taken for an earlier report
+    (mine / "report.md").write_text("| method | sparsity | my own table\n")
+    (mine / "report.csv").write_text("method,sparsity,mine\n")
+    assert report.main([str(runs_dir), "--out", str(mine), "--no-plots"]) == 1
+    assert sorted(p.name for p in mine.iterdir()) == ["iou.png", "report.csv", "report.md"]
+    assert (mine / "iou.png").read_bytes() == b"my figure"
     # a report written before manifests existed (its table header) is recognised and replaced
     legacy = tmp_path / "legacy"
     assert report.main([str(runs_dir), "--out", str(legacy), "--no-plots"]) == 0
@@ -352,3 +363,66 @@ def test_an_integer_written_for_a_float_default_adds_no_column(tmp_path):
     (root / "explicit" / "config.yaml").write_text(yaml.safe_dump(config))
     extra, rows = report.summarize(report.find_runs([root]))
     assert extra == [] and [r["n"] for r in rows] == [2]
+
+
+def test_runs_of_other_models_or_datasets_never_share_a_series_unnamed(tmp_path):
+    """A key of the experiment (model, dataset, schedule) splits groups wherever it varies among the runs: a RigL run
+    on another dataset at another sparsity was drawn on one line with the first dataset's runs, unnamed."""
+    write_run(tmp_path / "a", "rigl", 0.9, 0, 0.9)
+    write_run(tmp_path / "b", "rigl", 0.95, 0, 0.1)
+    config = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    (tmp_path / "b" / "config.yaml").write_text(yaml.safe_dump({**config, "dataset": "synthetic"}))
+    extra, rows = report.summarize(report.find_runs([tmp_path]))
+    assert extra == ["dataset"] and [(r["sparsity"], r["dataset"]) for r in rows] == [(0.9, "fmnist"), (0.95, "synthetic")]
+
+
+def test_dense_runs_are_not_split_by_settings_dense_never_reads(tmp_path):
+    for seed, distribution in enumerate(["erk", "uniform"]):
+        write_run(tmp_path / f"dense{seed}", "dense", 0.0, seed, 0.9)
+        config = yaml.safe_load((tmp_path / f"dense{seed}" / "config.yaml").read_text())
+        (tmp_path / f"dense{seed}" / "config.yaml").write_text(
+            yaml.safe_dump({**config, "distribution": distribution, "dense_first": bool(seed)}))
+    extra, rows = report.summarize(report.find_runs([tmp_path]))
+    assert extra == [] and len(rows) == 1 and rows[0]["n"] == 2
+
+
+def test_folders_that_are_not_runs_are_searched_and_runs_without_config_are_left_out(tmp_path, capsys):
+    """A config.yaml or log of the user's in a folder above the runs hid every run below it ("unfinished run"); a
+    run folder without config.yaml was reported with default settings it never used."""
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "config.yaml").write_text("notes: x\n")
+    (tmp_path / "exp" / "train.log").write_text("output\n")
+    write_run(tmp_path / "exp" / "a", "rigl", 0.9, 0, 0.9)
+    write_run(tmp_path / "exp" / "b", "rigl", 0.9, 1, 0.9)
+    (tmp_path / "exp" / "b" / "config.yaml").unlink()
+    left_out: list[str] = []
+    runs = report.find_runs([tmp_path], left_out)
+    assert [r.path.name for r in runs] == ["a"]
+    assert left_out == [f"{tmp_path / 'exp' / 'b'}: corrupt run folder (no config.yaml, so its settings are unknown)"]
+    assert "exp:" not in capsys.readouterr().err
+
+
+def test_a_failed_run_is_named_with_its_reason(tmp_path):
+    write_run(tmp_path / "ok", "rigl", 0.9, 0, 0.9)
+    write_run(tmp_path / "failed", "rigl", 0.9, 1, 0.9, finished=False)
+    with (tmp_path / "failed" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "stopped", "epoch": 1, "step": 3, "reason": "non-finite loss (nan) at step 3"}) + "\n")
+    left_out: list[str] = []
+    assert len(report.find_runs([tmp_path], left_out)) == 1
+    assert left_out == [f"{tmp_path / 'failed'}: stopped: non-finite loss (nan) at step 3"]
+
+
+def test_iou_curves_of_other_intervals_are_separate_series(tmp_path, monkeypatch):
+    """The IoU figure averaged IoUs over one-epoch and three-epoch intervals into one point, its band past 1."""
+    pytest.importorskip("matplotlib")
+    for seed, interval in enumerate([1, 1, 3]):
+        write_run(tmp_path / f"r{seed}", "rigl", 0.9, seed, 0.9)
+        config = yaml.safe_load((tmp_path / f"r{seed}" / "config.yaml").read_text())
+        (tmp_path / f"r{seed}" / "config.yaml").write_text(yaml.safe_dump({**config, "iou_interval": interval}))
+    runs = report.find_runs([tmp_path])
+    extra, _ = report.summarize(runs)
+    figs = report.figures(runs, extra)
+    labels = sorted(t.get_text() for t in figs["iou.png"].axes[0].get_legend().get_texts())
+    assert labels == ["rigl iou_interval=1 (n=2)", "rigl iou_interval=3 (n=1)"]
+    (itop_label,) = [t.get_text() for t in figs["itop.png"].axes[0].get_legend().get_texts()]
+    assert itop_label == "rigl (n=3)"

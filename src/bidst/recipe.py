@@ -140,6 +140,14 @@ class MetricsLog:
     def _failed(self, exc: OSError) -> BidstError:
         return BidstError(f"could not write {self.path}: {exc.strerror or exc}; the last checkpoint is intact")
 
+    def stopped(self, step: int, epoch: int, reason: str) -> None:
+        """Record, as the last line, why the run stopped before its end (resuming cuts the line off again);
+        a file that cannot take it is left as it is."""
+        try:
+            self.write({"kind": "stopped", "step": step, "epoch": epoch, "reason": reason})
+        except BidstError:
+            pass
+
     def offset(self) -> int:
         return 0 if self.file is None else self.file.tell()
 
@@ -474,87 +482,93 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         distributed.on_rank0(save)
 
     started = time.perf_counter()
-    model.train()
-    # a run stopped right after its last step (mid-epoch) still owes that epoch's evaluation and records
-    while epoch < cfg.epochs and (sparsifier.step_count < total_steps or start_batch > 0):
-        loader = train_loader(epoch, start_batch)
-        bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 10.0)
-        for batch_index, (x, y) in enumerate(bar, start=start_batch):
-            step = sparsifier.step_count
-            if step >= total_steps:
-                break
-            lr = lr_at(cfg, step, steps_per_epoch, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with meter.time("forward"), autocast(cfg, device):
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            loss_value, correct, stop_signal = step_stats(loss, logits, y, stop)
-            if not math.isfinite(loss_value):  # every rank sees the same averaged loss, so all stop or skip
-                if cfg.on_nonfinite == "stop":
-                    kept = "its last checkpoint is intact" if latest_checkpoint(ckpt_dir) else "it had no checkpoint yet"
-                    raise SharedError(f"non-finite loss ({loss_value}) at step {step + 1}; the run stopped and {kept} "
-                                      "(continue it with --resume on_nonfinite=skip to skip such steps)")
-                skipped += 1
-                metrics.write({"kind": "skipped", "step": step, "epoch": epoch, "batch": batch_index})
-                continue  # a stop signal is honoured after the next step
-            with meter.time("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-            with meter.time("update"):
-                changed = sparsifier.step(scaler if scaler.is_enabled() else None, batch=(x, y))
-            scale = y.numel() * world / shapes_batch  # FLOPs of the global batch, summed over ranks
-            for phase, flops in step_flops.items():
-                meter.add(phase, flops * scale)
-            meter.add_dense_reference(dense_step_flops * scale)
-            if sparsifier.captured_dense_grad:
-                meter.add("dense_grad", dense_grad * scale)
-            if changed:
-                evolution.commit(sparsifier.last_swaps, sparsifier.masks)
-                step_flops, dense_grad = train_step_flops(shapes, sparsifier.masks), dense_grad_step()
-            running["loss"] += loss_value * y.numel() * world
-            running["correct"] += correct
-            running["seen"] += y.numel() * world
-            if (step + 1) % cfg.log_every == 0:
-                metrics.write({"kind": "step", "step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                               "topology_changes": sparsifier.topology_changes,
-                               "rebuild_s": sparsifier.rebuild_seconds})
-                bar.set_postfix(loss=f"{loss_value:.3f}")
+    try:
+        model.train()
+        # a run stopped right after its last step (mid-epoch) still owes that epoch's evaluation and records
+        while epoch < cfg.epochs and (sparsifier.step_count < total_steps or start_batch > 0):
+            loader = train_loader(epoch, start_batch)
+            bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
+                       mininterval=0.5 if sys.stderr.isatty() else 10.0)
+            for batch_index, (x, y) in enumerate(bar, start=start_batch):
+                step = sparsifier.step_count
+                if step >= total_steps:
+                    break
+                lr = lr_at(cfg, step, steps_per_epoch, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with meter.time("forward"), autocast(cfg, device):
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                loss_value, correct, stop_signal = step_stats(loss, logits, y, stop)
+                if not math.isfinite(loss_value):  # every rank sees the same averaged loss, so all stop or skip
+                    if cfg.on_nonfinite == "stop":
+                        kept = ("its last checkpoint is intact" if latest_checkpoint(ckpt_dir)
+                                else "it had no checkpoint yet")
+                        raise SharedError(f"non-finite loss ({loss_value}) at step {step + 1}; the run stopped and "
+                                          f"{kept} (continue it with --resume on_nonfinite=skip to skip such steps)")
+                    skipped += 1
+                    metrics.write({"kind": "skipped", "step": step, "epoch": epoch, "batch": batch_index})
+                    continue  # a stop signal is honoured after the next step
+                with meter.time("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                with meter.time("update"):
+                    changed = sparsifier.step(scaler if scaler.is_enabled() else None, batch=(x, y))
+                scale = y.numel() * world / shapes_batch  # FLOPs of the global batch, summed over ranks
+                for phase, flops in step_flops.items():
+                    meter.add(phase, flops * scale)
+                meter.add_dense_reference(dense_step_flops * scale)
+                if sparsifier.captured_dense_grad:
+                    meter.add("dense_grad", dense_grad * scale)
+                if changed:
+                    evolution.commit(sparsifier.last_swaps, sparsifier.masks)
+                    step_flops, dense_grad = train_step_flops(shapes, sparsifier.masks), dense_grad_step()
+                running["loss"] += loss_value * y.numel() * world
+                running["correct"] += correct
+                running["seen"] += y.numel() * world
+                if (step + 1) % cfg.log_every == 0:
+                    metrics.write({"kind": "step", "step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                   "topology_changes": sparsifier.topology_changes,
+                                   "rebuild_s": sparsifier.rebuild_seconds})
+                    bar.set_postfix(loss=f"{loss_value:.3f}")
+                if stop_signal:
+                    checkpoint(batch_index + 1)
+                    raise RunInterrupted(stop_signal, sparsifier.step_count)
+                every = cfg.checkpoint_every
+                if every and (step + 1) % every == 0 and batch_index + 1 < steps_per_epoch:
+                    checkpoint(batch_index + 1)
+            bar.close()
+            distributed.broadcast_buffers(net)  # rank 0's BatchNorm statistics, which DDP trains with
+            # a stop signal during evaluation: the epoch's training is kept, its evaluation is owed on resume
+            val, stop_signal = evaluate(net, val_set, device, cfg, stop) if val_set is not None else (float("nan"), 0)
+            if not stop_signal:
+                test, stop_signal = evaluate(net, test_set, device, cfg, stop)
             if stop_signal:
-                checkpoint(batch_index + 1)
+                checkpoint(steps_per_epoch)
                 raise RunInterrupted(stop_signal, sparsifier.step_count)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and batch_index + 1 < steps_per_epoch:
-                checkpoint(batch_index + 1)
-        bar.close()
-        distributed.broadcast_buffers(net)  # rank 0's BatchNorm statistics, which DDP trains with
-        # a stop signal during evaluation: the epoch's training is kept, its evaluation is owed on resume
-        val, stop_signal = evaluate(net, val_set, device, cfg, stop) if val_set is not None else (float("nan"), 0)
-        if not stop_signal:
-            test, stop_signal = evaluate(net, test_set, device, cfg, stop)
-        if stop_signal:
-            checkpoint(steps_per_epoch)
-            raise RunInterrupted(stop_signal, sparsifier.step_count)
-        val_acc, test_acc = val, test
-        best_val = max(best_val, val_acc) if val_set is not None else best_val
-        metrics.write({
-            "kind": "epoch", "epoch": epoch + 1, "step": sparsifier.step_count,
-            "train_loss": running["loss"] / max(1, running["seen"]),
-            "train_acc": 100.0 * running["correct"] / max(1, running["seen"]),
-            "val_acc": None if val_set is None else val_acc, "test_acc": test_acc,
-            "sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
-        })
-        metrics.write(evolution.update(sparsifier.masks, epoch + 1))
-        if cfg.progress and rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: test {test_acc:.2f}%"
-                  + ("" if val_set is None else f", val {val_acc:.2f}%")
-                  + f", sparsity {100 * sparsifier.measured_sparsity():.1f}%", file=sys.stderr)
-        epoch, start_batch = epoch + 1, 0
-        running = {"loss": 0.0, "correct": 0, "seen": 0}
-        checkpoint(0)
-    metrics.close()
+            val_acc, test_acc = val, test
+            best_val = max(best_val, val_acc) if val_set is not None else best_val
+            metrics.write({
+                "kind": "epoch", "epoch": epoch + 1, "step": sparsifier.step_count,
+                "train_loss": running["loss"] / max(1, running["seen"]),
+                "train_acc": 100.0 * running["correct"] / max(1, running["seen"]),
+                "val_acc": None if val_set is None else val_acc, "test_acc": test_acc,
+                "sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
+            })
+            metrics.write(evolution.update(sparsifier.masks, epoch + 1))
+            if cfg.progress and rank == 0:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: test {test_acc:.2f}%"
+                      + ("" if val_set is None else f", val {val_acc:.2f}%")
+                      + f", sparsity {100 * sparsifier.measured_sparsity():.1f}%", file=sys.stderr)
+            epoch, start_batch = epoch + 1, 0
+            running = {"loss": 0.0, "correct": 0, "seen": 0}
+            checkpoint(0)
+        metrics.close()
+    except (BidstError, RunInterrupted) as exc:  # `bidst report` names the run with this reason
+        metrics.stopped(sparsifier.step_count, epoch, str(exc))
+        raise
 
     summary = {
         "method": cfg.method, "sparsity": cfg.sparsity, "seed": cfg.seed, "model": cfg.model,

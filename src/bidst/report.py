@@ -36,6 +36,7 @@ from .methods import with_defaults
 
 # they do not change what a run computes (the device only its floating-point rounding)
 _NEVER_GROUP = {"run_dir", "resume", "data_root", "device", "iou_interval", *OPERATIONAL_KEYS}
+DENSE_IGNORES = ("distribution", "dense_first", "dense_last")  # settings that dense training never reads
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """The config as dotted keys with the method's defaults written out, so that an option left out and the same
         option given at its default are one setting (a method this process does not know is taken as written)."""
-        return {k: v for k, v in flatten(with_defaults(self.config)).items() if v != {}}
+        flat = {k: v for k, v in flatten(with_defaults(self.config)).items() if v != {}}
+        return {k: v for k, v in flat.items() if k not in DENSE_IGNORES} if self.method == "dense" else flat
 
     def records(self, kind: str) -> dict[int, dict[str, Any]]:
         """The last record of `kind` per epoch (a resumed run may log an epoch twice)."""
@@ -148,28 +150,49 @@ def _check_summary(summary: dict[str, Any]) -> None:
         raise TypeError(f"summary.json has {', '.join(wrong)} of the wrong type")
 
 
-def _load_run(folder: Path) -> Run | None:
+def _load_run(folder: Path) -> Run | str:
+    """The run in `folder`, or why it cannot be read."""
     try:
         summary = json.loads((folder / "summary.json").read_text())
         config_file = folder / "config.yaml"
-        config = load_yaml(config_file.read_text()) if config_file.exists() else {}
+        if not config_file.exists():  # its settings would be taken for the defaults
+            raise ValueError("no config.yaml, so its settings are unknown")
+        config = load_yaml(config_file.read_text())
         if not isinstance(summary, dict) or not isinstance(config, dict) or "final_test_acc" not in summary:
             raise TypeError("summary.json without final_test_acc, or config.yaml not a mapping")
         _check_summary(summary)
         # keys added to TrainConfig after a run was made take their defaults, so they never split groups
-        run = Run(folder, summary, {**TrainConfig().to_dict(), **(config or {})})
+        run = Run(folder, summary, {**TrainConfig().to_dict(), **config})
         _ = run.sparsity  # a sparsity that is not a number is corrupt too
     except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _warn(f"{folder}: skipped, corrupt run folder ({reason})")
-        return None
+        return f"corrupt run folder ({reason})"
     run.metrics = _read_metrics(folder / "metrics.jsonl")
     return run
 
 
-def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
-    """Finished runs found under `paths` (run folders or sweep folders, searched recursively);
-    unfinished and corrupt folders are reported on stderr and left out."""
+def _stopped(folder: Path) -> str:
+    """Why an unfinished run stopped, from the record `bidst train` leaves in its metrics.jsonl when it fails or is
+    interrupted; else that it is still running or was killed."""
+    try:
+        lines = (folder / "metrics.jsonl").read_text(errors="replace").splitlines()
+        record = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        record = {}
+    if isinstance(record, dict) and record.get("kind") == "stopped":
+        return f"stopped: {record.get('reason')}"
+    return "unfinished run (no summary.json: still running, or killed)"
+
+
+def find_runs(paths: Iterable[str | os.PathLike], skipped: list[str] | None = None) -> list[Run]:
+    """Finished runs found under `paths` (run folders or sweep folders, searched recursively); unfinished, failed
+    and corrupt run folders are reported on stderr, each with its reason added to `skipped`, and left out."""
+    skipped = [] if skipped is None else skipped
+
+    def leave_out(folder: Path, reason: str) -> None:
+        _warn(f"{folder}: skipped, {reason}")
+        skipped.append(f"{folder}: {reason}")
+
     runs: list[Run] = []
     seen: set[Path] = set()  # a folder reached through two of `paths` counts once
     for root in map(Path, paths):
@@ -182,16 +205,18 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
                     continue
                 seen.add(where)
                 run = _load_run(Path(folder))
-                runs.extend([run] if run else [])
-            elif {"config.yaml", "metrics.jsonl", "train.log"} & set(files) or "checkpoints" in subdirs:
-                _warn(f"{folder}: skipped, unfinished run (no summary.json)")
-            else:
-                for log in sorted(f for f in files if f.endswith(".log") and "=" in f and f[:-4] not in subdirs):
-                    # a sweep writes <run>.log beside <run>/: this run failed before it made its folder
-                    _warn(f"{Path(folder) / log[:-4]}: skipped, failed before making its run folder (see {log})")
-                subdirs.sort()
+                if isinstance(run, Run):
+                    runs.append(run)
+                else:
+                    leave_out(Path(folder), run)
+                subdirs.clear()  # a run folder's subfolders are its checkpoints
                 continue
-            subdirs.clear()  # a run folder's subfolders are its checkpoints
+            if "config.yaml" in files and ("metrics.jsonl" in files or "checkpoints" in subdirs):  # a run's folder
+                leave_out(Path(folder), _stopped(Path(folder)))
+            for log in sorted(f for f in files if f.endswith(".log") and "=" in f and f[:-4] not in subdirs):
+                # a sweep writes <run>.log beside <run>/: this run failed before it made its folder
+                leave_out(Path(folder) / log[:-4], f"failed before making its run folder (see {log})")
+            subdirs[:] = sorted(d for d in subdirs if d != "checkpoints")
     return sorted(runs, key=lambda r: str(r.path))
 
 
@@ -200,18 +225,25 @@ def _canon(value: Any) -> str:
 
 
 def varying_keys(runs: Sequence[Run]) -> list[str]:
-    """Config keys, seeds aside, that take several values among runs of one (method, sparsity)."""
+    """Config keys, seeds aside, that take several values among runs of one (method, sparsity), and the keys of
+    the experiment itself (model, data, schedule: `REFERENCE_KEYS`) that take several values among all runs, so
+    that runs on another model or dataset never join a series unnamed."""
     by_base: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for run in runs:
         by_base.setdefault((run.method, run.sparsity), []).append(run.settings)
     keys = sorted({k for flats in by_base.values() for flat in flats for k in flat})
+
+    def varies(k: str, flats: Sequence[dict[str, Any]]) -> bool:
+        return len({_sortable(f.get(k)) for f in flats}) > 1  # 1 and 1.0 alike
+
+    every = [run.settings for run in runs]
     return [
         k
         for k in keys
         if k not in ("method", "sparsity")
         and k not in _NEVER_GROUP
         and "seed" not in k.rsplit(".", 1)[-1]
-        and any(len({_sortable(f.get(k)) for f in flats}) > 1 for flats in by_base.values())  # 1 and 1.0 alike
+        and (any(varies(k, flats) for flats in by_base.values()) or k in REFERENCE_KEYS and varies(k, every))
     ]
 
 
@@ -319,8 +351,8 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
 
 
-def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
-    """The report table in Markdown."""
+def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]], left_out: Sequence[str] = ()) -> str:
+    """The report table in Markdown, and the run folders left out of it with their reasons."""
     stats = any(row.get("method_stats") for row in rows)  # a column only where some method reported stats
     epochs = "epochs" not in extra  # (where runs differ in it, the group's column shows it once)
     header = ["method", "sparsity", *extra, "n", "test acc", "best val acc", "train FLOPs (× dense)", "time (× dense)",
@@ -338,6 +370,8 @@ def markdown(extra: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "± is the sample standard deviation (n − 1) over a row's runs; a row of one run has none, a run with a "
               "non-finite accuracy makes its row's mean nan."]
+    if left_out:
+        lines += ["", f"Left out ({len(left_out)}):", "", *(f"- {reason}" for reason in left_out)]
     return "\n".join(lines) + "\n"
 
 
@@ -374,14 +408,17 @@ def _series(run: Run, extra: Sequence[str]) -> str:
 
 
 def _curve(runs: Sequence[Run], points: Callable[[Run], dict[int, float]]):
-    """Mean and std over runs at every epoch some run has (x, mean, std as lists)."""
+    """Mean and std over runs at every epoch some run has (x, mean, std as lists), and the fewest and most runs
+    a point averages."""
     per_epoch: dict[int, list[float]] = {}
     for run in runs:
         for epoch, value in points(run).items():
             per_epoch.setdefault(epoch, []).append(value)
     xs = sorted(per_epoch)
     stats = [_mean_std(per_epoch[x]) for x in xs]
-    return xs, [m for m, _ in stats], [math.nan if s is None else s for _, s in stats]  # NaN: no band
+    counts = [len(per_epoch[x]) for x in xs]
+    # NaN: no band
+    return xs, [m for m, _ in stats], [math.nan if s is None else s for _, s in stats], (min(counts), max(counts))
 
 
 def _grid(Figure: Any, n: int, title: str):
@@ -395,8 +432,9 @@ def _grid(Figure: Any, n: int, title: str):
     return fig, axes
 
 
-def _per_sparsity_curves(Figure, runs, extra, colors, points, title, ylabel):
-    """One panel per sparsity, one mean line with a ±std band per series; None if no data."""
+def _per_sparsity_curves(Figure, runs, extra, colors, points, title, ylabel, limits=(-math.inf, math.inf)):
+    """One panel per sparsity, one mean line with a ±std band (cut to `limits`, the values the quantity can take) per
+    series, labelled with how many runs its points average; None if no data."""
     from matplotlib.ticker import MaxNLocator
 
     levels = sorted({r.sparsity for r in runs if points(r)})
@@ -409,9 +447,12 @@ def _per_sparsity_curves(Figure, runs, extra, colors, points, title, ylabel):
             if run.sparsity == level and points(run):
                 by_series.setdefault(_series(run, extra), []).append(run)
         for name, members in sorted(by_series.items()):
-            xs, mean, std = _curve(members, points)
-            ax.plot(xs, mean, marker=".", color=colors[name], label=f"{name} (n={len(members)})")
-            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+            xs, mean, std, (fewest, most) = _curve(members, points)
+            ax.plot(xs, mean, marker=".", color=colors[name],
+                    label=f"{name} (n={fewest}{'' if fewest == most else f'-{most}'})")
+            low, high = limits
+            ax.fill_between(xs, [max(low, m - s) for m, s in zip(mean, std)],
+                            [min(high, m + s) for m, s in zip(mean, std)],
                             color=colors[name], alpha=0.2)
         ax.set_title(f"sparsity {level:g}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -483,30 +524,33 @@ def _layer_densities(Figure, runs, extra, colors):
 
 
 def figures(runs: Sequence[Run], extra: Sequence[str]) -> dict[str, Any]:
-    """The report's figures by file name; a figure without data in the runs is left out."""
+    """The report's figures by file name; a figure without data in the runs is left out. IoU curves of runs with
+    different `iou_interval`s are separate series: an IoU over a longer interval is lower."""
     Figure = _figure_class()
-    names = sorted({_series(r, extra) for r in runs})
+    intervals = {_sortable(r.settings.get("iou_interval")) for r in runs}
+    iou_extra = [*extra, "iou_interval"] if len(intervals) > 1 else extra
+    names = sorted({_series(r, keys) for r in runs for keys in (extra, iou_extra)})
     palette = [f"C{i % 10}" for i in range(len(names))]
     colors = dict(zip(names, palette))
 
     def test_acc(run: Run) -> dict[int, float]:
         return {e: r["test_acc"] for e, r in run.records("epoch").items() if r.get("test_acc") is not None}
 
-    def iou(run: Run) -> dict[int, float]:
-        return {e: r["iou"]["__all__"] for e, r in run.records("mask").items() if "iou" in r}
+    def overall(key: str) -> Callable[[Run], dict[int, float]]:  # (dense training has no mask to follow)
+        return lambda run: {} if run.method == "dense" else {
+            e: r[key]["__all__"] for e, r in run.records("mask").items() if key in r}
 
-    def itop(run: Run) -> dict[int, float]:
-        return {e: r["itop"]["__all__"] for e, r in run.records("mask").items() if "itop" in r}
+    iou, itop = overall("iou"), overall("itop")
 
     made = {
         "accuracy_vs_sparsity.png": _accuracy_vs_sparsity(Figure, runs, extra, colors),
         "test_acc_curves.png": _per_sparsity_curves(
             Figure, runs, extra, colors, test_acc, "Test accuracy during training (mean ± std)", "test accuracy"),
         "iou.png": _per_sparsity_curves(
-            Figure, runs, extra, colors, iou, "Mask IoU between the start and end of each interval",
-            "IoU (all layers)"),
+            Figure, runs, iou_extra, colors, iou, "Mask IoU between the start and end of each interval",
+            "IoU (all layers)", (0.0, 1.0)),
         "itop.png": _per_sparsity_curves(
-            Figure, runs, extra, colors, itop, "ITOP rate (share of weights ever active)", "ITOP rate"),
+            Figure, runs, extra, colors, itop, "ITOP rate (share of weights ever active)", "ITOP rate", (0.0, 1.0)),
         "layer_density.png": _layer_densities(Figure, runs, extra, colors),
     }
     return {name: fig for name, fig in made.items() if fig is not None}
@@ -519,9 +563,14 @@ REPORT_FILES = ("report.md", "report.csv", "accuracy_vs_sparsity.png", "test_acc
                 "layer_density.png")
 
 
+LEGACY_MARKS = {"report.md": ("| method | sparsity |", "| n | test acc | best val acc | train FLOPs (× dense) |",
+                               "± is the sample standard deviation (n − 1) over a row's runs"),
+                "report.csv": ("method,sparsity,",)}
+
+
 def earlier_report(out: Path) -> set[str]:
     """The files an earlier report wrote into `out`: its manifest's list, or for a report written before manifests
-    (its report.md starts with the table's header), the report file names present."""
+    (a report.md and report.csv as the report writes them), the report file names present."""
     try:
         names = json.loads((out / MANIFEST).read_text())
         if isinstance(names, list):
@@ -529,20 +578,25 @@ def earlier_report(out: Path) -> set[str]:
     except (OSError, ValueError):
         pass
     try:
-        legacy = (out / "report.md").read_text(errors="replace").startswith("| method | sparsity |")
+        texts = {name: (out / name).read_text(errors="replace") for name in LEGACY_MARKS}
     except OSError:
-        legacy = False
+        return set()
+    legacy = all(text.startswith(marks[0]) and all(m in text for m in marks) for (name, marks), text in
+                 zip(LEGACY_MARKS.items(), texts.values()))
     return {n for n in REPORT_FILES if (out / n).exists()} if legacy else set()
 
 
-def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True) -> dict[str, Any]:
-    """Write report.md, report.csv and the figures into `out` atomically; return the JSON view."""
+def write_report(
+    runs: Sequence[Run], out: str | os.PathLike, plots: bool = True, left_out: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Write report.md (naming the run folders `left_out`, with their reasons), report.csv and the figures into
+    `out` atomically; return the JSON view."""
     if not runs:
         raise BidstError("no finished runs to report (a run is finished when it has summary.json)")
     extra, rows = summarize(runs)
     out = Path(out)
     make_folder(out)
-    texts = {"report.md": markdown(extra, rows), "report.csv": to_csv(rows)}
+    texts = {"report.md": markdown(extra, rows, left_out), "report.csv": to_csv(rows)}
     figs = figures(runs, extra) if plots else {}
     ours = earlier_report(out)
     foreign = [name for name in [*texts, *figs] if (out / name).exists() and name not in ours]
@@ -570,7 +624,7 @@ def write_report(runs: Sequence[Run], out: str | os.PathLike, plots: bool = True
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return {"group_keys": ["method", "sparsity", *extra], "groups": rows,
-            "runs": len(runs), "files": sorted([*texts, *figs])}
+            "runs": len(runs), "left_out": list(left_out), "files": sorted([*texts, *figs])}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -584,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.no_plots:
             _figure_class()  # fail before any work when matplotlib is missing
-        result = write_report(find_runs(args.run_dirs), args.out, plots=not args.no_plots)
+        left_out: list[str] = []
+        result = write_report(find_runs(args.run_dirs, left_out), args.out, plots=not args.no_plots, left_out=left_out)
     except BidstError as e:
         print(f"bidst report: error: {e}", file=sys.stderr)
         return 1
