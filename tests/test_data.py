@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
 import sys
@@ -30,6 +31,7 @@ from bidst.data.tensor import TensorImageDataset, random_crop_flip
 from bidst.errors import BidstError
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOAD = roots.download  # (the tests replace it: no network)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +40,7 @@ def isolated_roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("BIDST_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
-    def no_network(url: str, dest: Path) -> None:
+    def no_network(url: str, *args: object) -> None:
         raise OSError("network disabled in tests")
 
     monkeypatch.setattr(roots, "download", no_network)
@@ -246,7 +248,9 @@ class Evil:
     [
         (b"not a pickle at all", "not a CIFAR python batch"),
         ({b"data": np.zeros((2, 3072), np.uint8)}, "expected a dict with keys"),
-        ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, "uint8 array of shape"),
+        ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, "uint8 array of shape N x 3072, found a uint8 "
+                                                                      r"array of shape \(2, 100\)"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "found a float32 array of shape"),
         ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "1 labels for 2 images"),
         ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, "labels out of range"),
         ({b"data": Evil(), b"labels": []}, "unexpected object"),
@@ -352,6 +356,24 @@ def test_imagenet_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert str(bad) in str(err.value)
     (tmp_path / "val" / "n03").mkdir()
     with pytest.raises(BidstError, match="not in the training set: n03"):
+        create_dataset("imagenet", "test", root=str(tmp_path))
+
+
+def test_imagenet_folders_without_images_say_so(tmp_path: Path) -> None:
+    """Class folders without images gave 'val_size=0 must be in 0..-1'; the official flat val/ gave 'no class
+    folders' without saying the images must first be sorted into them."""
+    pytest.importorskip("PIL")
+    for cls in ("n01", "n02"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        (tmp_path / "train" / cls / "notes.txt").write_text("not an image")
+    with pytest.raises(BidstError, match=f"{tmp_path / 'train'}: no image files in its class folders .looked for .bmp"):
+        create_dataset("imagenet", "train", root=str(tmp_path), val_size=0)
+    write_imagenet(tmp_path)
+    for image in list((tmp_path / "val").rglob("*.JPEG")):
+        image.rename(tmp_path / "val" / image.name)
+    for cls in ("n01", "n02"):
+        (tmp_path / "val" / cls).rmdir()
+    with pytest.raises(BidstError, match="val: no class folders .it holds the images themselves: sort them into one"):
         create_dataset("imagenet", "test", root=str(tmp_path))
 
 
@@ -471,18 +493,23 @@ def test_a_folder_with_part_of_the_idx_files_names_the_missing_one(monkeypatch: 
         create_dataset("fashion-mnist", "test")
 
 
+def serve(monkeypatch: pytest.MonkeyPatch, source: Path, fetched: list[str]) -> None:
+    """roots.download as it is, fetching each URL's file name from `source` instead of the network."""
+    monkeypatch.setattr(roots, "download", DOWNLOAD)
+
+    def urlopen(url: str, timeout: float) -> io.BytesIO:
+        fetched.append(url)
+        return io.BytesIO((source / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(roots.urllib.request, "urlopen", urlopen)
+
+
 def test_download_into_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     source = tmp_path / "mirror"
     write_mnist(source, gz=True)
     monkeypatch.setitem(roots.SYSTEM_DIRS, "mnist", [])
-    fetched = []
-
-    def fake_download(url: str, dest: Path) -> None:
-        fetched.append(url)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes((source / url.rsplit("/", 1)[1]).read_bytes())
-
-    monkeypatch.setattr(roots, "download", fake_download)
+    fetched: list[str] = []
+    serve(monkeypatch, source, fetched)
     test = create_dataset("mnist", "test")
     assert len(test) == 4 and len(fetched) == 4
     assert (tmp_path / "cache" / "bidst" / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
@@ -490,6 +517,36 @@ def test_download_into_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert len(fetched) == 4  # found in the cache the second time
     (tmp_path / "cache" / "bidst" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
     assert len(create_dataset("mnist", "test")) == 4 and len(fetched) == 8  # a download cut short: fetched again
+
+
+def test_a_download_that_is_not_the_file_is_not_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A proxy's error page served with 200 OK was kept in the cache, and every later run failed on it."""
+    source = tmp_path / "mirror"
+    write_mnist(source, gz=True)
+    page = (source / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (source / "t10k-images-idx3-ubyte.gz").write_bytes(b"<html>please log in</html>")
+    monkeypatch.setitem(roots.SYSTEM_DIRS, "mnist", [])
+    serve(monkeypatch, source, [])
+    with pytest.raises(BidstError, match=r"download of https://\S+/t10k-images-idx3-ubyte.gz is not the expected file, "
+                                         r"so it was not kept: .*cannot read"):
+        create_dataset("mnist", "test")
+    cache = tmp_path / "cache" / "bidst" / "mnist"
+    assert "t10k-images-idx3-ubyte.gz" not in {p.name for p in cache.iterdir()} and not list(cache.glob(".partial-*"))
+    (source / "t10k-images-idx3-ubyte.gz").write_bytes(page)
+    assert len(create_dataset("mnist", "test")) == 4  # the next run fetches it again
+    # a bad file an older version kept in the cache: the error says how to get rid of it
+    (cache / "t10k-labels-idx1-ubyte.gz").write_bytes(b"<html>")
+    with pytest.raises(BidstError, match=f"cannot read .*in bidst's download cache: delete {cache} to download it again"):
+        create_dataset("mnist", "test")
+
+
+def test_fashion_mnist_augmentation_flips_and_mnist_does_not(tmp_path: Path) -> None:
+    """Clothes are mirrored as in the usual Fashion-MNIST recipes; digits, which have a handedness, are not."""
+    write_mnist(tmp_path, gz=False)
+    for name, flips in (("fashion-mnist", True), ("mnist", False)):
+        data = create_dataset(name, "train", root=str(tmp_path), augment=True, val_size=0)
+        assert data.crop_padding == 2 and data.hflip is flips
+        assert not create_dataset(name, "train", root=str(tmp_path), val_size=0).hflip
 
 
 def test_bidst_data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -48,8 +48,8 @@ def read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[Tensor, 
         raise BidstError(f"{path}: not a CIFAR python batch (expected a dict with keys b'data' and {label_key!r})")
     data, labels = batch[b"data"], batch[label_key]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == PIXELS):
-        shape = getattr(data, "shape", type(data).__name__)
-        raise BidstError(f"{path}: b'data' must be a uint8 array of shape N x {PIXELS}, found {shape}")
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise BidstError(f"{path}: b'data' must be a uint8 array of shape N x {PIXELS}, found a {found}")
     values = labels.tolist() if isinstance(labels, np.ndarray) else labels
     try:  # operator.index refuses floats (0.5 must not become 0); Python ints of any size pass, for the range check
         if not isinstance(values, (list, tuple)):

@@ -23,7 +23,7 @@ FILES = {
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 INFO = DatasetInfo(num_classes=10, in_channels=1, image_size=28)
-CROP_PADDING = 2  # augment=True: random 28x28 crop of the image zero-padded by 2 (no flip: digits have a handedness)
+CROP_PADDING = 2  # augment=True: random 28x28 crop of the image zero-padded by 2 (and a flip where `register_idx` says)
 
 
 def find_file(folder: Path, stem: str) -> Path | None:
@@ -77,23 +77,30 @@ def read_pair(folder: Path, train: bool, num_classes: int, image_size: int) -> t
     return images.unsqueeze(1), labels
 
 
-def register_idx(name: str, mean: float, std: float, url: str, how_to: str) -> None:
-    """Register an IDX dataset looked for in the usual places and downloaded from `url` into the cache if absent."""
+def register_idx(name: str, mean: float, std: float, url: str, how_to: str, hflip: bool) -> None:
+    """Register an IDX dataset looked for in the usual places and downloaded from `url` into the cache if absent;
+    `hflip`: whether augmentation mirrors images left-right (clothes, yes; digits have a handedness)."""
 
     def has(folder: Path, stem: str) -> bool:
         return find_file(folder, stem) is not None
 
     def fetch(folder: Path) -> None:
         for stems in FILES.values():
-            for stem in stems:
-                roots.download(f"{url}{stem}.gz", folder / f"{stem}.gz")
+            for stem, magic in zip(stems, (IMAGES_MAGIC, LABELS_MAGIC)):
+                roots.download(f"{url}{stem}.gz", folder / f"{stem}.gz", lambda path, m=magic: read_idx(path, m))
 
     @register(name, INFO)
     def load(root: str | None, train: bool, augment: bool) -> TensorImageDataset:
         stems = [stem for pair in FILES.values() for stem in pair]
         folder = roots.locate(name, root, stems, has, how_to, fetch=fetch)
-        images, labels = read_pair(folder, train, INFO.num_classes, INFO.image_size)
-        return TensorImageDataset(images, labels, [mean], [std], crop_padding=CROP_PADDING if augment else 0)
+        try:
+            images, labels = read_pair(folder, train, INFO.num_classes, INFO.image_size)
+        except BidstError as e:
+            if root is None and folder == roots.cache_dir(name):  # (a download an older version kept unchecked)
+                raise BidstError(f"{e}; it is in bidst's download cache: delete {folder} to download it again") from None
+            raise
+        pad = CROP_PADDING if augment else 0
+        return TensorImageDataset(images, labels, [mean], [std], crop_padding=pad, hflip=augment and hflip)
 
 
 register_idx(
@@ -103,6 +110,7 @@ register_idx(
     url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     how_to="install it with `apt-get install dataset-fashion-mnist`, put the four IDX files in "
     "$BIDST_DATA/fashion-mnist, or pass the folder",
+    hflip=True,
 )
 register_idx(
     "mnist",
@@ -111,4 +119,5 @@ register_idx(
     url="https://ossci-datasets.s3.amazonaws.com/mnist/",
     how_to="download the four IDX files from https://ossci-datasets.s3.amazonaws.com/mnist/ into $BIDST_DATA/mnist, "
     "or pass the folder",
+    hflip=False,
 )

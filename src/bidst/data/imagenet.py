@@ -35,7 +35,10 @@ def class_names(folder: Path) -> list[str]:
     """The class folder names in `folder`, sorted: their order gives the labels (as torchvision's ImageFolder)."""
     names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
     if not names:
-        raise BidstError(f"{folder}: no class folders")
+        images = any(entry.suffix.lower() in EXTENSIONS for entry in folder.iterdir())
+        raise BidstError(f"{folder}: no class folders" + (
+            " (it holds the images themselves: sort them into one folder per class, named as in train/; the official "
+            "validation images come flat, with their classes in the devkit's ground-truth file)" if images else ""))
     return names
 
 
@@ -44,13 +47,16 @@ def scan(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     unknown = sorted(set(class_names(folder)) - set(classes))
     if unknown:
         raise BidstError(f"{folder}: class folders not in the training set: {', '.join(unknown[:5])}")
-    return [
+    found = [
         (str(path), label)
         for label, name in enumerate(classes)
         if (folder / name).is_dir()
         for path in sorted((folder / name).iterdir())
         if path.suffix.lower() in EXTENSIONS
     ]
+    if not found:
+        raise BidstError(f"{folder}: no image files in its class folders (looked for {', '.join(sorted(EXTENSIONS))})")
+    return found
 
 
 def random_resized_crop_box(width: int, height: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:

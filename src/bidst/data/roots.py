@@ -32,14 +32,19 @@ def candidates(name: str, root: str | None) -> list[Path]:
     return found + [Path(p) for p in SYSTEM_DIRS.get(name, [])] + [cache_dir(name)]
 
 
-def download(url: str, dest: Path) -> None:
-    """Fetch `url` into `dest` through a temporary file, so an interrupted download leaves nothing behind."""
+def download(url: str, dest: Path, check: Callable[[Path], None]) -> None:
+    """Fetch `url` into `dest` through a temporary file of the same suffix, which `check` must pass (raising
+    BidstError if not: an error page from a proxy, a cut-off file), so that a failed download leaves nothing behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f".partial-{dest.name}")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+        try:
+            check(tmp)
+        except BidstError as e:
+            raise BidstError(f"the download of {url} is not the expected file, so it was not kept: {e}") from None
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
