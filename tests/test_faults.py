@@ -22,6 +22,7 @@ from bidst import recipe as recipe_module
 from bidst.checkpoint import DELAY_ENV, load_checkpoint
 from bidst.cli import main
 from bidst.data.tensor import TensorImageDataset
+from bidst.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("tiny_runs")  # datasets built once, thread count restored
 
@@ -146,6 +147,35 @@ def test_a_stop_signal_during_evaluation_keeps_the_epoch_and_resumes_exactly(ref
     assert not (run / "summary.json").exists()
     monkeypatch.setattr(recipe_module, "evaluate", real)
     assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert_same_run(reference, run)
+
+
+@pytest.mark.parametrize("failing_call", [18, 23], ids=["training", "evaluation"])
+def test_an_unreadable_file_keeps_the_training_done_and_resumes_exactly(
+    reference, scratch, monkeypatch, capsys, failing_call
+):
+    """An image that does not decode (ImageNet) stopped the run with the training since its last checkpoint lost: on
+    ImageNet a whole epoch when the bad file is in the test set, found at the epoch's evaluation."""
+    run = scratch / f"unreadable-{failing_call}"
+    original = TensorImageDataset.get_batch
+    calls = []
+
+    def get_batch(self, indices, generator):  # type: ignore[no-untyped-def]
+        calls.append(len(self))
+        if len(calls) == failing_call:  # (1: the init batch; 18: epoch 2's fifth batch; 23: its evaluation's second)
+            raise DataError("/data/val/n01/x.JPEG: cannot decode image (OSError: truncated)")
+        return original(self, indices, generator)
+
+    monkeypatch.setattr(TensorImageDataset, "get_batch", get_batch)
+    assert main(["train", *LONG, "checkpoint_every=0", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bidst: error: /data/val/n01/x.JPEG: cannot decode image (OSError: truncated); the run saved a "
+                   "checkpoint: replace the file and continue with --resume")
+    state = load_checkpoint(checkpoints(run)[-1])
+    assert (state["epoch"], state["batch"]) == ((1, 4) if failing_call == 18 else (1, 8))
+    assert calls[failing_call - 2] == (512 if failing_call == 18 else 2000)  # a training batch, then the test set's
+    monkeypatch.setattr(TensorImageDataset, "get_batch", original)
+    assert main(["train", "--run-dir", str(run), "--resume", "checkpoint_every=2"]) == 0
     assert_same_run(reference, run)
 
 

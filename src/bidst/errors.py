@@ -7,3 +7,7 @@ class BidstError(Exception):
 
 class SharedError(BidstError):
     """An error that every DDP rank hits together (or hears of from rank 0); only rank 0 prints it."""
+
+
+class DataError(BidstError):
+    """A data file that cannot be read once training runs (an image that does not decode): the run checkpoints first."""

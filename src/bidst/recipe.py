@@ -33,7 +33,7 @@ from .config import OPERATIONAL_KEYS, TrainConfig, load_config
 from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
 from .density import check_distribution, check_sparsity
 from .engine import Sparsifier, sparsify
-from .errors import BidstError, SharedError
+from .errors import BidstError, DataError, SharedError
 from .evolution import MaskEvolution
 from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
 from .methods import METHODS, create_method, with_defaults
@@ -482,6 +482,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         distributed.on_rank0(save)
 
     started = time.perf_counter()
+    done = start_batch
     try:
         model.train()
         # a run stopped right after its last step (mid-epoch) still owes that epoch's evaluation and records
@@ -490,7 +491,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
                        mininterval=0.5 if sys.stderr.isatty() else 10.0)
+            done = start_batch  # the batches of this epoch trained on, when the data fails to give the next
             for batch_index, (x, y) in enumerate(bar, start=start_batch):
+                done = batch_index + 1  # (nothing from here to the next fetch raises DataError)
                 step = sparsifier.step_count
                 if step >= total_steps:
                     break
@@ -540,6 +543,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                 if every and (step + 1) % every == 0 and batch_index + 1 < steps_per_epoch:
                     checkpoint(batch_index + 1)
             bar.close()
+            done = steps_per_epoch
             distributed.broadcast_buffers(net)  # rank 0's BatchNorm statistics, which DDP trains with
             # a stop signal during evaluation: the epoch's training is kept, its evaluation is owed on resume
             val, stop_signal = evaluate(net, val_set, device, cfg, stop) if val_set is not None else (float("nan"), 0)
@@ -566,6 +570,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             running = {"loss": 0.0, "correct": 0, "seen": 0}
             checkpoint(0)
         metrics.close()
+    except DataError as exc:  # a file that cannot be read: keep the training done, to go on once it is replaced
+        checkpoint(done)
+        failure = DataError(f"{exc}; the run saved a checkpoint: replace the file and continue with --resume")
+        metrics.stopped(sparsifier.step_count, epoch, str(failure))
+        raise failure from None
     except (BidstError, RunInterrupted) as exc:  # `bidst report` names the run with this reason
         metrics.stopped(sparsifier.step_count, epoch, str(exc))
         raise

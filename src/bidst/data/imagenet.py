@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import BidstError
+from ..errors import BidstError, DataError
 from . import roots
 from .base import BatchDataset, DatasetInfo, register
 from .tensor import Normalize
@@ -112,7 +112,7 @@ class ImageFolderDataset(BatchDataset):
             with image_mod.open(path) as f:
                 image = f.convert("RGB")
         except Exception as e:  # OSError, ValueError, SyntaxError, DecompressionBombError...: a bad file, in any case
-            raise BidstError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+            raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
         if self.augment:
             width, height = image.size
             box = random_resized_crop_box(width, height, generator)
