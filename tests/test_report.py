@@ -225,7 +225,7 @@ def test_a_report_replaces_an_earlier_report_only(runs_dir, tmp_path, capsys):
     (mine / "report.md").write_text("MY NOTES")
     (mine / "iou.png").write_bytes(b"my figure")
     capsys.readouterr()
-    assert report.main([str(runs_dir), "--out", str(mine)]) == 1
+    assert report.main([str(runs_dir), "--out", str(mine)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bidst report: error")]
     assert len(errors) == 1 and "mine/report.md exists and no earlier bidst report wrote it" in errors[0]
     assert (mine / "report.md").read_text() == "MY NOTES" and (mine / "iou.png").read_bytes() == b"my figure"
@@ -233,7 +233,7 @@ def test_a_report_replaces_an_earlier_report_only(runs_dir, tmp_path, capsys):
     # a table of the user's that starts as the report's does is not taken for an earlier report
     (mine / "report.md").write_text("| method | sparsity | my own table\n")
     (mine / "report.csv").write_text("method,sparsity,mine\n")
-    assert report.main([str(runs_dir), "--out", str(mine), "--no-plots"]) == 1
+    assert report.main([str(runs_dir), "--out", str(mine), "--no-plots"]) == 2
     assert sorted(p.name for p in mine.iterdir()) == ["iou.png", "report.csv", "report.md"]
     assert (mine / "iou.png").read_bytes() == b"my figure"
     # a report written before manifests existed (its table header) is recognised and replaced
@@ -259,17 +259,17 @@ def test_out_that_is_a_file_is_a_one_line_error_and_the_file_is_kept(runs_dir, t
     afile = tmp_path / "report"
     afile.write_text("keep me")
     for out in (afile, afile / "sub"):
-        assert report.main([str(runs_dir), "--out", str(out), "--no-plots"]) == 1
+        assert report.main([str(runs_dir), "--out", str(out), "--no-plots"]) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bidst report: error")]
         assert len(errors) == 1 and str(afile) in errors[0]
     assert afile.read_text() == "keep me"
 
 
 def test_no_runs_and_missing_matplotlib_are_one_line_errors(tmp_path, capsys, monkeypatch):
-    assert report.main([str(tmp_path), "--out", str(tmp_path / "r"), "--no-plots"]) == 1
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r"), "--no-plots"]) == 2
     assert "no finished runs" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "bidst[plots]" in err and err.count("\n") == 1
 

@@ -126,7 +126,7 @@ def test_invalid_sweep_files_are_one_line_errors(env, capsys, spec, message):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(BidstError, match=re.escape(message)):
         sweep.load_sweep(path)
-    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
@@ -135,7 +135,7 @@ def test_a_sweep_file_that_is_not_text_is_a_one_line_error(env, capsys):
     folder, train_cmd, _ = env
     path = folder / "image.yaml"
     path.write_bytes(bytes([0x89, 0x50, 0x4E, 0x47, 0xB7, 0xFF]) * 20)  # was a UnicodeDecodeError traceback
-    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2
     err = capsys.readouterr().err
     assert f"cannot read sweep file {path}" in err and err.count("\n") == 1
 
@@ -143,7 +143,7 @@ def test_a_sweep_file_that_is_not_text_is_a_one_line_error(env, capsys):
 def test_an_out_folder_under_a_file_is_a_one_line_error_before_any_run(env, capsys):
     folder, train_cmd, counter = env
     path = write_sweep(folder, "s.yaml", "recipe.yaml/out")
-    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2
     err = capsys.readouterr().err
     assert "recipe.yaml is a file" in err and err.count("\n") == 1
     assert counter.read_text() == ""  # no run started
@@ -155,7 +155,7 @@ def test_a_foreign_file_in_a_new_runs_folder_stops_the_sweep_and_is_kept(env, ca
     foreign = folder / "out/method=set/sparsity=0.5/seed=1/notes.txt"
     foreign.parent.mkdir(parents=True)
     foreign.write_text("mine")
-    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2
     err = capsys.readouterr().err
     assert "holds notes.txt but no run config" in err and err.count("\n") == 1
     assert foreign.read_text() == "mine" and counter.read_text() == ""  # kept, and no run started
@@ -275,7 +275,7 @@ def test_a_changed_sweep_file_does_not_pass_old_runs_off_as_its_own(env, capsys)
     before = summary.read_bytes()
     capsys.readouterr()
     path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": grid, "overrides": {"epochs": 3}}))
-    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2
     err = capsys.readouterr().err.strip()
     assert "method=set/sparsity=0.5/seed=0" in err and "epochs" in err and len(err.splitlines()) == 1
     assert summary.read_bytes() == before
@@ -283,7 +283,7 @@ def test_a_changed_sweep_file_does_not_pass_old_runs_off_as_its_own(env, capsys)
     saved = summary.with_name("config.yaml")
     for damage in ("model: [unclosed\n", "epochs: many\n"):
         saved.write_text(damage)
-        assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+        assert sweep.main([str(path)], train_cmd=train_cmd) == 2
         err = capsys.readouterr().err.strip()
         assert f"{saved} is damaged" in err and len(err.splitlines()) == 1
 
@@ -301,7 +301,7 @@ def test_a_changed_sweep_file_is_refused_before_resuming_a_half_done_run(env, ca
     capsys.readouterr()
     grid["seed"] = [0, 1]
     path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": grid, "overrides": {"epochs": 3}}))
-    assert sweep.main([str(path)], train_cmd=train_cmd) == 1
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2
     err = capsys.readouterr().err.strip()
     assert "seed=0 was started with other settings (epochs differ)" in err and len(err.splitlines()) == 1
     assert counter.read_text() == started  # seed 1 did not start either
@@ -328,7 +328,7 @@ def test_a_file_where_a_run_goes_stops_the_sweep_and_is_kept(env, capsys):
                                     "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0]}}))
     (folder / "out/method=set/sparsity=0.5").mkdir(parents=True)
     (folder / "out/method=set/sparsity=0.5/seed=0").write_text("notes")
-    assert sweep.main([str(path)], train_cmd=train_cmd) == 1  # was a NotADirectoryError traceback
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2  # was a NotADirectoryError traceback
     err = capsys.readouterr().err.strip()
     assert "seed=0 is a file where the sweep keeps a run" in err and len(err.splitlines()) == 1
     assert (folder / "out/method=set/sparsity=0.5/seed=0").read_text() == "notes"

@@ -449,5 +449,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report(Path(args.out), out)
         except BidstError as e:  # the measurements are on stdout above
             print(f"bidst bench: error: {e}", file=sys.stderr)
-            return 1
+            return 2
     return 0

@@ -642,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = write_report(find_runs(args.run_dirs, left_out), args.out, plots=not args.no_plots, left_out=left_out)
     except BidstError as e:
         print(f"bidst report: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -301,9 +301,9 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
         interrupts.holding = True  # a second Ctrl-C must not cut the clean-up short
         _stop(list(active))
         done = sum(r.status() == "done" for r in sweep.runs)
-        raise BidstError(
-            f"interrupted: {done} of {total} runs finished; run the same sweep again to continue"
-        ) from None
+        print(f"bidst sweep: interrupted: {done} of {total} runs finished; run the same sweep again to continue",
+              file=sys.stderr)
+        return 1  # (as for failed runs: 2 is bad input)
     finally:
         for _, log in active.values():
             log.close()
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None, train_cmd: Sequence[str] | None = No
         return run_sweep(sweep, args.jobs, cmd)
     except BidstError as e:
         print(f"bidst sweep: error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":
