@@ -1132,6 +1132,31 @@ def test_a_discarded_backward_teaches_nothing_when_zero_grad_keeps_zeros(backend
             torch.testing.assert_close(layers_d[name][key], state[key], rtol=1e-5, atol=1e-7)
 
 
+def test_the_usual_loop_does_not_read_the_gradient_in_forward_hooks(monkeypatch):
+    """Checking for a discarded backward reads the whole gradient (a host sync on an accelerator): it must happen
+    only where a finished backward's records wait, not at every learning step of a loop that zeroes after the
+    forward (as `bidst train` does)."""
+    from bidst.methods import bidst as bidst_module
+
+    reads = []
+    real = bidst_module.grad_cleared
+    monkeypatch.setattr(bidst_module, "grad_cleared", lambda t: reads.append(1) or real(t))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = bidst.sparsify(net, opt, "bidst", 0.8, total_steps=40, mask_interval=3, learn_every=1)
+    x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+    for _ in range(4):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        sp.step()
+    assert sp.method._learn_steps == 4 and reads == []
+    for _ in range(2):  # two micro-batches: the second forward finds the first's records
+        nn.functional.cross_entropy(net(x), y).backward()
+    assert len(reads) == 2  # one per layer
+
+
 @pytest.mark.parametrize("backend", ["masked", "sparse"])
 def test_a_step_the_grad_scaler_skips_teaches_nothing(backend):
     """fp16 training starts with loss scales that overflow: the GradScaler skips those optimizer steps, but BiDST

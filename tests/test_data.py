@@ -527,8 +527,9 @@ def test_a_download_that_is_not_the_file_is_not_kept(monkeypatch: pytest.MonkeyP
     (source / "t10k-images-idx3-ubyte.gz").write_bytes(b"<html>please log in</html>")
     monkeypatch.setitem(roots.SYSTEM_DIRS, "mnist", [])
     serve(monkeypatch, source, [])
-    with pytest.raises(BidstError, match=r"download of https://\S+/t10k-images-idx3-ubyte.gz is not the expected file, "
-                                         r"so it was not kept: .*cannot read"):
+    with pytest.raises(BidstError, match=r"^mnist: no data in .* and downloading it failed \(https://\S+/t10k-images-idx3"
+                                         r"-ubyte.gz gave something else than the expected file \(cannot read \(Not a "
+                                         r"gzipped file .*\)\); it was not kept\); download the four IDX files"):
         create_dataset("mnist", "test")
     cache = tmp_path / "cache" / "bidst" / "mnist"
     assert "t10k-images-idx3-ubyte.gz" not in {p.name for p in cache.iterdir()} and not list(cache.glob(".partial-*"))

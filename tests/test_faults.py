@@ -179,6 +179,30 @@ def test_an_unreadable_file_keeps_the_training_done_and_resumes_exactly(
     assert_same_run(reference, run)
 
 
+def test_an_unreadable_file_inside_a_step_saves_no_half_done_step(scratch, monkeypatch, capsys):
+    """BiDST reads its held-out batches inside the step, after the optimizer's update: a checkpoint there held
+    a step half done, and the resumed run differed from the uninterrupted one."""
+    run = scratch / "unreadable-in-step"
+    holdout = tiny_args("bidst", "holdout_size=64", "method_args.upper_data=holdout", "method_args.learn_every=1",
+                        "checkpoint_every=0")
+    original = TensorImageDataset.get_batch
+    calls = []
+
+    def get_batch(self, indices, generator):  # type: ignore[no-untyped-def]
+        calls.append(len(self))
+        if calls.count(64) == 3 and len(self) == 64:  # the held-out set's third batch, in step 3
+            raise DataError("/data/train/n01/x.JPEG: cannot decode image (OSError: truncated)")
+        return original(self, indices, generator)
+
+    monkeypatch.setattr(TensorImageDataset, "get_batch", get_batch)
+    assert main(["train", *holdout, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "bidst: error: /data/train/n01/x.JPEG: cannot decode image (OSError: truncated)"
+    assert not checkpoints(run)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "stopped" and last["reason"] == err.split("error: ")[1]
+
+
 def _poison(monkeypatch: pytest.MonkeyPatch, item: int) -> None:
     """Make training item `item` (of the 512) a NaN image: bad input that the loss turns into NaN."""
     original = TensorImageDataset.get_batch

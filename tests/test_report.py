@@ -237,6 +237,11 @@ def test_a_report_replaces_an_earlier_report_only(runs_dir, tmp_path, capsys):
     assert sorted(p.name for p in mine.iterdir()) == ["iou.png", "report.csv", "report.md"]
     assert (mine / "iou.png").read_bytes() == b"my figure"
     # a report written before manifests existed (its table header) is recognised and replaced
+    older = tmp_path / "older"  # (one from before the footnote under the table, and without report.csv)
+    older.mkdir()
+    (older / "report.md").write_text("| method | sparsity | n | test acc | best val acc | train FLOPs (× dense) | "
+                                     "time (× dense) | topology changes | epochs |\n| --- |\n")
+    assert report.main([str(runs_dir), "--out", str(older), "--no-plots"]) == 0
     legacy = tmp_path / "legacy"
     assert report.main([str(runs_dir), "--out", str(legacy), "--no-plots"]) == 0
     (legacy / report.MANIFEST).unlink()
@@ -408,7 +413,7 @@ def test_a_failed_run_is_named_with_its_reason(tmp_path):
     with (tmp_path / "failed" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"kind": "stopped", "epoch": 1, "step": 3, "reason": "non-finite loss (nan) at step 3"}) + "\n")
     left_out: list[str] = []
-    assert len(report.find_runs([tmp_path], left_out)) == 1
+    assert len(report.find_runs([tmp_path, tmp_path / "failed"], left_out)) == 1  # one folder, reached twice
     assert left_out == [f"{tmp_path / 'failed'}: stopped: non-finite loss (nan) at step 3"]
 
 
@@ -422,7 +427,11 @@ def test_iou_curves_of_other_intervals_are_separate_series(tmp_path, monkeypatch
     runs = report.find_runs([tmp_path])
     extra, _ = report.summarize(runs)
     figs = report.figures(runs, extra)
-    labels = sorted(t.get_text() for t in figs["iou.png"].axes[0].get_legend().get_texts())
+    ax = figs["iou.png"].axes[0]
+    labels = sorted(t.get_text() for t in ax.get_legend().get_texts())
     assert labels == ["rigl iou_interval=1 (n=2)", "rigl iou_interval=3 (n=1)"]
+    bands = [[p.vertices for p in band.get_paths()] for band in ax.collections]  # in the series' sorted order
+    assert [len(paths) for paths in bands] == [1, 0]  # one run has no band (a NaN std spanned the whole axis)
+    assert 0.0 <= bands[0][0][:, 1].min() and bands[0][0][:, 1].max() <= 1.0
     (itop_label,) = [t.get_text() for t in figs["itop.png"].axes[0].get_legend().get_texts()]
     assert itop_label == "rigl (n=3)"

@@ -482,7 +482,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
         distributed.on_rank0(save)
 
     started = time.perf_counter()
-    done = start_batch
+    # the batches of this epoch trained on, between steps; None inside a step (a held-out batch BiDST reads there
+    # may fail when the step is half done)
+    done: int | None = start_batch
     try:
         model.train()
         # a run stopped right after its last step (mid-epoch) still owes that epoch's evaluation and records
@@ -491,9 +493,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
                        mininterval=0.5 if sys.stderr.isatty() else 10.0)
-            done = start_batch  # the batches of this epoch trained on, when the data fails to give the next
+            done = start_batch
             for batch_index, (x, y) in enumerate(bar, start=start_batch):
-                done = batch_index + 1  # (nothing from here to the next fetch raises DataError)
+                done = None
                 step = sparsifier.step_count
                 if step >= total_steps:
                     break
@@ -513,6 +515,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                                           f"{kept} (continue it with --resume on_nonfinite=skip to skip such steps)")
                     skipped += 1
                     metrics.write({"kind": "skipped", "step": step, "epoch": epoch, "batch": batch_index})
+                    done = batch_index + 1
                     continue  # a stop signal is honoured after the next step
                 with meter.time("backward"):
                     optimizer.zero_grad(set_to_none=True)
@@ -536,8 +539,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
                                    "topology_changes": sparsifier.topology_changes,
                                    "rebuild_s": sparsifier.rebuild_seconds})
                     bar.set_postfix(loss=f"{loss_value:.3f}")
+                done = batch_index + 1
                 if stop_signal:
-                    checkpoint(batch_index + 1)
+                    checkpoint(done)
                     raise RunInterrupted(stop_signal, sparsifier.step_count)
                 every = cfg.checkpoint_every
                 if every and (step + 1) % every == 0 and batch_index + 1 < steps_per_epoch:
@@ -570,7 +574,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             running = {"loss": 0.0, "correct": 0, "seen": 0}
             checkpoint(0)
         metrics.close()
-    except DataError as exc:  # a file that cannot be read: keep the training done, to go on once it is replaced
+    except DataError as exc:  # a file that cannot be read, between steps: keep the training done, to go on once
+        if done is None or world > 1:  # it is replaced (under DDP the other ranks, still training, cannot join in)
+            metrics.stopped(sparsifier.step_count, epoch, str(exc))
+            raise
         checkpoint(done)
         failure = DataError(f"{exc}; the run saved a checkpoint: replace the file and continue with --resume")
         metrics.stopped(sparsifier.step_count, epoch, str(failure))

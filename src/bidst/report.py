@@ -189,9 +189,13 @@ def find_runs(paths: Iterable[str | os.PathLike], skipped: list[str] | None = No
     and corrupt run folders are reported on stderr, each with its reason added to `skipped`, and left out."""
     skipped = [] if skipped is None else skipped
 
+    named: set[Path] = set()
+
     def leave_out(folder: Path, reason: str) -> None:
-        _warn(f"{folder}: skipped, {reason}")
-        skipped.append(f"{folder}: {reason}")
+        if folder.resolve() not in named:  # (a folder reached through two of `paths` is named once)
+            named.add(folder.resolve())
+            _warn(f"{folder}: skipped, {reason}")
+            skipped.append(f"{folder}: {reason}")
 
     runs: list[Run] = []
     seen: set[Path] = set()  # a folder reached through two of `paths` counts once
@@ -450,9 +454,9 @@ def _per_sparsity_curves(Figure, runs, extra, colors, points, title, ylabel, lim
             xs, mean, std, (fewest, most) = _curve(members, points)
             ax.plot(xs, mean, marker=".", color=colors[name],
                     label=f"{name} (n={fewest}{'' if fewest == most else f'-{most}'})")
-            low, high = limits
-            ax.fill_between(xs, [max(low, m - s) for m, s in zip(mean, std)],
-                            [min(high, m + s) for m, s in zip(mean, std)],
+            low, high = limits  # (a NaN std, one run, stays NaN: no band there)
+            ax.fill_between(xs, [m - s if math.isnan(s) else max(low, m - s) for m, s in zip(mean, std)],
+                            [m + s if math.isnan(s) else min(high, m + s) for m, s in zip(mean, std)],
                             color=colors[name], alpha=0.2)
         ax.set_title(f"sparsity {level:g}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -563,26 +567,26 @@ REPORT_FILES = ("report.md", "report.csv", "accuracy_vs_sparsity.png", "test_acc
                 "layer_density.png")
 
 
-LEGACY_MARKS = {"report.md": ("| method | sparsity |", "| n | test acc | best val acc | train FLOPs (× dense) |",
-                               "± is the sample standard deviation (n − 1) over a row's runs"),
-                "report.csv": ("method,sparsity,",)}
+LEGACY_HEADER = "| n | test acc | best val acc | train FLOPs (× dense) | time (× dense) | topology changes |"
 
 
 def earlier_report(out: Path) -> set[str]:
     """The files an earlier report wrote into `out`: its manifest's list, or for a report written before manifests
-    (a report.md and report.csv as the report writes them), the report file names present."""
+    (a report.md whose table header is the report's, and report.csv's if present), the report file names present."""
     try:
         names = json.loads((out / MANIFEST).read_text())
         if isinstance(names, list):
             return {n for n in names if n in REPORT_FILES}
     except (OSError, ValueError):
         pass
-    try:
-        texts = {name: (out / name).read_text(errors="replace") for name in LEGACY_MARKS}
+    try:  # the table's first line as every version wrote it, and the CSV's header if there is one
+        head = (out / "report.md").read_text(errors="replace").partition("\n")[0]
+        table = out / "report.csv"
+        csv_head = table.read_text(errors="replace") if table.exists() else "method,sparsity,"
     except OSError:
         return set()
-    legacy = all(text.startswith(marks[0]) and all(m in text for m in marks) for (name, marks), text in
-                 zip(LEGACY_MARKS.items(), texts.values()))
+    legacy = head.startswith("| method | sparsity |") and LEGACY_HEADER in head and csv_head.startswith(
+        "method,sparsity,")
     return {n for n in REPORT_FILES if (out / n).exists()} if legacy else set()
 
 

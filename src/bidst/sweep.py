@@ -255,11 +255,11 @@ class _Interrupts:
 
 
 def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = None) -> int:
-    """Train every unfinished run, `jobs` at a time; 0 when all finished, 1 when some failed.
+    """Train every unfinished run, `jobs` at a time; 0 when all finished, 1 when some failed or it was interrupted.
 
     Each run's output is appended to ``<run folder>.log`` beside its folder. Ctrl-C or SIGTERM
-    (handled when called from the main thread) terminates the running children and raises a
-    one-line BidstError; finished runs are kept, so rerunning the sweep continues where it stopped.
+    (handled when called from the main thread) terminates the running children and says so in one
+    line; finished runs are kept, so rerunning the sweep continues where it stopped.
     """
     if jobs < 1:
         raise BidstError(f"--jobs must be at least 1, got {jobs}")

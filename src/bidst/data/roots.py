@@ -44,7 +44,8 @@ def download(url: str, dest: Path, check: Callable[[Path], None]) -> None:
         try:
             check(tmp)
         except BidstError as e:
-            raise BidstError(f"the download of {url} is not the expected file, so it was not kept: {e}") from None
+            problem = str(e).replace(f"{tmp}: ", "")
+            raise BidstError(f"{url} gave something else than the expected file ({problem}); it was not kept") from None
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -74,7 +75,8 @@ def locate(
         target = cache_dir(name)
         try:
             fetch(target)
-        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, disk errors; cut-off responses
+        # URLError, timeouts, disk errors; cut-off responses; a file that is not the expected one (BidstError)
+        except (OSError, http.client.HTTPException, BidstError) as e:
             raise BidstError(f"{name}: no data in {tried} and downloading it failed ({e}); {how_to}") from None
         return target
     raise BidstError(f"{name}: no data in {tried}; {how_to}")

@@ -447,7 +447,9 @@ class BiDST:
         """Drop layer `name`'s records of finished backward passes when a forward finds its gradient zeroed:
         that backward was discarded (a step skipped after prepare_gradients, SAM's first pass), as `.grad` itself
         was. Captures still waiting for their gradient belong to this pass (a weight used twice) and stay."""
-        if self._extra_pass or not grad_cleared(sp.trainable(name)):
+        finished = name in self._forward or any(entry[2] is not None for entry in self._captures.get(name, []))
+        # (nothing to drop, the usual case, asks nothing of the gradient: on an accelerator that is a host sync)
+        if self._extra_pass or not finished or not grad_cleared(sp.trainable(name)):
             return
         self._forward.pop(name, None)  # counted once their output gradient arrived
         if name in self._captures:
