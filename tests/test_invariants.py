@@ -52,7 +52,8 @@ def _state_tensors(sp, opt, name):
 CASES = [
     (method, opt_name, backend)
     for method in METHODS
-    for opt_name, backend in [("sgd", "masked"), ("adam", "masked"), ("adamw", "masked"), ("sgd", "sparse")]
+    for opt_name, backend in [("sgd", "masked"), ("sgd_nesterov", "masked"), ("adam", "masked"), ("adamw", "masked"),
+                              ("sgd", "sparse")]
     if supports(bidst.methods.METHODS.get(method), backend)  # unsupported pairs are refused (test_backend.py)
 ]
 

@@ -532,7 +532,7 @@ class Sparsifier:
         if exported:
             raise BidstError(f"the model's sparse layers ({exported[0]}, ...) were swapped back to dense ones by "
                              "to_dense_modules, so this Sparsifier no longer trains them; to keep training, export "
-                             "a copy: to_dense_modules(copy.deepcopy(model))")
+                             "a copy: exported = copy.deepcopy(model); to_dense_modules(exported)")
         self._check_topologies()
         self._count_backwards()  # a weight unfrozen since gets its hook
         step = self.step_count + 1
