@@ -221,3 +221,63 @@ def test_a_parametrized_weight_is_refused_not_left_dense():
         sp = bidst.sparsify(model, opt, "rigl", 0.5, total_steps=4, filter_fn=lambda m, n: n != "0")
         assert list(sp.masks) == ["2.weight"]
         del sp
+
+
+@pytest.mark.parametrize(
+    "model,select,message",
+    [
+        (nn.LSTM(8, 8), lambda m, n: True, "filter_fn selected LSTM '', whose weight matrices bidst cannot mask"),
+        (nn.MultiheadAttention(8, 2), lambda m, n: True, "MultiheadAttention's out_proj is a Linear a filter may select"),
+        (nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), lambda m, n: True, r"LayerNorm '1', whose weight is 1-D \(8,\)"),
+        (nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Linear(8, 2)), lambda m, n: True,
+         "'0' is an embedding with sparse gradients"),
+    ],
+    ids=["lstm", "attention", "layernorm", "sparse-embedding"],
+)
+def test_a_filter_selecting_what_bidst_cannot_mask_is_refused(model, select, message):
+    """An LSTM's or attention's matrices (not named `weight`) were left dense without a word while the run reported
+    its sparsity; a 1-D weight crashed ER (SET's default) and ERK masked norm gains; a sparse-gradient embedding
+    crashed at RigL's first update."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for method in ("set", "rigl"):
+        with pytest.raises(bidst.BidstError, match=message):
+            bidst.sparsify(model, opt, method, 0.5, total_steps=4, filter_fn=select)
+
+
+def test_a_method_that_is_not_a_dataclass_is_one_line(monkeypatch):
+    from bidst.methods.base import METHODS
+
+    class Plain:
+        name = "plain"
+        default_distribution = "erk"
+
+    monkeypatch.setattr(METHODS, "_items", {**METHODS._items, "plain": Plain})
+    with pytest.raises(bidst.BidstError, match="method 'plain' is not a dataclass: declare it with @dataclass"):
+        bidst.method_options("plain")
+    model = nn.Linear(4, 4)
+    with pytest.raises(bidst.BidstError, match="is not a dataclass"):
+        bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "plain", 0.5, total_steps=4)
+
+
+def test_the_readmes_own_method_example_trains_on_both_backends(monkeypatch):
+    """The README's example of a user's method runs as written and keeps the engine's guarantees."""
+    from pathlib import Path
+
+    from bidst.methods.base import METHODS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("**Your own method.**")[1].split("```python")[1].split("```")[0]
+    monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))
+    exec(code, {})  # noqa: S102 (the README's own text)
+    for backend in ("masked", "sparse"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sp = bidst.sparsify(model, opt, "magrand", 0.9, total_steps=300, backend=backend, interval=10)
+        for _ in range(20):
+            loss = nn.functional.cross_entropy(model(torch.randn(32, 20)), torch.randint(0, 5, (32,)))
+            opt.zero_grad()
+            loss.backward()
+            sp.step()
+        assert sp.topology_changes == 2 and sp.measured_sparsity() == pytest.approx(0.9, abs=0.002)
+        assert all(int(m.sum()) == sp.budgets[n] for n, m in sp.masks.items())

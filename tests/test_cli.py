@@ -130,6 +130,73 @@ def test_train_writes_run_folder(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+PLUGIN = '''
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bidst.methods.base import METHODS, Stateless
+
+
+@METHODS.register("magrand")
+@dataclass
+class MagRand(Stateless):
+    """Magnitude drop, random regrowth."""
+
+    name: ClassVar[str] = "magrand"
+    default_distribution: ClassVar[str] = "erk"
+    backends: ClassVar[tuple[str, ...]] = ("masked", "sparse")
+    interval: int = 4  # steps between topology changes
+    fraction: float = 0.2  # share of a layer's active weights swapped
+
+    def setup(self, sp):
+        sp.random_masks()
+
+    def wants_dense_grad(self, step, sp):
+        return False
+
+    def update(self, sp, step, dense_grads):
+        if step % self.interval:
+            return False
+        for name in sp.sparse_names():
+            mask = sp.masks[name].view(-1)
+            k = min(int(self.fraction * int(mask.sum())), int((~mask).sum())){drift}
+            positions, values = sp.active_weights(name)
+            free = (~mask).nonzero().squeeze(1)
+            grow = free[torch.randperm(free.numel(), generator=sp.rng)[:k]]
+            sp.change(name, positions[values.abs().argsort()[:k]], grow)
+        return True
+'''
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_a_users_method_from_bidst_import_trains_from_the_cli(tmp_path, capsys, monkeypatch, drift):
+    """A method of the user's, in a module named in $BIDST_IMPORT, is listed and trained by the CLI (sweeps' runs
+    inherit the variable); one that drops more weights than it grows is stopped at once (its budgets drifted)."""
+    from bidst.methods.base import METHODS
+
+    module = f"user_methods_{drift}"
+    (tmp_path / f"{module}.py").write_text(PLUGIN.format(drift="\n            k = k + 1" if drift else ""))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("BIDST_IMPORT", f" {module} ,")
+    monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))  # the registration ends with the test
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    assert main(["methods"]) == 0 and "magrand  Magnitude drop, random regrowth." in capsys.readouterr().out
+    args = ["train", *TINY, "method=magrand", "method_args={}", "--run-dir", str(tmp_path / "run")]
+    if drift:
+        with pytest.raises(RuntimeError, match="method 'magrand' changed the layer's budget from .* grow as many"):
+            main(args)
+        return
+    assert main([*args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "magrand" and summary["topology_changes"] > 0
+    assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
+    monkeypatch.setenv("BIDST_IMPORT", "no_such_module_here")
+    assert main(["methods"]) == 2
+    assert capsys.readouterr().err.startswith("bidst: error: BIDST_IMPORT: importing 'no_such_module_here' failed")
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -160,9 +161,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+PLUGINS_ENV = "BIDST_IMPORT"  # modules to import first: a user's methods, models and datasets register themselves
+
+
+def import_plugins() -> None:
+    """Import the modules named in $BIDST_IMPORT (comma-separated), so that what they register is known to every
+    command, and to the runs a sweep starts (they inherit the variable)."""
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 (whatever the user's module raises, one line)
+            raise BidstError(f"{PLUGINS_ENV}: importing {module!r} failed ({type(exc).__name__}: {exc}); it must be "
+                             "on the Python path (PYTHONPATH)") from None
+
+
 def _dispatch(argv: Sequence[str] | None) -> int:
     """Run the command `argv` names (default: the process's arguments); its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import_plugins()
+    except BidstError as exc:
+        print(f"bidst: error: {exc}", file=sys.stderr)
+        return 2
     if argv and argv[0] in ("sweep", "report", "bench"):  # their own parsers, errors and exit codes
         if argv[0] == "sweep":
             from .sweep import main as sub_main

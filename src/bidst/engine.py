@@ -36,6 +36,25 @@ def default_filter(module: nn.Module, name: str) -> bool:
     return module.weight.requires_grad or any(p.requires_grad for p in sources)
 
 
+def _check_selected(module: nn.Module, name: str) -> None:
+    """Raise BidstError for a module a filter selected whose weights bidst would leave dense without a word, or could
+    not mask: recurrent and attention layers (their matrices are not named `weight`), a 1-D weight (a norm's gains),
+    sparse gradients (nn.Embedding(sparse=True))."""
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+        inner = " (nn.MultiheadAttention's out_proj is a Linear a filter may select)" * isinstance(
+            module, nn.MultiheadAttention)
+        raise BidstError(f"filter_fn selected {type(module).__name__} {name!r}, whose weight matrices bidst cannot "
+                         f"mask: it sparsifies a module's `weight` (Linear, Conv, Embedding){inner}; keep it out of "
+                         "filter_fn")
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter) and not isinstance(weight, nn.parameter.UninitializedParameter) and weight.dim() < 2:
+        raise BidstError(f"filter_fn selected {type(module).__name__} {name!r}, whose weight is 1-D "
+                         f"{tuple(weight.shape)}: bidst sparsifies matrices and kernels; keep it out of filter_fn")
+    if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        raise BidstError(f"{name!r} is an embedding with sparse gradients (sparse=True), which bidst cannot mask: "
+                         "build it with sparse=False, or keep it out of filter_fn")
+
+
 @dataclass(frozen=True)
 class LayerReport:
     """Target and actual density of one sparsified weight."""
@@ -162,6 +181,8 @@ class Sparsifier:
             if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter) and fn(module, mod_name):
                 raise BidstError(f"layer {mod_name!r} computes its weight (a parametrization such as weight_norm or "
                                  "spectral_norm), which bidst cannot mask: remove it, or keep the layer out with filter_fn")
+            if fn(module, mod_name):
+                _check_selected(module, mod_name)
             # a weight tied between layers is one tensor with one mask, under the first layer's name
             if isinstance(weight, nn.Parameter) and fn(module, mod_name) and all(weight is not p for p in self.params.values()):
                 name = f"{mod_name}.weight" if mod_name else "weight"
@@ -472,6 +493,18 @@ class Sparsifier:
                 if torch.is_tensor(value) and value.shape == param.shape:
                     value.mul_(mask)
 
+    def _check_kept_budgets(self, before: dict[str, int]) -> None:
+        """Raise if a method that does not say its budgets move (`moves_budgets`, `budget_changes`) changed one by
+        dropping more or fewer weights than it grew: the sparsity it reports, FLOPs plans and match_flops assume not."""
+        if getattr(self.method, "moves_budgets", False) or getattr(self.method, "budget_changes", None) is not None:
+            return
+        for name, budget in before.items():
+            if self.budgets[name] != budget:
+                raise RuntimeError(
+                    f"{name}: method {self.method.name!r} changed the layer's budget from {budget} to "
+                    f"{self.budgets[name]} active weights: grow as many as it drops, or declare moving budgets "
+                    "(moves_budgets = True, or budget_changes)")
+
     def check_invariants(self) -> None:
         """Raise if a layer's active count differs from its budget (a bug, never user error)."""
         for name, mask in self.masks.items():
@@ -608,7 +641,9 @@ class Sparsifier:
         self.captured_dense_grad = dense_grads is not None
         changed = False
         if finite:
+            before = dict(self.budgets)
             changed = bool(self.method.update(self, step, dense_grads))
+            self._check_kept_budgets(before)
         if changed:
             self.topology_changes += 1
             self.check_invariants()

@@ -31,7 +31,11 @@ class Method(Protocol):
     `summary.json` as `method_stats`. For FLOPs plans (`bidst.budget`), `planned_costs(sp, rows)` gives the
     method's own work by phase and `budget_changes(sp, steps)` the layer budgets over training where they
     change (None: they do not). `check_loss_scaling()` raises BidstError if the method cannot work with a
-    scaled loss (a GradScaler).
+    scaled loss (a GradScaler). `sampled_positions(step, sp)` names per layer the flat positions whose gradient
+    step `step`'s backward gathers into `sp.sampled_grads`; it may be called more than once for a step (again after
+    `load_state_dict`), so it must follow from the method's state, with any random draw made in `update`.
+    A layer's budget changes only if the method says so (`moves_budgets` true, or `budget_changes`); otherwise
+    every change must grow as many weights as it drops, or the step raises. Randomness comes from `sp.rng`.
     """
 
     name: ClassVar[str]
@@ -62,8 +66,11 @@ def list_methods() -> list[str]:
 
 
 def method_options(name: str) -> dict[str, Any]:
-    """The options of method `name` with their defaults."""
+    """The options of method `name` with their defaults (the fields of its dataclass)."""
     cls = METHODS.get(name)
+    if not dataclasses.is_dataclass(cls):
+        raise BidstError(f"method {name!r} is not a dataclass: declare it with @dataclass, its fields being its "
+                         "options (the Method protocol in bidst.methods.base)")
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
 
 

@@ -32,7 +32,9 @@ class _SparseLayer(nn.Module):
                 raise
         raise AttributeError(
             f"{type(self).__name__} has no dense 'weight': backend 'sparse' trains `values` at `structure`'s active "
-            "positions (`dense_weight()` builds a dense copy); code that reads a layer's .weight needs backend 'masked'"
+            "positions (`dense_weight()` builds a dense copy); code that reads a layer's .weight needs backend 'masked' "
+            "(nn.TransformerEncoderLayer reads it in its inference fast path: torch.backends.mha.set_fastpath_enabled(False) "
+            "turns that off)"
         )
 
     def dense_weight(self) -> Tensor:
