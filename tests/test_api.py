@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -223,25 +225,34 @@ def test_a_parametrized_weight_is_refused_not_left_dense():
         del sp
 
 
-@pytest.mark.parametrize(
-    "model,select,message",
-    [
-        (nn.LSTM(8, 8), lambda m, n: True, "filter_fn selected LSTM '', whose weight matrices bidst cannot mask"),
-        (nn.MultiheadAttention(8, 2), lambda m, n: True, "MultiheadAttention's out_proj is a Linear a filter may select"),
-        (nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), lambda m, n: True, r"LayerNorm '1', whose weight is 1-D \(8,\)"),
-        (nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Linear(8, 2)), lambda m, n: True,
-         "'0' is an embedding with sparse gradients"),
-    ],
-    ids=["lstm", "attention", "layernorm", "sparse-embedding"],
-)
-def test_a_filter_selecting_what_bidst_cannot_mask_is_refused(model, select, message):
+def test_what_a_filter_selects_but_bidst_cannot_mask_is_said_or_refused():
     """An LSTM's or attention's matrices (not named `weight`) were left dense without a word while the run reported
-    its sparsity; a 1-D weight crashed ER (SET's default) and ERK masked norm gains; a sparse-gradient embedding
-    crashed at RigL's first update."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for method in ("set", "rigl"):
-        with pytest.raises(bidst.BidstError, match=message):
-            bidst.sparsify(model, opt, method, 0.5, total_steps=4, filter_fn=select)
+    its sparsity; a 1-D weight crashed ER (SET's default) and GMP pruned norm gains; a sparse-gradient embedding
+    crashed at RigL's first update. Broad filters (`n != "fc"`) keep working: 1-D weights stay dense."""
+    torch.manual_seed(0)
+    for cell in (nn.LSTM(8, 8), nn.LSTMCell(8, 8), nn.MultiheadAttention(8, 2)):
+        model = nn.ModuleDict({"cell": cell, "fc": nn.Linear(8, 2)})
+        with pytest.warns(UserWarning, match=f"filter_fn selected {type(cell).__name__} 'cell', whose matrices .* stay dense"):
+            sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.5, total_steps=4,
+                                filter_fn=lambda m, n: True)
+        assert sorted(sp.masks) == ["cell.out_proj.weight"] * isinstance(cell, nn.MultiheadAttention) + ["fc.weight"]
+        del sp
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    for method in ("set", "gmp"):  # ER crashed on a 1-D weight; GMP's uniform distribution pruned the gains
+        sp = bidst.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), method, 0.5, total_steps=4,
+                            filter_fn=lambda m, n: n != "3")
+        assert list(sp.masks) == ["0.weight"] and bool((model[1].weight != 0).all())
+        del sp
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a filter written for layers with a weight is not called where there is none
+        lstm = nn.ModuleDict({"rnn": nn.LSTM(8, 8), "fc": nn.Linear(8, 2)})
+        sp = bidst.sparsify(lstm, torch.optim.SGD(lstm.parameters(), lr=0.1), "rigl", 0.5, total_steps=4,
+                            filter_fn=lambda m, n: m.weight.dim() == 2)
+        del sp
+    embedding = nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Linear(8, 2))
+    with pytest.raises(bidst.BidstError, match="'0' is an embedding with sparse gradients"):
+        bidst.sparsify(embedding, torch.optim.SGD(embedding.parameters(), lr=0.1), "rigl", 0.5, total_steps=4,
+                       filter_fn=lambda m, n: True)
 
 
 def test_a_method_that_is_not_a_dataclass_is_one_line(monkeypatch):

@@ -194,7 +194,9 @@ def test_a_users_method_from_bidst_import_trains_from_the_cli(tmp_path, capsys, 
     assert summary["measured_sparsity"] == pytest.approx(0.9, abs=0.002)
     monkeypatch.setenv("BIDST_IMPORT", "no_such_module_here")
     assert main(["methods"]) == 2
-    assert capsys.readouterr().err.startswith("bidst: error: BIDST_IMPORT: importing 'no_such_module_here' failed")
+    assert capsys.readouterr().err == "bidst: error: BIDST_IMPORT: no module named 'no_such_module_here' on the Python path (PYTHONPATH)\n"
+    monkeypatch.setenv("BIDST_IMPORT", f"{module}.py")
+    assert main(["methods"]) == 2 and "names modules, not files" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

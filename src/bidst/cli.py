@@ -168,11 +168,14 @@ def import_plugins() -> None:
     """Import the modules named in $BIDST_IMPORT (comma-separated), so that what they register is known to every
     command, and to the runs a sweep starts (they inherit the variable)."""
     for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if module.endswith(".py"):
+            raise BidstError(f"{PLUGINS_ENV} names modules, not files: {module[:-3]!r}, not {module!r}")
         try:
             importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001 (whatever the user's module raises, one line)
-            raise BidstError(f"{PLUGINS_ENV}: importing {module!r} failed ({type(exc).__name__}: {exc}); it must be "
-                             "on the Python path (PYTHONPATH)") from None
+        except ModuleNotFoundError as exc:  # (an error inside the module is the user's to see, with its traceback)
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+            raise BidstError(f"{PLUGINS_ENV}: no module named {module!r} on the Python path (PYTHONPATH)") from None
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,23 +37,31 @@ def default_filter(module: nn.Module, name: str) -> bool:
     return module.weight.requires_grad or any(p.requires_grad for p in sources)
 
 
-def _check_selected(module: nn.Module, name: str) -> None:
-    """Raise BidstError for a module a filter selected whose weights bidst would leave dense without a word, or could
-    not mask: recurrent and attention layers (their matrices are not named `weight`), a 1-D weight (a norm's gains),
-    sparse gradients (nn.Embedding(sparse=True))."""
-    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
-        inner = " (nn.MultiheadAttention's out_proj is a Linear a filter may select)" * isinstance(
-            module, nn.MultiheadAttention)
-        raise BidstError(f"filter_fn selected {type(module).__name__} {name!r}, whose weight matrices bidst cannot "
-                         f"mask: it sparsifies a module's `weight` (Linear, Conv, Embedding){inner}; keep it out of "
-                         "filter_fn")
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, nn.Parameter) and not isinstance(weight, nn.parameter.UninitializedParameter) and weight.dim() < 2:
-        raise BidstError(f"filter_fn selected {type(module).__name__} {name!r}, whose weight is 1-D "
-                         f"{tuple(weight.shape)}: bidst sparsifies matrices and kernels; keep it out of filter_fn")
+def _maskable(module: nn.Module, name: str, weight: nn.Parameter) -> bool:
+    """Whether the weight of a module a filter selected gets a mask: not a 1-D one (a norm's gains, which a broad
+    filter such as `n != "fc"` meets: they stay as they are); a sparse-gradient embedding is refused."""
     if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         raise BidstError(f"{name!r} is an embedding with sparse gradients (sparse=True), which bidst cannot mask: "
                          "build it with sparse=False, or keep it out of filter_fn")
+    return isinstance(weight, nn.parameter.UninitializedParameter) or weight.dim() >= 2
+
+
+def _warn_unmasked(module: nn.Module, name: str, fn: FilterFn) -> None:
+    """Warn when a filter selects a module without a `weight` whose own trainable matrices (an LSTM's or LSTMCell's,
+    attention's in_proj_weight) would stay dense while the run reports its sparsity: bidst masks `weight` only."""
+    if isinstance(module, nn.utils.parametrize.ParametrizationList):  # (the weight it computes is its layer's)
+        return
+    matrices = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad and p.dim() >= 2]
+    if not matrices:
+        return
+    try:
+        selected = fn(module, name)
+    except AttributeError:  # a filter written for layers with a weight (m.weight.dim() == 4): not meant for this one
+        return
+    if selected:
+        warnings.warn(f"filter_fn selected {type(module).__name__} {name!r}, whose matrices "
+                      f"({', '.join(matrices[:3])}) bidst does not mask: it masks a module's `weight` (Linear, Conv, "
+                      "Embedding), so they stay dense", stacklevel=4)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,7 @@ class Sparsifier:
         self._counted: dict[int, torch.utils.hooks.RemovableHandle] = {}  # those hooks, by id of the tensor
         weakref.finalize(self, _remove_hooks, self._counted)
         self._synced_for = self._prepared_for = (0, 0)
+        self._budgets_move: bool | None = None  # whether the method says its layer budgets change (asked once)
         self._prepared: tuple[dict[str, torch.Tensor] | None, bool] = (None, True)  # its dense gradients, finite
         if backend == "sparse":  # no DDP wrapper here (see sync_gradients): start every rank from rank 0's state, as DDP does
             distributed.broadcast_state(model)
@@ -178,13 +188,18 @@ class Sparsifier:
         fn = filter_fn or default_filter
         for mod_name, module in backends.unwrap(model).named_modules():
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter) and fn(module, mod_name):
+            if not isinstance(weight, torch.Tensor):
+                _warn_unmasked(module, mod_name, fn)
+                continue
+            if not fn(module, mod_name):
+                continue
+            if not isinstance(weight, nn.Parameter):
                 raise BidstError(f"layer {mod_name!r} computes its weight (a parametrization such as weight_norm or "
                                  "spectral_norm), which bidst cannot mask: remove it, or keep the layer out with filter_fn")
-            if fn(module, mod_name):
-                _check_selected(module, mod_name)
+            if not _maskable(module, mod_name, weight):
+                continue
             # a weight tied between layers is one tensor with one mask, under the first layer's name
-            if isinstance(weight, nn.Parameter) and fn(module, mod_name) and all(weight is not p for p in self.params.values()):
+            if all(weight is not p for p in self.params.values()):
                 name = f"{mod_name}.weight" if mod_name else "weight"
                 self.params[name] = weight
                 self.modules[name] = module
@@ -496,7 +511,11 @@ class Sparsifier:
     def _check_kept_budgets(self, before: dict[str, int]) -> None:
         """Raise if a method that does not say its budgets move (`moves_budgets`, `budget_changes`) changed one by
         dropping more or fewer weights than it grew: the sparsity it reports, FLOPs plans and match_flops assume not."""
-        if getattr(self.method, "moves_budgets", False) or getattr(self.method, "budget_changes", None) is not None:
+        if self._budgets_move is None:
+            schedule = getattr(self.method, "budget_changes", None)  # (returning None: they do not change)
+            self._budgets_move = bool(getattr(self.method, "moves_budgets", False)) or (
+                schedule is not None and schedule(self, self.total_steps) is not None)
+        if self._budgets_move:
             return
         for name, budget in before.items():
             if self.budgets[name] != budget:
