@@ -178,7 +178,6 @@ class Sparsifier:
         self._counted: dict[int, torch.utils.hooks.RemovableHandle] = {}  # those hooks, by id of the tensor
         weakref.finalize(self, _remove_hooks, self._counted)
         self._synced_for = self._prepared_for = (0, 0)
-        self._budgets_move: bool | None = None  # whether the method says its layer budgets change (asked once)
         self._prepared: tuple[dict[str, torch.Tensor] | None, bool] = (None, True)  # its dense gradients, finite
         if backend == "sparse":  # no DDP wrapper here (see sync_gradients): start every rank from rank 0's state, as DDP does
             distributed.broadcast_state(model)
@@ -243,6 +242,10 @@ class Sparsifier:
             backends.check_optimizer(optimizer)
             backends.check_layers(backends.unwrap(model), {n: self.modules[n] for n in self._sparse_backend_names()}, in_optimizer)
         method.setup(self)
+        schedule = getattr(method, "budget_changes", None)  # (returning None: the budgets do not change)
+        # whether the method says its layer budgets change; if not, every step checks that they stay
+        self._budgets_move = bool(getattr(method, "moves_budgets", False)) or (
+            schedule is not None and schedule(self, self.total_steps) is not None)
         self.apply_masks()
         if backend == "sparse":
             self._swap_in()
@@ -511,12 +514,6 @@ class Sparsifier:
     def _check_kept_budgets(self, before: dict[str, int]) -> None:
         """Raise if a method that does not say its budgets move (`moves_budgets`, `budget_changes`) changed one by
         dropping more or fewer weights than it grew: the sparsity it reports, FLOPs plans and match_flops assume not."""
-        if self._budgets_move is None:
-            schedule = getattr(self.method, "budget_changes", None)  # (returning None: they do not change)
-            self._budgets_move = bool(getattr(self.method, "moves_budgets", False)) or (
-                schedule is not None and schedule(self, self.total_steps) is not None)
-        if self._budgets_move:
-            return
         for name, budget in before.items():
             if self.budgets[name] != budget:
                 raise RuntimeError(
@@ -660,9 +657,10 @@ class Sparsifier:
         self.captured_dense_grad = dense_grads is not None
         changed = False
         if finite:
-            before = dict(self.budgets)
+            before = None if self._budgets_move else dict(self.budgets)
             changed = bool(self.method.update(self, step, dense_grads))
-            self._check_kept_budgets(before)
+            if before is not None:
+                self._check_kept_budgets(before)
         if changed:
             self.topology_changes += 1
             self.check_invariants()

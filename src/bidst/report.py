@@ -188,30 +188,25 @@ def find_runs(paths: Iterable[str | os.PathLike], skipped: list[str] | None = No
     """Finished runs found under `paths` (run folders or sweep folders, searched recursively); unfinished, failed
     and corrupt run folders are reported on stderr, each with its reason added to `skipped`, and left out."""
     skipped = [] if skipped is None else skipped
-
-    named: set[Path] = set()
+    runs: list[Run] = []
+    seen: set[Path] = set()  # a folder reached through two of `paths` counts once, left out or not
 
     def leave_out(folder: Path, reason: str) -> None:
-        if folder.resolve() not in named:  # (a folder reached through two of `paths` is named once)
-            named.add(folder.resolve())
+        if folder.resolve() not in seen:
+            seen.add(folder.resolve())
             _warn(f"{folder}: skipped, {reason}")
             skipped.append(f"{folder}: {reason}")
-
-    runs: list[Run] = []
-    seen: set[Path] = set()  # a folder reached through two of `paths` counts once
     for root in map(Path, paths):
         if not root.is_dir():
             _warn(f"{root}: not a folder")
             continue
         for folder, subdirs, files in os.walk(root):
             if "summary.json" in files:
-                if (where := Path(folder).resolve()) in seen:
-                    continue
-                seen.add(where)
-                run = _load_run(Path(folder))
+                run = None if Path(folder).resolve() in seen else _load_run(Path(folder))
                 if isinstance(run, Run):
+                    seen.add(run.path.resolve())
                     runs.append(run)
-                else:
+                elif run is not None:
                     leave_out(Path(folder), run)
                 subdirs.clear()  # a run folder's subfolders are its checkpoints
                 continue

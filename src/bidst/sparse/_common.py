@@ -97,7 +97,9 @@ def forget_discarded_samples(values: Tensor, structure: SparseStructure) -> None
     """Start the sampled gradient afresh when a forward finds the values' gradient zeroed, as `.grad` itself
     does: a backward whose gradient was then discarded (a skipped batch, SAM's first pass, an input-only
     autograd.grad as in adversarial training) is not counted."""
-    if structure.sampled_grad is not None and values.is_leaf and values.requires_grad and torch.is_grad_enabled() and grad_cleared(values):
+    if structure.sampled_grad is None or not (values.is_leaf and values.requires_grad and torch.is_grad_enabled()):
+        return
+    if grad_cleared(values):
         structure.sampled_grad = None
 
 
