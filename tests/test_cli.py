@@ -236,6 +236,16 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_under_torchrun_a_config_error_is_printed_by_rank_0_alone(tmp_path, capsys, monkeypatch):
+    """Every process reads the same command line: each printed the same error (the README promises one line)."""
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", *TINY, "epohcs=3", "--run-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", *TINY, "epohcs=3", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown config key 'epohcs'" in capsys.readouterr().err
+
+
 def test_unusable_run_folder_or_recipe_as_override_is_one_line(tmp_path, capsys):
     """A run folder that is a file (or lies under one) is refused before any work, and the file is left as it was;
     a recipe passed without --config is named as such."""

@@ -212,6 +212,14 @@ def _worker(rank: int, world: int, root: str, methods: list[str]) -> None:
     with pytest.raises(BidstError) as bad_config:  # the same on every rank: only rank 0 prints it (SharedError)
         train(tiny_config("rigl", "sparsity=1.5"), out / "bad-config")
     seen["bad-config"] = type(bad_config.value).__name__
+    # the run folder not on shared storage: rank 0 finds a checkpoint, rank 1 none; they trained a mixed step, then
+    # their collectives crossed at the first topology change
+    if rank == 0:
+        stopped_copy(out / "rigl-full", out / "split-0", stop_steps(out / "rigl-full")[0])
+    dist.barrier()
+    with pytest.raises(BidstError) as split:
+        train(tiny_config("rigl"), out / f"split-{rank}", resume=True)
+    seen["split-resume"] = [type(split.value).__name__, str(split.value)]
     # a NaN image on one rank's shard: both ranks stop at the same step, then both skip it on resume
     get_batch = TensorImageDataset.get_batch
     TensorImageDataset.get_batch = lambda self, i, g: _nan_at(get_batch(self, i, g), i, 100, len(self) == 512)
@@ -400,6 +408,9 @@ def test_ddp_only_rank0_writes_and_faults_stop_every_rank(ddp):
     assert "DDP ranks disagree on weight" in seeded_apart and "after the initial masks" in seeded_apart
     assert "non-finite loss (nan) at step" in nan_loss
     assert _seen(ddp, 0)["bad-config"] == _seen(ddp, 1)["bad-config"] == "SharedError"  # was printed by every rank
+    kind, message = _seen(ddp, 0)["split-resume"]
+    assert _seen(ddp, 1)["split-resume"] == [kind, message] and kind == "SharedError"
+    assert message.startswith("the processes resumed from different checkpoints")
     assert _seen(ddp, 0)["nan-skip"] == _seen(ddp, 1)["nan-skip"] == [2]
     sharded, plain = _seen(ddp, 0)["odd-eval"]
     assert sharded == plain and _seen(ddp, 1)["odd-eval"] == [sharded, plain]  # no padded item counted twice

@@ -41,11 +41,14 @@ def _train(args: argparse.Namespace) -> int:
     config_path = args.config
     if args.resume and args.run_dir and config_path is None and (Path(args.run_dir) / "config.yaml").exists():
         config_path = str(Path(args.run_dir) / "config.yaml")
-    cfg = load_config(config_path, overrides)
+    try:  # under torchrun every process reads the same command line and files: rank 0 says what is wrong
+        cfg = load_config(config_path, overrides)
+    except BidstError as exc:
+        raise exc if isinstance(exc, SharedError) else SharedError(str(exc)) from None
     if args.print_config:
         return _print_config(cfg)
     if args.resume and not args.run_dir:
-        raise BidstError("--resume needs --run-dir, the folder of the run to continue")
+        raise SharedError("--resume needs --run-dir, the folder of the run to continue")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
         f"{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.sparsity:g}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     )

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,26 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import OPERATIONAL_KEYS, TrainConfig, load_config
-from .data import HOLDOUT_SPLIT_SEED, create_dataset, dataset_info, fixed_split, indexed_batches, make_loader
+from .data import (
+    HOLDOUT_SPLIT_SEED,
+    create_dataset,
+    dataset_info,
+    fixed_split,
+    indexed_batches,
+    make_loader,
+)
 from .density import check_distribution, check_sparsity
 from .engine import Sparsifier, sparsify
 from .errors import BidstError, DataError, SharedError
 from .evolution import MaskEvolution
-from .flops import CostMeter, dense_grad_flops, dense_train_step_flops, inference_flops, layer_shapes, train_step_flops
+from .flops import (
+    CostMeter,
+    dense_grad_flops,
+    dense_train_step_flops,
+    inference_flops,
+    layer_shapes,
+    train_step_flops,
+)
 from .methods import METHODS, create_method, with_defaults
 from .models import MODELS, create_model
 from .signals import RunInterrupted, StopSignals, requested
@@ -337,17 +352,19 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, stop: StopSignals) -> dict[str, Any]:
     """The body of `train` on one rank, on `device`, watching `stop` for SIGINT/SIGTERM."""
     if resume and (run_dir / "summary.json").exists():  # finished: its results, if they are this config's
-        check_resumed_config(cfg, run_dir)
-        try:
+        try:  # every rank reads the same files: rank 0 says what is wrong
+            check_resumed_config(cfg, run_dir)
             return json.loads((run_dir / "summary.json").read_text())
+        except BidstError as exc:
+            raise SharedError(str(exc)) from None
         except (OSError, ValueError) as exc:  # ValueError: a truncated or undecodable file
-            raise BidstError(f"{run_dir / 'summary.json'} cannot be read ({exc}): the finished run's results are "
-                             "damaged; restore the file or train the run again in another folder") from exc
+            raise SharedError(f"{run_dir / 'summary.json'} cannot be read ({exc}): the finished run's results are "
+                              "damaged; restore the file or train the run again in another folder") from exc
     try:
         check_config(cfg)
     except BidstError as exc:  # the same config fails the same way on every rank: rank 0 says so once
         raise exc if isinstance(exc, SharedError) else SharedError(str(exc)) from None
-    rank, world = distributed.rank(), distributed.world_size()
+    world = distributed.world_size()
     if cfg.batch_size % world:
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
     # refuses before any work is done
@@ -355,257 +372,330 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
     if cfg.threads > 0:  # the sparse backend's Numba kernels too: more threads than free cores stall them
         set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same random streams
+    run = Run(cfg, run_dir, device, stop)
+    run.start(resume)  # only now: bad input never leaves a half-made run folder
+    run.train()
+    summary = run.summary()
+    distributed.on_rank0(lambda: _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n"))
+    return summary
 
-    # data: each rank reads its DistributedSampler-style shard of every global batch
-    info = dataset_info(cfg.dataset)
-    train_set, holdout_set, val_set, test_set = distributed.each_node_first(lambda: load_data(cfg))
 
-    def train_loader(epoch: int, start_batch: int = 0) -> Any:
-        return make_loader(train_set, batch_size=cfg.batch_size // world, shuffle=True, seed=cfg.seed, epoch=epoch,
-                           start_batch=start_batch, rank=rank, world_size=world, drop_last=True,
-                           num_workers=cfg.num_workers)
+def _fresh_running() -> dict[str, Any]:
+    return {"loss": 0.0, "correct": 0, "seen": 0}
 
-    steps_per_epoch = len(train_loader(0))
-    if steps_per_epoch == 0:
-        raise SharedError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} items)")
-    total_steps = cfg.epochs * steps_per_epoch
 
-    # model, optimizer, sparsifier
-    net = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                       image_size=info.image_size).to(device)
-    # DDP averages gradients over ranks (the sparse backend's Sparsifier does it itself: DDP cannot follow its
-    # resized parameters); checkpoints hold `net`'s state
-    model = net if cfg.backend == "sparse" else distributed.wrap(net, device)
-    optimizer = make_optimizer(cfg, model)
-    init_x, init_y = next(iter(train_loader(0)))
-    holdout_batches = None
-    if holdout_set is not None:
-        draw = indexed_batches(holdout_set, batch_size=cfg.holdout_batch or cfg.batch_size, seed=cfg.seed, rank=rank,
-                               world_size=world)  # fmt: skip
+@dataclass
+class Progress:
+    """Where the loop is and what it has recorded: the part of a checkpoint that is neither model, optimizer nor
+    Sparsifier."""
+
+    epoch: int = 0
+    batch: int = 0  # the next batch of `epoch`
+    best_val: float = -1.0
+    skipped: int = 0  # steps skipped for a non-finite loss
+    val_acc: float = math.nan
+    test_acc: float = math.nan
+    running: dict[str, Any] = field(default_factory=_fresh_running)  # this epoch's loss, correct and seen so far
+
+
+class Run:
+    """One run on one rank: its data, model, optimizer, Sparsifier and records, and the loop over epochs and steps."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, device: torch.device, stop: StopSignals) -> None:
+        self.cfg, self.run_dir, self.device, self.stop = cfg, run_dir, device, stop
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        # data: each rank reads its DistributedSampler-style shard of every global batch
+        self.info = dataset_info(cfg.dataset)
+        self.train_set, holdout_set, self.val_set, self.test_set = distributed.each_node_first(lambda: load_data(cfg))
+        self.steps_per_epoch = len(self.loader(0))
+        if self.steps_per_epoch == 0:
+            raise SharedError(f"batch_size {cfg.batch_size} is larger than the training set "
+                              f"({len(self.train_set)} items)")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+        # model, optimizer, sparsifier
+        self.net = create_model(cfg.model, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
+                                image_size=self.info.image_size).to(device)
+        # DDP averages gradients over ranks (the sparse backend's Sparsifier does it itself: DDP cannot follow its
+        # resized parameters); checkpoints hold `net`'s state
+        self.model = self.net if cfg.backend == "sparse" else distributed.wrap(self.net, device)
+        self.optimizer = make_optimizer(cfg, self.model)
+        init_x, init_y = next(iter(self.loader(0)))
+        init_x, init_y = init_x.to(device), init_y.to(device)
+        self.sparsifier: Sparsifier = sparsify(
+            self.model, self.optimizer, cfg.method, cfg.sparsity, total_steps=self.total_steps,
+            distribution=cfg.distribution, steps_per_epoch=self.steps_per_epoch, dense_first=cfg.dense_first,
+            dense_last=cfg.dense_last, seed=cfg.seed, init_batch=(init_x, init_y), backend=cfg.backend,
+            holdout_batches=None if holdout_set is None else self._holdout_draw(holdout_set), **cfg.method_args,
+        )
+        if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
+            rows = {n: r * self.world for n, r in model_rows(self.model, init_x).items()}  # of the global batch
+            baseline = create_method(cfg.match_flops, **cfg.match_flops_args)
+            self.total_steps = self.sparsifier.total_steps = matched_steps(self.sparsifier, baseline, rows)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
+        self.shapes = layer_shapes(self.net, init_x)
+        self.shapes_batch = init_x.shape[0]  # the (per-rank) batch the per-layer shapes were measured with
+        self.changeable_shapes = {n: self.shapes[n] for n in self.sparsifier.sparse_names()}
+        self.dense_step_flops = dense_train_step_flops(self.shapes)
+        self.step_flops, self.dense_grad = self._step_costs()
+        self.meter = CostMeter(device)
+        self.evolution = MaskEvolution(cfg.iou_interval, pooled=self.sparsifier.sparse_names())
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.progress = Progress()
+        self.metrics = MetricsLog(None)
+        # the batches of this epoch trained on, between steps; None inside a step (a held-out batch BiDST reads there
+        # may fail when the step is half done)
+        self.done: int | None = 0
+        self.started = time.perf_counter()  # when training (not set-up) began: reset by `train`
+
+    def loader(self, epoch: int, start_batch: int = 0) -> Any:
+        """This rank's shard of the training batches of `epoch`, from batch `start_batch` on."""
+        return make_loader(self.train_set, batch_size=self.cfg.batch_size // self.world, shuffle=True,
+                           seed=self.cfg.seed, epoch=epoch, start_batch=start_batch, rank=self.rank,
+                           world_size=self.world, drop_last=True, num_workers=self.cfg.num_workers)
+
+    def _holdout_draw(self, holdout_set: Any) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+        """Held-out batch j on this rank's device, for methods that learn on data the weights do not train on."""
+        draw = indexed_batches(holdout_set, batch_size=self.cfg.holdout_batch or self.cfg.batch_size,
+                               seed=self.cfg.seed, rank=self.rank, world_size=self.world)
 
         def holdout_batches(j: int) -> tuple[torch.Tensor, torch.Tensor]:
             x, y = draw(j)
-            return x.to(device), y.to(device)
+            return x.to(self.device), y.to(self.device)
 
-    sparsifier: Sparsifier = sparsify(
-        model, optimizer, cfg.method, cfg.sparsity, total_steps=total_steps, distribution=cfg.distribution,
-        steps_per_epoch=steps_per_epoch, dense_first=cfg.dense_first, dense_last=cfg.dense_last, seed=cfg.seed,
-        init_batch=(init_x.to(device), init_y.to(device)), backend=cfg.backend, holdout_batches=holdout_batches,
-        **cfg.method_args,
-    )
-    if cfg.match_flops:  # fewer steps, so that forward/backward + the method's own work cost what the baseline does
-        rows = {n: r * world for n, r in model_rows(model, init_x.to(device)).items()}  # of the global batch
-        baseline = create_method(cfg.match_flops, **cfg.match_flops_args)
-        total_steps = sparsifier.total_steps = matched_steps(sparsifier, baseline, rows)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    # cost accounting: FLOPs of the sparse step (recomputed after topology changes) and the dense reference
-    shapes = layer_shapes(net, init_x.to(device))
-    step_flops = train_step_flops(shapes, sparsifier.masks)
-    dense_step_flops = dense_train_step_flops(shapes)
-    changeable_shapes = {n: shapes[n] for n in sparsifier.sparse_names()}
+        return holdout_batches
 
-    def dense_grad_step() -> float:
-        """A dense gradient's FLOPs at this step's masks (of the layers the method may change, as the plan counts it:
-        a layer kept dense, or at density 1, has its whole gradient from the ordinary backward already; where
-        budgets move between layers, which the plan cannot follow, every changeable layer counts)."""
-        if getattr(sparsifier.method, "moves_budgets", False):
-            return dense_grad_flops(changeable_shapes)
-        return dense_grad_flops(changeable_shapes, masks={n: sparsifier.masks[n] for n in changeable_shapes})
+    def _step_costs(self) -> tuple[dict[str, float], float]:
+        """FLOPs of a training step at the current masks, and of a dense gradient (of the layers the method may
+        change, as the plan counts it: a layer kept dense, or at density 1, has its whole gradient from the ordinary
+        backward already; where budgets move between layers, which the plan cannot follow, every changeable layer
+        counts)."""
+        masks = self.sparsifier.masks
+        step = train_step_flops(self.shapes, masks)
+        if getattr(self.sparsifier.method, "moves_budgets", False):
+            return step, dense_grad_flops(self.changeable_shapes)
+        return step, dense_grad_flops(self.changeable_shapes, masks={n: masks[n] for n in self.changeable_shapes})
 
-    dense_grad = dense_grad_step()
-    shapes_batch = init_x.shape[0]  # the (per-rank) batch the per-layer shapes were measured with
-    meter = CostMeter(device)
-    evolution = MaskEvolution(cfg.iou_interval, pooled=sparsifier.sparse_names())
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    def start(self, resume: bool) -> None:
+        """Make the run folder (or take the existing one up again) and its metrics log; continue from the latest
+        checkpoint if `resume` finds one."""
+        distributed.on_rank0(lambda: prepare_run_dir(self.cfg, self.run_dir, resume))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.rank == 0 else None)
+        latest = latest_checkpoint(self.ckpt_dir) if resume else None  # every rank reads the run folder (shared)
+        if latest is not None:
+            self._resume(latest)
+        else:
+            self.metrics.truncate(0)
+            self.metrics.write(self.evolution.update(self.sparsifier.masks, 0))
+        p = self.progress
+        place = torch.tensor([self.sparsifier.step_count, p.epoch, p.batch])
+        if distributed.differing({"place": place}):  # each rank read the run folder itself
+            raise SharedError("the processes resumed from different checkpoints (or some from none): the run folder "
+                              "must be on storage that every node shares")
+        self.done = p.batch
 
-    # only now: bad input never leaves a half-made run folder
-    distributed.on_rank0(lambda: prepare_run_dir(cfg, run_dir, resume))
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None)
-    epoch, start_batch, best_val, skipped = 0, 0, -1.0, 0
-    val_acc = test_acc = float("nan")
-    running = {"loss": 0.0, "correct": 0, "seen": 0}
-    ckpt_dir = run_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir) if resume else None  # every rank reads the run folder (shared storage)
-    if latest is not None:
+    def _resume(self, latest: Path) -> None:
         state = load_checkpoint(latest)
-        check_checkpoint(state, cfg, latest)
+        check_checkpoint(state, self.cfg, latest)
         try:
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise BidstError(f"checkpoint {latest} does not match this model: {str(exc).splitlines()[0]}") from None
-        restore(latest, "sparsifier", lambda: sparsifier.load_state_dict(state["sparsifier"]))
-        restore(latest, "scaler", lambda: scaler.load_state_dict(state["scaler"]))
+        restore(latest, "sparsifier", lambda: self.sparsifier.load_state_dict(state["sparsifier"]))
+        restore(latest, "scaler", lambda: self.scaler.load_state_dict(state["scaler"]))
         torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state["rng_cuda"] is not None:
+        if self.device.type == "cuda" and state["rng_cuda"] is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
-        epoch, start_batch, best_val, skipped = state["epoch"], state["batch"], state["best_val"], state["skipped"]
-        val_acc, test_acc = state["val_acc"], state["test_acc"]
-        saved_threads = state.get("threads")  # absent in checkpoints written before it was saved
-        if device.type == "cpu" and rank == 0 and saved_threads not in (None, torch.get_num_threads()):
-            print(f"bidst: warning: the run ran on {saved_threads} CPU threads and continues on "
-                  f"{torch.get_num_threads()}; its results will differ from an uninterrupted run's in float rounding "
-                  f"(threads={saved_threads} continues it bit for bit)", file=sys.stderr)
-        saved_world = state.get("processes", world)  # absent in checkpoints written before it was saved
-        if rank == 0 and saved_world != world:
-            print(f"bidst: warning: the run ran on {saved_world} process(es) and continues on {world}; its results will "
-                  "differ from an uninterrupted run's in float rounding (gradients are averaged over another count)",
-                  file=sys.stderr)
         running = dict(state["running"])
         lacking = sorted({"correct", "loss", "seen"} - set(running))
         if lacking:
             raise BidstError(f"checkpoint {latest} is damaged: its running epoch statistics lack {', '.join(lacking)}")
-        restore(latest, "cost meter", lambda: meter.load_state_dict(state["meter"]))
-        restore(latest, "mask evolution", lambda: evolution.load_state_dict(state["evolution"]))
-        step_flops, dense_grad = train_step_flops(shapes, sparsifier.masks), dense_grad_step()
-        metrics.truncate(state["metrics_offset"])
-    else:
-        metrics.truncate(0)
-        metrics.write(evolution.update(sparsifier.masks, 0))
+        self.progress = Progress(epoch=state["epoch"], batch=state["batch"], best_val=state["best_val"],
+                                 skipped=state["skipped"], val_acc=state["val_acc"], test_acc=state["test_acc"],
+                                 running=running)
+        saved_threads = state.get("threads")  # absent in checkpoints written before it was saved
+        if self.device.type == "cpu" and self.rank == 0 and saved_threads not in (None, torch.get_num_threads()):
+            print(f"bidst: warning: the run ran on {saved_threads} CPU threads and continues on "
+                  f"{torch.get_num_threads()}; its results will differ from an uninterrupted run's in float rounding "
+                  f"(threads={saved_threads} continues it bit for bit)", file=sys.stderr)
+        saved_world = state.get("processes", self.world)  # absent in checkpoints written before it was saved
+        if self.rank == 0 and saved_world != self.world:
+            print(f"bidst: warning: the run ran on {saved_world} process(es) and continues on {self.world}; its "
+                  "results will differ from an uninterrupted run's in float rounding (gradients are averaged over "
+                  "another count)", file=sys.stderr)
+        restore(latest, "cost meter", lambda: self.meter.load_state_dict(state["meter"]))
+        restore(latest, "mask evolution", lambda: self.evolution.load_state_dict(state["evolution"]))
+        self.step_flops, self.dense_grad = self._step_costs()
+        self.metrics.truncate(state["metrics_offset"])
 
-    def checkpoint(next_batch: int) -> None:
+    def checkpoint(self, next_batch: int) -> None:
+        """Save everything to continue exactly before batch `next_batch` of the current epoch (rank 0 writes)."""
         def save() -> None:
+            p = self.progress
             state = {
-                "config": cfg.to_dict(), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "sparsifier": sparsifier.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "batch": next_batch, "best_val": best_val, "running": dict(running), "skipped": skipped,
-                "val_acc": val_acc, "test_acc": test_acc,
-                "metrics_offset": metrics.offset(), "rng_cpu": torch.get_rng_state(),
-                "meter": meter.state_dict(), "evolution": evolution.state_dict(),
-                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "config": self.cfg.to_dict(), "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "sparsifier": self.sparsifier.state_dict(), "scaler": self.scaler.state_dict(), "epoch": p.epoch,
+                "batch": next_batch, "best_val": p.best_val, "running": dict(p.running), "skipped": p.skipped,
+                "val_acc": p.val_acc, "test_acc": p.test_acc,
+                "metrics_offset": self.metrics.offset(), "rng_cpu": torch.get_rng_state(),
+                "meter": self.meter.state_dict(), "evolution": self.evolution.state_dict(),
+                "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
                 "threads": torch.get_num_threads(),  # CPU reductions round differently on another thread count
-                "processes": world,  # and DDP averages on another process count
+                "processes": self.world,  # and DDP averages on another process count
             }
-            metrics.sync()
-            save_checkpoint(state, ckpt_dir, sparsifier.step_count, cfg.keep_checkpoints)
+            self.metrics.sync()
+            save_checkpoint(state, self.ckpt_dir, self.sparsifier.step_count, self.cfg.keep_checkpoints)
 
         distributed.on_rank0(save)
 
-    started = time.perf_counter()
-    # the batches of this epoch trained on, between steps; None inside a step (a held-out batch BiDST reads there
-    # may fail when the step is half done)
-    done: int | None = start_batch
-    try:
-        model.train()
-        # a run stopped right after its last step (mid-epoch) still owes that epoch's evaluation and records
-        while epoch < cfg.epochs and (sparsifier.step_count < total_steps or start_batch > 0):
-            loader = train_loader(epoch, start_batch)
-            bar = tqdm(loader, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not cfg.progress or rank > 0, file=sys.stderr, leave=False, dynamic_ncols=True,
-                       mininterval=0.5 if sys.stderr.isatty() else 10.0)
-            done = start_batch
-            for batch_index, (x, y) in enumerate(bar, start=start_batch):
-                done = None
-                step = sparsifier.step_count
-                if step >= total_steps:
-                    break
-                lr = lr_at(cfg, step, steps_per_epoch, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with meter.time("forward"), autocast(cfg, device):
-                    logits = model(x)
-                    loss = loss_fn(logits, y)
-                loss_value, correct, stop_signal = step_stats(loss, logits, y, stop)
-                if not math.isfinite(loss_value):  # every rank sees the same averaged loss, so all stop or skip
-                    if cfg.on_nonfinite == "stop":
-                        kept = ("its last checkpoint is intact" if latest_checkpoint(ckpt_dir)
-                                else "it had no checkpoint yet")
-                        raise SharedError(f"non-finite loss ({loss_value}) at step {step + 1}; the run stopped and "
-                                          f"{kept} (continue it with --resume on_nonfinite=skip to skip such steps)")
-                    skipped += 1
-                    metrics.write({"kind": "skipped", "step": step, "epoch": epoch, "batch": batch_index})
-                    done = batch_index + 1
-                    continue  # a stop signal is honoured after the next step
-                with meter.time("backward"):
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                with meter.time("update"):
-                    changed = sparsifier.step(scaler if scaler.is_enabled() else None, batch=(x, y))
-                scale = y.numel() * world / shapes_batch  # FLOPs of the global batch, summed over ranks
-                for phase, flops in step_flops.items():
-                    meter.add(phase, flops * scale)
-                meter.add_dense_reference(dense_step_flops * scale)
-                if sparsifier.captured_dense_grad:
-                    meter.add("dense_grad", dense_grad * scale)
-                if changed:
-                    evolution.commit(sparsifier.last_swaps, sparsifier.masks)
-                    step_flops, dense_grad = train_step_flops(shapes, sparsifier.masks), dense_grad_step()
-                running["loss"] += loss_value * y.numel() * world
-                running["correct"] += correct
-                running["seen"] += y.numel() * world
-                if (step + 1) % cfg.log_every == 0:
-                    metrics.write({"kind": "step", "step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                   "topology_changes": sparsifier.topology_changes,
-                                   "rebuild_s": sparsifier.rebuild_seconds})
-                    bar.set_postfix(loss=f"{loss_value:.3f}")
-                done = batch_index + 1
-                if stop_signal:
-                    checkpoint(done)
-                    raise RunInterrupted(stop_signal, sparsifier.step_count)
-                every = cfg.checkpoint_every
-                if every and (step + 1) % every == 0 and batch_index + 1 < steps_per_epoch:
-                    checkpoint(batch_index + 1)
-            bar.close()
-            done = steps_per_epoch
-            distributed.broadcast_buffers(net)  # rank 0's BatchNorm statistics, which DDP trains with
-            # a stop signal during evaluation: the epoch's training is kept, its evaluation is owed on resume
-            val, stop_signal = evaluate(net, val_set, device, cfg, stop) if val_set is not None else (float("nan"), 0)
-            if not stop_signal:
-                test, stop_signal = evaluate(net, test_set, device, cfg, stop)
-            if stop_signal:
-                checkpoint(steps_per_epoch)
-                raise RunInterrupted(stop_signal, sparsifier.step_count)
-            val_acc, test_acc = val, test
-            best_val = max(best_val, val_acc) if val_set is not None else best_val
-            metrics.write({
-                "kind": "epoch", "epoch": epoch + 1, "step": sparsifier.step_count,
-                "train_loss": running["loss"] / max(1, running["seen"]),
-                "train_acc": 100.0 * running["correct"] / max(1, running["seen"]),
-                "val_acc": None if val_set is None else val_acc, "test_acc": test_acc,
-                "sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
-            })
-            metrics.write(evolution.update(sparsifier.masks, epoch + 1))
-            if cfg.progress and rank == 0:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: test {test_acc:.2f}%"
-                      + ("" if val_set is None else f", val {val_acc:.2f}%")
-                      + f", sparsity {100 * sparsifier.measured_sparsity():.1f}%", file=sys.stderr)
-            epoch, start_batch = epoch + 1, 0
-            running = {"loss": 0.0, "correct": 0, "seen": 0}
-            checkpoint(0)
-        metrics.close()
-    except DataError as exc:  # a file that cannot be read, between steps: keep the training done, to go on once
-        if done is None or world > 1:  # it is replaced (under DDP the other ranks, still training, cannot join in)
-            metrics.stopped(sparsifier.step_count, epoch, str(exc))
+    def train(self) -> None:
+        """Train to the end of the schedule, leaving a "stopped" record (and, where it can, a checkpoint) when the
+        run stops on an error or a signal."""
+        self.started = time.perf_counter()
+        p = self.progress
+        try:
+            self.model.train()
+            # a run stopped right after its last step (mid-epoch) still owes that epoch's evaluation and records
+            while p.epoch < self.cfg.epochs and (self.sparsifier.step_count < self.total_steps or p.batch > 0):
+                self._train_epoch()
+                self._end_epoch()
+            self.metrics.close()
+        except DataError as exc:  # a file that cannot be read, between steps: keep the training done, to go on once
+            if self.done is None or self.world > 1:  # it is replaced (under DDP the other ranks, still training,
+                self.metrics.stopped(self.sparsifier.step_count, p.epoch, str(exc))  # cannot join in)
+                raise
+            self.checkpoint(self.done)
+            failure = DataError(f"{exc}; the run saved a checkpoint: replace the file and continue with --resume")
+            self.metrics.stopped(self.sparsifier.step_count, p.epoch, str(failure))
+            raise failure from None
+        except (BidstError, RunInterrupted) as exc:  # `bidst report` names the run with this reason
+            self.metrics.stopped(self.sparsifier.step_count, p.epoch, str(exc))
             raise
-        checkpoint(done)
-        failure = DataError(f"{exc}; the run saved a checkpoint: replace the file and continue with --resume")
-        metrics.stopped(sparsifier.step_count, epoch, str(failure))
-        raise failure from None
-    except (BidstError, RunInterrupted) as exc:  # `bidst report` names the run with this reason
-        metrics.stopped(sparsifier.step_count, epoch, str(exc))
-        raise
 
-    summary = {
-        "method": cfg.method, "sparsity": cfg.sparsity, "seed": cfg.seed, "model": cfg.model,
-        "dataset": cfg.dataset, "epochs": cfg.epochs, "steps": sparsifier.step_count,
-        "final_test_acc": test_acc, "final_val_acc": None if val_set is None else val_acc,
-        "best_val_acc": None if val_set is None else best_val,
-        "measured_sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
-        "skipped_steps": skipped, "processes": world,
-        "method_costs": dict(sparsifier.costs),
-        "method_stats": sparsifier.method.stats() if hasattr(sparsifier.method, "stats") else {},
-        "layers": [
-            {"name": r.name, "shape": list(r.shape), "target_density": r.target_density, "density": r.density}
-            for r in sparsifier.report()
-        ],
-        "wall_time_s": time.perf_counter() - started,
-        "backend": cfg.backend, "rebuild_s": sparsifier.rebuild_seconds,
-        "inference_flops": inference_flops(shapes, sparsifier.masks),
-        "dense_inference_flops": inference_flops(shapes),
-        # against dense training of the recipe's whole schedule (full batches: drop_last), so a run that match_flops
-        # shortened shows what it saved instead of its cost over fewer steps
-        **meter.summary(extra_flops=sparsifier.costs, dense_total=dense_step_flops * world * cfg.epochs * steps_per_epoch),
-    }
-    distributed.on_rank0(lambda: _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n"))
-    return summary
+    def _train_epoch(self) -> None:
+        """The steps of the current epoch from `progress.batch` on, checkpointing on a stop signal or as configured."""
+        cfg, p = self.cfg, self.progress
+        bar = tqdm(self.loader(p.epoch, p.batch), total=self.steps_per_epoch, initial=p.batch,
+                   desc=f"epoch {p.epoch + 1}/{cfg.epochs}", disable=not cfg.progress or self.rank > 0,
+                   file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        self.done = p.batch
+        for batch_index, (x, y) in enumerate(bar, start=p.batch):
+            self.done = None
+            step = self.sparsifier.step_count
+            if step >= self.total_steps:
+                break
+            stop_signal = self._step(step, batch_index, x, y, bar)
+            self.done = batch_index + 1
+            if stop_signal is None:  # skipped: a stop signal is honoured after the next step
+                continue
+            if stop_signal:
+                self.checkpoint(self.done)
+                raise RunInterrupted(stop_signal, self.sparsifier.step_count)
+            every = cfg.checkpoint_every
+            if every and (step + 1) % every == 0 and batch_index + 1 < self.steps_per_epoch:
+                self.checkpoint(batch_index + 1)
+        bar.close()
+        self.done = self.steps_per_epoch
+
+    def _step(self, step: int, batch_index: int, x: torch.Tensor, y: torch.Tensor, bar: Any) -> int | None:
+        """One training step on batch (x, y) and its records; returns the stop signal any rank got (0 if none), or
+        None for a step skipped for its non-finite loss."""
+        cfg, p, world = self.cfg, self.progress, self.world
+        lr = lr_at(cfg, step, self.steps_per_epoch, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.meter.time("forward"), autocast(cfg, self.device):
+            logits = self.model(x)
+            loss = self.loss_fn(logits, y)
+        loss_value, correct, stop_signal = step_stats(loss, logits, y, self.stop)
+        if not math.isfinite(loss_value):  # every rank sees the same averaged loss, so all stop or skip
+            if cfg.on_nonfinite == "stop":
+                kept = ("its last checkpoint is intact" if latest_checkpoint(self.ckpt_dir)
+                        else "it had no checkpoint yet")
+                raise SharedError(f"non-finite loss ({loss_value}) at step {step + 1}; the run stopped and "
+                                  f"{kept} (continue it with --resume on_nonfinite=skip to skip such steps)")
+            p.skipped += 1
+            self.metrics.write({"kind": "skipped", "step": step, "epoch": p.epoch, "batch": batch_index})
+            return None
+        with self.meter.time("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with self.meter.time("update"):
+            changed = self.sparsifier.step(self.scaler if self.scaler.is_enabled() else None, batch=(x, y))
+        scale = y.numel() * world / self.shapes_batch  # FLOPs of the global batch, summed over ranks
+        for phase, flops in self.step_flops.items():
+            self.meter.add(phase, flops * scale)
+        self.meter.add_dense_reference(self.dense_step_flops * scale)
+        if self.sparsifier.captured_dense_grad:
+            self.meter.add("dense_grad", self.dense_grad * scale)
+        if changed:
+            self.evolution.commit(self.sparsifier.last_swaps, self.sparsifier.masks)
+            self.step_flops, self.dense_grad = self._step_costs()
+        p.running["loss"] += loss_value * y.numel() * world
+        p.running["correct"] += correct
+        p.running["seen"] += y.numel() * world
+        if (step + 1) % cfg.log_every == 0:
+            self.metrics.write({"kind": "step", "step": step + 1, "epoch": p.epoch, "loss": loss_value, "lr": lr,
+                                "topology_changes": self.sparsifier.topology_changes,
+                                "rebuild_s": self.sparsifier.rebuild_seconds})
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        return stop_signal
+
+    def _end_epoch(self) -> None:
+        """Evaluate, record the epoch and checkpoint; a stop signal during evaluation keeps the epoch's training and
+        owes its evaluation on resume."""
+        cfg, p, sparsifier = self.cfg, self.progress, self.sparsifier
+        distributed.broadcast_buffers(self.net)  # rank 0's BatchNorm statistics, which DDP trains with
+        val, stop_signal = (evaluate(self.net, self.val_set, self.device, cfg, self.stop) if self.val_set is not None
+                            else (math.nan, 0))
+        if not stop_signal:
+            test, stop_signal = evaluate(self.net, self.test_set, self.device, cfg, self.stop)
+        if stop_signal:
+            self.checkpoint(self.steps_per_epoch)
+            raise RunInterrupted(stop_signal, sparsifier.step_count)
+        p.val_acc, p.test_acc = val, test
+        p.best_val = max(p.best_val, val) if self.val_set is not None else p.best_val
+        self.metrics.write({
+            "kind": "epoch", "epoch": p.epoch + 1, "step": sparsifier.step_count,
+            "train_loss": p.running["loss"] / max(1, p.running["seen"]),
+            "train_acc": 100.0 * p.running["correct"] / max(1, p.running["seen"]),
+            "val_acc": None if self.val_set is None else p.val_acc, "test_acc": p.test_acc,
+            "sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
+        })
+        self.metrics.write(self.evolution.update(sparsifier.masks, p.epoch + 1))
+        if cfg.progress and self.rank == 0:
+            print(f"epoch {p.epoch + 1}/{cfg.epochs}: test {p.test_acc:.2f}%"
+                  + ("" if self.val_set is None else f", val {p.val_acc:.2f}%")
+                  + f", sparsity {100 * sparsifier.measured_sparsity():.1f}%", file=sys.stderr)
+        p.epoch, p.batch, p.running = p.epoch + 1, 0, _fresh_running()
+        self.checkpoint(0)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's results, settings and costs, as summary.json holds them."""
+        cfg, p, sparsifier, has_val = self.cfg, self.progress, self.sparsifier, self.val_set is not None
+        return {
+            "method": cfg.method, "sparsity": cfg.sparsity, "seed": cfg.seed, "model": cfg.model,
+            "dataset": cfg.dataset, "epochs": cfg.epochs, "steps": sparsifier.step_count,
+            "final_test_acc": p.test_acc, "final_val_acc": p.val_acc if has_val else None,
+            "best_val_acc": p.best_val if has_val else None,
+            "measured_sparsity": sparsifier.measured_sparsity(), "topology_changes": sparsifier.topology_changes,
+            "skipped_steps": p.skipped, "processes": self.world,
+            "method_costs": dict(sparsifier.costs),
+            "method_stats": sparsifier.method.stats() if hasattr(sparsifier.method, "stats") else {},
+            "layers": [
+                {"name": r.name, "shape": list(r.shape), "target_density": r.target_density, "density": r.density}
+                for r in sparsifier.report()
+            ],
+            "wall_time_s": time.perf_counter() - self.started,
+            "backend": cfg.backend, "rebuild_s": sparsifier.rebuild_seconds,
+            "inference_flops": inference_flops(self.shapes, sparsifier.masks),
+            "dense_inference_flops": inference_flops(self.shapes),
+            # against dense training of the recipe's whole schedule (full batches: drop_last), so a run that
+            # match_flops shortened shows what it saved instead of its cost over fewer steps
+            **self.meter.summary(extra_flops=sparsifier.costs,
+                                 dense_total=self.dense_step_flops * self.world * cfg.epochs * self.steps_per_epoch),
+        }
