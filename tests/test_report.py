@@ -76,7 +76,8 @@ def test_groups_means_and_relative_costs(runs_dir, capsys):
     runs = report.find_runs([runs_dir])
     err = capsys.readouterr().err
     assert "unfinished" in err and "corrupt" in err
-    assert f"{runs_dir / 'method=snfs' / 'seed=0'}: skipped, failed before making its run folder (see seed=0.log)" in err
+    assert (f"{runs_dir / 'method=snfs' / 'seed=0'}: skipped, failed before making its run folder: bidst: "
+            "train_subset ... is too small (see seed=0.log)") in err  # the log's last line: the run's error
     assert len(runs) == sum(map(len, ACCS.values()))
     extra, rows = report.summarize(runs)
     assert extra == ["method_args.mask_lr"]  # varies within (bidst, 0.9); run_dir, seeds, threads... never split groups
@@ -195,7 +196,7 @@ def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
     assert table.count("\n") == 2 + 5 + 2 and "0.92 ± 0.026" in table and "sample standard deviation (n − 1)" in table
     assert sorted(line.split(": ", 1)[1] for line in left_out.splitlines()) == [
         "corrupt run folder (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
-        "failed before making its run folder (see seed=0.log)",
+        "failed before making its run folder: bidst: train_subset ... is too small (see seed=0.log)",
         "unfinished run (no summary.json: still running, or killed)",
     ] and result["left_out"] == [line[2:] for line in left_out.splitlines()]
     assert (out / "report.csv").read_text().splitlines()[0].startswith("method,sparsity,method_args.mask_lr,n,")

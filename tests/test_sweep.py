@@ -112,6 +112,12 @@ def test_override_values_read_back_as_yaml(value):
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "gird": 1}, "unknown key"),
         ({"base": "recipe.yaml", "out": "o", "grid": GRID, "method_overrides": {"snfs": {}}}, "not in grid.method"),
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "grid.seed repeats a value"),
+        # equal values written differently: two folders, one config, trained twice
+        ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [0], "weight_decay": [0, 0.0]}},
+         "runs weight_decay=0/seed=0 and weight_decay=0.0/seed=0 have the same settings"),
+        # each run failed on its own, after the ones before it
+        ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [0], "device": ["cpu", "cuda"]}},
+         "device 'cuda' was asked for but no CUDA device is available"),
         # every run's config is checked before any starts
         ({"base": "recipe.yaml", "out": "o", "grid": {**GRID, "sparsity": [0.5, 1.5]}},
          "run method=set/sparsity=1.5/seed=0: sparsity must be in [0, 1)"),
@@ -332,3 +338,63 @@ def test_a_file_where_a_run_goes_stops_the_sweep_and_is_kept(env, capsys):
     err = capsys.readouterr().err.strip()
     assert "seed=0 is a file where the sweep keeps a run" in err and len(err.splitlines()) == 1
     assert (folder / "out/method=set/sparsity=0.5/seed=0").read_text() == "notes"
+
+
+def test_a_run_that_would_go_inside_an_earlier_sweeps_run_is_refused(env, capsys):
+    """A grid key added after a sweep ran (seed, below a finished method=set/sparsity=0.5) put the new runs inside the
+    old run's folder, where `bidst report` does not look."""
+    folder, train_cmd, counter = env
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out", "grid": {"method": ["set"], "sparsity": [0.5]}}))
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 0
+    started = counter.read_text()
+    capsys.readouterr()
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0, 1]}}))
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2
+    err = capsys.readouterr().err.strip()
+    assert "would go inside the run in" in err and len(err.splitlines()) == 1
+    assert counter.read_text() == started
+
+
+def test_an_error_of_the_sweeps_own_files_stops_the_running_runs_in_one_line(env, capsys):
+    """An OSError while starting a run (its log path a folder) was a traceback that left the runs already started
+    training without their sweep."""
+    folder, train_cmd, counter = env
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0, 1]}}))
+    log = folder / "out/method=set/sparsity=0.5/seed=1.log"
+    log.mkdir(parents=True)
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 2  # checked before any run starts
+    assert "seed=1.log is a folder" in capsys.readouterr().err and counter.read_text() == ""
+    log.rmdir()
+    real_start = sweep._start
+
+    def start(spec, run, cmd, env):
+        if run.name.endswith("seed=1"):
+            raise OSError(28, "No space left on device", str(run.log_path))
+        return real_start(spec, run, cmd, env)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(sweep, "_start", start):
+        assert sweep.main([str(path), "--jobs", "2"], train_cmd=train_cmd) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "the running runs were stopped" in err
+    assert "Traceback" not in err
+    time.sleep(1.0)  # longer than the fake run takes
+    assert "done" not in [e[0] for e in events(counter)]  # seed=0 was stopped, not left training
+
+
+def test_two_sweeps_on_one_out_folder_do_not_both_train(env, capsys):
+    folder, train_cmd, counter = env
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0]}}))
+    (folder / "out").mkdir()
+    with sweep.locked(folder / "out"):  # as another sweep holds it
+        assert sweep.main([str(path)], train_cmd=train_cmd) == 2
+        assert "another bidst sweep is training runs in" in capsys.readouterr().err
+    assert counter.read_text() == ""
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 0

@@ -214,9 +214,22 @@ def find_runs(paths: Iterable[str | os.PathLike], skipped: list[str] | None = No
                 leave_out(Path(folder), _stopped(Path(folder)))
             for log in sorted(f for f in files if f.endswith(".log") and "=" in f and f[:-4] not in subdirs):
                 # a sweep writes <run>.log beside <run>/: this run failed before it made its folder
-                leave_out(Path(folder) / log[:-4], f"failed before making its run folder (see {log})")
+                leave_out(Path(folder) / log[:-4], f"failed before making its run folder: {_last_line(Path(folder) / log)} "
+                          f"(see {log})")
             subdirs[:] = sorted(d for d in subdirs if d != "checkpoints")
     return sorted(runs, key=lambda r: str(r.path))
+
+
+def _last_line(path: Path, limit: int = 200) -> str:
+    """The last non-empty line of a log (a failed run's one-line error), cut to `limit` characters."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError as exc:
+        return f"its log cannot be read ({exc.strerror or exc})"
+    last = lines[-1] if lines else "its log is empty"
+    return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
 def _canon(value: Any) -> str:

@@ -20,6 +20,7 @@ per seed instead of one per sparsity.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import os
 import re
@@ -162,14 +163,24 @@ def load_sweep(path: str | Path) -> Sweep:
 def check_runs(sweep: Sweep) -> None:
     """Check every run's config as `bidst train` would before its data loads, so a bad grid value stops the
     sweep before any run starts instead of failing in each run it reaches."""
-    from .recipe import check_config, saved_config_diff  # imports torch: only when checking
+    from .recipe import (  # imports torch: only when checking
+        check_config,
+        resolve_device,
+        saved_config_diff,
+    )
 
+    settings: dict[str, str] = {}  # resolved config -> the run that has it
     for run in sweep.runs:
         try:
             cfg = load_config(sweep.base, list(run.overrides))
             check_config(cfg)
+            resolve_device(cfg.device)
         except BidstError as e:
             raise BidstError(f"run {run.name}: {e}") from None
+        same = settings.setdefault(yaml.safe_dump(cfg.to_dict(), sort_keys=True), run.name)
+        if same != run.name:
+            raise BidstError(f"runs {same} and {run.name} have the same settings (a grid lists one value twice, "
+                             "written differently, such as 0 and 0.0): list each value once")
         # finished or started earlier: with these settings? (one started without a config is left to its own resume)
         status = run.status()
         if status == "new" or (status == "resume" and not (run.run_dir / "config.yaml").exists()):
@@ -184,6 +195,44 @@ def check_runs(sweep: Sweep) -> None:
         if diff:
             raise BidstError(f"run {run.name} was started with other settings ({', '.join(diff)} differ): move "
                              f"{run.run_dir} aside to start it again with these, or give the sweep another out")
+
+
+def check_folders(sweep: Sweep, pending: Sequence[SweepRun]) -> None:
+    """Refuse, before any run starts, run folders and logs the sweep cannot use: a file in a run's place, a new
+    run's folder holding files it did not write, a run that would go inside an earlier sweep's run (a grid key was
+    added since), a folder in a log's place."""
+    for run in pending:  # a new run's folder is cleared before it starts: only ever one a killed run left empty
+        if run.run_dir.exists() and not run.run_dir.is_dir():
+            raise BidstError(f"{run.run_dir} is a file where the sweep keeps a run: move it away or give the sweep "
+                             "another out")
+        files = run.run_dir.rglob("*") if run.status() == "new" else ()
+        stray = next((p for p in files if not p.is_dir() and p.suffix != ".tmp"), None)  # .tmp: an unfinished write
+        if stray is not None:
+            raise BidstError(f"{run.run_dir} holds {stray.relative_to(run.run_dir)} but no run config: not a run this "
+                             "sweep started; move it away or give the sweep another out")
+        outer = next((p for p in run.run_dir.parents if p != sweep.out and sweep.out in p.parents
+                      and ((p / "config.yaml").exists() or (p / "summary.json").exists())), None)  # fmt: skip
+        if outer is not None:
+            raise BidstError(f"run {run.name} would go inside the run in {outer} (the grid gained a key since that "
+                             "run): give the sweep another out")
+        if run.log_path.is_dir():
+            raise BidstError(f"{run.log_path} is a folder where the sweep writes run {run.name}'s log: move it away")
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold `out` for this sweep: a second sweep on the same folder would start the same runs (or resume one that
+    the first is training)."""
+    with open(out / ".bidst-sweep.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BidstError(f"another bidst sweep is training runs in {out}: wait for it to end, or give this sweep "
+                             "another out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:
@@ -263,19 +312,16 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
     """
     if jobs < 1:
         raise BidstError(f"--jobs must be at least 1, got {jobs}")
-    cmd, env = list(train_cmd or TRAIN_CMD), child_env(jobs)
     make_folder(sweep.out)
-    pending = [r for r in sweep.runs if r.status() != "done"]
-    for run in pending:  # a new run's folder is cleared before it starts: only ever one a killed run left empty
-        if run.run_dir.exists() and not run.run_dir.is_dir():
-            raise BidstError(f"{run.run_dir} is a file where the sweep keeps a run: move it away or give the sweep "
-                             "another out")
-        files = run.run_dir.rglob("*") if run.status() == "new" else ()
-        stray = next((p for p in files if not p.is_dir() and p.suffix != ".tmp"), None)  # .tmp: an unfinished write
-        if stray is not None:
-            raise BidstError(f"{run.run_dir} holds {stray.relative_to(run.run_dir)} but no run config: not a run this "
-                             "sweep started; move it away or give the sweep another out")
-    total, failed = len(sweep.runs), []
+    with locked(sweep.out):
+        pending = [r for r in sweep.runs if r.status() != "done"]
+        check_folders(sweep, pending)
+        return _run_pending(sweep, pending, jobs, list(train_cmd or TRAIN_CMD))
+
+
+def _run_pending(sweep: Sweep, pending: list[SweepRun], jobs: int, cmd: list[str]) -> int:
+    """`run_sweep`'s loop over the runs to train."""
+    env, total, failed = child_env(jobs), len(sweep.runs), []
     active: dict[subprocess.Popen, tuple[SweepRun, IO[bytes]]] = {}
     interrupts = _Interrupts()
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
@@ -304,6 +350,12 @@ def run_sweep(sweep: Sweep, jobs: int = 1, train_cmd: Sequence[str] | None = Non
         print(f"bidst sweep: interrupted: {done} of {total} runs finished; run the same sweep again to continue",
               file=sys.stderr)
         return 1  # (as for failed runs: 2 is bad input)
+    except OSError as exc:  # the sweep's own files (a log, a run folder) or a full disk: no child is left orphaned
+        interrupts.holding = True
+        _stop(list(active))
+        print(f"bidst sweep: error: {exc}; the running runs were stopped (run the same sweep again to continue)",
+              file=sys.stderr)
+        return 1
     finally:
         for _, log in active.values():
             log.close()
