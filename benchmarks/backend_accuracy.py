@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--methods", default="rigl", help=f"comma-separated, of: {', '.join(METHOD_ARGS)}")
     ap.add_argument("--sparsities", default="0.9,0.98")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the runs train with the repository as working folder
     methods = args.methods.split(",")
     if any(m not in METHOD_ARGS for m in methods):
         ap.error(f"--methods must name some of {', '.join(METHOD_ARGS)}")

@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         sparsities = [float(s) for s in args.sparsities.split(",")]
     except ValueError:
         ap.error(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}")
-    if not all(0.0 <= s < 1.0 for s in sparsities) or args.reps < 1 or args.block < 1 or args.batch < 1:
-        ap.error("sparsities must lie in [0, 1); --reps, --block and --batch must be at least 1")
+    if not all(0.0 <= s < 1.0 for s in sparsities) or min(args.reps, args.block, args.batch, args.threads) < 1:
+        ap.error("sparsities must lie in [0, 1); --reps, --block, --batch and --threads must be at least 1")
     numba_threads = set_threads(args.threads)
     timer = Timer(time.perf_counter, statistics.median, args.reps, args.block)
     gen = torch.Generator().manual_seed(0)

@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20, help="consecutive steps of one method")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if not 0.0 <= args.sparsity < 1.0 or min(args.steps, args.block, args.threads) < 1:
+        parser.error("need 0 <= --sparsity < 1 and positive --steps, --block and --threads")
     torch.set_num_threads(args.threads)
     set_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

@@ -864,3 +864,27 @@ def test_a_discarded_backward_is_forgotten_when_zero_grad_keeps_zeros():
     sparse = rigl_first_update("sparse", discarded_backward_zeros_kept, set_to_none=False)
     assert all(torch.equal(plain[n], masked[n]) for n in plain)
     assert all(torch.equal(plain[n], sparse[n]) for n in plain)
+
+
+def test_rebuild_time_counts_the_index_orderings_a_new_structure_builds_on_its_first_use():
+    """A topology change's input-channel index and kernel orderings are built lazily, on the next forward and
+    backward: they are rebuild work, and were left out of `rebuild_seconds` (and so of its share of training)."""
+    model, opt, sp = build("sparse", "rigl", "sgd", 100, interval=1)
+    x, y = make_data(32)
+
+    def train_step() -> bool:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return sp.step()
+
+    assert train_step()  # a topology change: new structures, their orderings not built yet
+    before = sp.rebuild_seconds
+    built = {n: layer.structure.build_seconds for n, layer in sp.sparse_layers.items()}
+    assert not any(built.values())
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()  # builds them
+    built = sum(layer.structure.build_seconds for layer in sp.sparse_layers.values())
+    assert built > 0 and sp.rebuild_seconds == pytest.approx(before + built)
+    sp.step()
+    state = sp.state_dict()
+    assert state["rebuild_seconds"] == pytest.approx(sp.rebuild_seconds)  # a resumed run goes on from the total

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
+import time
 from pathlib import Path
 
 import numba
 import pytest
+import torch
 
-from bidst.bench import MARKERS, Timer, main
+import bidst.bench as bench
+from bidst.bench import MARKERS, Timer, main, percent, run, training_steps
 
 
 def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
@@ -28,7 +32,8 @@ def test_bench_writes_between_markers_and_keeps_the_prose(tmp_path, one_thread):
     numba.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("args", [["--sparsities", "0.9,x"], ["--sparsities", "1.0"], ["--models", "AlexNet"],
+@pytest.mark.parametrize("args", [["--sparsities", "0.9,x"], ["--sparsities", "1.0"], ["--sparsities", "0"],
+                                  ["--models", "AlexNet"],
                                   ["--threads", "2", "--clock", "cpu"], ["--block", "0"], ["--reps", "0"],
                                   ["--threads", "0"], ["--threads", "1000"]])  # fmt: skip
 def test_bench_bad_input_is_a_usage_error(args, capsys):
@@ -90,3 +95,67 @@ def test_a_report_bench_wrote_can_be_rewritten_and_foreign_bytes_around_it_are_k
     report.write_bytes(b"Caf\xe9 notes\n" + MARKERS[0].encode() + b"\nold\n" + MARKERS[1].encode() + b"\n")
     write_report(report, ["# Performance", "", "third table"])
     assert report.read_bytes().startswith(b"Caf\xe9 notes\n") and b"third table" in report.read_bytes()
+
+
+def test_sparsities_are_labelled_with_the_digits_they_need():
+    """Headers were rounded to whole percent: 97.5% and 98% both read "98%"."""
+    assert [percent(s) for s in (0.8, 0.975, 0.98, 0.999)] == ["80%", "97.5%", "98%", "99.9%"]
+
+
+class PresetTimer:
+    """Runs each step twice and returns preset (dense, sparse) seconds per call of `interleaved`, in order."""
+
+    def __init__(self, results):
+        self.results, self.clock, self.steps = list(results), time.perf_counter, 2
+
+    def interleaved(self, dense, sparse):
+        for _ in range(self.steps):
+            dense()
+            sparse()
+        return self.results.pop(0)
+
+
+def test_whole_step_ratios_divide_by_the_dense_time_measured_beside_them_and_memory_is_taken_at_steady_state(
+    one_thread,
+):
+    """The update step's ratio divided by the regular loop's dense time (another loop, under other load); memory was
+    read right after a rebuild, before the kernels' index orderings that every regular step holds were built."""
+    out: list[str] = []
+    run(["MLP 1024x3"], [0.9], PresetTimer([(1.0, 0.5), (2.0, 4.0)]), False, out)
+    rows = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in out if line.startswith("| ")}
+    assert rows["update"] == "2.00"  # 4.0 / 2.0, not 4.0 / 1.0
+    assert rows["step"] == "0.52"  # 0.5 + (2.0 - 0.5) / 100
+    gen = torch.Generator().manual_seed(0)
+    dense, regular, _, memory = training_steps("MLP 1024x3", 0.1, 10**9, gen, time.perf_counter)
+    dense()  # its momentum buffers exist from its first step on
+    regular()
+    steady, with_masks = memory()
+    dense, update, _, memory = training_steps("MLP 1024x3", 0.1, 1, gen, time.perf_counter)
+    dense()
+    update()
+    assert memory()[0] < steady - 0.05  # right after a rebuild the orderings are missing
+    assert rows["memory"] == f"{steady:.2f}" and rows["+ masks"] == f"{with_masks:.2f}"
+    assert with_masks > steady + 0.1  # one byte per weight against eight (a float32 weight and its momentum)
+
+
+def test_low_sparsities_say_that_the_sparse_backend_computes_them_densely(one_thread):
+    out: list[str] = []
+    run(["MLP 1024x3"], [0.5, 0.9], PresetTimer([(1.0, 1.0)] * 4), False, out)
+    note = next(line for line in out if "dense kernels" in line)
+    assert "50%" in note and "90%" not in note
+
+
+def test_the_recorded_command_can_be_pasted_into_a_shell_and_no_folder_is_made_before_measuring(tmp_path, monkeypatch):
+    report = tmp_path / "new" / "perf.md"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--models", "MLP 1024x3", "--sparsities", "0.9", "--out", str(report)])
+    assert not report.parent.exists()
+    monkeypatch.setattr(bench, "run", lambda *args: None)
+    assert main(["--models", "MLP 1024x3", "--sparsities", "0.9", "--out", str(report)]) == 0
+    command = next(line for line in report.read_text().splitlines() if line.startswith("Command:"))
+    assert shlex.split(command.split("`")[1])[2:4] == ["--models", "MLP 1024x3"]

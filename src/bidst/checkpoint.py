@@ -47,6 +47,12 @@ def make_folder(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BidstError(f"cannot create folder {path}: {exc.strerror or exc}") from None
+    probe_folder(path)
+
+
+def probe_folder(path: Path) -> None:
+    """Prove that the existing folder `path` takes files (a probe file, removed again; the OS's permission bits
+    do not tell for root, nor for a read-only or virtual file system), or raise a one-line BidstError."""
     try:
         with tempfile.TemporaryFile(dir=path, prefix=".bidst-probe-"):
             pass

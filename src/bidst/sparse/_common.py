@@ -30,6 +30,8 @@ def set_threads(threads: int) -> int:
 
     Numba first: starting its OpenMP pool resets the process's OpenMP thread count, torch's included.
     """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(threads)
     return numba.get_num_threads()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -175,6 +176,7 @@ class SparseStructure:
         self._sample_at: np.ndarray | None = None
         self._sample_all = False
         self.sampled_grad: Tensor | None = None
+        self.build_seconds = 0.0  # wall time building the input-channel index and kernels' orderings, on first use
 
     @classmethod
     def from_mask(cls, mask: Tensor, groups: int = 1) -> SparseStructure:
@@ -217,6 +219,7 @@ class SparseStructure:
     def by_input(self) -> InputIndex:
         """The slots grouped by the input channel they read (CSC-like), built on first use."""
         if self._by_input is None:
+            started = time.perf_counter()
             if len(self.shape) == 2:
                 chan = self.cols
             else:
@@ -233,13 +236,16 @@ class SparseStructure:
                 flipped = (kh - 1 - r // kw) * kw + (kw - 1 - r % kw)
                 tcols = ((rows % cout_g) * kk + flipped).astype(np.int32)
             self._by_input = InputIndex(ptr, perm, rows, cols, tcols)
+            self.build_seconds += time.perf_counter() - started
         return self._by_input
 
     def derived(self, key: Hashable, build: Callable[[], T]) -> T:
         """A value computed from these positions alone (a kernel's ordering of them), built on first use and
         kept: a structure never changes, a topology change makes a new one."""
         if key not in self._derived:
+            started = time.perf_counter()
             self._derived[key] = build()
+            self.build_seconds += time.perf_counter() - started
         return self._derived[key]
 
     def nbytes(self) -> int:
