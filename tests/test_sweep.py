@@ -37,7 +37,8 @@ if config["seed"] == 666 or (run_dir.exists() and any(run_dir.iterdir())) != res
     sys.exit(3)
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / "checkpoints").mkdir(exist_ok=True)  # before config.yaml: leaves a folder a sweep must clear
-(run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+(run_dir / "config.tmp").write_text(yaml.safe_dump(config))  # atomically, as bidst train does: a sweep stopped
+os.replace(run_dir / "config.tmp", run_dir / "config.yaml")  # right after the file appears must find it whole
 (run_dir / "checkpoints" / "last.pt").write_text("step 1")
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0.3")))
 acc = round(0.5 + config["sparsity"] / 4 + config["seed"] / 100 + (config["method"] == "rigl") / 10, 6)
