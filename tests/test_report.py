@@ -62,7 +62,10 @@ def runs_dir(tmp_path):
     write_run(root / "corrupt", "rigl", 0.9, 8, 0.1)
     (root / "corrupt" / "summary.json").write_text("{not json")
     (root / "method=snfs").mkdir()
-    (root / "method=snfs" / "seed=0.log").write_text("bidst: train_subset ... is too small\n")  # a sweep run that failed
+    (root / "method=snfs" / "seed=0.log").write_text(  # a sweep run that failed: the sweep's command line, its error
+        "$ python -m bidst train --config r.yaml method=snfs\nbidst: train_subset ... is too small\n\n")
+    (root / "method=set").mkdir()
+    (root / "method=set" / "seed=0.log").write_text("$ python -m bidst train --config r.yaml method=set\n")
     return root
 
 
@@ -192,11 +195,12 @@ def test_main_writes_table_csv_and_figures(runs_dir, tmp_path, capsys):
     assert report.main([first, "--out", str(out), *rest, "--json"]) == 0  # folders on both sides of the options
     result = json.loads(capsys.readouterr().out)
     assert result["group_keys"] == ["method", "sparsity", "method_args.mask_lr"] and result["runs"] == 11
-    table, left_out = (out / "report.md").read_text().split("\nLeft out (3):\n\n")
+    table, left_out = (out / "report.md").read_text().split("\nLeft out (4):\n\n")
     assert table.count("\n") == 2 + 5 + 2 and "0.92 ± 0.026" in table and "sample standard deviation (n − 1)" in table
     assert sorted(line.split(": ", 1)[1] for line in left_out.splitlines()) == [
         "corrupt run folder (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
         "failed before making its run folder: bidst: train_subset ... is too small (see seed=0.log)",
+        "failed before making its run folder: its log holds no output (stopped as it started?) (see seed=0.log)",
         "unfinished run (no summary.json: still running, or killed)",
     ] and result["left_out"] == [line[2:] for line in left_out.splitlines()]
     assert (out / "report.csv").read_text().splitlines()[0].startswith("method,sparsity,method_args.mask_lr,n,")

@@ -115,7 +115,7 @@ def test_override_values_read_back_as_yaml(value):
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [1, 1]}}, "grid.seed repeats a value"),
         # equal values written differently: two folders, one config, trained twice
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [0], "weight_decay": [0, 0.0]}},
-         "runs weight_decay=0/seed=0 and weight_decay=0.0/seed=0 have the same settings"),
+         "grid.weight_decay repeats a value"),
         # each run failed on its own, after the ones before it
         ({"base": "recipe.yaml", "out": "o", "grid": {"seed": [0], "device": ["cpu", "cuda"]}},
          "device 'cuda' was asked for but no CUDA device is available"),
@@ -399,3 +399,24 @@ def test_two_sweeps_on_one_out_folder_do_not_both_train(env, capsys):
         assert "another bidst sweep is training runs in" in capsys.readouterr().err
     assert counter.read_text() == ""
     assert sweep.main([str(path)], train_cmd=train_cmd) == 0
+
+
+def test_a_method_override_that_makes_runs_alike_is_not_refused_and_a_lockless_folder_only_warns(env, capsys,
+                                                                                                 monkeypatch):
+    """A grid over a method option with the option cleared for dense gives two equal dense runs, as before; a file
+    system without flock (ENOSYS) stopped every sweep with a traceback."""
+    folder, train_cmd, _ = env
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["rigl", "dense"], "method_args.interval": [5, 10], "seed": [0]},
+                                    "method_overrides": {"dense": {"method_args": {}}}}))
+    assert len(sweep.load_sweep(path).runs) == 4
+
+    def no_locks(fd, op):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(sweep.fcntl, "flock", no_locks)
+    path.write_text(yaml.safe_dump({"base": "recipe.yaml", "out": "out",
+                                    "grid": {"method": ["set"], "sparsity": [0.5], "seed": [0]}}))
+    assert sweep.main([str(path)], train_cmd=train_cmd) == 0
+    assert "cannot lock" in capsys.readouterr().err

@@ -329,7 +329,7 @@ def run(models: list[str], sparsities: list[float], timer: Timer, layers: bool, 
         emit("| | dense ms | " + " | ".join(f"{rows[str(s)]['dense_ms']:.1f}" for s in sparsities) + " |")
         emit(f"| | memory | {ratio_row(rows, sparsities, 'memory')} |")
         emit(f"| | + masks | {ratio_row(rows, sparsities, 'masks')} |")
-    computed_densely = [percent(s) for s in sparsities if 1.0 - s > DENSE_ABOVE]
+    computed_densely = [percent(s) for s in sparsities if 1.0 - s > DENSE_ABOVE + 1e-9]  # 0.7: exactly 0.3 dense
     if computed_densely:
         emit(f"\nAt {', '.join(computed_densely)} the layers are more than {DENSE_ABOVE:.0%} dense, where the sparse "
              "backend computes them with dense kernels on masked weights: those columns are not sparse compute.")

@@ -225,10 +225,11 @@ def _last_line(path: Path, limit: int = 200) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+            text = f.read().decode(errors="replace")
     except OSError as exc:
         return f"its log cannot be read ({exc.strerror or exc})"
-    last = lines[-1] if lines else "its log is empty"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("$ ")]  # the command
+    last = lines[-1] if lines else "its log holds no output (stopped as it started?)"
     return last if len(last) <= limit else last[: limit - 3] + "..."
 
 

@@ -143,7 +143,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise BidstError(f"method_overrides names methods not in grid.method: {', '.join(stray)}")
     for key, values in grid.items():
         parts = [_folder_part(key, v) for v in values]
-        if len(set(parts)) != len(parts):
+        equal = any(a == b and type(a) is not bool for i, a in enumerate(values) for b in values[i + 1 :])  # 0, 0.0
+        if equal or len(set(parts)) != len(parts):
             raise BidstError(f"grid.{key} repeats a value (or two values give the same folder name)")
     out = path.parent / spec["out"]
     order = _name_order(list(grid))
@@ -169,7 +170,6 @@ def check_runs(sweep: Sweep) -> None:
         saved_config_diff,
     )
 
-    settings: dict[str, str] = {}  # resolved config -> the run that has it
     for run in sweep.runs:
         try:
             cfg = load_config(sweep.base, list(run.overrides))
@@ -177,10 +177,6 @@ def check_runs(sweep: Sweep) -> None:
             resolve_device(cfg.device)
         except BidstError as e:
             raise BidstError(f"run {run.name}: {e}") from None
-        same = settings.setdefault(yaml.safe_dump(cfg.to_dict(), sort_keys=True), run.name)
-        if same != run.name:
-            raise BidstError(f"runs {same} and {run.name} have the same settings (a grid lists one value twice, "
-                             "written differently, such as 0 and 0.0): list each value once")
         # finished or started earlier: with these settings? (one started without a config is left to its own resume)
         status = run.status()
         if status == "new" or (status == "resume" and not (run.run_dir / "config.yaml").exists()):
@@ -223,16 +219,25 @@ def check_folders(sweep: Sweep, pending: Sequence[SweepRun]) -> None:
 def locked(out: Path) -> Iterator[None]:
     """Hold `out` for this sweep: a second sweep on the same folder would start the same runs (or resume one that
     the first is training)."""
-    with open(out / ".bidst-sweep.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BidstError(f"another bidst sweep is training runs in {out}: wait for it to end, or give this sweep "
-                             "another out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    lock = None
+    try:
+        lock = open(out / ".bidst-sweep.lock", "a")  # noqa: SIM115  (held for the whole sweep)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if lock is not None:
+            lock.close()
+            lock = None
+        if isinstance(exc, BlockingIOError):
+            raise BidstError(f"another bidst sweep is training runs in {out}: wait for it to end, or give this "
+                             "sweep another out") from None
+        # a file system without locks (some network mounts): the sweep goes on unguarded
+        print(f"bidst sweep: warning: cannot lock {out} ({exc.strerror or exc}): nothing stops a second sweep there",
+              file=sys.stderr)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
 
 
 def train_command(sweep: Sweep, run: SweepRun, train_cmd: Sequence[str]) -> list[str]:
