@@ -135,3 +135,15 @@ def test_derived_values_are_built_once_per_structure():
     assert s.derived("k", build) == 1 and s.derived("k", build) == 1 and len(calls) == 1
     new, _ = s.updated(np.array([0]), np.array([1]))
     assert new.derived("k", build) == 2
+
+
+def test_index_arrays_are_named_once_each_and_sum_to_nbytes():
+    """`arrays` (what benchmarks/index_memory.py splits memory by) holds every index array once: a Linear input
+    index shares `tcols` with its `rows`."""
+    mask = torch.rand(16, 32, generator=torch.Generator().manual_seed(0)) < 0.2
+    s = SparseStructure.from_mask(mask)
+    assert set(s.arrays()) == {"flat", "indptr", "rows", "cols"}
+    s.by_input()
+    names = set(s.arrays())
+    assert {"by_input.perm", "by_input.rows"} <= names and "by_input.tcols" not in names  # the same array as rows
+    assert s.nbytes() == sum(a.nbytes for a in s.arrays().values())

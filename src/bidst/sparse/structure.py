@@ -248,13 +248,22 @@ class SparseStructure:
             self.build_seconds += time.perf_counter() - started
         return self._derived[key]
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The index arrays held now, by name: positions, CSR and, where built, the input-channel index and the
+        kernels' derived orderings (an array shared by two names is listed once)."""
+        named: dict[str, Any] = {"flat": self.flat, "indptr": self.indptr, "rows": self.rows, "cols": self.cols}
+        if self._by_input is not None:
+            named.update({f"by_input.{f}": a for f, a in zip(InputIndex._fields, self._by_input, strict=True)})
+        for key, value in self._derived.items():
+            kind = key if isinstance(key, str) else key[0]
+            parts = value if isinstance(value, tuple) else (value,)
+            named.update({f"{kind}.{i}": a for i, a in enumerate(parts)})
+        seen: set[int] = set()
+        return {n: a for n, a in named.items() if isinstance(a, np.ndarray) and not (id(a) in seen or seen.add(id(a)))}
+
     def nbytes(self) -> int:
-        """Bytes of the index arrays held now: positions, CSR and, where built, the input-channel index and
-        the kernels' derived orderings (each array once)."""
-        arrays = [self.flat, self.indptr, self.rows, self.cols, *(self._by_input or ())]
-        for value in self._derived.values():
-            arrays.extend(value if isinstance(value, tuple) else [value])
-        return sum(a.nbytes for a in {id(a): a for a in arrays if isinstance(a, np.ndarray)}.values())
+        """Bytes of the index arrays held now (`arrays`)."""
+        return sum(a.nbytes for a in self.arrays().values())
 
     def flat_indices(self, device: torch.device | str = "cpu") -> Tensor:
         """Active flat positions as an int64 tensor on `device` (cached per device).
