@@ -273,9 +273,9 @@ def training_steps(
         sp.step()
 
     def memory() -> tuple[float, float]:
-        dense_bytes = state_bytes(dense, dense_opt)
+        dense_bytes, held = state_bytes(dense, dense_opt), state_bytes(sparse, sparse_opt)
         masks = sum(m.numel() * m.element_size() for m in sp.masks.values())
-        return state_bytes(sparse, sparse_opt) / dense_bytes, (state_bytes(sparse, sparse_opt) + masks) / dense_bytes
+        return held / dense_bytes, (held + masks) / dense_bytes
 
     return dense_step, sparse_step, lambda: sp.rebuild_seconds, memory
 

@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
     try:  # under torchrun every process reads the same command line and files: rank 0 says what is wrong
         cfg = load_config(config_path, overrides)
     except BidstError as exc:
-        raise exc if isinstance(exc, SharedError) else SharedError(str(exc)) from None
+        raise SharedError.of(exc) from None
     if args.print_config:
         return _print_config(cfg)
     if args.resume and not args.run_dir:

@@ -356,14 +356,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, 
             check_resumed_config(cfg, run_dir)
             return json.loads((run_dir / "summary.json").read_text())
         except BidstError as exc:
-            raise SharedError(str(exc)) from None
+            raise SharedError.of(exc) from None
         except (OSError, ValueError) as exc:  # ValueError: a truncated or undecodable file
             raise SharedError(f"{run_dir / 'summary.json'} cannot be read ({exc}): the finished run's results are "
                               "damaged; restore the file or train the run again in another folder") from exc
     try:
         check_config(cfg)
     except BidstError as exc:  # the same config fails the same way on every rank: rank 0 says so once
-        raise exc if isinstance(exc, SharedError) else SharedError(str(exc)) from None
+        raise SharedError.of(exc) from None
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise SharedError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the {world} processes")
@@ -405,7 +405,7 @@ class Run:
         self.cfg, self.run_dir, self.device, self.stop = cfg, run_dir, device, stop
         self.rank, self.world = distributed.rank(), distributed.world_size()
         # data: each rank reads its DistributedSampler-style shard of every global batch
-        self.info = dataset_info(cfg.dataset)
+        info = dataset_info(cfg.dataset)
         self.train_set, holdout_set, self.val_set, self.test_set = distributed.each_node_first(lambda: load_data(cfg))
         self.steps_per_epoch = len(self.loader(0))
         if self.steps_per_epoch == 0:
@@ -414,8 +414,8 @@ class Run:
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
         # model, optimizer, sparsifier
-        self.net = create_model(cfg.model, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
-                                image_size=self.info.image_size).to(device)
+        self.net = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                                image_size=info.image_size).to(device)
         # DDP averages gradients over ranks (the sparse backend's Sparsifier does it itself: DDP cannot follow its
         # resized parameters); checkpoints hold `net`'s state
         self.model = self.net if cfg.backend == "sparse" else distributed.wrap(self.net, device)
